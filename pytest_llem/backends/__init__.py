@@ -1,0 +1,4 @@
+"""backends package."""
+
+from __future__ import annotations
+

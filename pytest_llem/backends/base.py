@@ -1,0 +1,169 @@
+"""The Backend protocol: what every inference engine adapter provides.
+
+A backend loads a model, generates completions for a batch of requests and reports, for each
+request, the output token ids and the time each token became available. It never measures
+energy and never computes metrics: the harness does both from what the backend reports.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Literal, Protocol, runtime_checkable
+
+from pytest_llem.config.models import CaseConfig, SamplingConfig
+
+__all__ = [
+    "Backend",
+    "BackendCapabilities",
+    "BackendInfo",
+    "GenerateParams",
+    "Generation",
+    "MemoryUsage",
+    "Request",
+    "TokenCallback",
+    "load_key",
+]
+
+#: Called as ``on_token(request_index, token_id, perf_counter_time)`` for each output token.
+TokenCallback = Callable[[int, int, float], None]
+
+
+@dataclass(frozen=True)
+class Request:
+    """One prompt to complete. ``index`` is its position in the workload."""
+
+    index: int
+    prompt: str
+
+
+@dataclass(frozen=True)
+class GenerateParams:
+    """Runtime settings shared by every request of one ``generate`` call."""
+
+    max_new_tokens: int
+    min_new_tokens: int | None = None
+    max_input_tokens: int | None = None
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)  # type: ignore[arg-type]
+    seed: int = 0
+    cache_implementation: str = "auto"
+
+    @classmethod
+    def from_case(cls, config: CaseConfig) -> GenerateParams:
+        """The generation settings of a case."""
+        return cls(
+            max_new_tokens=config.max_new_tokens,
+            min_new_tokens=config.min_new_tokens,
+            max_input_tokens=config.max_input_tokens,
+            sampling=config.sampling,
+            seed=config.seed,
+            cache_implementation=config.transformers.cache_implementation,
+        )
+
+
+@dataclass
+class Generation:
+    """What a backend returns for one request.
+
+    Times are ``time.perf_counter()`` seconds. ``token_times[i]`` is when output token ``i``
+    became available to the caller; tokens delivered together in one chunk share a time.
+    """
+
+    request_index: int
+    input_tokens: int
+    output_token_ids: list[int]
+    token_times: list[float]
+    issued_at: float
+    text: str | None = None
+
+    @property
+    def output_tokens(self) -> int:
+        """Number of generated token ids (prompt and padding excluded)."""
+        return len(self.output_token_ids)
+
+
+@dataclass(frozen=True)
+class BackendCapabilities:
+    """What an engine can do; the harness and (later) sweeps consult it."""
+
+    streaming: bool
+    batching: bool
+    devices: tuple[str, ...]
+    dtypes: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class BackendInfo:
+    """Facts about a loaded backend, written into the run record."""
+
+    name: str
+    version: str | None
+    device: str
+    dtype: str
+    model: str
+    model_path: str | None = None
+    parameters: int | None = None
+    non_embedding_parameters: int | None = None
+    load_seconds: float | None = None
+    extra: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class MemoryUsage:
+    """Peak memory over a window, with what was measured."""
+
+    peak_mb: float | None
+    kind: Literal["cuda_allocated", "process_rss", "unavailable"]
+    note: str | None = None
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """Protocol of an inference engine adapter (one implementation per module)."""
+
+    name: str
+    capabilities: BackendCapabilities
+
+    def load(self) -> BackendInfo:
+        """Load the model; raises ModelLoadError or BackendNotAvailableError."""
+        ...
+
+    def generate(
+        self,
+        requests: Sequence[Request],
+        *,
+        params: GenerateParams,
+        on_token: TokenCallback | None = None,
+    ) -> list[Generation]:
+        """Complete ``requests`` as one batch; one Generation per request, in order."""
+        ...
+
+    def synchronize(self) -> None:
+        """Block until queued device work has finished (a window edge)."""
+        ...
+
+    def reset_peak_memory(self) -> None:
+        """Start a new peak-memory interval."""
+        ...
+
+    def peak_memory(self) -> MemoryUsage:
+        """Peak memory since the last reset."""
+        ...
+
+    def close(self) -> None:
+        """Release the model and device memory."""
+        ...
+
+
+def load_key(config: CaseConfig) -> tuple[tuple[str, object], ...]:
+    """The part of a case's config that decides which loaded model it can reuse."""
+    from pytest_llem.config.models import load_fields
+
+    dumped = config.model_dump()
+    key: list[tuple[str, object]] = []
+    for path in load_fields():
+        node: object = dumped
+        for part in path.split("."):
+            node = node[part] if isinstance(node, dict) else None
+        key.append((path, node))
+    return tuple(key)

@@ -1,0 +1,4 @@
+"""data package."""
+
+from __future__ import annotations
+

@@ -1,0 +1,4 @@
+"""harness package."""
+
+from __future__ import annotations
+

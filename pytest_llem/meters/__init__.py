@@ -1,0 +1,4 @@
+"""meters package."""
+
+from __future__ import annotations
+

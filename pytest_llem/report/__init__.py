@@ -1,0 +1,4 @@
+"""report package."""
+
+from __future__ import annotations
+

@@ -1,0 +1,4 @@
+"""results package."""
+
+from __future__ import annotations
+

@@ -1,0 +1,218 @@
+"""Pydantic models of results: a metric summary, a case, and the run record written to disk.
+
+The run record is the only thing reports read. Its JSON Schema (``llem schema``) is generated
+from :class:`RunRecord`; bump ``SCHEMA_VERSION`` on any incompatible change.
+"""
+
+from __future__ import annotations
+
+import math
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "CaseError",
+    "CaseRecord",
+    "CaseResult",
+    "DistributionSummary",
+    "GpuInfo",
+    "LoadRecord",
+    "MachineInfo",
+    "MeterRecord",
+    "MetricSummary",
+    "MetricUnavailableError",
+    "RepetitionRecord",
+    "RunRecord",
+]
+
+SCHEMA_VERSION = "1.0"
+
+MetricSource = Literal["measured", "estimated", "attributed", "computed"]
+
+
+class _Record(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class MetricUnavailableError(KeyError):
+    """A metric name that this case does not have."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else "metric unavailable"
+
+
+class MetricSummary(_Record):
+    """One metric over the measured repetitions: order statistics, spread and the 95% bootstrap
+    interval of the median. Values are None when the metric could not be measured (``note``
+    says why) and the interval is None when there are fewer than 3 repetitions."""
+
+    n: int = Field(description="Repetitions with a value.")
+    median: float | None = None
+    mean: float | None = None
+    stdev: float | None = Field(None, description="Sample standard deviation (n-1).")
+    min: float | None = None
+    max: float | None = None
+    ci95_low: float | None = Field(None, description="Bootstrap 95% interval of the median, low.")
+    ci95_high: float | None = Field(None, description="Bootstrap 95% interval of the median, high.")
+    unit: str = Field(description="Unit of every value (J, W, tokens/s, ms, ...).")
+    source: MetricSource = Field(
+        "measured", description="measured (counter or clock), estimated (a model), attributed."
+    )
+    note: str | None = Field(None, description="Why a value or the interval is missing.")
+
+    @property
+    def available(self) -> bool:
+        """Whether the metric has a value."""
+        return self.median is not None
+
+
+class DistributionSummary(_Record):
+    """Per-request values pooled over all measured repetitions (latencies)."""
+
+    n: int
+    mean: float | None = None
+    min: float | None = None
+    max: float | None = None
+    p50: float | None = None
+    p90: float | None = None
+    p95: float | None = None
+    p99: float | None = None
+    unit: str = "ms"
+
+
+class MeterRecord(_Record):
+    """A meter as used for a case: what it covers and how finely."""
+
+    name: str
+    domains: list[str]
+    sources: dict[str, str] = Field(description="Domain -> measured or estimated.")
+    update_period_s: float | None = None
+    energy_quantum_j: float | None = None
+    devices: list[str] = Field(default_factory=list)
+    selected_because: str | None = None
+    details: dict[str, str] = Field(default_factory=dict)
+
+
+class RepetitionRecord(_Record):
+    """One measured window."""
+
+    index: int
+    duration_s: float
+    rounds: int = 1
+    requests: int
+    input_tokens: int
+    output_tokens: int
+    energy_j: float | None = Field(None, description="Sum over covered domains; None if none.")
+    gpu_energy_j: float | None = None
+    cpu_energy_j: float | None = None
+    dram_energy_j: float | None = None
+    energy_sources: dict[str, str] = Field(default_factory=dict)
+    energy_notes: list[str] = Field(default_factory=list)
+    emissions_kg: float | None = None
+    peak_memory_mb: float | None = None
+    peak_memory_kind: str = "unavailable"
+    values: dict[str, float | None] = Field(
+        default_factory=dict, description="Every scalar metric of this window by its name."
+    )
+
+
+class LoadRecord(_Record):
+    """Whether the case loaded its model or reused one already loaded."""
+
+    reused: bool
+    seconds: float
+
+
+class CaseError(_Record):
+    """Why a case failed."""
+
+    type: str
+    message: str
+
+
+class CaseResult(_Record):
+    """What ``llem.run()`` returns: the measurements of one case.
+
+    ``result["energy_per_output_token_j"]`` gives a metric's :class:`MetricSummary` by its
+    canonical name (``"ttft_ms.p99"`` for a latency percentile).
+    """
+
+    params: dict[str, Any] = Field(default_factory=dict, description="Fully resolved config.")
+    backend: str = ""
+    model: str = ""
+    backend_info: dict[str, Any] = Field(default_factory=dict)
+    meters: list[MeterRecord] = Field(default_factory=list)
+    metrics: dict[str, MetricSummary] = Field(default_factory=dict)
+    latency: dict[str, DistributionSummary] = Field(
+        default_factory=dict, description="Per-request latencies pooled over repetitions."
+    )
+    repetitions: list[RepetitionRecord] = Field(default_factory=list)
+    load: LoadRecord | None = None
+    warmup: int = 0
+    notes: list[str] = Field(default_factory=list)
+
+    def __getitem__(self, name: str) -> MetricSummary:
+        try:
+            return self.metrics[name]
+        except KeyError:
+            known = ", ".join(sorted(self.metrics)) or "none"
+            raise MetricUnavailableError(f"no metric {name!r}; this case has: {known}") from None
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.metrics
+
+    def value(self, name: str, statistic: str = "median") -> float | None:
+        """A single statistic of a metric, None when unmeasured."""
+        got = getattr(self[name], statistic)
+        return None if got is None or (isinstance(got, float) and math.isnan(got)) else float(got)
+
+
+class CaseRecord(CaseResult):
+    """One case in the run record: the result plus its pytest identity and outcome."""
+
+    id: str = Field(description="pytest node id (with #N for a second run in one test).")
+    name: str
+    outcome: Literal["passed", "failed", "skipped", "error"] = "passed"
+    error: CaseError | None = None
+
+
+class GpuInfo(_Record):
+    """One GPU visible to NVML."""
+
+    index: int
+    name: str
+    uuid: str | None = None
+    driver: str | None = None
+    power_limit_w: float | None = None
+    memory_total_mb: float | None = None
+
+
+class MachineInfo(_Record):
+    """The machine a run was measured on."""
+
+    hostname: str
+    platform: str
+    cpu_model: str | None = None
+    cpu_count: int | None = None
+    memory_total_gb: float | None = None
+    gpus: list[GpuInfo] = Field(default_factory=list)
+    gpu_note: str | None = None
+    python: str
+    libraries: dict[str, str | None] = Field(default_factory=dict)
+    git_commit: str | None = None
+    git_dirty: bool | None = None
+
+
+class RunRecord(_Record):
+    """One pytest session's benchmark results: the document reports are built from."""
+
+    schema_version: str = SCHEMA_VERSION
+    run_id: str
+    created_at: datetime
+    finished_at: datetime | None = None
+    machine: MachineInfo
+    options: dict[str, Any] = Field(default_factory=dict)
+    cases: list[CaseRecord] = Field(default_factory=list)
