@@ -1,0 +1,3 @@
+"""Shared fixtures of pytest-llem's own tests."""
+
+from __future__ import annotations
