@@ -1,3 +1,302 @@
-"""pytest hooks of pytest-llem (placeholder while the plugin is built)."""
+"""pytest hooks of pytest-llem: options, ini keys, the marker, collection checks and the end
+of the session (run record and terminal summary).
+
+Only hooks live here; the work is done by ``session``, ``fixtures``, ``harness``, ``results``
+and ``report``. The built-in backend and meter factories are ``trylast`` implementations of the
+plugin's own hooks, so a conftest can replace them.
+"""
 
 from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+from collections.abc import Callable, Iterable
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pytest_llem import hookspecs
+from pytest_llem.backends.base import Backend
+from pytest_llem.config.models import BUILTIN_BACKENDS, CaseConfig
+from pytest_llem.exceptions import ConfigurationError, LlemError, ResultStoreError
+from pytest_llem.fixtures import CASE_PROPERTY, MARKER, SESSION_KEY, llem, marker_layers
+from pytest_llem.meters.base import EnergyMeter
+from pytest_llem.report.terminal import summary_lines
+from pytest_llem.results.models import CaseRecord, GpuInfo, RunRecord
+from pytest_llem.results.store import write_run_record
+from pytest_llem.session import (
+    METER_NAMES,
+    BackendCache,
+    LlemSession,
+    MeterState,
+    build_options,
+)
+
+__all__ = ["llem"]
+
+logger = logging.getLogger("pytest_llem")
+
+_OPTIONS: tuple[tuple[str, str, str | None], ...] = (
+    ("backend", "Inference backend for every case (default: transformers).", None),
+    ("model", "Model for every case: llem-tiny (built-in), a folder, or a cached hub id.", None),
+    ("device", "Device: auto, cpu or cuda (default: auto).", None),
+    ("meter", "Energy meter: auto, nvml, codecarbon or none (default: auto).", None),
+    ("repeat", "Measured repetitions per case (default: 3).", "N"),
+    ("warmup", "Unmeasured warmup repetitions per case (default: 1).", "N"),
+    ("report_dir", "Folder for llem-report.json and runs/ (default: reports).", "DIR"),
+)
+
+#: Engine loggers quieted unless pytest runs with -v.
+NOISY_LOGGERS = ("transformers", "torch", "codecarbon", "vllm", "tensorrt_llm", "urllib3")
+
+
+def pytest_addhooks(pluginmanager: pytest.PytestPluginManager) -> None:
+    """Register the plugin's own hooks."""
+    pluginmanager.add_hookspecs(hookspecs)
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    """The ``llem`` option group and its ini keys."""
+    group = parser.getgroup("llem", "LLM inference energy benchmarks (pytest-llem)")
+    for name, text, metavar in _OPTIONS:
+        flag = f"--llem-{name.replace('_', '-')}"
+        group.addoption(flag, dest=f"llem_{name}", default=None, metavar=metavar, help=text)
+        parser.addini(f"llem_{name}", f"{text} Overridden by {flag}.", default="")
+    group.addoption(
+        "--llem-set",
+        dest="llem_set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="Set any case parameter, e.g. batch_size=8 or transformers.attn_implementation=sdpa "
+        "(repeatable; wins over markers and ini).",
+    )
+    parser.addini("llem_set", "Case parameters as KEY=VALUE lines.", type="linelist", default=[])
+
+
+def _raw_options(config: pytest.Config) -> tuple[dict[str, Any], dict[str, Any]]:
+    cli = {name: config.getoption(f"llem_{name}") for name, _, _ in _OPTIONS}
+    cli["set"] = list(config.getoption("llem_set") or [])
+    ini: dict[str, Any] = {name: config.getini(f"llem_{name}") for name, _, _ in _OPTIONS}
+    ini["set"] = [line for line in config.getini("llem_set") if line.strip()]
+    return cli, ini
+
+
+def _progress(config: pytest.Config) -> Callable[[str], None]:
+    def write(message: str) -> None:
+        logger.info(message)
+        reporter = config.pluginmanager.get_plugin("terminalreporter")
+        if reporter is None or config.get_verbosity() < 0:
+            return
+        capture = config.pluginmanager.get_plugin("capturemanager")
+        # Long one-off work happens inside a test, where output is captured: show it anyway.
+        with capture.global_and_fixture_disabled() if capture else contextlib.nullcontext():
+            reporter.ensure_newline()
+            reporter.write_line(f"llem: {message}")
+
+    return write
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Register the marker, validate the options and set up the session state."""
+    config.addinivalue_line(
+        "markers",
+        "llem(**params): parameters of an llem benchmark case (e.g. batch_size=4, "
+        "max_new_tokens=16); see `llem schema` for every parameter.",
+    )
+    if config.get_verbosity() < 1:
+        for name in NOISY_LOGGERS:
+            logging.getLogger(name).setLevel(logging.ERROR)
+    backend_names = _names(config.hook.pytest_llem_backend_names(), BUILTIN_BACKENDS)
+    meter_names = _names(config.hook.pytest_llem_meter_names(), METER_NAMES)
+    cli, ini = _raw_options(config)
+    try:
+        options = build_options(
+            cli=cli,
+            ini=ini,
+            invocation_dir=config.invocation_params.dir,
+            backend_names=backend_names,
+            meter_names=meter_names,
+        )
+    except ConfigurationError as e:
+        raise pytest.UsageError(f"pytest-llem: {e}") from e
+    progress = _progress(config)
+
+    def make_backend(case: CaseConfig) -> Backend:
+        backend = config.hook.pytest_llem_make_backend(
+            name=case.backend, case=case, progress=progress
+        )
+        if backend is None:
+            raise ConfigurationError(f"no plugin provides the backend {case.backend!r}")
+        return backend  # type: ignore[no-any-return]
+
+    def make_meter(name: str) -> EnergyMeter:
+        meter = config.hook.pytest_llem_make_meter(name=name, config=config, options={})
+        if meter is None:
+            raise ConfigurationError(f"no plugin provides the meter {name!r}")
+        return meter  # type: ignore[no-any-return]
+
+    def select_auto() -> tuple[str, str]:
+        from pytest_llem.meters.registry import select_auto as select
+
+        return select()
+
+    session = LlemSession(
+        options=options,
+        backends=BackendCache(make_backend),
+        meters=MeterState(options.meter, make=make_meter, select_auto=select_auto),
+        progress=progress,
+    )
+    config.stash[SESSION_KEY] = session
+    config.pluginmanager.register(RunRecorder(config, session), "llem-run-recorder")
+
+
+def _names(contributed: Iterable[Iterable[str]], builtin: tuple[str, ...]) -> tuple[str, ...]:
+    names = list(builtin)
+    for group in contributed:
+        names.extend(n for n in group if n not in names)
+    return tuple(names)
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_llem_make_backend(
+    name: str, case: CaseConfig, progress: Callable[[str], None]
+) -> Backend | None:
+    """The built-in backends."""
+    if name == "transformers":
+        from pytest_llem.backends.transformers import TransformersBackend
+
+        return TransformersBackend(case, progress=progress)
+    return None
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_llem_make_meter(
+    name: str, config: pytest.Config, options: dict[str, Any]
+) -> EnergyMeter | None:
+    """The built-in meters."""
+    if name not in METER_NAMES or name == "auto":
+        return None
+    from pytest_llem.meters.registry import create_meter
+
+    return create_meter(name)
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Check every llem test's marker parameters at collection, naming the test on error."""
+    definition = metafunc.definition
+    if "llem" not in metafunc.fixturenames and definition.get_closest_marker(MARKER) is None:
+        return
+    session = metafunc.config.stash.get(SESSION_KEY, None)
+    if session is None:
+        return
+    options = session.options
+    try:
+        from pytest_llem.config.resolve import resolve_case
+
+        resolve_case(
+            [*marker_layers(definition), options.ini_layer, options.cli_layer],
+            backends=options.backend_names,
+        )
+    except LlemError as e:
+        pytest.fail(
+            f"{definition.nodeid}: invalid @pytest.mark.llem parameters: {e}", pytrace=False
+        )
+
+
+class RunRecorder:
+    """Collects recorded cases from test reports and writes the run record at session end.
+
+    Registered as a plugin object in ``pytest_configure`` so its hooks see the session state.
+    """
+
+    def __init__(self, config: pytest.Config, session: LlemSession) -> None:
+        self.config = config
+        self.session = session
+
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        """Take the cases a test recorded, with the test's outcome."""
+        if report.when == "call":
+            self.session.cases.extend(_cases_from(report))
+
+    def pytest_sessionfinish(self, session: pytest.Session) -> None:
+        """Write the run record (not on xdist workers) and release backend and meters."""
+        llem_session = self.session
+        try:
+            if llem_session.cases and not hasattr(self.config, "workerinput"):
+                record = _run_record(self.config, llem_session)
+                llem_session.record_paths = write_run_record(
+                    record, llem_session.options.report_dir
+                )
+                llem_session.record = record
+        except ResultStoreError as e:
+            llem_session.store_error = str(e)
+            if session.exitstatus == 0:
+                session.exitstatus = pytest.ExitCode.TESTS_FAILED
+        finally:
+            llem_session.close()
+
+    def pytest_terminal_summary(self, terminalreporter: Any) -> None:
+        """The summary table, one row per case, and where the run record is."""
+        llem_session = self.session
+        record = llem_session.record
+        if record is None and llem_session.store_error is None:
+            return
+        terminalreporter.write_sep("-", "llem benchmark summary")
+        if record is not None:
+            for line in summary_lines(record):
+                terminalreporter.write_line(line)
+        if llem_session.record_paths is not None:
+            latest, _copy = llem_session.record_paths
+            terminalreporter.write_line(f"llem run record: {_shown(latest)}")
+        if llem_session.store_error is not None:
+            terminalreporter.write_line(f"llem: {llem_session.store_error}", red=True)
+
+
+def _shown(path: Path) -> str:
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
+def _run_record(config: pytest.Config, session: LlemSession) -> RunRecord:
+    from pytest_llem.machine import collect_machine_info
+    from pytest_llem.meters.nvml import nvml_gpus
+
+    gpus, gpu_note = nvml_gpus()
+    machine = collect_machine_info(
+        root=config.rootpath,
+        gpus=[GpuInfo(**dataclasses.asdict(gpu)) for gpu in gpus],
+        gpu_note=gpu_note,
+    )
+    return RunRecord(
+        run_id=session.run_id,
+        created_at=session.started_at,
+        finished_at=datetime.now(timezone.utc),
+        machine=machine,
+        options=session.options.given,
+        cases=session.cases,
+    )
+
+
+def _cases_from(report: pytest.TestReport) -> list[CaseRecord]:
+    cases = []
+    for name, value in report.user_properties:
+        if name != CASE_PROPERTY or not isinstance(value, dict):
+            continue
+        case = CaseRecord.model_validate(value)
+        if case.outcome == "passed" and report.outcome != "passed":
+            case.outcome = "failed" if report.outcome == "failed" else "skipped"
+        cases.append(case)
+    return cases
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """Release whatever a session left loaded."""
+    session = config.stash.get(SESSION_KEY, None)
+    if session is not None:
+        session.close()

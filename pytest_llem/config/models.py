@@ -23,7 +23,7 @@ __all__ = [
 #: Backends shipped with the plugin. A conftest can add more through the plugin's hooks.
 BUILTIN_BACKENDS: tuple[str, ...] = ("transformers",)
 
-_LOAD = {"load": True}
+_LOAD: dict[str, Any] = {"load": True}
 
 #: Named sampling settings; a preset fills the sampling fields the user did not set.
 SAMPLING_PRESETS: dict[str, dict[str, Any]] = {
@@ -41,15 +41,21 @@ class SamplingConfig(_Strict):
     """How output tokens are chosen. Greedy decoding (``deterministic``) unless told otherwise."""
 
     preset: Literal["deterministic", "standard", "creative", "custom"] = Field(
-        "deterministic",
+        default="deterministic",
         description="Named sampling settings; explicit fields override the preset's values.",
     )
-    do_sample: bool = Field(False, description="Sample from the distribution instead of greedy.")
-    temperature: float = Field(
-        1.0, ge=0.0, le=10.0, description="Softmax temperature (only with do_sample)."
+    do_sample: bool = Field(
+        default=False, description="Sample from the distribution instead of greedy."
     )
-    top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling mass (1 disables).")
-    top_k: int = Field(0, ge=0, le=100_000, description="Top-k sampling cut-off (0 disables).")
+    temperature: float = Field(
+        default=1.0, ge=0.0, le=10.0, description="Softmax temperature (only with do_sample)."
+    )
+    top_p: float = Field(
+        default=1.0, gt=0.0, le=1.0, description="Nucleus sampling mass (1 disables)."
+    )
+    top_k: int = Field(
+        default=0, ge=0, le=100_000, description="Top-k sampling cut-off (0 disables)."
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -87,21 +93,28 @@ class TransformersConfig(_Strict):
     """Settings of the Hugging Face transformers backend (``transformers.*``)."""
 
     attn_implementation: Literal["auto", "eager", "sdpa", "flash_attention_2"] = Field(
-        "auto",
+        default="auto",
         description="Attention kernel passed to from_pretrained ('auto' lets transformers pick).",
         json_schema_extra=_LOAD,
     )
     torch_compile: bool = Field(
-        False, description="Wrap the model with torch.compile after loading.", json_schema_extra=_LOAD
+        default=False,
+        description="Wrap the model with torch.compile after loading.",
+        json_schema_extra=_LOAD,
     )
     cache_implementation: Literal["auto", "dynamic", "static"] = Field(
-        "auto", description="KV-cache implementation for generate ('auto': the model's default)."
+        default="auto",
+        description="KV-cache implementation for generate ('auto': the model's default).",
     )
     low_cpu_mem_usage: bool = Field(
-        True, description="Load weights without a full extra copy in CPU memory.", json_schema_extra=_LOAD
+        default=True,
+        description="Load weights without a full extra copy in CPU memory.",
+        json_schema_extra=_LOAD,
     )
     trust_remote_code: bool = Field(
-        False, description="Allow model repositories to run their own code.", json_schema_extra=_LOAD
+        default=False,
+        description="Allow model repositories to run their own code.",
+        json_schema_extra=_LOAD,
     )
 
 
@@ -114,49 +127,60 @@ class CaseConfig(_Strict):
     """
 
     model: str = Field(
-        "llem-tiny",
+        default="llem-tiny",
         min_length=1,
         description="'llem-tiny' (built-in), a local model folder, or a hub id available offline.",
         json_schema_extra=_LOAD,
     )
     backend: str = Field(
-        "transformers", description="Inference engine that runs the model.", json_schema_extra=_LOAD
+        default="transformers",
+        description="Inference engine that runs the model.",
+        json_schema_extra=_LOAD,
     )
     device: Literal["auto", "cpu", "cuda"] = Field(
-        "auto", description="Where the model runs ('auto': cuda when visible, else cpu).",
+        default="auto",
+        description="Where the model runs ('auto': cuda when visible, else cpu).",
         json_schema_extra=_LOAD,
     )
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
-        "auto",
+        default="auto",
         description="Weight and activation dtype ('auto': bfloat16 on cuda, float32 on cpu).",
         json_schema_extra=_LOAD,
     )
-    batch_size: int = Field(1, ge=1, le=4096, description="Requests per generate call (offline).")
+    batch_size: int = Field(
+        default=1, ge=1, le=4096, description="Requests per generate call (offline)."
+    )
     max_input_tokens: int = Field(
-        512, ge=1, le=1_048_576, description="Prompts are truncated to this many tokens."
+        default=512, ge=1, le=1_048_576, description="Prompts are truncated to this many tokens."
     )
     max_new_tokens: int = Field(
-        32, ge=1, le=1_048_576, description="Most output tokens generated per request."
+        default=32, ge=1, le=1_048_576, description="Most output tokens generated per request."
     )
     min_new_tokens: int | None = Field(
-        None,
+        default=None,
         ge=1,
         le=1_048_576,
         description="Fewest output tokens per request; equal to max_new_tokens fixes the length.",
     )
-    num_prompts: int = Field(16, ge=1, le=1_000_000, description="Requests per repetition.")
+    num_prompts: int = Field(default=16, ge=1, le=1_000_000, description="Requests per repetition.")
     prompts: str = Field(
-        "default",
+        default="default",
         min_length=1,
-        description="A built-in prompt set name, or a path to a .jsonl file of {\"prompt\": ...}.",
+        description='A built-in prompt set name, or a path to a .jsonl file of {"prompt": ...}.',
     )
     sampling: SamplingConfig = Field(
         default_factory=SamplingConfig,  # type: ignore[arg-type]
         description="Decoding settings (a preset name or the fields).",
     )
-    seed: int = Field(0, ge=0, le=2**32 - 1, description="Seed for sampling and prompt order.")
-    warmup: int = Field(1, ge=0, le=1000, description="Unmeasured repetitions before measuring.")
-    repeat: int = Field(3, ge=1, le=10_000, description="Measured repetitions (one window each).")
+    seed: int = Field(
+        default=0, ge=0, le=2**32 - 1, description="Seed for sampling and prompt order."
+    )
+    warmup: int = Field(
+        default=1, ge=0, le=1000, description="Unmeasured repetitions before measuring."
+    )
+    repeat: int = Field(
+        default=3, ge=1, le=10_000, description="Measured repetitions (one window each)."
+    )
     transformers: TransformersConfig = Field(
         default_factory=TransformersConfig,  # type: ignore[arg-type]
         description="Settings of the transformers backend.",
@@ -200,7 +224,9 @@ class CaseConfig(_Strict):
                 f"max_new_tokens ({self.max_new_tokens})"
             )
         if self.device == "cpu" and self.dtype == "float16":
-            raise ValueError("dtype=float16 is not supported on device=cpu; use bfloat16 or float32")
+            raise ValueError(
+                "dtype=float16 is not supported on device=cpu; use bfloat16 or float32"
+            )
         return self
 
 

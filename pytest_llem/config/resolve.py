@@ -10,18 +10,19 @@ from __future__ import annotations
 import difflib
 import json
 from collections.abc import Iterable, Mapping
-from typing import Any, get_args, get_origin
+from typing import Annotated, Any, cast, get_args, get_origin
 
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from pytest_llem.config.models import BUILTIN_BACKENDS, CaseConfig
 from pytest_llem.exceptions import ConfigurationError
 
 __all__ = [
     "SAMPLING_ALIASES",
+    "check_value",
     "format_validation_error",
-    "merge_layers",
     "known_paths",
+    "merge_layers",
     "parse_assignment",
     "parse_value",
     "resolve_case",
@@ -157,3 +158,33 @@ def resolve_case(
         return CaseConfig.model_validate(merged, context={"backends": tuple(backends)})
     except ValidationError as e:
         raise ConfigurationError(format_validation_error(e)) from e
+
+
+def _field_at(path: str) -> Any:
+    model: type[BaseModel] | None = CaseConfig
+    field = None
+    for part in path.split("."):
+        if model is None or part not in model.model_fields:
+            raise ConfigurationError(f"unknown parameter {path!r}")
+        field = model.model_fields[part]
+        model = _sub_model(field.annotation)
+    return field
+
+
+def check_value(path: str, value: Any) -> Any:
+    """Validate one parameter's value on its own (type, bounds, choices), without the rules
+    that relate it to other parameters: those are checked once a case is resolved.
+
+    Raises:
+        ConfigurationError: naming the parameter, what is wrong and the allowed values.
+    """
+    path = SAMPLING_ALIASES.get(path, path)
+    field = _field_at(path)
+    adapter: TypeAdapter[Any] = TypeAdapter(cast(Any, Annotated[field.annotation, field]))
+    try:
+        return adapter.validate_python(value)
+    except ValidationError as e:
+        problems = "; ".join(
+            item["msg"].removeprefix("Value error, ") for item in e.errors(include_url=False)
+        )
+        raise ConfigurationError(f"{path}={value!r}: {problems}") from e

@@ -52,16 +52,21 @@ class MetricSummary(_Record):
     n: int = Field(description="Repetitions with a value.")
     median: float | None = None
     mean: float | None = None
-    stdev: float | None = Field(None, description="Sample standard deviation (n-1).")
+    stdev: float | None = Field(default=None, description="Sample standard deviation (n-1).")
     min: float | None = None
     max: float | None = None
-    ci95_low: float | None = Field(None, description="Bootstrap 95% interval of the median, low.")
-    ci95_high: float | None = Field(None, description="Bootstrap 95% interval of the median, high.")
+    ci95_low: float | None = Field(
+        default=None, description="Bootstrap 95% interval of the median, low."
+    )
+    ci95_high: float | None = Field(
+        default=None, description="Bootstrap 95% interval of the median, high."
+    )
     unit: str = Field(description="Unit of every value (J, W, tokens/s, ms, ...).")
     source: MetricSource = Field(
-        "measured", description="measured (counter or clock), estimated (a model), attributed."
+        default="measured",
+        description="measured (counter or clock), estimated (a model), attributed.",
     )
-    note: str | None = Field(None, description="Why a value or the interval is missing.")
+    note: str | None = Field(default=None, description="Why a value or the interval is missing.")
 
     @property
     def available(self) -> bool:
@@ -105,7 +110,9 @@ class RepetitionRecord(_Record):
     requests: int
     input_tokens: int
     output_tokens: int
-    energy_j: float | None = Field(None, description="Sum over covered domains; None if none.")
+    energy_j: float | None = Field(
+        default=None, description="Sum over covered domains; None if none."
+    )
     gpu_energy_j: float | None = None
     cpu_energy_j: float | None = None
     dram_energy_j: float | None = None

@@ -1,0 +1,522 @@
+"""The Hugging Face transformers backend: ``model.generate`` on CPU or one CUDA device.
+
+It implements the :class:`~pytest_llem.backends.base.Backend` protocol. Per-token times come
+from a streamer that ``generate`` calls once per decoding step; torch and transformers are
+imported only when the backend is used.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import gc
+import importlib
+import logging
+import re
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from pytest_llem.backends.base import (
+    BackendCapabilities,
+    BackendInfo,
+    GenerateParams,
+    Generation,
+    MemoryUsage,
+    Request,
+    TokenCallback,
+)
+from pytest_llem.config.models import CaseConfig
+from pytest_llem.data.tiny_model import TINY_MODEL_NAME, ensure_tiny_model
+from pytest_llem.exceptions import (
+    BackendConfigError,
+    BackendInferenceError,
+    BackendNotAvailableError,
+    LlemError,
+    ModelLoadError,
+    RetryableError,
+)
+
+__all__ = ["TransformersBackend"]
+
+logger = logging.getLogger("pytest_llem")
+
+_NAME = "transformers"
+_INSTALL_HINT = "pip install 'pytest-llem[transformers]'"
+_MIB = 1024 * 1024
+_CLEAR_REFS = Path("/proc/self/clear_refs")
+_PROC_STATUS = Path("/proc/self/status")
+
+
+class TransformersBackend:
+    """Runs a causal language model with ``transformers``' ``generate``.
+
+    Args:
+        config: The case whose load-relevant fields (model, device, dtype, ``transformers.*``)
+            decide what is loaded.
+        progress: Called with short lines of text during slow steps (building ``llem-tiny``,
+            loading the model).
+    """
+
+    name = _NAME
+    capabilities = BackendCapabilities(
+        streaming=True,
+        batching=True,
+        devices=("cpu", "cuda"),
+        dtypes=("auto", "float32", "float16", "bfloat16"),
+    )
+
+    def __init__(
+        self, config: CaseConfig, *, progress: Callable[[str], None] | None = None
+    ) -> None:
+        self._config = config
+        self._progress = progress
+        self._torch: Any = None
+        self._model: Any = None
+        self._tokenizer: Any = None
+        self._device = "cpu"
+        self._info: BackendInfo | None = None
+        self._rss_interval = False
+
+    # -- loading -------------------------------------------------------------------------------
+
+    def load(self) -> BackendInfo:
+        """Load the tokenizer and model; a second call returns the first call's info.
+
+        Returns:
+            Facts about the loaded model for the run record.
+
+        Raises:
+            BackendNotAvailableError: torch or transformers is not installed.
+            BackendConfigError: the device or dtype is not available here.
+            ModelLoadError: the model is not a folder, not in the local Hugging Face cache, or
+                fails to load.
+        """
+        if self._info is not None:
+            return self._info
+        torch, transformers = _import_engine()
+        self._torch = torch
+        device = self._resolve_device(torch)
+        dtype = self._resolve_dtype(torch, device)
+        source, model_path = self._resolve_model()
+        self._report(f"loading {self._config.model} on {device} ({_dtype_name(dtype)})")
+        started = time.perf_counter()
+        tokenizer = self._load_tokenizer(transformers, source)
+        model = self._load_model(transformers, source, device=device, dtype=dtype)
+        load_seconds = time.perf_counter() - started
+        self._tokenizer, self._model, self._device = tokenizer, model, device
+        total = sum(p.numel() for p in model.parameters())
+        embedding = sum(p.numel() for p in model.get_input_embeddings().parameters())
+        self._info = BackendInfo(
+            name=_NAME,
+            version=str(transformers.__version__),
+            device=device,
+            dtype=_dtype_name(dtype),
+            model=self._config.model,
+            model_path=model_path,
+            parameters=int(total),
+            non_embedding_parameters=int(total - embedding),
+            load_seconds=load_seconds,
+            extra={
+                "torch": str(torch.__version__),
+                "attn_implementation": str(getattr(model.config, "_attn_implementation", None)),
+                "torch_compile": str(self._config.transformers.torch_compile).lower(),
+            },
+        )
+        logger.info("loaded %s in %.2f s (%d parameters)", self._config.model, load_seconds, total)
+        return self._info
+
+    def _report(self, message: str) -> None:
+        logger.info(message)
+        if self._progress is not None:
+            self._progress(message)
+
+    def _resolve_device(self, torch: Any) -> str:
+        wanted = self._config.device
+        has_cuda = bool(torch.cuda.is_available())
+        if wanted == "auto":
+            return "cuda" if has_cuda else "cpu"
+        if wanted == "cuda" and not has_cuda:
+            raise BackendConfigError(
+                _NAME, "device", "device=cuda was asked for but torch sees no CUDA device"
+            )
+        return wanted
+
+    def _resolve_dtype(self, torch: Any, device: str) -> Any:
+        wanted = self._config.dtype
+        if wanted == "auto":
+            if device == "cpu":
+                return torch.float32
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        if wanted == "float16" and device == "cpu":
+            raise BackendConfigError(
+                _NAME, "dtype", "float16 is not supported on cpu; use bfloat16 or float32"
+            )
+        return getattr(torch, wanted)
+
+    def _resolve_model(self) -> tuple[str, str | None]:
+        """Return what to pass to ``from_pretrained`` and the local folder when there is one."""
+        name = self._config.model
+        if name == TINY_MODEL_NAME:
+            folder = ensure_tiny_model(progress=self._progress)
+            return str(folder), str(folder)
+        path = Path(name).expanduser()
+        if path.is_dir():
+            return str(path), str(path.resolve())
+        if path.exists():
+            raise ModelLoadError(f"model {name!r} is a file; expected a model folder")
+        return name, None
+
+    def _load_tokenizer(self, transformers: Any, source: str) -> Any:
+        try:
+            tokenizer = transformers.AutoTokenizer.from_pretrained(
+                source,
+                local_files_only=True,
+                trust_remote_code=self._config.transformers.trust_remote_code,
+            )
+        except Exception as e:
+            raise ModelLoadError(_load_failure(self._config.model, "tokenizer", e)) from e
+        tokenizer.padding_side = "left"
+        if tokenizer.pad_token is None:
+            if tokenizer.eos_token is None:
+                raise ModelLoadError(
+                    f"the tokenizer of {self._config.model!r} has neither a padding nor an "
+                    "end-of-sequence token, so batches cannot be padded"
+                )
+            tokenizer.pad_token = tokenizer.eos_token
+        return tokenizer
+
+    def _load_model(self, transformers: Any, source: str, *, device: str, dtype: Any) -> Any:
+        options = self._config.transformers
+        kwargs: dict[str, Any] = {
+            "local_files_only": True,
+            "trust_remote_code": options.trust_remote_code,
+        }
+        version = _version_tuple(str(transformers.__version__))
+        kwargs["dtype" if version >= (4, 56) else "torch_dtype"] = dtype
+        if version < (5, 0):
+            # transformers 5 always loads this way and no longer takes the argument.
+            kwargs["low_cpu_mem_usage"] = options.low_cpu_mem_usage
+        if options.attn_implementation != "auto":
+            kwargs["attn_implementation"] = options.attn_implementation
+        try:
+            with _progress_bars_off():
+                model = transformers.AutoModelForCausalLM.from_pretrained(source, **kwargs)
+            model.to(device)
+        except Exception as e:
+            if _is_out_of_memory(e):
+                raise RetryableError(
+                    f"out of memory while loading {self._config.model!r} on {device}: {e}"
+                ) from e
+            raise ModelLoadError(_load_failure(self._config.model, "model", e)) from e
+        model.eval()
+        if options.torch_compile:
+            # Module.compile() swaps the module's __call__ in place, so generate's own
+            # self(...) calls run the compiled graph (torch.compile(model) would wrap it).
+            model.compile()
+        return model
+
+    # -- generation ------------------------------------------------------------------------------
+
+    def generate(
+        self,
+        requests: Sequence[Request],
+        *,
+        params: GenerateParams,
+        on_token: TokenCallback | None = None,
+    ) -> list[Generation]:
+        """Complete ``requests`` as one left-padded batch.
+
+        Args:
+            requests: The prompts of the batch.
+            params: Output lengths, input truncation, sampling, seed and cache settings.
+            on_token: Called as ``on_token(request.index, token_id, time)`` for every output
+                token, as soon as its decoding step finishes.
+
+        Returns:
+            One Generation per request, in order. Output ids stop at (and include) the first
+            end-of-sequence token; the padding ``generate`` puts after it is dropped.
+
+        Raises:
+            BackendInferenceError: the backend is not loaded or ``generate`` failed.
+            RetryableError: the device ran out of memory.
+        """
+        if self._model is None:
+            raise BackendInferenceError(f"{_NAME}: generate() called before load()")
+        if not requests:
+            return []
+        torch, model, tokenizer = self._torch, self._model, self._tokenizer
+        try:
+            batch = tokenizer(
+                [request.prompt for request in requests],
+                return_tensors="pt",
+                padding=True,
+                truncation=params.max_input_tokens is not None,
+                max_length=params.max_input_tokens,
+            ).to(self._device)
+        except Exception as e:
+            raise BackendInferenceError(f"{_NAME}: tokenizing the batch failed: {e}") from e
+        input_tokens = [int(n) for n in batch["attention_mask"].sum(dim=1).tolist()]
+        generation_config = self._generation_config(params)
+        stop_ids = _as_id_set(generation_config.eos_token_id)
+        clock = _TokenClock(
+            [request.index for request in requests], stop_ids=stop_ids, on_token=on_token
+        )
+        if params.sampling.do_sample:
+            torch.manual_seed(params.seed)
+        issued_at = time.perf_counter()
+        try:
+            output = model.generate(
+                **batch, generation_config=generation_config, streamer=_make_streamer(clock)
+            )
+        except LlemError:
+            raise
+        except Exception as e:
+            if _is_out_of_memory(e):
+                raise RetryableError(f"{_NAME}: out of memory during generate: {e}") from e
+            raise BackendInferenceError(f"{_NAME}: generate failed: {e}") from e
+        prompt_width = batch["input_ids"].shape[1]
+        generated = output[:, prompt_width:].tolist()
+        results: list[Generation] = []
+        for row, request in enumerate(requests):
+            ids = _until_stop(generated[row], stop_ids)
+            if ids != clock.token_ids[row]:
+                raise BackendInferenceError(
+                    f"{_NAME}: the streamed tokens of request {request.index} do not match the "
+                    f"generated ones ({len(clock.token_ids[row])} streamed, {len(ids)} returned)"
+                )
+            results.append(
+                Generation(
+                    request_index=request.index,
+                    input_tokens=input_tokens[row],
+                    output_token_ids=ids,
+                    token_times=clock.token_times[row],
+                    issued_at=issued_at,
+                    text=tokenizer.decode(ids, skip_special_tokens=True),
+                )
+            )
+        return results
+
+    def _generation_config(self, params: GenerateParams) -> Any:
+        """The model's own generation settings, overridden by the case's."""
+        config = copy.deepcopy(self._model.generation_config)
+        sampling = params.sampling
+        updates: dict[str, Any] = {
+            "max_new_tokens": params.max_new_tokens,
+            "min_new_tokens": params.min_new_tokens,
+            "do_sample": sampling.do_sample,
+            "num_beams": 1,
+            "num_return_sequences": 1,
+            "pad_token_id": self._tokenizer.pad_token_id,
+        }
+        if sampling.do_sample:
+            updates.update(
+                temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k
+            )
+        else:
+            updates.update(temperature=None, top_p=None, top_k=None)
+        if config.eos_token_id is None:
+            updates["eos_token_id"] = self._tokenizer.eos_token_id
+        if params.cache_implementation != "auto":
+            updates["cache_implementation"] = params.cache_implementation
+        for key, value in updates.items():
+            setattr(config, key, value)
+        return config
+
+    # -- device state ----------------------------------------------------------------------------
+
+    def synchronize(self) -> None:
+        """Wait for queued CUDA work to finish (nothing to wait for on CPU)."""
+        if self._device == "cuda" and self._torch is not None:
+            self._torch.cuda.synchronize()
+
+    def reset_peak_memory(self) -> None:
+        """Start a new peak-memory interval (CUDA allocator peak, or peak RSS on CPU)."""
+        if self._device == "cuda" and self._torch is not None:
+            self._torch.cuda.reset_peak_memory_stats()
+            return
+        try:
+            # "5" resets the kernel's peak-RSS mark (VmHWM) for this process.
+            _CLEAR_REFS.write_text("5")
+            self._rss_interval = True
+        except OSError:
+            self._rss_interval = False
+
+    def peak_memory(self) -> MemoryUsage:
+        """Peak memory in MiB since :meth:`reset_peak_memory`.
+
+        Returns:
+            The CUDA allocator's peak on a GPU; otherwise the process's peak resident set size,
+            over the interval where the kernel allows resetting it, else over the process's
+            lifetime (said in ``note``).
+        """
+        if self._device == "cuda" and self._torch is not None:
+            peak = self._torch.cuda.max_memory_allocated()
+            return MemoryUsage(peak_mb=peak / _MIB, kind="cuda_allocated")
+        if self._rss_interval:
+            peak_kib = _read_vm_hwm_kib()
+            if peak_kib is not None:
+                return MemoryUsage(peak_mb=peak_kib / 1024, kind="process_rss")
+        return _lifetime_peak_rss()
+
+    def close(self) -> None:
+        """Drop the model and tokenizer and return cached device memory."""
+        self._model = None
+        self._tokenizer = None
+        self._info = None
+        gc.collect()
+        if self._device == "cuda" and self._torch is not None:
+            self._torch.cuda.empty_cache()
+
+
+class _TokenClock:
+    """Records, per batch row, each output token id and when its decoding step finished."""
+
+    def __init__(
+        self,
+        request_indices: list[int],
+        *,
+        stop_ids: frozenset[int],
+        on_token: TokenCallback | None,
+    ) -> None:
+        self.request_indices = request_indices
+        self.stop_ids = stop_ids
+        self.on_token = on_token
+        self.token_ids: list[list[int]] = [[] for _ in request_indices]
+        self.token_times: list[list[float]] = [[] for _ in request_indices]
+        self.finished = [False] * len(request_indices)
+        self.prompt_seen = False
+
+    def step(self, token_ids: list[int]) -> None:
+        """One decoding step: ``token_ids[row]`` is the token picked for each row."""
+        now = time.perf_counter()
+        if len(token_ids) != len(self.finished):
+            raise BackendInferenceError(
+                f"{_NAME}: a decoding step delivered {len(token_ids)} tokens for a batch of "
+                f"{len(self.finished)}"
+            )
+        for row, token in enumerate(token_ids):
+            if self.finished[row]:
+                continue  # generate fills finished rows with padding
+            self.token_ids[row].append(token)
+            self.token_times[row].append(now)
+            self.finished[row] = token in self.stop_ids
+            if self.on_token is not None:
+                self.on_token(self.request_indices[row], token, now)
+
+
+def _make_streamer(clock: _TokenClock) -> Any:
+    return _streamer_class()(clock)
+
+
+@functools.cache
+def _streamer_class() -> type[Any]:
+    from transformers.generation.streamers import BaseStreamer
+
+    class _TimingStreamer(BaseStreamer):  # type: ignore[misc]
+        """Feeds each decoding step of ``generate`` to a :class:`_TokenClock`."""
+
+        def __init__(self, clock: _TokenClock) -> None:
+            self.clock = clock
+
+        def put(self, value: Any) -> None:
+            # The first call carries the prompt ids, shape (batch, prompt_len); skip it.
+            if not self.clock.prompt_seen:
+                self.clock.prompt_seen = True
+                return
+            self.clock.step([int(token) for token in value.reshape(-1).tolist()])
+
+        def end(self) -> None:
+            return None
+
+    return _TimingStreamer
+
+
+def _import_engine() -> tuple[Any, Any]:
+    try:
+        import torch
+        import transformers
+    except ImportError as e:
+        raise BackendNotAvailableError(_NAME, _INSTALL_HINT) from e
+    return torch, transformers
+
+
+@contextmanager
+def _progress_bars_off() -> Iterator[None]:
+    # The backend reports progress itself; transformers' tqdm bars would only add noise.
+    hf_logging: Any = importlib.import_module("transformers.utils.logging")
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
+def _load_failure(model: str, what: str, error: Exception) -> str:
+    hint = (
+        "it is not a folder and not in the local Hugging Face cache "
+        "(pytest-llem never downloads models; download it beforehand or pass a folder)"
+    )
+    if Path(model).expanduser().is_dir():
+        hint = "the folder does not hold a loadable transformers model"
+    return (
+        f"cannot load the {what} of model {model!r}: {hint}. Cause: {type(error).__name__}: {error}"
+    )
+
+
+def _is_out_of_memory(error: BaseException) -> bool:
+    torch = sys.modules.get("torch")
+    oom_type = getattr(torch, "OutOfMemoryError", None) if torch is not None else None
+    if oom_type is not None and isinstance(error, oom_type):
+        return True
+    return isinstance(error, RuntimeError) and "out of memory" in str(error).lower()
+
+
+def _version_tuple(version: str) -> tuple[int, int]:
+    match = re.match(r"(\d+)\.(\d+)", version)
+    return (int(match[1]), int(match[2])) if match else (0, 0)
+
+
+def _dtype_name(dtype: Any) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _as_id_set(value: Any) -> frozenset[int]:
+    if value is None:
+        return frozenset()
+    if isinstance(value, int):
+        return frozenset({value})
+    return frozenset(int(v) for v in value)
+
+
+def _until_stop(token_ids: list[int], stop_ids: frozenset[int]) -> list[int]:
+    for position, token in enumerate(token_ids):
+        if token in stop_ids:
+            return token_ids[: position + 1]
+    return list(token_ids)
+
+
+def _read_vm_hwm_kib() -> int | None:
+    try:
+        for line in _PROC_STATUS.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def _lifetime_peak_rss() -> MemoryUsage:
+    try:
+        import resource
+    except ImportError:
+        return MemoryUsage(peak_mb=None, kind="unavailable", note="no peak-RSS source here")
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    # ru_maxrss is in KiB on Linux and in bytes on macOS.
+    peak_mb = peak / _MIB if sys.platform == "darwin" else peak / 1024
+    return MemoryUsage(peak_mb=peak_mb, kind="process_rss", note="process lifetime peak")

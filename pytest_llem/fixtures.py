@@ -1,0 +1,155 @@
+"""The ``llem`` fixture: resolve a case's config, run it on the session's backend and meters,
+and record the result for the run record.
+
+A test calls ``llem.run(**overrides)`` and gets a :class:`~pytest_llem.results.CaseResult`;
+the result is also attached to the test's report (``user_properties``), so it reaches the run
+record whether the test then passes, fails, or runs on an xdist worker.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from pytest_llem.config.models import CaseConfig
+from pytest_llem.config.resolve import resolve_case
+from pytest_llem.data.prompts import load_prompts
+from pytest_llem.exceptions import (
+    BackendNotAvailableError,
+    ConfigurationError,
+    LlemError,
+    MeterUnavailableError,
+)
+from pytest_llem.harness.runner import run_case
+from pytest_llem.results.models import CaseError, CaseRecord, CaseResult
+from pytest_llem.session import LlemSession
+
+__all__ = ["CASE_PROPERTY", "MARKER", "SESSION_KEY", "LlemFixture", "llem", "marker_layers"]
+
+MARKER = "llem"
+CASE_PROPERTY = "llem_case"
+SESSION_KEY = pytest.StashKey[LlemSession]()
+
+
+def marker_layers(node: pytest.Item | Any) -> list[dict[str, Any]]:
+    """The ``llem`` markers' parameters on ``node``, farthest (module) first.
+
+    Raises:
+        ConfigurationError: a marker has positional arguments.
+    """
+    layers = []
+    for marker in reversed(list(node.iter_markers(MARKER))):
+        if marker.args:
+            raise ConfigurationError(
+                f"@pytest.mark.llem takes keyword parameters only, got {marker.args!r}"
+            )
+        layers.append(dict(marker.kwargs))
+    return layers
+
+
+def resolve_for(node: Any, session: LlemSession, overrides: dict[str, Any]) -> CaseConfig:
+    """Resolve a case: model defaults < markers < ``llem.run`` overrides < ini < command line."""
+    options = session.options
+    layers = [*marker_layers(node), overrides, options.ini_layer, options.cli_layer]
+    return resolve_case(layers, backends=options.backend_names)
+
+
+class LlemFixture:
+    """What the ``llem`` fixture gives a test: its resolved config and ``run()``."""
+
+    def __init__(self, item: pytest.Item, session: LlemSession) -> None:
+        self._item = item
+        self._session = session
+        self._runs = 0
+
+    @property
+    def config(self) -> CaseConfig:
+        """The case's config as resolved from markers, ini and command line."""
+        return resolve_for(self._item, self._session, {})
+
+    def run(self, **overrides: Any) -> CaseResult:
+        """Run the benchmark case and return its result.
+
+        Keyword arguments override the marker's parameters (the command line and ini still
+        win). The result is recorded for the run record automatically.
+        """
+        self._runs += 1
+        case_id = self._item.nodeid if self._runs == 1 else f"{self._item.nodeid}#{self._runs}"
+        name = self._item.name if self._runs == 1 else f"{self._item.name}#{self._runs}"
+        try:
+            case = resolve_for(self._item, self._session, overrides)
+        except ConfigurationError as e:
+            self._record(CaseRecord(id=case_id, name=name, outcome="failed", error=_error(e)))
+            pytest.fail(f"invalid llem parameters: {e}", pytrace=False)
+        base = CaseRecord(
+            id=case_id,
+            name=name,
+            params=case.model_dump(mode="json"),
+            backend=case.backend,
+            model=case.model,
+        )
+        try:
+            result = self._measure(case, base)
+        except MeterUnavailableError as e:
+            self._record(base.model_copy(update={"outcome": "skipped", "notes": [str(e)]}))
+            pytest.skip(str(e))
+        except BackendNotAvailableError as e:
+            self._record(base.model_copy(update={"outcome": "skipped", "notes": [str(e)]}))
+            pytest.skip(str(e))
+        except LlemError as e:
+            self._record(base.model_copy(update={"outcome": "failed", "error": _error(e)}))
+            pytest.fail(f"{type(e).__name__}: {e}", pytrace=False)
+        except Exception as e:
+            self._record(base.model_copy(update={"outcome": "failed", "error": _error(e)}))
+            raise
+        self._record(CaseRecord(**{**result.model_dump(), "id": case_id, "name": name}))
+        return result
+
+    def _measure(self, case: CaseConfig, base: CaseRecord) -> CaseResult:
+        session = self._session
+        meters, meter_records = session.meters.get()
+        backend, info, load = session.backends.get(case)
+        prompts = load_prompts(case.prompts, num_prompts=case.num_prompts)
+        measurement = run_case(
+            backend=backend,
+            meters=meters,
+            config=case,
+            prompts=prompts,
+            non_embedding_parameters=info.non_embedding_parameters,
+        )
+        backend_info = {k: v for k, v in vars(info).items() if v is not None and v != {}}
+        return CaseResult(
+            params=base.params,
+            backend=case.backend,
+            model=case.model,
+            backend_info=backend_info,
+            meters=meter_records,
+            metrics=measurement.metrics,
+            latency=measurement.latency,
+            repetitions=measurement.repetitions,
+            load=load,
+            warmup=case.warmup,
+            notes=list(measurement.notes),
+        )
+
+    def _record(self, record: CaseRecord) -> None:
+        self._item.user_properties.append((CASE_PROPERTY, record.model_dump(mode="json")))
+
+
+def _error(error: BaseException) -> CaseError:
+    return CaseError(type=type(error).__name__, message=str(error))
+
+
+@pytest.fixture
+def llem(request: pytest.FixtureRequest) -> LlemFixture:
+    """Run an LLM inference energy benchmark: ``result = llem.run()``.
+
+    Parameters come from ``@pytest.mark.llem(...)``, ``llem.run(**overrides)``, the ini keys and
+    the ``--llem-*`` options. ``result["energy_per_output_token_j"].median`` and friends give
+    each metric's summary over the measured repetitions.
+    """
+    session = request.config.stash[SESSION_KEY]
+    item = request.node
+    assert isinstance(item, pytest.Item)
+    return LlemFixture(item, session)

@@ -1,0 +1,343 @@
+"""Every figure of METRICS.md as a pure function of what backends and meters reported.
+
+The runner calls these after a measurement window closes: per-request latencies from token
+times, the window's energy from the meters' readings, and every scalar metric of the window
+by its canonical name. Nothing here measures, sleeps or reads a clock.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+from pytest_llem.backends.base import Generation, MemoryUsage
+from pytest_llem.exceptions import InferenceError
+from pytest_llem.harness.stats import percentile
+from pytest_llem.meters.base import DOMAINS, EnergyReading
+
+__all__ = [
+    "DOMAIN_ENERGY_METRICS",
+    "ENERGY_METRICS",
+    "FLOPS_METHOD",
+    "LATENCY_METRICS",
+    "LATENCY_STATISTICS",
+    "METRIC_UNITS",
+    "RequestLatency",
+    "WindowEnergy",
+    "combine_energy",
+    "latency_values",
+    "metric_source",
+    "request_latency",
+    "window_values",
+]
+
+#: Per-request latency metrics; each is summarised per window with :data:`LATENCY_STATISTICS`.
+LATENCY_METRICS: tuple[str, ...] = ("ttft_ms", "tpot_ms", "itl_ms", "e2e_ms")
+#: Suffixes of the per-window latency statistics (``ttft_ms.p99``).
+LATENCY_STATISTICS: tuple[str, ...] = ("mean", "p50", "p90", "p95", "p99", "max")
+#: Energy of one domain, by metric name.
+DOMAIN_ENERGY_METRICS: dict[str, str] = {
+    "gpu_energy_j": "gpu",
+    "cpu_energy_j": "cpu",
+    "dram_energy_j": "dram",
+}
+#: Metrics derived from the window's total energy (their source follows the meters').
+ENERGY_METRICS: tuple[str, ...] = (
+    "energy_j",
+    "avg_power_w",
+    "energy_per_output_token_j",
+    "energy_per_request_j",
+    "output_tokens_per_j",
+)
+#: How ``flops_estimate`` is computed; reports print it next to the figure.
+FLOPS_METHOD = "2 * non-embedding parameters * (input + output tokens); attention FLOPs excluded"
+
+_DOMAIN_ITEMS = tuple(DOMAIN_ENERGY_METRICS.items())
+_PERCENTILES = {"p50": 50.0, "p90": 90.0, "p95": 95.0, "p99": 99.0}
+
+#: Unit of every scalar metric a window produces, by canonical name.
+METRIC_UNITS: dict[str, str] = {
+    "duration_s": "s",
+    "requests": "requests",
+    "input_tokens": "tokens",
+    "output_tokens": "tokens",
+    "energy_j": "J",
+    "gpu_energy_j": "J",
+    "cpu_energy_j": "J",
+    "dram_energy_j": "J",
+    "avg_power_w": "W",
+    "energy_per_output_token_j": "J/token",
+    "energy_per_request_j": "J/request",
+    "output_tokens_per_j": "tokens/J",
+    "output_tokens_per_s": "tokens/s",
+    "total_tokens_per_s": "tokens/s",
+    "requests_per_s": "requests/s",
+    **{f"{name}.{stat}": "ms" for name in LATENCY_METRICS for stat in LATENCY_STATISTICS},
+    "peak_memory_mb": "MB",
+    "flops_estimate": "FLOP",
+}
+
+
+@dataclass(frozen=True)
+class RequestLatency:
+    """Latencies of one request, in milliseconds.
+
+    ``ttft_ms`` and ``e2e_ms`` are None for a request with no output token; ``tpot_ms`` is
+    None with fewer than 2. ``itl_ms`` has one entry per output token after the first.
+    """
+
+    request_index: int
+    output_tokens: int
+    ttft_ms: float | None
+    e2e_ms: float | None
+    tpot_ms: float | None
+    itl_ms: list[float] = field(default_factory=list)
+
+
+def _chunks(times: Sequence[float]) -> list[tuple[float, int]]:
+    """Consecutive tokens sharing one timestamp, as ``(time, token count)``."""
+    chunks: list[tuple[float, int]] = []
+    for t in times:
+        if chunks and chunks[-1][0] == t:
+            chunks[-1] = (t, chunks[-1][1] + 1)
+        else:
+            chunks.append((t, 1))
+    return chunks
+
+
+def _itl_ms(times: Sequence[float]) -> list[float]:
+    """Inter-token latencies with the chunk rule.
+
+    The gap before a chunk of k tokens is split evenly over its k tokens. The first token is
+    excluded; the other tokens of the first chunk arrived with it, so each gets a gap of 0 ms.
+    That keeps one entry per token after the first, ``sum == e2e - ttft`` and
+    ``mean == tpot``.
+    """
+    chunks = _chunks(times)
+    if not chunks:
+        return []
+    itl = [0.0] * (chunks[0][1] - 1)
+    for (previous, _), (t, k) in itertools.pairwise(chunks):
+        itl.extend([(t - previous) * 1000.0 / k] * k)
+    return itl
+
+
+def request_latency(gen: Generation, *, arrival: float | None = None) -> RequestLatency:
+    """The latencies of one request (METRICS.md, Latency).
+
+    Args:
+        gen: What the backend returned for the request.
+        arrival: Scheduled arrival (server scenario); defaults to ``gen.issued_at``.
+
+    Returns:
+        ttft, e2e, tpot and the inter-token latencies, in milliseconds.
+
+    Raises:
+        InferenceError: The backend gave a different number of token times than token ids.
+    """
+    times = gen.token_times
+    if len(times) != gen.output_tokens:
+        raise InferenceError(
+            f"request {gen.request_index}: {gen.output_tokens} output tokens "
+            f"but {len(times)} token times"
+        )
+    start = gen.issued_at if arrival is None else arrival
+    if not times:
+        return RequestLatency(gen.request_index, 0, None, None, None, [])
+    ttft = (times[0] - start) * 1000.0
+    e2e = (times[-1] - start) * 1000.0
+    n = gen.output_tokens
+    tpot = (e2e - ttft) / (n - 1) if n >= 2 else None
+    return RequestLatency(gen.request_index, n, ttft, e2e, tpot, _itl_ms(times))
+
+
+@dataclass(frozen=True)
+class WindowEnergy:
+    """The energy of one window, each domain taken from the first meter that measured it.
+
+    ``domains`` has every domain (None where none measured it); ``total_j`` sums the covered
+    ones only and is None when none is covered. ``sources`` and ``meters`` name, per covered
+    domain, whether it was measured or estimated and by which meter.
+    """
+
+    total_j: float | None
+    domains: dict[str, float | None]
+    sources: dict[str, str] = field(default_factory=dict)
+    meters: dict[str, str] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    emissions_kg: float | None = None
+
+    @property
+    def covered(self) -> list[str]:
+        """The domains some meter measured, in canonical order."""
+        return [d for d in DOMAINS if self.domains.get(d) is not None]
+
+
+def combine_energy(readings: Sequence[EnergyReading]) -> WindowEnergy:
+    """Combine the readings of one window's meters into one energy per domain.
+
+    Args:
+        readings: One reading per meter, in priority order (the first that covers a domain
+            with a number wins; the others are ignored for that domain).
+
+    Returns:
+        Per-domain energy, the total over covered domains only, their sources, a note per
+        uncovered domain (with the meters' reasons) and the summed emissions where known.
+    """
+    domains: dict[str, float | None] = {}
+    sources: dict[str, str] = {}
+    meters: dict[str, str] = {}
+    notes: list[str] = []
+    for domain in DOMAINS:
+        reasons: list[str] = []
+        domains[domain] = None
+        for reading in readings:
+            got = reading.domains.get(domain)
+            if got is None:
+                continue
+            if got.energy_j is None:
+                reasons.append(f"{reading.meter}: {got.reason or 'not measured'}")
+                continue
+            domains[domain] = got.energy_j
+            sources[domain] = got.source
+            meters[domain] = reading.meter
+            break
+        else:
+            why = "; ".join(reasons) if reasons else "no meter covers it"
+            notes.append(f"{domain}: not measured ({why})")
+    notes.extend(f"{r.meter}: {note}" for r in readings for note in r.notes)
+    covered = [v for v in domains.values() if v is not None]
+    emissions = [r.emissions_kg for r in readings if r.emissions_kg is not None]
+    return WindowEnergy(
+        total_j=math.fsum(covered) if covered else None,
+        domains=domains,
+        sources=sources,
+        meters=meters,
+        notes=notes,
+        emissions_kg=math.fsum(emissions) if emissions else None,
+    )
+
+
+def _ratio(numerator: float | None, denominator: float | None) -> float | None:
+    """numerator / denominator; None when either is missing or the denominator is 0."""
+    if numerator is None or denominator is None or denominator == 0:
+        return None
+    return numerator / denominator
+
+
+def _per_round(value: float | None, rounds: int) -> float | None:
+    return None if value is None else value / rounds
+
+
+def latency_values(latencies: Sequence[RequestLatency]) -> dict[str, float | None]:
+    """The per-window latency statistics (``ttft_ms.p50`` ...) of the given requests.
+
+    Args:
+        latencies: The window's per-request latencies.
+
+    Returns:
+        mean, p50, p90, p95, p99 and max of each latency metric; None where no request
+        has that value (e.g. tpot when every request produced fewer than 2 tokens).
+    """
+    pooled: dict[str, list[float]] = {name: [] for name in LATENCY_METRICS}
+    for lat in latencies:
+        for name in ("ttft_ms", "tpot_ms", "e2e_ms"):
+            value = getattr(lat, name)
+            if value is not None:
+                pooled[name].append(value)
+        pooled["itl_ms"].extend(lat.itl_ms)
+    out: dict[str, float | None] = {}
+    for name, values in pooled.items():
+        ordered = sorted(values)
+        out[f"{name}.mean"] = math.fsum(ordered) / len(ordered) if ordered else None
+        for stat, q in _PERCENTILES.items():
+            out[f"{name}.{stat}"] = percentile(ordered, q) if ordered else None
+        out[f"{name}.max"] = ordered[-1] if ordered else None
+    return out
+
+
+def window_values(
+    *,
+    generations: Sequence[Generation],
+    duration_s: float,
+    energy: WindowEnergy,
+    rounds: int = 1,
+    non_embedding_parameters: int | None,
+    peak_memory: MemoryUsage,
+    latencies: Sequence[RequestLatency] | None = None,
+) -> dict[str, float | None]:
+    """Every scalar metric of one measurement window, by canonical name.
+
+    Args:
+        generations: Every request completed inside the window (all rounds).
+        duration_s: The window's wall-clock length.
+        energy: The window's combined energy.
+        rounds: How many times the workload ran inside the window. Energy, duration and
+            counts are reported per round; rates and ratios are unchanged by it.
+        non_embedding_parameters: For ``flops_estimate``; None when unknown.
+        peak_memory: Peak memory over the window.
+        latencies: Per-request latencies when arrivals differ from issue times (server
+            scenario); computed from ``generations`` otherwise.
+
+    Returns:
+        The metrics of :data:`METRIC_UNITS`; None (never 0) where a figure is unknown,
+        including every energy figure when no meter covered any domain, and where a
+        ratio would divide by zero.
+
+    Raises:
+        ValueError: ``rounds`` is less than 1.
+    """
+    if rounds < 1:
+        raise ValueError(f"rounds must be at least 1, got {rounds}")
+    requests = len(generations)
+    input_tokens = sum(g.input_tokens for g in generations)
+    output_tokens = sum(g.output_tokens for g in generations)
+    energy_j = energy.total_j
+    params = non_embedding_parameters
+    values: dict[str, float | None] = {
+        "duration_s": duration_s / rounds,
+        "requests": requests / rounds,
+        "input_tokens": input_tokens / rounds,
+        "output_tokens": output_tokens / rounds,
+        "energy_j": _per_round(energy_j, rounds),
+        **{name: _per_round(energy.domains.get(d), rounds) for name, d in _DOMAIN_ITEMS},
+        "avg_power_w": _ratio(energy_j, duration_s),
+        "energy_per_output_token_j": _ratio(energy_j, output_tokens),
+        "energy_per_request_j": _ratio(energy_j, requests),
+        "output_tokens_per_j": _ratio(output_tokens, energy_j),
+        "output_tokens_per_s": _ratio(output_tokens, duration_s),
+        "total_tokens_per_s": _ratio(input_tokens + output_tokens, duration_s),
+        "requests_per_s": _ratio(requests, duration_s),
+    }
+    if latencies is None:
+        latencies = [request_latency(g) for g in generations]
+    values.update(latency_values(latencies))
+    values["peak_memory_mb"] = peak_memory.peak_mb
+    values["flops_estimate"] = (
+        None if params is None else 2.0 * params * (input_tokens + output_tokens) / rounds
+    )
+    return values
+
+
+def metric_source(name: str, energy_sources: Mapping[str, str]) -> str:
+    """Whether a metric was measured or estimated.
+
+    Args:
+        name: Canonical metric name.
+        energy_sources: Source per covered domain (``{"gpu": "measured"}``).
+
+    Returns:
+        For a domain's energy, that domain's source; for the other energy metrics
+        ``measured`` only when every covered domain was measured, else ``estimated``;
+        ``estimated`` for ``flops_estimate``; ``measured`` for the rest (clock and counts).
+    """
+    if name in DOMAIN_ENERGY_METRICS:
+        return energy_sources.get(DOMAIN_ENERGY_METRICS[name], "measured")
+    if name in ENERGY_METRICS:
+        measured = all(source == "measured" for source in energy_sources.values())
+        return "measured" if measured else "estimated"
+    if name == "flops_estimate":
+        return "estimated"
+    return "measured"

@@ -1,0 +1,333 @@
+"""The runner: warmup, measured repetitions and the measurement window of one case.
+
+``run_case`` drives a scenario's workload through a backend while the energy meters watch,
+exactly as METRICS.md's measurement window says, then turns what it saw into repetition
+records and summaries with :mod:`pytest_llem.harness.metrics` and
+:mod:`pytest_llem.harness.stats`. The caller (the ``llem`` fixture) wraps them in a CaseResult.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from pytest_llem.backends.base import Backend, GenerateParams, Generation, MemoryUsage, Request
+from pytest_llem.config.models import CaseConfig
+from pytest_llem.exceptions import ConfigurationError, EnergyMeterError, InferenceError
+from pytest_llem.harness.metrics import (
+    DOMAIN_ENERGY_METRICS,
+    ENERGY_METRICS,
+    FLOPS_METHOD,
+    LATENCY_METRICS,
+    METRIC_UNITS,
+    RequestLatency,
+    WindowEnergy,
+    combine_energy,
+    metric_source,
+    request_latency,
+    window_values,
+)
+from pytest_llem.harness.scenarios import Workload, build_workload
+from pytest_llem.harness.stats import distribution, summarise
+from pytest_llem.meters.base import EnergyMeter, EnergyReading
+from pytest_llem.results.models import DistributionSummary, MetricSummary, RepetitionRecord
+
+__all__ = [
+    "CaseMeasurement",
+    "Window",
+    "measure_window",
+    "run_case",
+    "summarise_case",
+]
+
+Clock = Callable[[], float]
+
+
+@dataclass
+class CaseMeasurement:
+    """What the runner measured for one case, ready to go into a ``CaseResult``.
+
+    ``metrics`` and ``latency`` are the summaries of :func:`summarise_case`; ``latencies``
+    are the per-request latencies pooled over the measured repetitions.
+    """
+
+    repetitions: list[RepetitionRecord]
+    latencies: list[RequestLatency]
+    metrics: dict[str, MetricSummary]
+    latency: dict[str, DistributionSummary]
+    warmup: int
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Window:
+    """What one measurement window saw, before any metric is computed."""
+
+    generations: list[Generation]
+    duration_s: float
+    readings: list[EnergyReading]
+    peak_memory: MemoryUsage
+    rounds: int = 1
+
+
+def _abandon(started: Sequence[EnergyMeter]) -> None:
+    """Close the windows of started meters while another error propagates (theirs are moot)."""
+    for meter in reversed(started):
+        with contextlib.suppress(EnergyMeterError):
+            meter.stop()
+
+
+def _start_meters(meters: Sequence[EnergyMeter]) -> None:
+    started: list[EnergyMeter] = []
+    try:
+        for meter in meters:
+            meter.start()
+            started.append(meter)
+    except BaseException:
+        _abandon(started)
+        raise
+
+
+def _stop_meters(meters: Sequence[EnergyMeter]) -> list[EnergyReading]:
+    """Stop every meter in reverse start order; re-raise the first failure once all stopped."""
+    readings: list[EnergyReading] = []
+    failure: EnergyMeterError | None = None
+    for meter in reversed(meters):
+        try:
+            readings.append(meter.stop())
+        except EnergyMeterError as error:
+            failure = failure or error
+    if failure is not None:
+        raise failure
+    readings.reverse()
+    return readings
+
+
+def measure_window(
+    *,
+    backend: Backend,
+    meters: Sequence[EnergyMeter],
+    workload: Workload,
+    clock: Clock = time.perf_counter,
+    rounds: int = 1,
+) -> Window:
+    """Run ``workload`` ``rounds`` times inside one measurement window (METRICS.md).
+
+    Peak memory is reset and the backend synchronised before the meters start; the window
+    runs from just after the meters' ``start()`` to the backend's final ``synchronize()``;
+    the meters stop afterwards, in reverse order.
+
+    Args:
+        backend: The loaded backend.
+        meters: Energy meters in priority order.
+        workload: The scenario's workload.
+        clock: Wall clock of the window (``time.perf_counter``).
+        rounds: Times the workload runs inside the window.
+
+    Returns:
+        The window's generations, duration, meter readings and peak memory.
+
+    Raises:
+        EnergyMeterError: A meter failed; every started meter has been stopped.
+    """
+    backend.reset_peak_memory()
+    backend.synchronize()
+    _start_meters(meters)
+    try:
+        t0 = clock()
+        generations: list[Generation] = []
+        for _ in range(rounds):
+            generations.extend(workload())
+        backend.synchronize()
+        t1 = clock()
+    except BaseException:
+        _abandon(meters)
+        raise
+    readings = _stop_meters(meters)
+    return Window(generations, t1 - t0, readings, backend.peak_memory(), rounds)
+
+
+def _repetition(
+    index: int, window: Window, energy: WindowEnergy, values: dict[str, float | None]
+) -> RepetitionRecord:
+    """The record of one window: totals over the whole window; ``values`` are per round."""
+    gens = window.generations
+    return RepetitionRecord(
+        index=index,
+        duration_s=window.duration_s,
+        rounds=window.rounds,
+        requests=len(gens),
+        input_tokens=sum(g.input_tokens for g in gens),
+        output_tokens=sum(g.output_tokens for g in gens),
+        energy_j=energy.total_j,
+        gpu_energy_j=energy.domains.get("gpu"),
+        cpu_energy_j=energy.domains.get("cpu"),
+        dram_energy_j=energy.domains.get("dram"),
+        energy_sources=dict(energy.sources),
+        energy_notes=list(energy.notes),
+        emissions_kg=energy.emissions_kg,
+        peak_memory_mb=window.peak_memory.peak_mb,
+        peak_memory_kind=window.peak_memory.kind,
+        values=values,
+    )
+
+
+def _check_window(window: Window, expected: int) -> None:
+    if len(window.generations) != expected:
+        raise InferenceError(
+            f"backend returned {len(window.generations)} generations for {expected} requests"
+        )
+
+
+def run_case(
+    *,
+    backend: Backend,
+    meters: Sequence[EnergyMeter],
+    config: CaseConfig,
+    prompts: Sequence[str],
+    clock: Clock = time.perf_counter,
+    non_embedding_parameters: int | None = None,
+    scenario: str = "offline",
+) -> CaseMeasurement:
+    """Measure one case: ``config.warmup`` unmeasured runs, then ``config.repeat`` windows.
+
+    Args:
+        backend: A loaded backend.
+        meters: Energy meters in priority order (may be empty: energy is then None).
+        config: The case.
+        prompts: One request per prompt, in order.
+        clock: Wall clock of the windows.
+        non_embedding_parameters: The model's, for ``flops_estimate`` (None if unknown).
+        scenario: How requests are driven (see :mod:`pytest_llem.harness.scenarios`).
+
+    Returns:
+        The repetition records, pooled per-request latencies and their summaries.
+
+    Raises:
+        ConfigurationError: No prompts, or an unknown scenario.
+        EnergyMeterError: A meter failed in a window (every started meter was stopped).
+        InferenceError: The backend failed or returned the wrong number of generations.
+    """
+    if not prompts:
+        raise ConfigurationError("a case needs at least one prompt")
+    requests = [Request(index=i, prompt=p) for i, p in enumerate(prompts)]
+    params = GenerateParams.from_case(config)
+    workload = build_workload(
+        scenario, backend=backend, requests=requests, params=params, config=config
+    )
+    for _ in range(config.warmup):
+        workload()
+    repetitions: list[RepetitionRecord] = []
+    latencies: list[RequestLatency] = []
+    for index in range(config.repeat):
+        window = measure_window(backend=backend, meters=meters, workload=workload, clock=clock)
+        _check_window(window, len(requests) * window.rounds)
+        energy = combine_energy(window.readings)
+        window_latencies = [request_latency(g) for g in window.generations]
+        values = window_values(
+            generations=window.generations,
+            duration_s=window.duration_s,
+            energy=energy,
+            rounds=window.rounds,
+            non_embedding_parameters=non_embedding_parameters,
+            peak_memory=window.peak_memory,
+            latencies=window_latencies,
+        )
+        repetitions.append(_repetition(index, window, energy, values))
+        latencies.extend(window_latencies)
+    metrics, latency = summarise_case(repetitions, latencies)
+    return CaseMeasurement(
+        repetitions=repetitions,
+        latencies=latencies,
+        metrics=metrics,
+        latency=latency,
+        warmup=config.warmup,
+        notes=_case_notes(repetitions, meters, non_embedding_parameters),
+    )
+
+
+def _unique(items: Sequence[str]) -> list[str]:
+    return list(dict.fromkeys(items))
+
+
+def _case_notes(
+    repetitions: Sequence[RepetitionRecord],
+    meters: Sequence[EnergyMeter],
+    non_embedding_parameters: int | None,
+) -> list[str]:
+    notes: list[str] = []
+    if not meters:
+        notes.append("no energy meter: energy figures are not measured")
+    notes.extend(_unique([n for rep in repetitions for n in rep.energy_notes]))
+    if non_embedding_parameters is not None:
+        notes.append(f"flops_estimate: {FLOPS_METHOD}")
+    return notes
+
+
+def _merged_sources(repetitions: Sequence[RepetitionRecord]) -> dict[str, str]:
+    """Source per domain over all repetitions; estimated in any one makes it estimated."""
+    merged: dict[str, str] = {}
+    for rep in repetitions:
+        for domain, source in rep.energy_sources.items():
+            if merged.get(domain) != "estimated":
+                merged[domain] = source
+    return merged
+
+
+def _missing_note(name: str, repetitions: Sequence[RepetitionRecord]) -> str | None:
+    """Why a metric has no value in any repetition."""
+    energy_notes = _unique([n for rep in repetitions for n in rep.energy_notes])
+    if name in DOMAIN_ENERGY_METRICS:
+        domain = DOMAIN_ENERGY_METRICS[name]
+        return "; ".join(n for n in energy_notes if n.startswith(f"{domain}:")) or None
+    if name in ENERGY_METRICS:
+        reasons = "; ".join(energy_notes)
+        return f"no energy domain measured: {reasons}" if reasons else "no energy domain measured"
+    if name == "flops_estimate":
+        return "non-embedding parameter count unknown"
+    if name.startswith(("tpot_ms.", "itl_ms.")):
+        return "no request produced 2 or more output tokens"
+    if name == "peak_memory_mb":
+        return "peak memory unavailable"
+    return None
+
+
+def summarise_case(
+    repetitions: Sequence[RepetitionRecord], latencies: Sequence[RequestLatency]
+) -> tuple[dict[str, MetricSummary], dict[str, DistributionSummary]]:
+    """Summarise a case's repetitions and its pooled per-request latencies.
+
+    Args:
+        repetitions: The measured windows.
+        latencies: Per-request latencies pooled over the measured windows.
+
+    Returns:
+        ``(metrics, latency)``: every scalar metric across repetitions with its unit and
+        source, and the ttft/tpot/itl/e2e distributions over all requests.
+    """
+    sources = _merged_sources(repetitions)
+    names = _unique([name for rep in repetitions for name in rep.values])
+    metrics: dict[str, MetricSummary] = {}
+    for name in names:
+        values = [rep.values.get(name) for rep in repetitions]
+        note = None
+        if all(v is None for v in values):
+            note = _missing_note(name, repetitions)
+        elif name == "flops_estimate":
+            note = FLOPS_METHOD
+        metrics[name] = summarise(
+            values,
+            unit=METRIC_UNITS.get(name, ""),
+            source=metric_source(name, sources),
+            note=note,
+        )
+    pooled: dict[str, list[float | None]] = {name: [] for name in LATENCY_METRICS}
+    for lat in latencies:
+        pooled["ttft_ms"].append(lat.ttft_ms)
+        pooled["tpot_ms"].append(lat.tpot_ms)
+        pooled["e2e_ms"].append(lat.e2e_ms)
+        pooled["itl_ms"].extend(lat.itl_ms)
+    latency = {name: distribution(values, unit="ms") for name, values in pooled.items()}
+    return metrics, latency

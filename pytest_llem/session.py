@@ -1,0 +1,287 @@
+"""Session state of a pytest-llem run: the resolved options, the backend cache and the meters.
+
+Built once in ``pytest_configure`` and kept in ``config.stash``; the ``llem`` fixture reads it,
+the session-finish hook turns the recorded cases into the run record.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from pytest_llem.backends.base import Backend, BackendInfo, load_key
+from pytest_llem.config.models import BUILTIN_BACKENDS, CaseConfig
+from pytest_llem.config.resolve import check_value, parse_assignment, set_path
+from pytest_llem.exceptions import ConfigurationError, LlemError, MeterUnavailableError
+from pytest_llem.meters.base import EnergyMeter, MeterInfo
+from pytest_llem.results.models import CaseRecord, LoadRecord, MeterRecord, RunRecord
+
+__all__ = [
+    "DEFAULT_REPORT_DIR",
+    "METER_NAMES",
+    "OPTION_PATHS",
+    "BackendCache",
+    "LlemOptions",
+    "LlemSession",
+    "MeterState",
+    "build_options",
+    "meter_record",
+]
+
+logger = logging.getLogger("pytest_llem")
+
+DEFAULT_REPORT_DIR = "reports"
+METER_NAMES: tuple[str, ...] = ("auto", "nvml", "codecarbon", "none")
+
+#: Dedicated options (``--llem-NAME`` and ini ``llem_NAME``) that set a case parameter.
+OPTION_PATHS = {
+    "backend": "backend",
+    "model": "model",
+    "device": "device",
+    "repeat": "repeat",
+    "warmup": "warmup",
+}
+
+
+@dataclass(frozen=True)
+class LlemOptions:
+    """The plugin's options after validation. Layers are nested dicts of case parameters."""
+
+    cli_layer: dict[str, Any]
+    ini_layer: dict[str, Any]
+    meter: str
+    report_dir: Path
+    backend_names: tuple[str, ...] = BUILTIN_BACKENDS
+    meter_names: tuple[str, ...] = METER_NAMES
+    given: dict[str, Any] = field(default_factory=dict)
+
+
+def _layer(
+    *,
+    named: dict[str, str | None],
+    assignments: Sequence[str],
+    origin: Callable[[str], str],
+    backend_names: Sequence[str],
+) -> dict[str, Any]:
+    layer: dict[str, Any] = {}
+    for text in assignments:
+        try:
+            path, value = parse_assignment(text)
+            set_path(layer, path, check_value(path, value) if path != "sampling" else value)
+        except ConfigurationError as e:
+            raise ConfigurationError(f"{origin('set')} {text}: {e}") from e
+    for name, raw in named.items():
+        if raw is None or str(raw).strip() == "":
+            continue
+        path = OPTION_PATHS[name]
+        text_value = str(raw).strip()
+        if path == "backend" and text_value not in backend_names:
+            raise ConfigurationError(
+                f"{origin(name)}: unknown backend {text_value!r}; "
+                f"choose from: {', '.join(backend_names)}"
+            )
+        try:
+            set_path(layer, path, check_value(path, text_value))
+        except ConfigurationError as e:
+            raise ConfigurationError(f"{origin(name)}: {e}") from e
+    return layer
+
+
+def build_options(
+    *,
+    cli: dict[str, Any],
+    ini: dict[str, Any],
+    invocation_dir: Path,
+    backend_names: Sequence[str] = BUILTIN_BACKENDS,
+    meter_names: Sequence[str] = METER_NAMES,
+) -> LlemOptions:
+    """Validate the plugin's options from the command line (``cli``) and ini keys (``ini``).
+
+    Both dicts map option names (``backend``, ``model``, ``device``, ``repeat``, ``warmup``,
+    ``meter``, ``report_dir``, ``set``) to raw values; None or "" means not given.
+
+    Raises:
+        ConfigurationError: naming the option, the problem and, for choices, the allowed values.
+    """
+    cli_layer = _layer(
+        named={k: cli.get(k) for k in OPTION_PATHS},
+        assignments=cli.get("set") or [],
+        origin=lambda n: f"--llem-{n.replace('_', '-')}",
+        backend_names=backend_names,
+    )
+    ini_layer = _layer(
+        named={k: ini.get(k) for k in OPTION_PATHS},
+        assignments=ini.get("set") or [],
+        origin=lambda n: f"ini option llem_{n}",
+        backend_names=backend_names,
+    )
+    meter = (cli.get("meter") or ini.get("meter") or "auto").strip()
+    if meter not in meter_names:
+        raise ConfigurationError(
+            f"--llem-meter: unknown meter {meter!r}; choose from: {', '.join(meter_names)}"
+        )
+    report_dir = Path(cli.get("report_dir") or ini.get("report_dir") or DEFAULT_REPORT_DIR)
+    if not report_dir.is_absolute():
+        report_dir = invocation_dir / report_dir
+    given = {
+        "command_line": {k: v for k, v in cli.items() if v not in (None, "", [])},
+        "ini": {k: v for k, v in ini.items() if v not in (None, "", [])},
+        "meter": meter,
+        "report_dir": str(report_dir),
+    }
+    return LlemOptions(
+        cli_layer=cli_layer,
+        ini_layer=ini_layer,
+        meter=meter,
+        report_dir=report_dir,
+        backend_names=tuple(backend_names),
+        meter_names=tuple(meter_names),
+        given=given,
+    )
+
+
+class BackendCache:
+    """Keeps one loaded backend and hands it to every case with the same load configuration.
+
+    A case with another load configuration closes the resident backend first, so only one model
+    is in memory at a time. Load time is spent here, never inside a measured window.
+    """
+
+    def __init__(self, make: Callable[[CaseConfig], Backend]) -> None:
+        self._make = make
+        self._key: object = None
+        self._backend: Backend | None = None
+        self._info: BackendInfo | None = None
+
+    def get(self, case: CaseConfig) -> tuple[Backend, BackendInfo, LoadRecord]:
+        """The backend for ``case``, loading it unless the resident one fits."""
+        key = load_key(case)
+        if self._backend is not None and self._info is not None and key == self._key:
+            return self._backend, self._info, LoadRecord(reused=True, seconds=0.0)
+        self.close()
+        backend = self._make(case)
+        started = time.perf_counter()
+        try:
+            info = backend.load()
+        except BaseException:
+            _close_quietly(backend)
+            raise
+        seconds = time.perf_counter() - started
+        self._key, self._backend, self._info = key, backend, info
+        return backend, info, LoadRecord(reused=False, seconds=seconds)
+
+    def close(self) -> None:
+        """Release the resident backend, if any."""
+        if self._backend is not None:
+            _close_quietly(self._backend)
+        self._key, self._backend, self._info = None, None, None
+
+
+def _close_quietly(closable: Backend | EnergyMeter) -> None:
+    try:
+        closable.close()
+    except Exception:  # a failing close must not hide the error that led here
+        logger.warning("closing %s failed", getattr(closable, "name", closable), exc_info=True)
+
+
+def meter_record(info: MeterInfo) -> MeterRecord:
+    """A meter's description as written into the run record."""
+    return MeterRecord(
+        name=info.name,
+        domains=list(info.domains),
+        sources=dict(info.sources),
+        update_period_s=info.resolution.update_period_s,
+        energy_quantum_j=info.resolution.energy_quantum_j,
+        devices=list(info.devices),
+        selected_because=info.selected_because,
+        details=dict(info.details),
+    )
+
+
+class MeterState:
+    """The session's meters, created on first use so collection alone never touches hardware.
+
+    With ``auto`` a meter that fails to start falls back to ``none`` and says why; a meter the
+    user named that cannot measure here makes every case skip with the reason.
+    """
+
+    def __init__(
+        self,
+        requested: str,
+        *,
+        make: Callable[[str], EnergyMeter],
+        select_auto: Callable[[], tuple[str, str]],
+    ) -> None:
+        self.requested = requested
+        self._make = make
+        self._select_auto = select_auto
+        self._meters: list[EnergyMeter] | None = None
+        self._records: list[MeterRecord] = []
+        self._unavailable: MeterUnavailableError | None = None
+
+    def get(self) -> tuple[list[EnergyMeter], list[MeterRecord]]:
+        """The meters and their records. Raises MeterUnavailableError for a named meter that
+        cannot measure on this machine."""
+        if self._unavailable is not None:
+            raise self._unavailable
+        if self._meters is None:
+            self._meters, why = self._create()
+            self._records = []
+            for meter in self._meters:
+                record = meter_record(meter.info())
+                record.selected_because = why
+                self._records.append(record)
+        return self._meters, self._records
+
+    def _create(self) -> tuple[list[EnergyMeter], str]:
+        if self.requested != "auto":
+            try:
+                return [self._make(self.requested)], f"requested with --llem-meter={self.requested}"
+            except MeterUnavailableError as e:
+                self._unavailable = e
+                raise
+        name, why = self._select_auto()
+        try:
+            return [self._make(name)], f"auto: {why}"
+        except MeterUnavailableError as e:
+            logger.warning("meter %s could not start (%s); measuring time only", name, e.reason)
+            return [self._make("none")], f"auto: {why}; but {name} failed to start: {e.reason}"
+
+    def close(self) -> None:
+        """Release every meter."""
+        for meter in self._meters or []:
+            _close_quietly(meter)
+        self._meters = None
+
+
+@dataclass
+class LlemSession:
+    """Everything the plugin keeps for one pytest session."""
+
+    options: LlemOptions
+    backends: BackendCache
+    meters: MeterState
+    progress: Callable[[str], None]
+    run_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    started_at: datetime = field(default_factory=lambda: datetime.now(timezone.utc))
+    cases: list[CaseRecord] = field(default_factory=list)
+    record: RunRecord | None = None
+    record_paths: tuple[Path, Path] | None = None
+    store_error: str | None = None
+
+    def close(self) -> None:
+        """Release the backend and the meters."""
+        self.backends.close()
+        self.meters.close()
+
+
+def describe_error(error: BaseException) -> str:
+    """``Type: message`` for a failure line."""
+    kind = type(error).__name__ if isinstance(error, LlemError) else f"{type(error).__name__}"
+    return f"{kind}: {error}"

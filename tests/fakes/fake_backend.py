@@ -1,0 +1,154 @@
+"""A deterministic fake Backend and the fake clock it shares with the fake meters.
+
+The backend behaves like a real engine on a scripted timeline: each ``generate`` call takes
+``prefill_s`` to its first token, then ``step_s`` per further token, delivered in chunks of
+``chunk`` tokens that share one timestamp, and advances the shared clock by that much. Every
+call is recorded in an event log the tests assert on.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+from pytest_llem.backends.base import (
+    BackendCapabilities,
+    BackendInfo,
+    GenerateParams,
+    Generation,
+    MemoryUsage,
+    Request,
+    TokenCallback,
+)
+from pytest_llem.exceptions import BackendInferenceError
+
+__all__ = ["FakeBackend", "FakeClock"]
+
+
+class FakeClock:
+    """A clock that only moves when told to; call it like ``time.perf_counter``."""
+
+    def __init__(self, start: float = 1024.0) -> None:
+        self.now = start
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        """Move time forward by ``seconds``."""
+        if seconds < 0:
+            raise ValueError("time does not go backwards")
+        self.now += seconds
+
+
+class FakeBackend:
+    """A Backend whose token times follow a script on a :class:`FakeClock`.
+
+    Args:
+        clock: The shared clock; ``generate`` and ``synchronize`` advance it.
+        events: Shared event log (``generate:4``, ``synchronize``, ...).
+        prefill_s: Time from a batch's issue to its first output token.
+        step_s: Time between consecutive output tokens of a request.
+        chunk: Tokens delivered together (same timestamp) at the end of each chunk.
+        lengths: Output tokens per request index; ``max_new_tokens`` for the others.
+        sync_s: Time ``synchronize`` takes (queued device work finishing).
+        peak_mb: What ``peak_memory`` reports.
+        fail_on_call: Raise BackendInferenceError on this (1-based) ``generate`` call.
+    """
+
+    name = "fake"
+    capabilities = BackendCapabilities(
+        streaming=True, batching=True, devices=("cpu",), dtypes=("float32",)
+    )
+
+    def __init__(
+        self,
+        clock: FakeClock,
+        events: list[str] | None = None,
+        *,
+        prefill_s: float = 0.125,
+        step_s: float = 0.03125,
+        chunk: int = 1,
+        lengths: Mapping[int, int] | None = None,
+        sync_s: float = 0.0,
+        peak_mb: float | None = 512.0,
+        fail_on_call: int | None = None,
+    ) -> None:
+        self.clock = clock
+        self.events = events if events is not None else []
+        self.prefill_s = prefill_s
+        self.step_s = step_s
+        self.chunk = chunk
+        self.lengths = dict(lengths or {})
+        self.sync_s = sync_s
+        self.peak_mb = peak_mb
+        self.fail_on_call = fail_on_call
+        self.batches: list[list[int]] = []
+        self.loaded = False
+
+    def load(self) -> BackendInfo:
+        self.loaded = True
+        return BackendInfo(
+            name=self.name, version="0", device="cpu", dtype="float32", model="fake",
+            parameters=2000, non_embedding_parameters=1000,
+        )  # fmt: skip
+
+    def _token_times(self, issued: float, n: int) -> list[float]:
+        """Token i is produced at issued + prefill + i*step and delivered with its chunk."""
+        times = []
+        for i in range(n):
+            last_of_chunk = min((i // self.chunk + 1) * self.chunk - 1, n - 1)
+            times.append(issued + self.prefill_s + last_of_chunk * self.step_s)
+        return times
+
+    def generate(
+        self,
+        requests: Sequence[Request],
+        *,
+        params: GenerateParams,
+        on_token: TokenCallback | None = None,
+    ) -> list[Generation]:
+        self.events.append(f"generate:{len(requests)}")
+        self.batches.append([r.index for r in requests])
+        if self.fail_on_call == len(self.batches):
+            raise BackendInferenceError("scripted failure")
+        issued = self.clock()
+        out: list[Generation] = []
+        for r in requests:
+            n = self.lengths.get(r.index, params.max_new_tokens)
+            words = len(r.prompt.split())
+            out.append(
+                Generation(
+                    request_index=r.index,
+                    input_tokens=min(words, params.max_input_tokens or words),
+                    output_token_ids=[(r.index * 1000 + i) % 32000 for i in range(n)],
+                    token_times=self._token_times(issued, n),
+                    issued_at=issued,
+                )
+            )
+        events = sorted(
+            (t, g.request_index, tok)
+            for g in out
+            for t, tok in zip(g.token_times, g.output_token_ids, strict=True)
+        )
+        end = max((e[0] for e in events), default=issued)
+        self.clock.advance(end - issued)
+        if on_token is not None:
+            for t, index, tok in events:
+                on_token(index, tok, t)
+        return out
+
+    def synchronize(self) -> None:
+        self.events.append("synchronize")
+        self.clock.advance(self.sync_s)
+
+    def reset_peak_memory(self) -> None:
+        self.events.append("reset_peak_memory")
+
+    def peak_memory(self) -> MemoryUsage:
+        self.events.append("peak_memory")
+        if self.peak_mb is None:
+            return MemoryUsage(peak_mb=None, kind="unavailable", note="fake: no memory figure")
+        return MemoryUsage(peak_mb=self.peak_mb, kind="process_rss")
+
+    def close(self) -> None:
+        self.loaded = False

@@ -1,0 +1,210 @@
+"""End to end through pytest: real runs on the built-in tiny model, the run record, the terminal
+summary and what happens on bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import jsonschema
+import pytest
+
+pytestmark = pytest.mark.slow
+
+pytest_plugins = ["pytester"]
+
+QUICK = ["--llem-warmup=0", "--llem-meter=none", "-p", "no:cacheprovider"]
+
+DONE_WHEN = """
+import pytest
+
+@pytest.mark.llem(batch_size=4, max_new_tokens=8, min_new_tokens=8, num_prompts=8)
+def test_tiny(llem):
+    result = llem.run()
+    assert result["output_tokens_per_s"].median > 0
+"""
+
+
+def _record(pytester: pytest.Pytester) -> dict:
+    return json.loads((pytester.path / "reports" / "llem-report.json").read_text())
+
+
+def test_marker_case_records_64_tokens_per_repetition(pytester: pytest.Pytester, tiny_model):
+    pytester.makepyfile(DONE_WHEN)
+    result = pytester.runpytest(*QUICK, "--llem-repeat=2")
+    result.assert_outcomes(passed=1)
+    record = _record(pytester)
+    (case,) = record["cases"]
+    assert case["id"].endswith("::test_tiny")
+    assert case["outcome"] == "passed"
+    assert case["backend"] == "transformers"
+    assert case["model"] == "llem-tiny"
+    assert case["params"]["batch_size"] == 4
+    assert [rep["output_tokens"] for rep in case["repetitions"]] == [64, 64]
+    assert [rep["requests"] for rep in case["repetitions"]] == [8, 8]
+    summary = case["metrics"]["output_tokens_per_s"]
+    assert summary["n"] == 2
+    assert summary["unit"] == "tokens/s"
+    assert summary["min"] <= summary["median"] <= summary["max"]
+    for name in ("ttft_ms.p50", "tpot_ms.p50", "e2e_ms.p99", "flops_estimate", "peak_memory_mb"):
+        assert name in case["metrics"], name
+
+
+def test_record_validates_against_the_published_schema(pytester: pytest.Pytester, tiny_model):
+    pytester.makepyfile(DONE_WHEN)
+    pytester.runpytest(*QUICK, "--llem-repeat=3").assert_outcomes(passed=1)
+    schema = subprocess.run(
+        [sys.executable, "-m", "pytest_llem.cli", "schema"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    record = _record(pytester)
+    jsonschema.validate(record, json.loads(schema.stdout))
+    assert record["schema_version"]
+    assert record["machine"]["python"]
+    assert record["machine"]["libraries"]["torch"]
+    assert record["options"]["meter"] == "none"
+    runs = list((pytester.path / "reports" / "runs").glob("llem-report-*.json"))
+    assert len(runs) == 1
+    assert json.loads(runs[0].read_text())["run_id"] == record["run_id"]
+    (case,) = record["cases"]
+    ci = case["metrics"]["output_tokens_per_s"]
+    assert ci["ci95_low"] <= ci["median"] <= ci["ci95_high"]
+
+
+def test_no_meter_reports_no_energy_and_no_zeros(pytester: pytest.Pytester, tiny_model):
+    pytester.makepyfile(DONE_WHEN)
+    pytester.runpytest(*QUICK, "--llem-repeat=1").assert_outcomes(passed=1)
+    (case,) = _record(pytester)["cases"]
+    energy = case["metrics"]["energy_per_output_token_j"]
+    assert energy["median"] is None
+    assert energy["note"]
+    assert all(rep["energy_j"] is None for rep in case["repetitions"])
+    assert case["meters"][0]["name"] == "none"
+
+
+def test_terminal_summary_has_a_row_per_case(pytester: pytest.Pytester, tiny_model):
+    pytester.makepyfile(
+        """
+        import pytest
+
+        @pytest.mark.llem(max_new_tokens=4, min_new_tokens=4, num_prompts=2)
+        @pytest.mark.parametrize("bs", [1, 2])
+        def test_bs(llem, bs):
+            llem.run(batch_size=bs)
+        """
+    )
+    result = pytester.runpytest(*QUICK, "--llem-repeat=1")
+    result.assert_outcomes(passed=2)
+    result.stdout.fnmatch_lines(
+        [
+            "*llem benchmark summary*",
+            "case*backend*meter*J/out tok*out tok/s*TTFT p50 ms*TPOT p50 ms*",
+            "*test_bs?1?*transformers*none*n/a*",
+            "*test_bs?2?*transformers*none*n/a*",
+            "llem run record: reports*llem-report.json",
+        ]
+    )
+
+
+def test_model_is_loaded_once_and_reused(pytester: pytest.Pytester, tiny_model):
+    pytester.makepyfile(
+        """
+        import pytest
+
+        @pytest.mark.llem(max_new_tokens=2, num_prompts=2)
+        @pytest.mark.parametrize("bs", [1, 2])
+        def test_bs(llem, bs):
+            llem.run(batch_size=bs)
+        """
+    )
+    pytester.runpytest(*QUICK, "--llem-repeat=1").assert_outcomes(passed=2)
+    loads = [case["load"] for case in _record(pytester)["cases"]]
+    assert [load["reused"] for load in loads] == [False, True]
+    assert loads[0]["seconds"] > 0
+
+
+def test_missing_model_fails_that_case_and_the_session_goes_on(
+    pytester: pytest.Pytester, tiny_model
+):
+    pytester.makepyfile(
+        """
+        import pytest
+
+        @pytest.mark.llem(model="/no/such/model", num_prompts=1, max_new_tokens=2)
+        def test_missing(llem):
+            llem.run()
+
+        @pytest.mark.llem(num_prompts=1, max_new_tokens=2)
+        def test_fine(llem):
+            llem.run()
+        """
+    )
+    result = pytester.runpytest(*QUICK, "--llem-repeat=1")
+    result.assert_outcomes(passed=1, failed=1)
+    result.stdout.fnmatch_lines(["*ModelLoadError*/no/such/model*"])
+    cases = {case["name"]: case for case in _record(pytester)["cases"]}
+    assert cases["test_missing"]["outcome"] == "failed"
+    assert cases["test_missing"]["error"]["type"] == "ModelLoadError"
+    assert cases["test_fine"]["outcome"] == "passed"
+
+
+def test_nvml_without_gpu_skips_with_the_reason(pytester: pytest.Pytester, monkeypatch):
+    monkeypatch.setitem(sys.modules, "pynvml", None)  # as on a machine with no NVIDIA driver
+    pytester.makepyfile(DONE_WHEN)
+    result = pytester.runpytest("--llem-meter=nvml", "-rs")
+    result.assert_outcomes(skipped=1)
+    result.stdout.fnmatch_lines(["*SKIPPED*nvml*unavailable*"])
+
+
+def test_failed_assertion_is_recorded_as_failed(pytester: pytest.Pytester, tiny_model):
+    pytester.makepyfile(
+        """
+        import pytest
+
+        @pytest.mark.llem(num_prompts=1, max_new_tokens=2)
+        def test_budget(llem):
+            result = llem.run()
+            assert result["output_tokens_per_s"].median < 0
+        """
+    )
+    pytester.runpytest(*QUICK, "--llem-repeat=1").assert_outcomes(failed=1)
+    (case,) = _record(pytester)["cases"]
+    assert case["outcome"] == "failed"
+    assert case["metrics"]["output_tokens_per_s"]["median"] > 0
+
+
+def test_report_dir_option(pytester: pytest.Pytester, tiny_model):
+    pytester.makepyfile(DONE_WHEN)
+    out = pytester.path / "elsewhere"
+    result = pytester.runpytest(*QUICK, "--llem-repeat=1", f"--llem-report-dir={out}")
+    result.assert_outcomes(passed=1)
+    assert (out / "llem-report.json").exists()
+    assert not (pytester.path / "reports").exists()
+
+
+def test_jsonl_prompts_file(pytester: pytest.Pytester, tiny_model):
+    prompts = pytester.path / "mine.jsonl"
+    prompts.write_text('{"prompt": "hello there"}\n{"prompt": "general kenobi"}\n')
+    pytester.makepyfile(
+        f"""
+        import pytest
+
+        @pytest.mark.llem(prompts={str(prompts)!r}, num_prompts=4, max_new_tokens=2)
+        def test_mine(llem):
+            result = llem.run()
+            assert result.repetitions[0].requests == 4
+        """
+    )
+    pytester.runpytest(*QUICK, "--llem-repeat=1").assert_outcomes(passed=1)
+
+
+def test_shipped_suites_run_end_to_end(pytester: pytest.Pytester, tiny_model):
+    suites = Path(__file__).resolve().parent.parent / "suites"
+    result = pytester.runpytest(str(suites), *QUICK, "--llem-repeat=1")
+    result.assert_outcomes(passed=4)
+    record = _record(pytester)
+    assert len(record["cases"]) == 4
