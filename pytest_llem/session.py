@@ -20,6 +20,7 @@ from pytest_llem.config.models import BUILTIN_BACKENDS, CaseConfig
 from pytest_llem.config.resolve import check_value, parse_assignment, set_path
 from pytest_llem.exceptions import ConfigurationError, LlemError, MeterUnavailableError
 from pytest_llem.meters.base import EnergyMeter, MeterInfo
+from pytest_llem.meters.registry import METER_CHOICES
 from pytest_llem.results.models import CaseRecord, LoadRecord, MeterRecord, RunRecord
 
 __all__ = [
@@ -37,7 +38,7 @@ __all__ = [
 logger = logging.getLogger("pytest_llem")
 
 DEFAULT_REPORT_DIR = "reports"
-METER_NAMES: tuple[str, ...] = ("auto", "nvml", "codecarbon", "none")
+METER_NAMES: tuple[str, ...] = METER_CHOICES
 
 #: Dedicated options (``--llem-NAME`` and ini ``llem_NAME``) that set a case parameter.
 OPTION_PATHS = {

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from pytest_llem.exceptions import EnergyMeterError, MeterUnavailableError
+from pytest_llem.exceptions import ConfigurationError, EnergyMeterError, MeterUnavailableError
 from pytest_llem.meters.base import EnergyMeter
 from pytest_llem.meters.nvml import NvmlMeter, nvml_gpus, parse_cuda_visible_devices
 from tests.fakes.fake_pynvml import FakeGpu, FakeNvml, install
@@ -213,6 +213,12 @@ def test_gpu_index_out_of_range_is_unavailable(one_gpu: FakeNvml) -> None:
     assert not one_gpu.initialised
 
 
+def test_empty_gpu_indices_is_a_configuration_error(one_gpu: FakeNvml) -> None:
+    with pytest.raises(ConfigurationError, match="empty"):
+        NvmlMeter(gpu_indices=[])
+    assert not one_gpu.initialised
+
+
 def test_window_shorter_than_a_counter_step_is_never_zero_joules(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -237,6 +243,24 @@ def test_counter_going_backwards_is_an_error(one_gpu: FakeNvml) -> None:
             meter.stop()
     finally:
         meter.close()
+
+
+@pytest.mark.parametrize("counter", [True, False])
+def test_gpu_lost_mid_window_is_an_error(monkeypatch: pytest.MonkeyPatch, counter: bool) -> None:
+    gpus = _gpus(200.0)
+    gpus[0].energy_counter_supported = counter
+    install(monkeypatch, gpus)
+    meter = NvmlMeter()
+    try:
+        meter.start()
+        gpus[0].lost = True
+        time.sleep(0.05)
+        with pytest.raises(EnergyMeterError, match="GPU is lost") as info:
+            meter.stop()
+        assert info.value.__cause__ is not None
+    finally:
+        meter.close()
+    assert not [t for t in threading.enumerate() if t.name == "pytest-llem-nvml-power"]
 
 
 def test_window_misuse_is_an_error(one_gpu: FakeNvml) -> None:

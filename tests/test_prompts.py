@@ -87,7 +87,7 @@ def test_unknown_name_lists_builtin_sets() -> None:
 
 
 def test_folder_is_not_a_prompt_file(tmp_path: Path) -> None:
-    with pytest.raises(ConfigurationError, match="nor an existing .jsonl file"):
+    with pytest.raises(ConfigurationError, match=r"nor an existing \.jsonl file"):
         load_prompts(str(tmp_path), num_prompts=1)
 
 

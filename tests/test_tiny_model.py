@@ -78,7 +78,11 @@ def test_folder_loads_with_auto_classes(built: tuple[Path, list[str]]) -> None:
     tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
     model = transformers.AutoModelForCausalLM.from_pretrained(folder)
     assert tokenizer.padding_side == "left"
-    assert (tokenizer.pad_token, tokenizer.bos_token, tokenizer.eos_token) == ("<pad>", "<s>", "</s>")
+    assert (tokenizer.pad_token, tokenizer.bos_token, tokenizer.eos_token) == (
+        "<pad>",
+        "<s>",
+        "</s>",
+    )
     assert 900 <= len(tokenizer) <= 1100
     ids = tokenizer("Why is the sky blue?")["input_ids"]
     assert ids[0] == tokenizer.bos_token_id
@@ -114,6 +118,20 @@ def test_builds_are_identical(built: tuple[Path, list[str]], tmp_path: Path) -> 
     folder, _ = built
     build_tiny_model(tmp_path / "again")
     assert _hashes(tmp_path / "again") == _hashes(folder)
+
+
+def test_build_ignores_the_users_default_dtype(
+    built: tuple[Path, list[str]], tmp_path: Path
+) -> None:
+    folder, _ = built
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        build_tiny_model(tmp_path / "m")
+        assert torch.get_default_dtype() == torch.float64
+    finally:
+        torch.set_default_dtype(previous)
+    assert _hashes(tmp_path / "m") == _hashes(folder)
 
 
 def test_build_leaves_the_users_rng_alone(tmp_path: Path) -> None:

@@ -1,4 +1,3 @@
 """backends package."""
 
 from __future__ import annotations
-

@@ -11,6 +11,7 @@ import copy
 import functools
 import gc
 import importlib
+import importlib.util
 import logging
 import re
 import sys
@@ -94,6 +95,7 @@ class TransformersBackend:
             BackendConfigError: the device or dtype is not available here.
             ModelLoadError: the model is not a folder, not in the local Hugging Face cache, or
                 fails to load.
+            RetryableError: the device ran out of memory while loading.
         """
         if self._info is not None:
             return self._info
@@ -168,6 +170,11 @@ class TransformersBackend:
             return str(path), str(path.resolve())
         if path.exists():
             raise ModelLoadError(f"model {name!r} is a file; expected a model folder")
+        if path.is_absolute() or name.startswith((".", "~")):
+            raise ModelLoadError(
+                f"model {name!r} is not a folder (no such path) and not in the local "
+                "Hugging Face cache"
+            )
         return name, None
 
     def _load_tokenizer(self, transformers: Any, source: str) -> Any:
@@ -178,7 +185,7 @@ class TransformersBackend:
                 trust_remote_code=self._config.transformers.trust_remote_code,
             )
         except Exception as e:
-            raise ModelLoadError(_load_failure(self._config.model, "tokenizer", e)) from e
+            raise ModelLoadError(_load_failure(self._config.model, source, "tokenizer", e)) from e
         tokenizer.padding_side = "left"
         if tokenizer.pad_token is None:
             if tokenizer.eos_token is None:
@@ -200,6 +207,9 @@ class TransformersBackend:
         if version < (5, 0):
             # transformers 5 always loads this way and no longer takes the argument.
             kwargs["low_cpu_mem_usage"] = options.low_cpu_mem_usage
+        if device != "cpu" and importlib.util.find_spec("accelerate") is not None:
+            # Weights go straight to the GPU; without accelerate they pass through CPU memory.
+            kwargs["device_map"] = {"": device}
         if options.attn_implementation != "auto":
             kwargs["attn_implementation"] = options.attn_implementation
         try:
@@ -211,7 +221,7 @@ class TransformersBackend:
                 raise RetryableError(
                     f"out of memory while loading {self._config.model!r} on {device}: {e}"
                 ) from e
-            raise ModelLoadError(_load_failure(self._config.model, "model", e)) from e
+            raise ModelLoadError(_load_failure(self._config.model, source, "model", e)) from e
         model.eval()
         if options.torch_compile:
             # Module.compile() swaps the module's __call__ in place, so generate's own
@@ -269,9 +279,10 @@ class TransformersBackend:
             torch.manual_seed(params.seed)
         issued_at = time.perf_counter()
         try:
-            output = model.generate(
-                **batch, generation_config=generation_config, streamer=_make_streamer(clock)
-            )
+            with torch.inference_mode():
+                output = model.generate(
+                    **batch, generation_config=generation_config, streamer=_make_streamer(clock)
+                )
         except LlemError:
             raise
         except Exception as e:
@@ -317,7 +328,9 @@ class TransformersBackend:
                 temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k
             )
         else:
-            updates.update(temperature=None, top_p=None, top_k=None)
+            # Neutral values rather than None: generate fills None from the model's own config,
+            # then logs its sampling settings as ignored. 50 is transformers' own top_k default.
+            updates.update(temperature=1.0, top_p=1.0, top_k=50)
         if config.eos_token_id is None:
             updates["eos_token_id"] = self._tokenizer.eos_token_id
         if params.cache_implementation != "auto":
@@ -457,12 +470,12 @@ def _progress_bars_off() -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
-def _load_failure(model: str, what: str, error: Exception) -> str:
+def _load_failure(model: str, source: str, what: str, error: Exception) -> str:
     hint = (
         "it is not a folder and not in the local Hugging Face cache "
         "(pytest-llem never downloads models; download it beforehand or pass a folder)"
     )
-    if Path(model).expanduser().is_dir():
+    if Path(source).is_dir():
         hint = "the folder does not hold a loadable transformers model"
     return (
         f"cannot load the {what} of model {model!r}: {hint}. Cause: {type(error).__name__}: {error}"

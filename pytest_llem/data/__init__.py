@@ -1,4 +1,3 @@
 """data package."""
 
 from __future__ import annotations
-

@@ -133,9 +133,7 @@ def build_tiny_model(target: Path) -> None:
             pad_token_id=tokenizer.pad_token_id,
             tie_word_embeddings=False,
         )
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(_SEED)
-            model = LlamaForCausalLM(config)
+        model = _seeded_model(torch, LlamaForCausalLM, config)
         with _progress_bars_off():
             model.save_pretrained(target)
         tokenizer.save_pretrained(target)
@@ -143,6 +141,18 @@ def build_tiny_model(target: Path) -> None:
         _write_manifest(target)
     except OSError as e:
         raise ModelLoadError(f"cannot write {TINY_MODEL_NAME} to {target}: {e}") from e
+
+
+def _seeded_model(torch: Any, model_class: Any, config: Any) -> Any:
+    """Random weights that are the same on every machine, whatever the caller's torch state."""
+    default_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float32)
+    try:
+        with torch.random.fork_rng(devices=[]), torch.device("cpu"):
+            torch.manual_seed(_SEED)
+            return model_class(config)
+    finally:
+        torch.set_default_dtype(default_dtype)
 
 
 @contextmanager

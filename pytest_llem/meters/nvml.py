@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from pytest_llem.exceptions import EnergyMeterError, MeterUnavailableError
+from pytest_llem.exceptions import ConfigurationError, EnergyMeterError, MeterUnavailableError
 from pytest_llem.meters.base import DomainReading, EnergyReading, MeterInfo, MeterResolution
 
 __all__ = [
@@ -48,6 +48,7 @@ class NvmlGpu:
 
     ``index`` is the index the process sees (after ``CUDA_VISIBLE_DEVICES``). The fields match
     ``pytest_llem.results.models.GpuInfo``, so ``GpuInfo(**dataclasses.asdict(gpu))`` works.
+    Memory is in MiB (as nvidia-smi and the rest of the project count megabytes).
     """
 
     index: int
@@ -183,7 +184,7 @@ def _power_limit_w(pynvml: Any, handle: Any) -> float | None:
 
 def _memory_total_mb(pynvml: Any, handle: Any) -> float | None:
     try:
-        return float(pynvml.nvmlDeviceGetMemoryInfo(handle).total) / 1e6
+        return float(pynvml.nvmlDeviceGetMemoryInfo(handle).total) / 2**20
     except (pynvml.NVMLError, AttributeError):
         return None
 
@@ -273,11 +274,15 @@ class _PowerPoller:
         )
         self._thread.start()
 
-    def stop(self) -> tuple[dict[str, float], int]:
-        """Join the thread, take a last sample and return joules per device label."""
+    def cancel(self) -> None:
+        """Stop polling and discard the samples."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
+
+    def stop(self) -> tuple[dict[str, float], int]:
+        """Join the thread, take a last sample and return joules per device label."""
+        self.cancel()
         if self._error is not None:
             raise EnergyMeterError(
                 f"nvml: reading GPU power failed: {self._error}"
@@ -301,6 +306,7 @@ class NvmlMeter:
 
     Raises:
         MeterUnavailableError: NVML or a GPU is missing, or a GPU offers neither energy nor power.
+        ConfigurationError: ``gpu_indices`` is empty.
     """
 
     name = "nvml"
@@ -337,6 +343,8 @@ class NvmlMeter:
         wanted = (
             list(range(len(visible))) if gpu_indices is None else list(dict.fromkeys(gpu_indices))
         )
+        if not wanted:
+            raise ConfigurationError("nvml: gpu_indices is empty; give None to measure every GPU")
         devices = []
         for index in wanted:
             if not 0 <= index < len(visible):
@@ -442,6 +450,12 @@ class NvmlMeter:
         duration_s = time.perf_counter() - self._window_start
         self._window_start = None
         poller, self._poller = self._poller, None
+        try:
+            end = self._read_counters()
+        except EnergyMeterError:
+            if poller is not None:
+                poller.cancel()
+            raise
         energy: dict[str, float] = {}
         notes: list[str] = []
         if poller is not None:
@@ -451,7 +465,6 @@ class NvmlMeter:
                 f"power integration for {', '.join(integrated)} ({samples} samples, "
                 f"energy counter not supported)"
             )
-        end = self._read_counters()
         for label, start_mj in self._counters_mj.items():
             if end[label] < start_mj:
                 raise EnergyMeterError(
@@ -488,10 +501,7 @@ class NvmlMeter:
         self._closed = True
         poller, self._poller = self._poller, None
         if poller is not None:
-            try:
-                poller.stop()
-            except EnergyMeterError:
-                logger.debug("nvml: power poller failed while closing", exc_info=True)
+            poller.cancel()
         self._window_start = None
         try:
             self._pynvml.nvmlShutdown()

@@ -25,6 +25,7 @@ __all__ = [
     "NVMLError",
     "NVMLError_DriverNotLoaded",
     "NVMLError_FunctionNotFound",
+    "NVMLError_GpuIsLost",
     "NVMLError_InvalidArgument",
     "NVMLError_LibraryNotFound",
     "NVMLError_NotSupported",
@@ -38,6 +39,7 @@ NVML_ERROR_NOT_SUPPORTED = 3
 NVML_ERROR_DRIVER_NOT_LOADED = 9
 NVML_ERROR_LIBRARY_NOT_FOUND = 12
 NVML_ERROR_FUNCTION_NOT_FOUND = 13
+NVML_ERROR_GPU_IS_LOST = 15
 
 
 class NVMLError(Exception):
@@ -92,6 +94,13 @@ class NVMLError_FunctionNotFound(NVMLError):
     text = "Function Not Found"
 
 
+class NVMLError_GpuIsLost(NVMLError):
+    """The GPU fell off the bus (every query on it fails)."""
+
+    value = NVML_ERROR_GPU_IS_LOST
+    text = "GPU is lost"
+
+
 @dataclass(frozen=True)
 class FakeMemoryInfo:
     """What ``nvmlDeviceGetMemoryInfo`` returns, in bytes."""
@@ -103,7 +112,8 @@ class FakeMemoryInfo:
 
 @dataclass
 class FakeGpu:
-    """One fake GPU. ``power_w`` may be changed while a window is open (``set_power``)."""
+    """One fake GPU. ``power_w`` may be changed while a window is open (``set_power``);
+    ``lost`` makes every query on it fail with ``NVMLError_GpuIsLost``."""
 
     name: str = "NVIDIA H100 80GB HBM3"
     uuid: str = "GPU-00000000-0000-0000-0000-000000000000"
@@ -113,6 +123,7 @@ class FakeGpu:
     energy_counter_supported: bool = True
     counter_step_s: float = 0.1
     counter_mj: int = 1_000_000
+    lost: bool = False
     _next_tick: float = field(default=0.0, repr=False)
 
     def start_clock(self, now: float) -> None:
@@ -206,7 +217,7 @@ class FakeNvml:
         return round(self._gpu(handle).power_limit_w * 1000)
 
     def nvmlDeviceGetMemoryInfo(self, handle: _Handle) -> FakeMemoryInfo:
-        total = round(self._gpu(handle).memory_total_mb * 1e6)
+        total = round(self._gpu(handle).memory_total_mb * 2**20)
         return FakeMemoryInfo(total=total, free=total, used=0)
 
     def nvmlDeviceGetPowerUsage(self, handle: _Handle) -> int:
@@ -233,7 +244,10 @@ class FakeNvml:
         self._check()
         if not isinstance(handle, _Handle) or not 0 <= handle.index < len(self.gpus):
             raise NVMLError_InvalidArgument()
-        return self.gpus[handle.index]
+        gpu = self.gpus[handle.index]
+        if gpu.lost:
+            raise NVMLError_GpuIsLost()
+        return gpu
 
     def module(self) -> types.ModuleType:
         """A module object exposing this fake under pynvml's names."""
@@ -249,6 +263,7 @@ class FakeNvml:
             "NVMLError_DriverNotLoaded": NVMLError_DriverNotLoaded,
             "NVMLError_LibraryNotFound": NVMLError_LibraryNotFound,
             "NVMLError_FunctionNotFound": NVMLError_FunctionNotFound,
+            "NVMLError_GpuIsLost": NVMLError_GpuIsLost,
         }
         for name, value in errors.items():
             setattr(module, name, value)
