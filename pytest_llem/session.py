@@ -15,6 +15,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from pydantic import BaseModel
+
 from pytest_llem.backends.base import Backend, BackendInfo, load_key
 from pytest_llem.config.models import BUILTIN_BACKENDS, CaseConfig
 from pytest_llem.config.resolve import check_value, parse_assignment, set_path
@@ -74,7 +76,9 @@ def _layer(
     for text in assignments:
         try:
             path, value = parse_assignment(text)
-            set_path(layer, path, check_value(path, value) if path != "sampling" else value)
+            checked = check_value(path, value)
+            # Groups (sampling, transformers) stay plain dicts so layers merge key by key.
+            set_path(layer, path, value if isinstance(checked, BaseModel) else checked)
         except ConfigurationError as e:
             raise ConfigurationError(f"{origin('set')} {text}: {e}") from e
     for name, raw in named.items():

@@ -88,6 +88,7 @@ def test_llem_set_reaches_nested_parameters(pytester: pytest.Pytester):
             ["--llem-set", "transformers.attn_implementation=fast"],
             "*transformers.attn_implementation*'auto', 'eager', 'sdpa' or 'flash_attention_2'*",
         ),
+        (["--llem-set", "sampling=wild"], "*sampling='wild'*'deterministic', 'standard'*"),
         (["--llem-backend=nope"], "*unknown backend 'nope'; choose from: transformers*"),
         (
             ["--llem-meter=nope"],
