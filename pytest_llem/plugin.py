@@ -185,6 +185,24 @@ def pytest_llem_make_meter(
     return create_meter(name)
 
 
+_PRELOADED = pytest.StashKey[bool]()
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_fixture_setup(
+    fixturedef: pytest.FixtureDef[Any], request: pytest.FixtureRequest
+) -> None:
+    """Before the first ``pytester`` fixture, load the engine once (see ``nested``)."""
+    if fixturedef.argname not in ("pytester", "testdir"):
+        return
+    config = request.config
+    if not config.stash.get(_PRELOADED, False):
+        config.stash[_PRELOADED] = True
+        from pytest_llem.nested import preload_engine
+
+        preload_engine()
+
+
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     """Check every llem test's marker parameters at collection, naming the test on error."""
     definition = metafunc.definition
