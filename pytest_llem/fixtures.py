@@ -16,6 +16,7 @@ from pytest_llem.config.models import CaseConfig
 from pytest_llem.config.resolve import resolve_case
 from pytest_llem.data.prompts import load_prompts
 from pytest_llem.exceptions import (
+    BackendConfigError,
     BackendNotAvailableError,
     ConfigurationError,
     LlemError,
@@ -91,13 +92,10 @@ class LlemFixture:
         )
         try:
             result = self._measure(case, base)
-        except MeterUnavailableError as e:
-            self._record(base.model_copy(update={"outcome": "skipped", "notes": [str(e)]}))
-            pytest.skip(str(e))
-        except BackendNotAvailableError as e:
-            self._record(base.model_copy(update={"outcome": "skipped", "notes": [str(e)]}))
-            pytest.skip(str(e))
         except LlemError as e:
+            if _is_missing_hardware_or_engine(e):
+                self._record(base.model_copy(update={"outcome": "skipped", "notes": [str(e)]}))
+                pytest.skip(str(e))
             self._record(base.model_copy(update={"outcome": "failed", "error": _error(e)}))
             pytest.fail(f"{type(e).__name__}: {e}", pytrace=False)
         except Exception as e:
@@ -135,6 +133,14 @@ class LlemFixture:
 
     def _record(self, record: CaseRecord) -> None:
         self._item.user_properties.append((CASE_PROPERTY, record.model_dump(mode="json")))
+
+
+def _is_missing_hardware_or_engine(error: LlemError) -> bool:
+    """Errors that make a case skip rather than fail: a meter that cannot measure here, an
+    engine that is not installed, a device (``device=cuda``) this machine does not have."""
+    if isinstance(error, (MeterUnavailableError, BackendNotAvailableError)):
+        return True
+    return isinstance(error, BackendConfigError) and error.param == "device"
 
 
 def _error(error: BaseException) -> CaseError:

@@ -220,3 +220,26 @@ def test_in_process_runs_that_build_and_load_the_model_repeat_safely(
     pytester.makepyfile(DONE_WHEN)
     pytester.runpytest(*QUICK, "--llem-repeat=1").assert_outcomes(passed=1)
     assert (tmp_path / f"cache{attempt}" / "pytest-llem" / "models").is_dir()
+
+
+def test_device_cuda_without_cuda_skips_with_the_reason(pytester: pytest.Pytester, tiny_model):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    pytester.makepyfile(DONE_WHEN)
+    result = pytester.runpytest(*QUICK, "--llem-device=cuda", "-rs")
+    result.assert_outcomes(skipped=1)
+    result.stdout.fnmatch_lines(["*SKIPPED*device=cuda*no CUDA device*"])
+    (case,) = _record(pytester)["cases"]
+    assert case["outcome"] == "skipped"
+
+
+def test_hub_model_not_cached_while_offline_fails_clearly(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, tiny_model
+):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    pytester.makepyfile(DONE_WHEN)
+    result = pytester.runpytest(*QUICK, "--llem-model=someorg/not-a-model")
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(["*ModelLoadError*someorg/not-a-model*HF_HUB_OFFLINE*"])

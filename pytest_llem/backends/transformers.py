@@ -13,6 +13,7 @@ import gc
 import importlib
 import importlib.util
 import logging
+import os
 import re
 import sys
 import time
@@ -50,6 +51,10 @@ _INSTALL_HINT = "pip install 'pytest-llem[transformers]'"
 _MIB = 1024 * 1024
 _CLEAR_REFS = Path("/proc/self/clear_refs")
 _PROC_STATUS = Path("/proc/self/status")
+
+
+#: Files fetched for a hub model: configs, weights in safetensors, tokenizers, remote code.
+_HUB_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken", "*.py", "*.jinja"]
 
 
 class TransformersBackend:
@@ -170,12 +175,37 @@ class TransformersBackend:
             return str(path), str(path.resolve())
         if path.exists():
             raise ModelLoadError(f"model {name!r} is a file; expected a model folder")
-        if path.is_absolute() or name.startswith((".", "~")):
+        if path.is_absolute() or name.startswith((".", "~")) or name.count("/") > 1:
+            raise ModelLoadError(f"model {name!r} is not a folder (no such path)")
+        snapshot = self._hub_snapshot(name)
+        return snapshot, snapshot
+
+    def _hub_snapshot(self, repo_id: str) -> str:
+        """The local folder of a Hugging Face hub model: from the local cache, else downloaded
+        (before any measurement) unless ``HF_HUB_OFFLINE`` is set."""
+        try:
+            from huggingface_hub import snapshot_download
+        except ImportError as e:
             raise ModelLoadError(
-                f"model {name!r} is not a folder (no such path) and not in the local "
-                "Hugging Face cache"
-            )
-        return name, None
+                f"model {repo_id!r} is not a folder and huggingface_hub is not installed"
+            ) from e
+        try:
+            return str(snapshot_download(repo_id, local_files_only=True, allow_patterns=_HUB_FILES))
+        except Exception as e:
+            cached_error = e
+        if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+            raise ModelLoadError(
+                f"model {repo_id!r} is not a folder and not in the local Hugging Face cache "
+                "(HF_HUB_OFFLINE is set, so it was not downloaded)"
+            ) from cached_error
+        self._report(f"downloading {repo_id} from the Hugging Face hub (not measured)")
+        try:
+            return str(snapshot_download(repo_id, allow_patterns=_HUB_FILES))
+        except Exception as e:
+            raise ModelLoadError(
+                f"model {repo_id!r} is not a folder, not in the local Hugging Face cache, and "
+                f"could not be downloaded: {type(e).__name__}: {_first_line(e)}"
+            ) from e
 
     def _load_tokenizer(self, transformers: Any, source: str) -> Any:
         try:
@@ -470,13 +500,13 @@ def _progress_bars_off() -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else ""
+
+
 def _load_failure(model: str, source: str, what: str, error: Exception) -> str:
-    hint = (
-        "it is not a folder and not in the local Hugging Face cache "
-        "(pytest-llem never downloads models; download it beforehand or pass a folder)"
-    )
-    if Path(source).is_dir():
-        hint = "the folder does not hold a loadable transformers model"
+    hint = "the folder does not hold a loadable transformers model"
     return (
         f"cannot load the {what} of model {model!r}: {hint}. Cause: {type(error).__name__}: {error}"
     )
