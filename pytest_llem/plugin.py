@@ -41,7 +41,7 @@ logger = logging.getLogger("pytest_llem")
 
 _OPTIONS: tuple[tuple[str, str, str | None], ...] = (
     ("backend", "Inference backend for every case (default: transformers).", None),
-    ("model", "Model for every case: llem-tiny (built-in), a folder, or a cached hub id.", None),
+    ("model", "Model for every case: llem-tiny (built-in), a folder, or a hub id.", None),
     ("device", "Device: auto, cpu or cuda (default: auto).", None),
     ("meter", "Energy meter: auto, nvml, codecarbon or none (default: auto).", None),
     ("repeat", "Measured repetitions per case (default: 3).", "N"),

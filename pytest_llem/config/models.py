@@ -129,7 +129,7 @@ class CaseConfig(_Strict):
     model: str = Field(
         default="llem-tiny",
         min_length=1,
-        description="'llem-tiny' (built-in), a local model folder, or a hub id available offline.",
+        description="'llem-tiny' (built-in), a local model folder, or a Hugging Face hub id.",
         json_schema_extra=_LOAD,
     )
     backend: str = Field(
