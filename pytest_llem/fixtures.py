@@ -12,8 +12,8 @@ from typing import Any
 
 import pytest
 
+from pytest_llem.collection import resolve_for
 from pytest_llem.config.models import CaseConfig
-from pytest_llem.config.resolve import resolve_case
 from pytest_llem.data.prompts import load_prompts
 from pytest_llem.exceptions import (
     BackendConfigError,
@@ -26,48 +26,27 @@ from pytest_llem.harness.runner import run_case
 from pytest_llem.results.models import CaseError, CaseRecord, CaseResult
 from pytest_llem.session import LlemSession
 
-__all__ = ["CASE_PROPERTY", "MARKER", "SESSION_KEY", "LlemFixture", "llem", "marker_layers"]
+__all__ = ["CASE_PROPERTY", "SESSION_KEY", "LlemFixture", "llem", "llem_sweep_params"]
 
-MARKER = "llem"
 CASE_PROPERTY = "llem_case"
 SESSION_KEY = pytest.StashKey[LlemSession]()
-
-
-def marker_layers(node: pytest.Item | Any) -> list[dict[str, Any]]:
-    """The ``llem`` markers' parameters on ``node``, farthest (module) first.
-
-    Raises:
-        ConfigurationError: a marker has positional arguments.
-    """
-    layers = []
-    for marker in reversed(list(node.iter_markers(MARKER))):
-        if marker.args:
-            raise ConfigurationError(
-                f"@pytest.mark.llem takes keyword parameters only, got {marker.args!r}"
-            )
-        layers.append(dict(marker.kwargs))
-    return layers
-
-
-def resolve_for(node: Any, session: LlemSession, overrides: dict[str, Any]) -> CaseConfig:
-    """Resolve a case: model defaults < markers < ``llem.run`` overrides < ini < command line."""
-    options = session.options
-    layers = [*marker_layers(node), overrides, options.ini_layer, options.cli_layer]
-    return resolve_case(layers, backends=options.backend_names)
 
 
 class LlemFixture:
     """What the ``llem`` fixture gives a test: its resolved config and ``run()``."""
 
-    def __init__(self, item: pytest.Item, session: LlemSession) -> None:
+    def __init__(
+        self, item: pytest.Item, session: LlemSession, sweep: dict[str, Any] | None = None
+    ) -> None:
         self._item = item
         self._session = session
+        self._sweep = dict(sweep or {})
         self._runs = 0
 
     @property
     def config(self) -> CaseConfig:
         """The case's config as resolved from markers, ini and command line."""
-        return resolve_for(self._item, self._session, {})
+        return resolve_for(self._item, self._session, {}, self._sweep)
 
     def run(self, **overrides: Any) -> CaseResult:
         """Run the benchmark case and return its result.
@@ -79,7 +58,7 @@ class LlemFixture:
         case_id = self._item.nodeid if self._runs == 1 else f"{self._item.nodeid}#{self._runs}"
         name = self._item.name if self._runs == 1 else f"{self._item.name}#{self._runs}"
         try:
-            case = resolve_for(self._item, self._session, overrides)
+            case = resolve_for(self._item, self._session, overrides, self._sweep)
         except ConfigurationError as e:
             self._record(CaseRecord(id=case_id, name=name, outcome="failed", error=_error(e)))
             pytest.fail(f"invalid llem parameters: {e}", pytrace=False)
@@ -89,6 +68,7 @@ class LlemFixture:
             params=case.model_dump(mode="json"),
             backend=case.backend,
             model=case.model,
+            sweep=self._sweep,
         )
         try:
             result = self._measure(case, base)
@@ -127,6 +107,7 @@ class LlemFixture:
             latency=measurement.latency,
             repetitions=measurement.repetitions,
             load=load,
+            sweep=base.sweep,
             warmup=case.warmup,
             notes=list(measurement.notes),
         )
@@ -148,14 +129,25 @@ def _error(error: BaseException) -> CaseError:
 
 
 @pytest.fixture
-def llem(request: pytest.FixtureRequest) -> LlemFixture:
+def llem_sweep_params() -> dict[str, Any]:
+    """The values of this test's sweep combination, by parameter path (empty without a sweep).
+
+    ``@pytest.mark.llem_sweep`` and ``--llem-sweep`` parametrize it; the ``llem`` fixture
+    applies them.
+    """
+    return {}
+
+
+@pytest.fixture
+def llem(request: pytest.FixtureRequest, llem_sweep_params: dict[str, Any]) -> LlemFixture:
     """Run an LLM inference energy benchmark: ``result = llem.run()``.
 
-    Parameters come from ``@pytest.mark.llem(...)``, ``llem.run(**overrides)``, the ini keys and
-    the ``--llem-*`` options. ``result["energy_per_output_token_j"].median`` and friends give
-    each metric's summary over the measured repetitions.
+    Parameters come from ``@pytest.mark.llem(...)``, ``@pytest.mark.llem_sweep(...)``,
+    ``llem.run(**overrides)``, the ini keys and the ``--llem-*`` options.
+    ``result["energy_per_output_token_j"].median`` and friends give each metric's summary over
+    the measured repetitions.
     """
     session = request.config.stash[SESSION_KEY]
     item = request.node
     assert isinstance(item, pytest.Item)
-    return LlemFixture(item, session)
+    return LlemFixture(item, session, llem_sweep_params)

@@ -20,9 +20,10 @@ import pytest
 
 from pytest_llem import hookspecs
 from pytest_llem.backends.base import Backend
+from pytest_llem.collection import MARKER, SWEEP_FIXTURE, SWEEP_MARKER, order_by_load, sweep_cases
 from pytest_llem.config.models import BUILTIN_BACKENDS, CaseConfig
 from pytest_llem.exceptions import ConfigurationError, LlemError, ResultStoreError
-from pytest_llem.fixtures import CASE_PROPERTY, MARKER, SESSION_KEY, llem, marker_layers
+from pytest_llem.fixtures import CASE_PROPERTY, SESSION_KEY, llem, llem_sweep_params
 from pytest_llem.meters.base import EnergyMeter
 from pytest_llem.report.terminal import summary_lines
 from pytest_llem.results.models import CaseRecord, GpuInfo, RunRecord
@@ -35,7 +36,7 @@ from pytest_llem.session import (
     build_options,
 )
 
-__all__ = ["llem"]
+__all__ = ["llem", "llem_sweep_params"]
 
 logger = logging.getLogger("pytest_llem")
 
@@ -75,13 +76,35 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "(repeatable; wins over markers and ini).",
     )
     parser.addini("llem_set", "Case parameters as KEY=VALUE lines.", type="linelist", default=[])
+    group.addoption(
+        "--llem-sweep",
+        dest="llem_sweep",
+        action="append",
+        default=[],
+        metavar="KEY=V1,V2",
+        help="Sweep a parameter over values for every llem test (KEY=auto takes the values the "
+        "models define); repeatable, replaces a marker's axis of the same parameter.",
+    )
+    parser.addini("llem_sweep", "Sweep axes as KEY=V1,V2 lines.", type="linelist", default=[])
+    group.addoption(
+        "--llem-shuffle",
+        dest="llem_shuffle",
+        nargs="?",
+        const="random",
+        default=None,
+        metavar="SEED",
+        help="Shuffle the cases within each model-load group (seeded; the seed is recorded).",
+    )
 
 
 def _raw_options(config: pytest.Config) -> tuple[dict[str, Any], dict[str, Any]]:
     cli = {name: config.getoption(f"llem_{name}") for name, _, _ in _OPTIONS}
     cli["set"] = list(config.getoption("llem_set") or [])
+    cli["sweep"] = list(config.getoption("llem_sweep") or [])
+    cli["shuffle"] = config.getoption("llem_shuffle")
     ini: dict[str, Any] = {name: config.getini(f"llem_{name}") for name, _, _ in _OPTIONS}
     ini["set"] = [line for line in config.getini("llem_set") if line.strip()]
+    ini["sweep"] = [line for line in config.getini("llem_sweep") if line.strip()]
     return cli, ini
 
 
@@ -105,7 +128,12 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers",
         "llem(**params): parameters of an llem benchmark case (e.g. batch_size=4, "
-        "max_new_tokens=16); see `llem schema` for every parameter.",
+        "max_new_tokens=16); see `llem params` for every parameter.",
+    )
+    config.addinivalue_line(
+        "markers",
+        "llem_sweep(**axes): sweep llem parameters over lists of values, one test per "
+        "combination (e.g. batch_size=[1, 8, 32], dtype='auto').",
     )
     if config.get_verbosity() < 1:
         for name in NOISY_LOGGERS:
@@ -204,25 +232,41 @@ def pytest_fixture_setup(
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
-    """Check every llem test's marker parameters at collection, naming the test on error."""
+    """Check every llem test's parameters and expand its sweep, naming the test on error."""
     definition = metafunc.definition
-    if "llem" not in metafunc.fixturenames and definition.get_closest_marker(MARKER) is None:
-        return
+    uses_llem = "llem" in metafunc.fixturenames
+    marked = any(definition.iter_markers(MARKER)) or any(definition.iter_markers(SWEEP_MARKER))
     session = metafunc.config.stash.get(SESSION_KEY, None)
+    if session is None or not (uses_llem or marked):
+        return
+    problem = None
+    try:
+        cases = sweep_cases(definition, session)
+    except LlemError as e:
+        problem = f"{definition.nodeid}: invalid llem parameters: {e}"
+    if problem is not None:
+        # Raised outside the except block so the collection error is this line alone.
+        pytest.fail(problem, pytrace=False)
+    if cases and uses_llem:
+        metafunc.parametrize(
+            SWEEP_FIXTURE,
+            [
+                pytest.param(
+                    case.values,
+                    id=case.id,
+                    marks=[pytest.mark.skip(reason=case.skip_reason)] if case.skip_reason else [],
+                )
+                for case in cases
+            ],
+        )
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Run cases that share a model load together (and shuffle within groups if asked)."""
+    session = config.stash.get(SESSION_KEY, None)
     if session is None:
         return
-    options = session.options
-    try:
-        from pytest_llem.config.resolve import resolve_case
-
-        resolve_case(
-            [*marker_layers(definition), options.ini_layer, options.cli_layer],
-            backends=options.backend_names,
-        )
-    except LlemError as e:
-        pytest.fail(
-            f"{definition.nodeid}: invalid @pytest.mark.llem parameters: {e}", pytrace=False
-        )
+    items[:] = order_by_load(items, session)
 
 
 class RunRecorder:

@@ -7,6 +7,7 @@ the session-finish hook turns the recorded cases into the run record.
 from __future__ import annotations
 
 import logging
+import random
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -62,6 +63,8 @@ class LlemOptions:
     report_dir: Path
     backend_names: tuple[str, ...] = BUILTIN_BACKENDS
     meter_names: tuple[str, ...] = METER_NAMES
+    sweep_axes: dict[str, list[Any]] = field(default_factory=dict)
+    shuffle_seed: int | None = None
     given: dict[str, Any] = field(default_factory=dict)
 
 
@@ -114,6 +117,10 @@ def build_options(
     Raises:
         ConfigurationError: naming the option, the problem and, for choices, the allowed values.
     """
+    cli = dict(cli)
+    axes = _sweep_axes(cli, ini, backend_names)
+    if "backend" in axes:
+        cli["backend"] = None  # several engines: a sweep axis, not one setting
     cli_layer = _layer(
         named={k: cli.get(k) for k in OPTION_PATHS},
         assignments=cli.get("set") or [],
@@ -134,11 +141,14 @@ def build_options(
     report_dir = Path(cli.get("report_dir") or ini.get("report_dir") or DEFAULT_REPORT_DIR)
     if not report_dir.is_absolute():
         report_dir = invocation_dir / report_dir
+    shuffle_seed = _shuffle_seed(cli.get("shuffle"))
     given = {
         "command_line": {k: v for k, v in cli.items() if v not in (None, "", [])},
         "ini": {k: v for k, v in ini.items() if v not in (None, "", [])},
         "meter": meter,
         "report_dir": str(report_dir),
+        "sweep": axes,
+        "shuffle_seed": shuffle_seed,
     }
     return LlemOptions(
         cli_layer=cli_layer,
@@ -147,8 +157,55 @@ def build_options(
         report_dir=report_dir,
         backend_names=tuple(backend_names),
         meter_names=tuple(meter_names),
+        sweep_axes=axes,
+        shuffle_seed=shuffle_seed,
         given=given,
     )
+
+
+def _sweep_axes(
+    cli: dict[str, Any], ini: dict[str, Any], backend_names: Sequence[str]
+) -> dict[str, list[Any]]:
+    """Sweep axes from ini ``llem_sweep`` lines, then ``--llem-sweep``, then a comma-separated
+    ``--llem-backend`` (later sources replace an axis)."""
+    from pytest_llem.sweep import merge_axes, parse_sweep_option
+
+    layers: list[dict[str, Any]] = []
+    for origin, lines in (
+        ("ini option llem_sweep", ini.get("sweep")),
+        ("--llem-sweep", cli.get("sweep")),
+    ):
+        for text in lines or []:
+            try:
+                key, values = parse_sweep_option(text)
+                layers.append(merge_axes([{key: values}]))
+            except ConfigurationError as e:
+                raise ConfigurationError(f"{origin} {text}: {e}") from e
+    engines = str(cli.get("backend") or "")
+    if "," in engines:
+        layers.append({"backend": [name.strip() for name in engines.split(",") if name.strip()]})
+    axes = merge_axes(layers)
+    unknown = [name for name in axes.get("backend", []) if name not in backend_names]
+    if unknown:
+        raise ConfigurationError(
+            f"--llem-backend: unknown backend {unknown[0]!r}; choose from: {', '.join(backend_names)}"
+        )
+    return axes
+
+
+def _shuffle_seed(raw: Any) -> int | None:
+    """``--llem-shuffle`` (a fresh seed, recorded) or ``--llem-shuffle=SEED``."""
+    if raw is None or raw is False:
+        return None
+    if raw is True or str(raw).strip() in ("", "random"):
+        return random.SystemRandom().randrange(2**32)
+    try:
+        seed = int(str(raw).strip())
+    except ValueError as e:
+        raise ConfigurationError(f"--llem-shuffle: expected an integer seed, got {raw!r}") from e
+    if seed < 0:
+        raise ConfigurationError(f"--llem-shuffle: the seed must be >= 0, got {seed}")
+    return seed
 
 
 class BackendCache:

@@ -62,3 +62,34 @@ def test_console_script_is_installed():
         pytest.skip(f"no llem console script beside {sys.executable} (package not installed)")
     run = subprocess.run([str(script), "--version"], capture_output=True, text=True, check=True)
     assert __version__ in run.stdout
+
+
+def test_params_json_lists_every_parameter_with_sweep_values(capsys):
+    from pytest_llem.config.introspection import parameters
+
+    assert main(["params", "--format", "json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    by_path = {p["path"]: p for p in data["parameters"]}
+    assert set(by_path) == {p.path for p in parameters()}
+    assert by_path["batch_size"]["sweep_values"] == [1, 4, 16, 64]
+    assert by_path["transformers.attn_implementation"]["backends"] == ["transformers"]
+    assert by_path["dtype"]["reload"] is True
+    assert any(c["name"] == "min-within-max" for c in data["constraints"])
+
+
+def test_params_table_and_backend_filter(capsys):
+    assert main(["params", "--backend", "other"]) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[0].split()[:3] == ["parameter", "type", "default"]
+    assert "batch_size" in out
+    assert "transformers.attn_implementation" not in out
+
+
+def test_committed_parameter_reference_is_up_to_date(capsys):
+    assert main(["params", "--format", "markdown"]) == 0
+    generated = capsys.readouterr().out
+    committed = (Path(__file__).resolve().parent.parent / "docs" / "parameters.md").read_text()
+    assert committed == generated, (
+        "docs/parameters.md is out of date: run `llem params --format markdown > "
+        "docs/parameters.md`"
+    )

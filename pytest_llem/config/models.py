@@ -1,20 +1,27 @@
 """Pydantic models for a benchmark case: the single source of truth for every parameter.
 
-Each field carries its type, default, bounds and description. Fields whose change needs a new
-model load say so with ``json_schema_extra={"load": True}``; the backend cache and (later) the
-sweep introspection read that flag instead of keeping a list of their own.
+Each field carries its type, default, bounds and description, and in ``json_schema_extra``:
+whether changing it needs a new model load (``load``), the values a sweep takes for ``"auto"``
+(``sweep``, else they are derived from the type and bounds), and its short name in test ids
+(``id``). Rules between fields are declared once, in :data:`CONSTRAINTS`; the model's validator
+and the sweep's pruning both read them. Introspection (``config.introspection``) reads all of
+this; nothing keeps a parallel list.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 __all__ = [
     "BUILTIN_BACKENDS",
+    "CONSTRAINTS",
     "SAMPLING_PRESETS",
     "CaseConfig",
+    "Constraint",
     "SamplingConfig",
     "TransformersConfig",
     "load_fields",
@@ -23,7 +30,21 @@ __all__ = [
 #: Backends shipped with the plugin. A conftest can add more through the plugin's hooks.
 BUILTIN_BACKENDS: tuple[str, ...] = ("transformers",)
 
-_LOAD: dict[str, Any] = {"load": True}
+
+def _meta(
+    *, load: bool = False, sweep: list[Any] | None = None, short: str | None = None
+) -> dict[str, Any]:
+    meta: dict[str, Any] = {}
+    if load:
+        meta["load"] = True
+    if sweep is not None:
+        meta["sweep"] = sweep
+    if short is not None:
+        meta["id"] = short
+    return meta
+
+
+_LOAD = _meta(load=True)
 
 #: Named sampling settings; a preset fills the sampling fields the user did not set.
 SAMPLING_PRESETS: dict[str, dict[str, Any]] = {
@@ -43,18 +64,33 @@ class SamplingConfig(_Strict):
     preset: Literal["deterministic", "standard", "creative", "custom"] = Field(
         default="deterministic",
         description="Named sampling settings; explicit fields override the preset's values.",
+        json_schema_extra=_meta(sweep=["deterministic", "standard", "creative"], short="sampling"),
     )
     do_sample: bool = Field(
-        default=False, description="Sample from the distribution instead of greedy."
+        default=False,
+        description="Sample from the distribution instead of greedy.",
+        json_schema_extra=_meta(short="sample"),
     )
     temperature: float = Field(
-        default=1.0, ge=0.0, le=10.0, description="Softmax temperature (only with do_sample)."
+        default=1.0,
+        ge=0.0,
+        le=10.0,
+        description="Softmax temperature (only with do_sample).",
+        json_schema_extra=_meta(sweep=[0.5, 1.0, 1.5], short="t"),
     )
     top_p: float = Field(
-        default=1.0, gt=0.0, le=1.0, description="Nucleus sampling mass (1 disables)."
+        default=1.0,
+        gt=0.0,
+        le=1.0,
+        description="Nucleus sampling mass (1 disables).",
+        json_schema_extra=_meta(sweep=[0.5, 0.9, 1.0], short="top_p"),
     )
     top_k: int = Field(
-        default=0, ge=0, le=100_000, description="Top-k sampling cut-off (0 disables)."
+        default=0,
+        ge=0,
+        le=100_000,
+        description="Top-k sampling cut-off (0 disables).",
+        json_schema_extra=_meta(sweep=[0, 10, 50], short="top_k"),
     )
 
     @model_validator(mode="before")
@@ -95,26 +131,27 @@ class TransformersConfig(_Strict):
     attn_implementation: Literal["auto", "eager", "sdpa", "flash_attention_2"] = Field(
         default="auto",
         description="Attention kernel passed to from_pretrained ('auto' lets transformers pick).",
-        json_schema_extra=_LOAD,
+        json_schema_extra=_meta(load=True, sweep=["eager", "sdpa", "flash_attention_2"]),
     )
     torch_compile: bool = Field(
         default=False,
         description="Wrap the model with torch.compile after loading.",
-        json_schema_extra=_LOAD,
+        json_schema_extra=_meta(load=True, short="compile"),
     )
     cache_implementation: Literal["auto", "dynamic", "static"] = Field(
         default="auto",
         description="KV-cache implementation for generate ('auto': the model's default).",
+        json_schema_extra=_meta(sweep=["dynamic", "static"], short="cache"),
     )
     low_cpu_mem_usage: bool = Field(
         default=True,
         description="Load weights without a full extra copy in CPU memory.",
-        json_schema_extra=_LOAD,
+        json_schema_extra=_meta(load=True, short="lowmem"),
     )
     trust_remote_code: bool = Field(
         default=False,
         description="Allow model repositories to run their own code.",
-        json_schema_extra=_LOAD,
+        json_schema_extra=_meta(load=True, short="remote"),
     )
 
 
@@ -140,29 +177,48 @@ class CaseConfig(_Strict):
     device: Literal["auto", "cpu", "cuda"] = Field(
         default="auto",
         description="Where the model runs ('auto': cuda when visible, else cpu).",
-        json_schema_extra=_LOAD,
+        json_schema_extra=_meta(load=True, sweep=["cpu", "cuda"]),
     )
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
         default="auto",
         description="Weight and activation dtype ('auto': bfloat16 on cuda, float32 on cpu).",
-        json_schema_extra=_LOAD,
+        json_schema_extra=_meta(load=True, sweep=["float32", "float16", "bfloat16"]),
     )
     batch_size: int = Field(
-        default=1, ge=1, le=4096, description="Requests per generate call (offline)."
+        default=1,
+        ge=1,
+        le=4096,
+        description="Requests per generate call (offline).",
+        json_schema_extra=_meta(sweep=[1, 4, 16, 64], short="bs"),
     )
     max_input_tokens: int = Field(
-        default=512, ge=1, le=1_048_576, description="Prompts are truncated to this many tokens."
+        default=512,
+        ge=1,
+        le=1_048_576,
+        description="Prompts are truncated to this many tokens.",
+        json_schema_extra=_meta(sweep=[128, 512, 2048], short="in"),
     )
     max_new_tokens: int = Field(
-        default=32, ge=1, le=1_048_576, description="Most output tokens generated per request."
+        default=32,
+        ge=1,
+        le=1_048_576,
+        description="Most output tokens generated per request.",
+        json_schema_extra=_meta(sweep=[16, 64, 256], short="out"),
     )
     min_new_tokens: int | None = Field(
         default=None,
         ge=1,
         le=1_048_576,
         description="Fewest output tokens per request; equal to max_new_tokens fixes the length.",
+        json_schema_extra=_meta(sweep=[1, 16, 64], short="min"),
     )
-    num_prompts: int = Field(default=16, ge=1, le=1_000_000, description="Requests per repetition.")
+    num_prompts: int = Field(
+        default=16,
+        ge=1,
+        le=1_000_000,
+        description="Requests per repetition.",
+        json_schema_extra=_meta(sweep=[16, 64, 256], short="n"),
+    )
     prompts: str = Field(
         default="default",
         min_length=1,
@@ -173,13 +229,25 @@ class CaseConfig(_Strict):
         description="Decoding settings (a preset name or the fields).",
     )
     seed: int = Field(
-        default=0, ge=0, le=2**32 - 1, description="Seed for sampling and prompt order."
+        default=0,
+        ge=0,
+        le=2**32 - 1,
+        description="Seed for sampling and prompt order.",
+        json_schema_extra=_meta(sweep=[0, 1, 2], short="seed"),
     )
     warmup: int = Field(
-        default=1, ge=0, le=1000, description="Unmeasured repetitions before measuring."
+        default=1,
+        ge=0,
+        le=1000,
+        description="Unmeasured repetitions before measuring.",
+        json_schema_extra=_meta(sweep=[0, 1, 3], short="warmup"),
     )
     repeat: int = Field(
-        default=3, ge=1, le=10_000, description="Measured repetitions (one window each)."
+        default=3,
+        ge=1,
+        le=10_000,
+        description="Measured repetitions (one window each).",
+        json_schema_extra=_meta(sweep=[3, 5, 10], short="rep"),
     )
     transformers: TransformersConfig = Field(
         default_factory=TransformersConfig,  # type: ignore[arg-type]
@@ -217,17 +285,83 @@ class CaseConfig(_Strict):
         return value.strip()
 
     @model_validator(mode="after")
-    def _check_lengths(self) -> CaseConfig:
-        if self.min_new_tokens is not None and self.min_new_tokens > self.max_new_tokens:
-            raise ValueError(
-                f"min_new_tokens ({self.min_new_tokens}) must not exceed "
-                f"max_new_tokens ({self.max_new_tokens})"
-            )
-        if self.device == "cpu" and self.dtype == "float16":
-            raise ValueError(
-                "dtype=float16 is not supported on device=cpu; use bfloat16 or float32"
-            )
+    def _check_constraints(self) -> CaseConfig:
+        for constraint in CONSTRAINTS:
+            if constraint.needs == "valid" and not constraint.check(self):
+                raise ValueError(constraint.explain(self))
         return self
+
+
+@dataclass(frozen=True)
+class Constraint:
+    """A rule between parameters, declared once.
+
+    ``needs="valid"``: a case breaking it is invalid (the model rejects it; a sweep skips that
+    combination with the rule as reason). ``needs="gpu"``: the case can only run where a GPU is
+    visible (a sweep skips it on a machine without one).
+    """
+
+    name: str
+    parameters: tuple[str, ...]
+    rule: str
+    check: Callable[[CaseConfig], bool]
+    needs: Literal["valid", "gpu"] = "valid"
+
+    def explain(self, case: CaseConfig) -> str:
+        """The rule with the values this case gave its parameters."""
+        values = ", ".join(f"{path}={_value_at(case, path)!r}" for path in self.parameters)
+        return f"{self.rule} ({values})"
+
+
+def _value_at(case: BaseModel, path: str) -> Any:
+    node: Any = case
+    for part in path.split("."):
+        node = getattr(node, part)
+    return node
+
+
+#: Every rule between parameters. The model enforces the ``valid`` ones; sweeps read all.
+CONSTRAINTS: tuple[Constraint, ...] = (
+    Constraint(
+        "min-within-max",
+        ("min_new_tokens", "max_new_tokens"),
+        "min_new_tokens must not exceed max_new_tokens",
+        lambda c: c.min_new_tokens is None or c.min_new_tokens <= c.max_new_tokens,
+    ),
+    Constraint(
+        "no-float16-on-cpu",
+        ("dtype", "device"),
+        "dtype=float16 is not supported on device=cpu (use bfloat16 or float32)",
+        lambda c: not (c.device == "cpu" and c.dtype == "float16"),
+    ),
+    Constraint(
+        "flash-attention-needs-cuda",
+        ("transformers.attn_implementation", "device"),
+        "transformers.attn_implementation=flash_attention_2 needs device=cuda",
+        lambda c: c.transformers.attn_implementation != "flash_attention_2" or c.device != "cpu",
+    ),
+    Constraint(
+        "cuda-needs-gpu",
+        ("device",),
+        "device=cuda needs a visible GPU",
+        lambda c: c.device != "cuda",
+        needs="gpu",
+    ),
+    Constraint(
+        "float16-needs-gpu",
+        ("dtype",),
+        "dtype=float16 runs only on a GPU",
+        lambda c: c.dtype != "float16",
+        needs="gpu",
+    ),
+    Constraint(
+        "flash-attention-needs-gpu",
+        ("transformers.attn_implementation",),
+        "transformers.attn_implementation=flash_attention_2 runs only on a GPU",
+        lambda c: c.transformers.attn_implementation != "flash_attention_2",
+        needs="gpu",
+    ),
+)
 
 
 def load_fields(model: type[BaseModel] = CaseConfig, prefix: str = "") -> list[str]:

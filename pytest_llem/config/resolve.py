@@ -135,13 +135,13 @@ def format_validation_error(error: ValidationError) -> str:
     """One readable line per problem: ``path: message (got value)``."""
     lines = []
     for item in error.errors(include_url=False):
-        path = ".".join(str(p) for p in item["loc"]) or "(case)"
+        path = ".".join(str(p) for p in item["loc"])
         message = item["msg"].removeprefix("Value error, ")
         if item["type"] == "extra_forbidden":
             message = "unknown parameter"
         got = item.get("input")
         shown = "" if isinstance(got, dict) else f" (got {got!r})"
-        lines.append(f"{path}: {message}{shown}")
+        lines.append(f"{path}: {message}{shown}" if path else message)
     return "; ".join(lines)
 
 

@@ -63,15 +63,17 @@ def summary_rows(record: RunRecord) -> list[list[str]]:
     return rows
 
 
-def format_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
-    """Left-aligned text columns for the first column, right-aligned numbers for the rest."""
+def format_table(
+    header: Sequence[str], rows: Sequence[Sequence[str]], *, left: int = 3
+) -> list[str]:
+    """Text columns: the first ``left`` left-aligned, the rest (numbers) right-aligned."""
     widths = [len(h) for h in header]
     for row in rows:
         widths = [max(w, len(cell)) for w, cell in zip(widths, row, strict=True)]
 
     def line(cells: Sequence[str]) -> str:
         parts = [
-            cell.ljust(w) if i < 3 else cell.rjust(w)
+            cell.ljust(w) if i < left else cell.rjust(w)
             for i, (cell, w) in enumerate(zip(cells, widths, strict=True))
         ]
         return "  ".join(parts).rstrip()

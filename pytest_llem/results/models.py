@@ -158,6 +158,9 @@ class CaseResult(_Record):
     )
     repetitions: list[RepetitionRecord] = Field(default_factory=list)
     load: LoadRecord | None = None
+    sweep: dict[str, Any] = Field(
+        default_factory=dict, description="This case's sweep values by parameter path."
+    )
     warmup: int = 0
     notes: list[str] = Field(default_factory=list)
 

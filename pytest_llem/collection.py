@@ -1,0 +1,154 @@
+"""What collection does with llem tests: read their markers, expand their sweeps, resolve every
+case once (so a bad parameter is a collection error naming the test) and order the items so
+that cases sharing a model load run together.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Mapping
+from typing import Any
+
+import pytest
+
+from pytest_llem.backends.base import load_key
+from pytest_llem.config.models import CaseConfig
+from pytest_llem.config.resolve import resolve_case, set_path
+from pytest_llem.exceptions import ConfigurationError, LlemError
+from pytest_llem.session import LlemSession
+from pytest_llem.sweep import SweepCase, expand, merge_axes
+
+__all__ = [
+    "MARKER",
+    "SWEEP_FIXTURE",
+    "SWEEP_MARKER",
+    "gpu_visible",
+    "marker_layers",
+    "order_by_load",
+    "resolve_for",
+    "sweep_cases",
+    "sweep_layer",
+]
+
+MARKER = "llem"
+SWEEP_MARKER = "llem_sweep"
+#: The fixture a sweep parametrizes: the combination's values by parameter path.
+SWEEP_FIXTURE = "llem_sweep_params"
+
+_LOAD_KEY = pytest.StashKey[object]()
+_GPU = pytest.StashKey[bool]()
+
+
+def _layers(node: Any, name: str) -> list[dict[str, Any]]:
+    layers = []
+    for marker in reversed(list(node.iter_markers(name))):
+        if marker.args:
+            raise ConfigurationError(
+                f"@pytest.mark.{name} takes keyword parameters only, got {marker.args!r}"
+            )
+        layers.append(dict(marker.kwargs))
+    return layers
+
+
+def marker_layers(node: Any) -> list[dict[str, Any]]:
+    """The ``llem`` markers' parameters on ``node``, farthest (module) first.
+
+    Raises:
+        ConfigurationError: a marker has positional arguments.
+    """
+    return _layers(node, MARKER)
+
+
+def sweep_layer(values: Mapping[str, Any]) -> dict[str, Any]:
+    """A sweep combination's values (by dotted path) as a nested settings layer."""
+    layer: dict[str, Any] = {}
+    for path, value in values.items():
+        set_path(layer, path, value)
+    return layer
+
+
+def resolve_for(
+    node: Any,
+    session: LlemSession,
+    overrides: Mapping[str, Any],
+    sweep: Mapping[str, Any] | None = None,
+) -> CaseConfig:
+    """Resolve a case. Precedence, lowest first: model defaults, ``llem`` markers, the sweep
+    combination, ``llem.run`` overrides, ini keys, the command line."""
+    options = session.options
+    layers = [
+        *marker_layers(node),
+        sweep_layer(sweep or {}),
+        dict(overrides),
+        options.ini_layer,
+        options.cli_layer,
+    ]
+    return resolve_case(layers, backends=options.backend_names)
+
+
+def gpu_visible(config: pytest.Config) -> bool:
+    """Whether NVML sees a GPU (asked once per session, only when a sweep needs to know)."""
+    if _GPU not in config.stash:
+        from pytest_llem.meters.nvml import nvml_gpus
+
+        config.stash[_GPU] = bool(nvml_gpus()[0])
+    return config.stash[_GPU]
+
+
+def sweep_cases(definition: pytest.Function, session: LlemSession) -> list[SweepCase]:
+    """The sweep combinations of a test (empty when it sweeps nothing), each resolved.
+
+    Raises:
+        LlemError: a marker or sweep names an unknown parameter or a value it cannot take, or
+            (without a sweep) the test's parameters do not resolve.
+    """
+    axes = merge_axes([*_layers(definition, SWEEP_MARKER), session.options.sweep_axes])
+    if not axes:
+        resolve_for(definition, session, {})
+        return []
+    return expand(
+        axes,
+        resolve=lambda values: resolve_for(definition, session, {}, values),
+        gpu_available=lambda: gpu_visible(definition.config),
+    )
+
+
+def _item_load_key(item: pytest.Item, session: LlemSession) -> object:
+    if _LOAD_KEY in item.stash:
+        return item.stash[_LOAD_KEY]
+    callspec = getattr(item, "callspec", None)
+    sweep = callspec.params.get(SWEEP_FIXTURE) if callspec is not None else None
+    try:
+        key: object = load_key(resolve_for(item, session, {}, sweep))
+    except LlemError:
+        key = None
+    item.stash[_LOAD_KEY] = key
+    return key
+
+
+def order_by_load(items: list[pytest.Item], session: LlemSession) -> list[pytest.Item]:
+    """Items reordered so that llem cases needing the same model load run together: each group
+    takes the place of its first case, other tests keep theirs. With a shuffle seed, the cases
+    of each group are shuffled (seeded, so the order can be reproduced)."""
+    groups: dict[str, list[pytest.Item]] = {}
+    for item in items:
+        if "llem" in getattr(item, "fixturenames", ()):
+            groups.setdefault(repr(_item_load_key(item, session)), []).append(item)
+    seed = session.options.shuffle_seed
+    if seed is None and len(groups) <= 1:
+        return items
+    if seed is not None:
+        rng = random.Random(seed)
+        for group in groups.values():
+            rng.shuffle(group)
+    ordered: list[pytest.Item] = []
+    emitted: set[str] = set()
+    for item in items:
+        if "llem" not in getattr(item, "fixturenames", ()):
+            ordered.append(item)
+            continue
+        key = repr(item.stash[_LOAD_KEY])
+        if key not in emitted:
+            emitted.add(key)
+            ordered.extend(groups[key])
+    return ordered

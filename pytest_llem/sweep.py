@@ -1,0 +1,146 @@
+"""Sweeps: turning ``@pytest.mark.llem_sweep(...)`` and ``--llem-sweep KEY=V1,V2`` into cases.
+
+Axes are parameter paths with a list of values (or ``"auto"`` for the values introspection
+derives from the models). Each value is checked on its own first (a bad one is an error naming
+it); then every combination of the cartesian product is resolved as a whole, and one that a
+declared constraint rules out becomes a skipped case whose reason names the rule.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from pytest_llem.config.introspection import case_id, constraints, parameter
+from pytest_llem.config.models import CaseConfig
+from pytest_llem.config.resolve import check_value, parse_value, set_path
+from pytest_llem.exceptions import ConfigurationError
+
+__all__ = [
+    "AUTO",
+    "SweepCase",
+    "expand",
+    "merge_axes",
+    "parse_sweep_option",
+]
+
+AUTO = "auto"
+
+
+@dataclass(frozen=True)
+class SweepCase:
+    """One combination of a sweep: its values by parameter path, its test id, and why it is
+    skipped (None when it runs)."""
+
+    values: dict[str, Any]
+    id: str
+    skip_reason: str | None = None
+
+    def layer(self) -> dict[str, Any]:
+        """The combination as a nested settings layer."""
+        tree: dict[str, Any] = {}
+        for path, value in self.values.items():
+            set_path(tree, path, value)
+        return tree
+
+
+def parse_sweep_option(text: str) -> tuple[str, list[Any]]:
+    """Parse ``KEY=V1,V2`` (or ``KEY=auto``) from ``--llem-sweep``.
+
+    Raises:
+        ConfigurationError: no ``=``, an unknown key, or no values.
+    """
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip() or not raw.strip():
+        raise ConfigurationError(
+            f"expected KEY=V1,V2 or KEY=auto, got {text!r} (for example batch_size=1,8,32)"
+        )
+    path = parameter(key.strip()).path
+    if raw.strip() == AUTO:
+        return path, [AUTO]
+    parsed = parse_value(raw)
+    if isinstance(parsed, list):
+        return path, parsed
+    return path, [parse_value(part) for part in raw.split(",")]
+
+
+def _axis_values(path: str, raw: Any) -> list[Any]:
+    param = parameter(path)
+    if raw == AUTO or raw == [AUTO]:
+        if not param.sweep_values:
+            raise ConfigurationError(
+                f"{param.path} has no automatic sweep values; list the values to sweep"
+            )
+        return list(param.sweep_values)
+    values = list(raw) if isinstance(raw, (list, tuple)) else [raw]
+    if not values:
+        raise ConfigurationError(f"{param.path}: a sweep axis needs at least one value")
+    for value in values:
+        check_value(param.path, value)
+    return list(dict.fromkeys(values)) if all(_hashable(v) for v in values) else values
+
+
+def _hashable(value: Any) -> bool:
+    try:
+        hash(value)
+    except TypeError:
+        return False
+    return True
+
+
+def merge_axes(layers: Sequence[Mapping[str, Any]]) -> dict[str, list[Any]]:
+    """Sweep axes from several sources, later ones replacing an axis of the same parameter;
+    keys are canonicalised (``temperature`` -> ``sampling.temperature``) and values checked.
+
+    Raises:
+        ConfigurationError: an unknown parameter, a value it cannot take, or ``auto`` for a
+            parameter without sweep values.
+    """
+    axes: dict[str, list[Any]] = {}
+    for layer in layers:
+        for key, raw in layer.items():
+            path = parameter(key).path
+            try:
+                values = _axis_values(path, raw)
+            except ConfigurationError as e:
+                raise ConfigurationError(f"sweep of {key}: {e}") from e
+            axes[path] = values  # a replaced axis keeps its place in the id
+    return axes
+
+
+def expand(
+    axes: Mapping[str, Sequence[Any]],
+    *,
+    resolve: Callable[[dict[str, Any]], CaseConfig],
+    gpu_available: Callable[[], bool],
+) -> list[SweepCase]:
+    """Every combination of ``axes``, each resolved with ``resolve`` (given the combination's
+    values by path; it adds the markers, ini and command line around them).
+
+    A combination the models reject becomes a skipped case whose reason is the rule it breaks;
+    one that needs a GPU on a machine without one is skipped likewise.
+    """
+    paths = list(axes)
+    cases = []
+    for combination in itertools.product(*(axes[path] for path in paths)):
+        values = dict(zip(paths, combination, strict=True))
+        case = SweepCase(values=values, id=case_id(values, paths))
+        cases.append(_with_skip(case, resolve, gpu_available))
+    return cases
+
+
+def _with_skip(
+    case: SweepCase,
+    resolve: Callable[[dict[str, Any]], CaseConfig],
+    gpu_available: Callable[[], bool],
+) -> SweepCase:
+    try:
+        config = resolve(case.values)
+    except ConfigurationError as e:
+        return SweepCase(case.values, case.id, f"invalid combination: {e}")
+    for rule in constraints(needs="gpu"):
+        if not rule.check(config) and not gpu_available():
+            return SweepCase(case.values, case.id, f"{rule.explain(config)}; no GPU is visible")
+    return case

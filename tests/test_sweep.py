@@ -1,0 +1,260 @@
+"""Sweeps through pytest: the llem_sweep marker, --llem-sweep, pruning, model reuse, order."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+pytest_plugins = ["pytester"]
+
+QUICK = ["--llem-warmup=0", "--llem-repeat=1", "--llem-meter=none", "-p", "no:cacheprovider"]
+
+GRID = """
+import pytest
+
+@pytest.mark.llem(num_prompts=2, min_new_tokens=2)
+@pytest.mark.llem_sweep(batch_size=[1, 2, 4], max_new_tokens=[4, 8])
+def test_grid(llem):
+    result = llem.run()
+    assert result.repetitions[0].output_tokens == 2 * result.params["max_new_tokens"]
+"""
+
+
+def _cases(pytester: pytest.Pytester) -> list[dict]:
+    record = json.loads((pytester.path / "reports" / "llem-report.json").read_text())
+    return record["cases"]
+
+
+def test_six_cases_readable_ids_one_load(pytester: pytest.Pytester, tiny_model: Path):
+    pytester.makepyfile(GRID)
+    result = pytester.runpytest(*QUICK, "-v")
+    result.assert_outcomes(passed=6)
+    result.stdout.fnmatch_lines(
+        [
+            "*test_grid?bs1-out4? PASSED*",
+            "*test_grid?bs1-out8? PASSED*",
+            "*test_grid?bs2-out4? PASSED*",
+            "*test_grid?bs4-out8? PASSED*",
+        ]
+    )
+    cases = _cases(pytester)
+    assert [c["sweep"] for c in cases][:2] == [
+        {"batch_size": 1, "max_new_tokens": 4},
+        {"batch_size": 1, "max_new_tokens": 8},
+    ]
+    assert [c["params"]["batch_size"] for c in cases] == [1, 1, 2, 2, 4, 4]
+    assert [c["load"]["reused"] for c in cases] == [False] + [True] * 5
+
+
+def test_a_combination_a_rule_forbids_is_skipped_naming_it(
+    pytester: pytest.Pytester, tiny_model: Path
+):
+    pytester.makepyfile(
+        """
+        import pytest
+
+        @pytest.mark.llem(num_prompts=1)
+        @pytest.mark.llem_sweep(max_new_tokens=[4, 8], min_new_tokens=[8])
+        def test_lengths(llem):
+            llem.run()
+        """
+    )
+    result = pytester.runpytest(*QUICK, "-rs")
+    result.assert_outcomes(passed=1, skipped=1)
+    result.stdout.fnmatch_lines(["SKIPPED*invalid combination: min_new_tokens must not exceed*"])
+    (case,) = _cases(pytester)
+    assert case["params"]["max_new_tokens"] == 8
+
+
+def test_auto_takes_the_introspected_values(pytester: pytest.Pytester, tiny_model: Path):
+    pytester.makepyfile(
+        """
+        import pytest
+
+        @pytest.mark.llem(num_prompts=1, max_new_tokens=2)
+        @pytest.mark.llem_sweep(sampling="auto")
+        def test_presets(llem):
+            llem.run()
+        """
+    )
+    result = pytester.runpytest(*QUICK, "-v")
+    result.assert_outcomes(passed=3)
+    result.stdout.fnmatch_lines(
+        ["*test_presets?deterministic?*", "*test_presets?standard?*", "*test_presets?creative?*"]
+    )
+
+
+def test_a_gpu_only_value_is_skipped_without_a_gpu(
+    pytester: pytest.Pytester, tiny_model: Path, monkeypatch: pytest.MonkeyPatch
+):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # whatever this machine has, hide it
+    pytester.makepyfile(
+        """
+        import pytest
+
+        @pytest.mark.llem(num_prompts=1, max_new_tokens=2)
+        @pytest.mark.llem_sweep(dtype=["float32", "float16"])
+        def test_dtypes(llem):
+            llem.run()
+        """
+    )
+    result = pytester.runpytest(*QUICK, "-rs")
+    result.assert_outcomes(passed=1, skipped=1)
+    result.stdout.fnmatch_lines(["SKIPPED*dtype=float16 runs only on a GPU*no GPU is visible*"])
+
+
+@pytest.mark.parametrize(
+    ("marker", "message"),
+    [
+        ("batch_sz=[1, 2]", "*test_bad*unknown parameter 'batch_sz'*batch_size*"),
+        ("batch_size=[1, 0]", "*test_bad*batch_size=0*greater than or equal to 1*"),
+        ("dtype=['float32', 'fp8']", "*test_bad*dtype='fp8'*"),
+        ("model='auto'", "*test_bad*model has no automatic sweep values*"),
+        ("batch_size=[]", "*test_bad*at least one value*"),
+    ],
+)
+def test_bad_sweeps_are_collection_errors_naming_the_test(
+    pytester: pytest.Pytester, marker: str, message: str
+):
+    pytester.makepyfile(
+        f"""
+        import pytest
+
+        @pytest.mark.llem_sweep({marker})
+        def test_bad(llem):
+            llem.run()
+        """
+    )
+    result = pytester.runpytest()
+    assert result.ret == pytest.ExitCode.INTERRUPTED
+    result.stdout.fnmatch_lines(["*ERROR collecting*", message])
+
+
+def test_command_line_sweep_adds_and_replaces_axes(pytester: pytest.Pytester, tiny_model: Path):
+    pytester.makepyfile(GRID)
+    result = pytester.runpytest(*QUICK, "-v", "--llem-sweep", "batch_size=3")
+    result.assert_outcomes(passed=2)
+    result.stdout.fnmatch_lines(["*test_grid?bs3-out4?*", "*test_grid?bs3-out8?*"])
+
+    pytester.makepyfile(
+        test_plain="""
+        import pytest
+
+        @pytest.mark.llem(num_prompts=1, max_new_tokens=2)
+        def test_one(llem):
+            llem.run()
+        """
+    )
+    result = pytester.runpytest(*QUICK, "-v", "test_plain.py", "--llem-sweep=seed=1,2")
+    result.assert_outcomes(passed=2)
+    result.stdout.fnmatch_lines(["*test_one?seed1?*", "*test_one?seed2?*"])
+
+
+@pytest.mark.parametrize(
+    ("option", "message"),
+    [
+        ("--llem-sweep=batch_sz=1,2", "*--llem-sweep batch_sz=1,2*unknown parameter 'batch_sz'*"),
+        ("--llem-sweep=batch_size", "*expected KEY=V1,V2*"),
+        ("--llem-sweep=batch_size=1,zero", "*batch_size='zero'*valid integer*"),
+        ("--llem-backend=transformers,nope", "*unknown backend 'nope'*"),
+        ("--llem-shuffle=x", "*--llem-shuffle*integer*"),
+    ],
+)
+def test_bad_sweep_options_are_usage_errors(pytester: pytest.Pytester, option, message):
+    pytester.makepyfile(GRID)
+    result = pytester.runpytest(option)
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines([message])
+
+
+def test_sweeping_engines_from_the_backend_option(pytester: pytest.Pytester, tiny_model: Path):
+    pytester.makeconftest(
+        """
+        from tests.fakes.fake_backend import FakeBackend, FakeClock
+
+        def pytest_llem_backend_names():
+            return ["scripted"]
+
+        def pytest_llem_make_backend(name, case, progress):
+            return FakeBackend(FakeClock()) if name == "scripted" else None
+        """
+    )
+    pytester.makepyfile(
+        """
+        import pytest
+
+        @pytest.mark.llem(num_prompts=2, max_new_tokens=2, min_new_tokens=2)
+        def test_engines(llem):
+            llem.run()
+        """
+    )
+    result = pytester.runpytest(*QUICK, "-v", "--llem-backend=transformers,scripted")
+    result.assert_outcomes(passed=2)
+    result.stdout.fnmatch_lines(["*test_engines?transformers?*", "*test_engines?scripted?*"])
+    assert {c["backend"] for c in _cases(pytester)} == {"transformers", "scripted"}
+
+
+def test_cases_sharing_a_load_run_together(pytester: pytest.Pytester, tiny_model: Path):
+    pytester.makepyfile(
+        """
+        import pytest
+
+        @pytest.mark.llem(num_prompts=1, max_new_tokens=2)
+        @pytest.mark.llem_sweep(batch_size=[1, 2], dtype=["float32", "bfloat16"])
+        def test_interleaved(llem):
+            llem.run()
+        """
+    )
+    result = pytester.runpytest(*QUICK)
+    result.assert_outcomes(passed=4)
+    cases = _cases(pytester)
+    assert [c["params"]["dtype"] for c in cases] == ["float32", "float32", "bfloat16", "bfloat16"]
+    assert [c["load"]["reused"] for c in cases] == [False, True, False, True]
+
+
+def test_shuffle_is_seeded_recorded_and_stays_within_load_groups(
+    pytester: pytest.Pytester, tiny_model: Path
+):
+    pytester.makepyfile(
+        """
+        import pytest
+
+        @pytest.mark.llem(num_prompts=1, max_new_tokens=1, repeat=1, warmup=0)
+        @pytest.mark.llem_sweep(seed=[0, 1, 2, 3, 4, 5], dtype=["float32", "bfloat16"])
+        def test_many(llem):
+            pass
+        """
+    )
+
+    def order(*args: str) -> list[str]:
+        result = pytester.runpytest("--collect-only", "-q", *args)
+        return [line for line in result.outlines if "::" in line]
+
+    plain = order()
+    first, second, other = (
+        order("--llem-shuffle=7"),
+        order("--llem-shuffle=7"),
+        order("--llem-shuffle=8"),
+    )
+    assert first == second != plain
+    assert other != first
+    assert sorted(first) == sorted(plain)
+    groups = ["bfloat16" in line for line in first]
+    assert groups == sorted(groups)  # every float32 case before every bfloat16 one
+
+    pytester.makepyfile(
+        test_run="""
+        import pytest
+
+        @pytest.mark.llem(num_prompts=1, max_new_tokens=1)
+        def test_one(llem):
+            llem.run()
+    """
+    )
+    pytester.runpytest(*QUICK, "test_run.py", "--llem-shuffle").assert_outcomes(passed=1)
+    record = json.loads((pytester.path / "reports" / "llem-report.json").read_text())
+    assert isinstance(record["options"]["shuffle_seed"], int)
