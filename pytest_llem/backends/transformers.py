@@ -17,8 +17,7 @@ import os
 import re
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +31,7 @@ from pytest_llem.backends.base import (
     TokenCallback,
 )
 from pytest_llem.config.models import CaseConfig
-from pytest_llem.data.tiny_model import TINY_MODEL_NAME, ensure_tiny_model
+from pytest_llem.data.tiny_model import TINY_MODEL_NAME, ensure_tiny_model, quiet_progress_bars
 from pytest_llem.exceptions import (
     BackendConfigError,
     BackendInferenceError,
@@ -243,7 +242,7 @@ class TransformersBackend:
         if options.attn_implementation != "auto":
             kwargs["attn_implementation"] = options.attn_implementation
         try:
-            with _progress_bars_off():
+            with quiet_progress_bars():
                 model = transformers.AutoModelForCausalLM.from_pretrained(source, **kwargs)
             model.to(device)
         except Exception as e:
@@ -485,19 +484,6 @@ def _import_engine() -> tuple[Any, Any]:
     except ImportError as e:
         raise BackendNotAvailableError(_NAME, _INSTALL_HINT) from e
     return torch, transformers
-
-
-@contextmanager
-def _progress_bars_off() -> Iterator[None]:
-    # The backend reports progress itself; transformers' tqdm bars would only add noise.
-    hf_logging: Any = importlib.import_module("transformers.utils.logging")
-    was_enabled = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            hf_logging.enable_progress_bar()
 
 
 def _first_line(error: BaseException) -> str:

@@ -28,6 +28,7 @@ __all__ = [
     "build_tiny_model",
     "cache_root",
     "ensure_tiny_model",
+    "quiet_progress_bars",
     "tiny_model_path",
 ]
 
@@ -134,7 +135,7 @@ def build_tiny_model(target: Path) -> None:
             tie_word_embeddings=False,
         )
         model = _seeded_model(torch, LlamaForCausalLM, config)
-        with _progress_bars_off():
+        with quiet_progress_bars():
             model.save_pretrained(target)
         tokenizer.save_pretrained(target)
         _portable_tokenizer_class(target)
@@ -156,8 +157,8 @@ def _seeded_model(torch: Any, model_class: Any, config: Any) -> Any:
 
 
 @contextmanager
-def _progress_bars_off() -> Iterator[None]:
-    # transformers draws tqdm bars on save and load; ensure_tiny_model reports progress itself.
+def quiet_progress_bars() -> Iterator[None]:
+    """Turn transformers' tqdm bars off for a block: pytest-llem reports progress itself."""
     hf_logging: Any = importlib.import_module("transformers.utils.logging")
     was_enabled = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
