@@ -23,6 +23,8 @@ __all__ = [
     "CaseConfig",
     "Constraint",
     "SamplingConfig",
+    "SloConfig",
+    "TrafficConfig",
     "TransformersConfig",
     "load_fields",
 ]
@@ -155,6 +157,81 @@ class TransformersConfig(_Strict):
     )
 
 
+class TrafficConfig(_Strict):
+    """Arrivals of the ``server`` scenario (``traffic.*``): an open loop on a seeded schedule."""
+
+    arrival: Literal["poisson", "constant", "gamma"] = Field(
+        default="poisson",
+        description="Inter-arrival distribution: poisson (exponential gaps), constant, gamma.",
+        json_schema_extra=_meta(short="arrival"),
+    )
+    rate: float = Field(
+        default=4.0,
+        gt=0.0,
+        le=100_000.0,
+        description="Target arrival rate in requests per second.",
+        json_schema_extra=_meta(sweep=[1.0, 4.0, 16.0], short="rate"),
+    )
+    burstiness: float = Field(
+        default=1.0,
+        gt=0.0,
+        le=1000.0,
+        description="Gamma shape of the inter-arrival gaps (1 is Poisson; below 1 is burstier).",
+        json_schema_extra=_meta(sweep=[0.5, 1.0, 2.0], short="burst"),
+    )
+    num_requests: int | None = Field(
+        default=None,
+        ge=1,
+        le=10_000_000,
+        description="Requests per repetition (default: num_prompts, unless duration_s is set).",
+        json_schema_extra=_meta(sweep=[16, 64, 256], short="reqs"),
+    )
+    duration_s: float | None = Field(
+        default=None,
+        gt=0.0,
+        le=86_400.0,
+        description="Arrivals are scheduled over this many seconds instead of a request count.",
+        json_schema_extra=_meta(sweep=[10.0, 60.0], short="dur"),
+    )
+    max_concurrency: int | None = Field(
+        default=None,
+        ge=1,
+        le=1_000_000,
+        description="Most requests in flight at once (arrived and not finished); none: no limit.",
+        json_schema_extra=_meta(sweep=[1, 8, 64], short="conc"),
+    )
+    seed: int = Field(
+        default=0,
+        ge=0,
+        le=2**32 - 1,
+        description="Seed of the arrival schedule.",
+        json_schema_extra=_meta(sweep=[0, 1, 2], short="tseed"),
+    )
+
+
+class SloConfig(_Strict):
+    """Service-level bounds (``slo.*``); a request is good when it meets every bound set."""
+
+    ttft_ms: float | None = Field(
+        default=None,
+        gt=0.0,
+        description="Most time to first token, in ms.",
+        json_schema_extra=_meta(sweep=[200.0, 1000.0, 5000.0], short="slo_ttft"),
+    )
+    tpot_ms: float | None = Field(
+        default=None,
+        gt=0.0,
+        description="Most time per output token after the first, in ms.",
+        json_schema_extra=_meta(sweep=[20.0, 50.0, 200.0], short="slo_tpot"),
+    )
+    e2e_ms: float | None = Field(
+        default=None,
+        gt=0.0,
+        description="Most end-to-end latency, in ms.",
+        json_schema_extra=_meta(sweep=[1000.0, 10000.0, 60000.0], short="slo_e2e"),
+    )
+
+
 class CaseConfig(_Strict):
     """Everything that defines one benchmark case.
 
@@ -222,7 +299,32 @@ class CaseConfig(_Strict):
     prompts: str = Field(
         default="default",
         min_length=1,
-        description='A built-in prompt set name, or a path to a .jsonl file of {"prompt": ...}.',
+        description='A built-in prompt set name, a .jsonl file of {"prompt": ...} lines, a '
+        "ShareGPT-style .json file, 'synthetic' (see input_tokens), or 'hf:ORG/NAME' (or "
+        "'hf:PATH' of a dataset saved to disk).",
+    )
+    input_tokens: int | None = Field(
+        default=None,
+        ge=1,
+        le=1_048_576,
+        description="Exact prompt length in tokens for prompts='synthetic'.",
+        json_schema_extra=_meta(sweep=[128, 512, 2048], short="isl"),
+    )
+    prompt_split: str = Field(
+        default="train",
+        min_length=1,
+        description="Dataset split for prompts='hf:ORG/NAME' (or a dataset saved to disk).",
+    )
+    prompt_column: str | None = Field(
+        default=None,
+        min_length=1,
+        description="Dataset column holding the prompt (default: the first of prompt, text, "
+        "question, instruction, conversations).",
+    )
+    prompt_overflow: Literal["truncate", "filter"] = Field(
+        default="truncate",
+        description="Prompts longer than max_input_tokens are truncated, or filtered out.",
+        json_schema_extra=_meta(short="overflow"),
     )
     sampling: SamplingConfig = Field(
         default_factory=SamplingConfig,  # type: ignore[arg-type]
@@ -248,6 +350,20 @@ class CaseConfig(_Strict):
         le=10_000,
         description="Measured repetitions (one window each).",
         json_schema_extra=_meta(sweep=[3, 5, 10], short="rep"),
+    )
+    scenario: Literal["offline", "single_stream", "server"] = Field(
+        default="offline",
+        description="How requests are issued: offline (all at once, in batches of batch_size), "
+        "single_stream (one at a time), server (arrivals on a schedule, see traffic).",
+        json_schema_extra=_meta(sweep=["offline", "single_stream", "server"]),
+    )
+    traffic: TrafficConfig = Field(
+        default_factory=TrafficConfig,  # type: ignore[arg-type]
+        description="Arrival schedule of the server scenario.",
+    )
+    slo: SloConfig = Field(
+        default_factory=SloConfig,  # type: ignore[arg-type]
+        description="Service-level bounds for goodput and energy per good request.",
     )
     transformers: TransformersConfig = Field(
         default_factory=TransformersConfig,  # type: ignore[arg-type]
@@ -339,6 +455,30 @@ CONSTRAINTS: tuple[Constraint, ...] = (
         ("transformers.attn_implementation", "device"),
         "transformers.attn_implementation=flash_attention_2 needs device=cuda",
         lambda c: c.transformers.attn_implementation != "flash_attention_2" or c.device != "cpu",
+    ),
+    Constraint(
+        "single-stream-is-one-at-a-time",
+        ("scenario", "batch_size"),
+        "scenario=single_stream issues one request at a time, so batch_size must be 1",
+        lambda c: c.scenario != "single_stream" or c.batch_size == 1,
+    ),
+    Constraint(
+        "poisson-has-burstiness-1",
+        ("traffic.arrival", "traffic.burstiness"),
+        "traffic.arrival=poisson has burstiness 1 (use arrival=gamma for other shapes)",
+        lambda c: c.traffic.arrival != "poisson" or c.traffic.burstiness == 1.0,
+    ),
+    Constraint(
+        "requests-or-duration",
+        ("traffic.num_requests", "traffic.duration_s"),
+        "set traffic.num_requests or traffic.duration_s, not both",
+        lambda c: c.traffic.num_requests is None or c.traffic.duration_s is None,
+    ),
+    Constraint(
+        "synthetic-needs-input-tokens",
+        ("prompts", "input_tokens"),
+        "input_tokens is set exactly when prompts='synthetic'",
+        lambda c: (c.prompts == "synthetic") == (c.input_tokens is not None),
     ),
     Constraint(
         "cuda-needs-gpu",
