@@ -230,7 +230,7 @@ def test_window_values_by_hand() -> None:
         "flops_estimate": 56_000.0,  # 2 * 1000 params * (20 + 8) tokens
     }
     assert set(v) == set(expected)
-    assert set(v) == set(METRIC_UNITS)
+    assert set(v) <= set(METRIC_UNITS)  # every figure has a unit
     for name, want in expected.items():
         assert v[name] == (None if want is None else pytest.approx(want)), name
 

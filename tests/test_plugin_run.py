@@ -205,9 +205,11 @@ def test_jsonl_prompts_file(pytester: pytest.Pytester, tiny_model):
 def test_shipped_suites_run_end_to_end(pytester: pytest.Pytester, tiny_model):
     suites = Path(__file__).resolve().parent.parent / "suites"
     result = pytester.runpytest(str(suites), *QUICK, "--llem-repeat=1")
-    result.assert_outcomes(passed=4)
+    result.assert_outcomes(passed=6)
     record = _record(pytester)
-    assert len(record["cases"]) == 4
+    assert len(record["cases"]) == 6
+    scenarios = {case["params"]["scenario"] for case in record["cases"]}
+    assert scenarios == {"offline", "single_stream", "server"}
 
 
 @pytest.mark.parametrize("attempt", [1, 2])
@@ -243,3 +245,34 @@ def test_hub_model_not_cached_while_offline_fails_clearly(
     result = pytester.runpytest(*QUICK, "--llem-model=someorg/not-a-model")
     result.assert_outcomes(failed=1)
     result.stdout.fnmatch_lines(["*ModelLoadError*someorg/not-a-model*HF_HUB_OFFLINE*"])
+
+
+def test_server_case_records_goodput_latency_and_achieved_rate(
+    pytester: pytest.Pytester, tiny_model
+):
+    pytester.makepyfile(
+        """
+        import pytest
+
+        @pytest.mark.llem(
+            scenario="server",
+            traffic={"arrival": "poisson", "rate": 8, "num_requests": 32, "seed": 1},
+            slo={"ttft_ms": 2000},
+            max_new_tokens=4,
+        )
+        def test_server(llem):
+            llem.run()
+        """
+    )
+    pytester.runpytest(*QUICK, "--llem-repeat=1").assert_outcomes(passed=1)
+    (case,) = _record(pytester)["cases"]
+    metrics = case["metrics"]
+    for name in ("goodput_rps", "ttft_ms.p50", "itl_ms.p50", "tpot_ms.p50", "e2e_ms.p99"):
+        assert metrics[name]["n"] == 1, name
+    assert metrics["goodput_rps"]["unit"] == "requests/s"
+    assert case["latency"]["ttft_ms"]["max"] <= case["latency"]["e2e_ms"]["max"]
+    (rep,) = case["repetitions"]
+    assert rep["requests"] == 32
+    assert rep["server"]["target_rate_rps"] == 8
+    assert rep["server"]["achieved_rate_rps"] > 0
+    assert metrics["achieved_rate_rps"]["median"] == rep["server"]["achieved_rate_rps"]

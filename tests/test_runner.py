@@ -265,14 +265,14 @@ def test_no_prompts_and_unknown_scenario_are_configuration_errors() -> None:
     case = CaseConfig.model_validate({})
     with pytest.raises(ConfigurationError, match="at least one prompt"):
         run_case(backend=rig.backend, meters=[], config=case, prompts=[], clock=rig.clock)
-    with pytest.raises(ConfigurationError, match="unknown scenario 'server'"):
+    with pytest.raises(ConfigurationError, match="unknown scenario 'batch'"):
         run_case(
             backend=rig.backend,
             meters=[],
             config=case,
             prompts=PROMPTS,
             clock=rig.clock,
-            scenario="server",
+            scenario="batch",
         )
 
 

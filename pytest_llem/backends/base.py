@@ -22,6 +22,7 @@ __all__ = [
     "MemoryUsage",
     "Request",
     "TokenCallback",
+    "Vocabulary",
     "load_key",
 ]
 
@@ -31,10 +32,28 @@ TokenCallback = Callable[[int, int, float], None]
 
 @dataclass(frozen=True)
 class Request:
-    """One prompt to complete. ``index`` is its position in the workload."""
+    """One prompt to complete. ``index`` is its position in the workload.
+
+    When ``token_ids`` is set, the backend feeds exactly these ids as the prompt (truncated to
+    ``max_input_tokens`` like a text prompt) and ``prompt`` is only a description of them.
+    """
 
     index: int
     prompt: str
+    token_ids: tuple[int, ...] | None = None
+
+
+@dataclass(frozen=True)
+class Vocabulary:
+    """The token ids a loaded model accepts as input.
+
+    Attributes:
+        size: Ids ``0 .. size - 1`` are valid inputs of both the tokenizer and the model.
+        special_ids: Ids of special tokens (padding, begin and end of sequence, ...).
+    """
+
+    size: int
+    special_ids: frozenset[int]
 
 
 @dataclass(frozen=True)
@@ -136,6 +155,18 @@ class Backend(Protocol):
         on_token: TokenCallback | None = None,
     ) -> list[Generation]:
         """Complete ``requests`` as one batch; one Generation per request, in order."""
+        ...
+
+    def count_tokens(self, texts: Sequence[str]) -> list[int]:
+        """Prompt tokens of each text as ``generate`` would count them, before truncation.
+
+        Counted by the model's own tokenizer, special tokens it adds (such as BOS) included.
+        Only valid after :meth:`load`.
+        """
+        ...
+
+    def vocabulary(self) -> Vocabulary:
+        """The ids the loaded model accepts; only valid after :meth:`load`."""
         ...
 
     def synchronize(self) -> None:

@@ -29,6 +29,7 @@ from pytest_llem.backends.base import (
     MemoryUsage,
     Request,
     TokenCallback,
+    Vocabulary,
 )
 from pytest_llem.config.models import CaseConfig
 from pytest_llem.data.tiny_model import TINY_MODEL_NAME, ensure_tiny_model, quiet_progress_bars
@@ -84,6 +85,7 @@ class TransformersBackend:
         self._tokenizer: Any = None
         self._device = "cpu"
         self._info: BackendInfo | None = None
+        self._vocabulary: Vocabulary | None = None
         self._rss_interval = False
 
     # -- loading -------------------------------------------------------------------------------
@@ -270,7 +272,8 @@ class TransformersBackend:
         """Complete ``requests`` as one left-padded batch.
 
         Args:
-            requests: The prompts of the batch.
+            requests: The prompts of the batch: texts, or token ids (``Request.token_ids``);
+                a batch may mix both. Both are truncated to ``params.max_input_tokens``.
             params: Output lengths, input truncation, sampling, seed and cache settings.
             on_token: Called as ``on_token(request.index, token_id, time)`` for every output
                 token, as soon as its decoding step finishes.
@@ -280,7 +283,8 @@ class TransformersBackend:
             end-of-sequence token; the padding ``generate`` puts after it is dropped.
 
         Raises:
-            BackendInferenceError: the backend is not loaded or ``generate`` failed.
+            BackendInferenceError: the backend is not loaded, a request's ``token_ids`` are
+                empty or outside the vocabulary, or ``generate`` failed.
             RetryableError: the device ran out of memory.
         """
         if self._model is None:
@@ -288,17 +292,9 @@ class TransformersBackend:
         if not requests:
             return []
         torch, model, tokenizer = self._torch, self._model, self._tokenizer
-        try:
-            batch = tokenizer(
-                [request.prompt for request in requests],
-                return_tensors="pt",
-                padding=True,
-                truncation=params.max_input_tokens is not None,
-                max_length=params.max_input_tokens,
-            ).to(self._device)
-        except Exception as e:
-            raise BackendInferenceError(f"{_NAME}: tokenizing the batch failed: {e}") from e
-        input_tokens = [int(n) for n in batch["attention_mask"].sum(dim=1).tolist()]
+        rows = self._prompt_ids(requests, max_input_tokens=params.max_input_tokens)
+        input_tokens = [len(ids) for ids in rows]
+        batch = self._left_padded(rows)
         generation_config = self._generation_config(params)
         stop_ids = _as_id_set(generation_config.eos_token_id)
         clock = _TokenClock(
@@ -339,6 +335,111 @@ class TransformersBackend:
                 )
             )
         return results
+
+    def _prompt_ids(
+        self, requests: Sequence[Request], *, max_input_tokens: int | None
+    ) -> list[list[int]]:
+        """Each request's prompt ids, truncated on the tokenizer's side to ``max_input_tokens``.
+
+        Text prompts are tokenised in one call; requests that carry ``token_ids`` keep them.
+        """
+        tokenizer = self._tokenizer
+        texts = [request.prompt for request in requests if request.token_ids is None]
+        encoded: list[list[int]] = []
+        if texts:
+            try:
+                encoded = tokenizer(
+                    texts,
+                    truncation=max_input_tokens is not None,
+                    max_length=max_input_tokens,
+                    verbose=False,
+                )["input_ids"]
+            except Exception as e:
+                raise BackendInferenceError(f"{_NAME}: tokenizing the batch failed: {e}") from e
+        encoded_rows = iter(encoded)
+        size = self.vocabulary().size
+        rows: list[list[int]] = []
+        for request in requests:
+            if request.token_ids is None:
+                rows.append([int(token) for token in next(encoded_rows)])
+                continue
+            ids = list(request.token_ids)
+            if not ids:
+                raise BackendInferenceError(
+                    f"{_NAME}: request {request.index} has an empty token_ids prompt"
+                )
+            if any(not 0 <= token < size for token in ids):
+                # An out-of-range id would fail deep inside the embedding (a device assert on
+                # CUDA, which poisons the context), so it is refused here.
+                raise BackendInferenceError(
+                    f"{_NAME}: request {request.index} has token ids outside the vocabulary "
+                    f"(0..{size - 1})"
+                )
+            if max_input_tokens is not None and len(ids) > max_input_tokens:
+                left = tokenizer.truncation_side == "left"
+                ids = ids[-max_input_tokens:] if left else ids[:max_input_tokens]
+            rows.append(ids)
+        return rows
+
+    def _left_padded(self, rows: list[list[int]]) -> dict[str, Any]:
+        """``input_ids`` and ``attention_mask`` tensors of a left-padded batch on the device."""
+        torch = self._torch
+        width = max(len(ids) for ids in rows)
+        pad = int(self._tokenizer.pad_token_id)
+        input_ids = [[pad] * (width - len(ids)) + ids for ids in rows]
+        mask = [[0] * (width - len(ids)) + [1] * len(ids) for ids in rows]
+        return {
+            "input_ids": torch.tensor(input_ids, dtype=torch.long, device=self._device),
+            "attention_mask": torch.tensor(mask, dtype=torch.long, device=self._device),
+        }
+
+    # -- tokens ----------------------------------------------------------------------------------
+
+    def count_tokens(self, texts: Sequence[str]) -> list[int]:
+        """Prompt tokens of each text by the model's tokenizer, before any truncation.
+
+        Args:
+            texts: The prompts.
+
+        Returns:
+            One count per text, special tokens the tokenizer adds (such as BOS) included: what
+            ``generate`` reports as ``input_tokens`` when no truncation applies.
+
+        Raises:
+            BackendInferenceError: the backend is not loaded or the tokenizer failed.
+        """
+        if self._tokenizer is None:
+            raise BackendInferenceError(f"{_NAME}: count_tokens() called before load()")
+        if not texts:
+            return []
+        try:
+            encoded = self._tokenizer(list(texts), verbose=False)["input_ids"]
+        except Exception as e:
+            raise BackendInferenceError(f"{_NAME}: tokenizing failed: {e}") from e
+        return [len(ids) for ids in encoded]
+
+    def vocabulary(self) -> Vocabulary:
+        """The ids both the tokenizer and the model's embedding accept, and the special ones.
+
+        Raises:
+            BackendInferenceError: the backend is not loaded.
+        """
+        if self._tokenizer is None or self._model is None:
+            raise BackendInferenceError(f"{_NAME}: vocabulary() called before load()")
+        if self._vocabulary is None:
+            tokenizer = self._tokenizer
+            rows = int(self._model.get_input_embeddings().weight.shape[0])
+            special = {int(token) for token in tokenizer.all_special_ids}
+            special.update(
+                int(token)
+                for token, added in tokenizer.added_tokens_decoder.items()
+                if getattr(added, "special", False)
+            )
+            size = min(len(tokenizer), rows)
+            self._vocabulary = Vocabulary(
+                size=size, special_ids=frozenset(t for t in special if 0 <= t < size)
+            )
+        return self._vocabulary
 
     def _generation_config(self, params: GenerateParams) -> Any:
         """The model's own generation settings, overridden by the case's."""
@@ -409,6 +510,7 @@ class TransformersBackend:
         self._model = None
         self._tokenizer = None
         self._info = None
+        self._vocabulary = None
         gc.collect()
         if self._device == "cuda" and self._torch is not None:
             self._torch.cuda.empty_cache()

@@ -24,12 +24,14 @@ __all__ = [
     "LATENCY_METRICS",
     "LATENCY_STATISTICS",
     "METRIC_UNITS",
+    "SLO_ENERGY_METRICS",
     "RequestLatency",
     "WindowEnergy",
     "combine_energy",
     "latency_values",
     "metric_source",
     "request_latency",
+    "slo_values",
     "window_values",
 ]
 
@@ -77,7 +79,22 @@ METRIC_UNITS: dict[str, str] = {
     **{f"{name}.{stat}": "ms" for name in LATENCY_METRICS for stat in LATENCY_STATISTICS},
     "peak_memory_mb": "MB",
     "flops_estimate": "FLOP",
+    "goodput_rps": "requests/s",
+    "energy_per_good_request_j": "J/request",
+    "slo_met_fraction": "fraction",
+    "slo_ttft_ms_met_fraction": "fraction",
+    "slo_tpot_ms_met_fraction": "fraction",
+    "slo_e2e_ms_met_fraction": "fraction",
+    "target_rate_rps": "requests/s",
+    "achieved_rate_rps": "requests/s",
+    "mean_concurrency": "requests",
+    "peak_concurrency": "requests",
+    "queue_wait_ms.mean": "ms",
+    "queue_wait_ms.p99": "ms",
 }
+
+#: Energy metrics that depend on the SLO as well (their source follows the meters').
+SLO_ENERGY_METRICS: tuple[str, ...] = ("energy_per_good_request_j",)
 
 
 @dataclass(frozen=True)
@@ -335,9 +352,62 @@ def metric_source(name: str, energy_sources: Mapping[str, str]) -> str:
     """
     if name in DOMAIN_ENERGY_METRICS:
         return energy_sources.get(DOMAIN_ENERGY_METRICS[name], "measured")
-    if name in ENERGY_METRICS:
+    if name in ENERGY_METRICS or name in SLO_ENERGY_METRICS:
         measured = all(source == "measured" for source in energy_sources.values())
         return "measured" if measured else "estimated"
     if name == "flops_estimate":
         return "estimated"
     return "measured"
+
+
+def _meets(value: float | None, bound: float | None, *, missing_ok: bool) -> bool:
+    if bound is None:
+        return True
+    if value is None:
+        return missing_ok
+    return value <= bound
+
+
+def slo_values(
+    latencies: Sequence[RequestLatency],
+    *,
+    ttft_ms: float | None,
+    tpot_ms: float | None,
+    e2e_ms: float | None,
+    duration_s: float,
+    energy_j: float | None,
+) -> dict[str, float | None]:
+    """Service-level figures of one window (empty when no bound is set).
+
+    A request is good when it meets every bound that is set. A request with no output token has
+    no TTFT or E2E and is never good; one with fewer than 2 output tokens has no TPOT, so the
+    TPOT bound does not apply to it. ``duration_s`` and ``energy_j`` are for the same span as
+    ``latencies`` (per round, or both for the whole window).
+
+    Returns:
+        ``goodput_rps`` (good requests per second), ``energy_per_good_request_j``,
+        ``slo_met_fraction`` and, per bound set, ``slo_<bound>_met_fraction``.
+    """
+    bounds = {"ttft_ms": ttft_ms, "tpot_ms": tpot_ms, "e2e_ms": e2e_ms}
+    if all(bound is None for bound in bounds.values()) or not latencies:
+        return {}
+    good = 0
+    met = {name: 0 for name, bound in bounds.items() if bound is not None}
+    for lat in latencies:
+        produced = lat.ttft_ms is not None
+        checks = {
+            "ttft_ms": produced and _meets(lat.ttft_ms, ttft_ms, missing_ok=False),
+            "tpot_ms": produced and _meets(lat.tpot_ms, tpot_ms, missing_ok=True),
+            "e2e_ms": produced and _meets(lat.e2e_ms, e2e_ms, missing_ok=False),
+        }
+        for name in met:
+            met[name] += checks[name]
+        good += all(checks[name] for name in met)
+    n = len(latencies)
+    values: dict[str, float | None] = {
+        "goodput_rps": good / duration_s if duration_s > 0 else None,
+        "energy_per_good_request_j": energy_j / good if energy_j is not None and good else None,
+        "slo_met_fraction": good / n,
+    }
+    values.update({f"slo_{name}_met_fraction": count / n for name, count in met.items()})
+    return values

@@ -27,12 +27,26 @@ from pytest_llem.harness.metrics import (
     combine_energy,
     metric_source,
     request_latency,
+    slo_values,
     window_values,
 )
-from pytest_llem.harness.scenarios import Workload, build_workload
-from pytest_llem.harness.stats import distribution, summarise
+from pytest_llem.harness.scenarios import (
+    ServerLoad,
+    Workload,
+    achieved_rate,
+    build_workload,
+    mean_concurrency,
+    peak_concurrency,
+    saturation,
+)
+from pytest_llem.harness.stats import distribution, percentile, summarise
 from pytest_llem.meters.base import EnergyMeter, EnergyReading
-from pytest_llem.results.models import DistributionSummary, MetricSummary, RepetitionRecord
+from pytest_llem.results.models import (
+    DistributionSummary,
+    MetricSummary,
+    RepetitionRecord,
+    ServerLoadRecord,
+)
 
 __all__ = [
     "CaseMeasurement",
@@ -63,13 +77,18 @@ class CaseMeasurement:
 
 @dataclass(frozen=True)
 class Window:
-    """What one measurement window saw, before any metric is computed."""
+    """What one measurement window saw, before any metric is computed.
+
+    ``arrivals[i]`` is the scheduled arrival of ``generations[i]`` (None: its issue time).
+    """
 
     generations: list[Generation]
     duration_s: float
     readings: list[EnergyReading]
     peak_memory: MemoryUsage
     rounds: int = 1
+    arrivals: list[float | None] = field(default_factory=list)
+    loads: list[ServerLoad] = field(default_factory=list)
 
 
 def _abandon(started: Sequence[EnergyMeter]) -> None:
@@ -137,20 +156,27 @@ def measure_window(
     _start_meters(meters)
     try:
         t0 = clock()
-        generations: list[Generation] = []
-        for _ in range(rounds):
-            generations.extend(workload())
+        runs = [workload() for _ in range(rounds)]
         backend.synchronize()
         t1 = clock()
     except BaseException:
         _abandon(meters)
         raise
     readings = _stop_meters(meters)
-    return Window(generations, t1 - t0, readings, backend.peak_memory(), rounds)
+    generations = [g for run in runs for g in run.generations]
+    arrivals: list[float | None] = []
+    for run in runs:
+        arrivals.extend(run.arrivals if run.arrivals is not None else [None] * len(run.generations))
+    loads = [run.load for run in runs if run.load is not None]
+    return Window(generations, t1 - t0, readings, backend.peak_memory(), rounds, arrivals, loads)
 
 
 def _repetition(
-    index: int, window: Window, energy: WindowEnergy, values: dict[str, float | None]
+    index: int,
+    window: Window,
+    energy: WindowEnergy,
+    values: dict[str, float | None],
+    server: ServerLoadRecord | None = None,
 ) -> RepetitionRecord:
     """The record of one window: totals over the whole window; ``values`` are per round."""
     gens = window.generations
@@ -170,8 +196,41 @@ def _repetition(
         emissions_kg=energy.emissions_kg,
         peak_memory_mb=window.peak_memory.peak_mb,
         peak_memory_kind=window.peak_memory.kind,
+        server=server,
         values=values,
     )
+
+
+def _server_record(window: Window) -> ServerLoadRecord | None:
+    """The load of a server window (its first round when the workload ran several)."""
+    if not window.loads:
+        return None
+    load = window.loads[0]
+    reason = saturation(load)
+    span = load.finishes[-1] - load.arrivals[0] if load.finishes else 0.0
+    return ServerLoadRecord(
+        target_rate_rps=load.target_rate_rps,
+        achieved_rate_rps=achieved_rate(load),
+        mean_concurrency=mean_concurrency(load, span),
+        peak_concurrency=peak_concurrency(load),
+        concurrency_bound_share=load.concurrency_bound_share,
+        saturated=reason is not None,
+        saturation_reason=reason,
+    )
+
+
+def _server_values(record: ServerLoadRecord | None, window: Window) -> dict[str, float | None]:
+    if record is None:
+        return {}
+    waits = [w * 1e3 for load in window.loads for w in load.waits_s]
+    return {
+        "target_rate_rps": record.target_rate_rps,
+        "achieved_rate_rps": record.achieved_rate_rps,
+        "mean_concurrency": record.mean_concurrency,
+        "peak_concurrency": float(record.peak_concurrency),
+        "queue_wait_ms.mean": sum(waits) / len(waits) if waits else None,
+        "queue_wait_ms.p99": percentile(waits, 99) if waits else None,
+    }
 
 
 def _check_window(window: Window, expected: int) -> None:
@@ -186,10 +245,12 @@ def run_case(
     backend: Backend,
     meters: Sequence[EnergyMeter],
     config: CaseConfig,
-    prompts: Sequence[str],
+    prompts: Sequence[str] = (),
+    requests: Sequence[Request] | None = None,
     clock: Clock = time.perf_counter,
+    sleep: Callable[[float], None] = time.sleep,
     non_embedding_parameters: int | None = None,
-    scenario: str = "offline",
+    scenario: str | None = None,
 ) -> CaseMeasurement:
     """Measure one case: ``config.warmup`` unmeasured runs, then ``config.repeat`` windows.
 
@@ -197,10 +258,12 @@ def run_case(
         backend: A loaded backend.
         meters: Energy meters in priority order (may be empty: energy is then None).
         config: The case.
-        prompts: One request per prompt, in order.
+        prompts: One request per prompt, in order (when ``requests`` is not given).
+        requests: The workload's requests, prepared by the caller.
         clock: Wall clock of the windows.
+        sleep: How the server scenario waits for the next arrival.
         non_embedding_parameters: The model's, for ``flops_estimate`` (None if unknown).
-        scenario: How requests are driven (see :mod:`pytest_llem.harness.scenarios`).
+        scenario: How requests are driven (default: ``config.scenario``).
 
     Returns:
         The repetition records, pooled per-request latencies and their summaries.
@@ -210,12 +273,18 @@ def run_case(
         EnergyMeterError: A meter failed in a window (every started meter was stopped).
         InferenceError: The backend failed or returned the wrong number of generations.
     """
-    if not prompts:
+    if requests is None:
+        requests = [Request(index=i, prompt=p) for i, p in enumerate(prompts)]
+    if not requests:
         raise ConfigurationError("a case needs at least one prompt")
-    requests = [Request(index=i, prompt=p) for i, p in enumerate(prompts)]
-    params = GenerateParams.from_case(config)
     workload = build_workload(
-        scenario, backend=backend, requests=requests, params=params, config=config
+        scenario or config.scenario,
+        backend=backend,
+        requests=requests,
+        params=GenerateParams.from_case(config),
+        config=config,
+        clock=clock,
+        sleep=sleep,
     )
     for _ in range(config.warmup):
         workload()
@@ -223,29 +292,55 @@ def run_case(
     latencies: list[RequestLatency] = []
     for index in range(config.repeat):
         window = measure_window(backend=backend, meters=meters, workload=workload, clock=clock)
-        _check_window(window, len(requests) * window.rounds)
-        energy = combine_energy(window.readings)
-        window_latencies = [request_latency(g) for g in window.generations]
-        values = window_values(
-            generations=window.generations,
-            duration_s=window.duration_s,
-            energy=energy,
-            rounds=window.rounds,
-            non_embedding_parameters=non_embedding_parameters,
-            peak_memory=window.peak_memory,
-            latencies=window_latencies,
+        _check_window(window, workload.requests * window.rounds)
+        repetition, window_latencies = _measured(
+            index, window, config, non_embedding_parameters=non_embedding_parameters
         )
-        repetitions.append(_repetition(index, window, energy, values))
+        repetitions.append(repetition)
         latencies.extend(window_latencies)
     metrics, latency = summarise_case(repetitions, latencies)
+    notes = [*workload.notes, *_case_notes(repetitions, meters, non_embedding_parameters)]
     return CaseMeasurement(
         repetitions=repetitions,
         latencies=latencies,
         metrics=metrics,
         latency=latency,
         warmup=config.warmup,
-        notes=_case_notes(repetitions, meters, non_embedding_parameters),
+        notes=notes,
     )
+
+
+def _measured(
+    index: int, window: Window, config: CaseConfig, *, non_embedding_parameters: int | None
+) -> tuple[RepetitionRecord, list[RequestLatency]]:
+    """One window's record and its per-request latencies."""
+    energy = combine_energy(window.readings)
+    latencies = [
+        request_latency(g, arrival=a)
+        for g, a in zip(window.generations, window.arrivals, strict=True)
+    ]
+    values = window_values(
+        generations=window.generations,
+        duration_s=window.duration_s,
+        energy=energy,
+        rounds=window.rounds,
+        non_embedding_parameters=non_embedding_parameters,
+        peak_memory=window.peak_memory,
+        latencies=latencies,
+    )
+    values.update(
+        slo_values(
+            latencies,
+            ttft_ms=config.slo.ttft_ms,
+            tpot_ms=config.slo.tpot_ms,
+            e2e_ms=config.slo.e2e_ms,
+            duration_s=window.duration_s,
+            energy_j=energy.total_j,
+        )
+    )
+    server = _server_record(window)
+    values.update(_server_values(server, window))
+    return _repetition(index, window, energy, values, server), latencies
 
 
 def _unique(items: Sequence[str]) -> list[str]:
@@ -260,6 +355,13 @@ def _case_notes(
     notes: list[str] = []
     if not meters:
         notes.append("no energy meter: energy figures are not measured")
+    saturated = [rep for rep in repetitions if rep.server is not None and rep.server.saturated]
+    if saturated:
+        reason = saturated[0].server.saturation_reason if saturated[0].server else None
+        notes.append(
+            f"saturated in {len(saturated)} of {len(repetitions)} repetitions: {reason}; the "
+            "figures describe an overloaded system, not the target load"
+        )
     notes.extend(_unique([n for rep in repetitions for n in rep.energy_notes]))
     if non_embedding_parameters is not None:
         notes.append(f"flops_estimate: {FLOPS_METHOD}")

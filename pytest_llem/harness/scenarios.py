@@ -1,30 +1,95 @@
 """Scenarios: how a workload's requests are driven through a backend.
 
-A scenario turns a case into a :data:`Workload`, a callable with no arguments that the runner
-calls inside the measurement window. Everything a scenario can prepare (batches, arrival
-schedules) is prepared before the window opens, so the window holds only the requests.
+A scenario turns a case into a :class:`Workload` that the runner calls inside the measurement
+window. Everything a scenario can prepare (batches, the arrival schedule) is prepared before the
+window opens, so the window holds only the requests.
+
+- ``offline``: every request is available at once; consecutive batches of ``batch_size``.
+- ``single_stream``: one request at a time, each issued when the previous one completed.
+- ``server``: an open loop. Requests arrive on a precomputed, seeded schedule and are issued
+  whether or not earlier ones finished, up to ``traffic.max_concurrency`` in flight; latency is
+  measured from the scheduled arrival, so time spent queueing counts. An engine without its own
+  scheduler (transformers) serves the queue in batches: whenever it is free it takes every
+  request that has arrived and is waiting (at most ``batch_size``, and at most
+  ``max_concurrency``) and generates them together to completion. That is request-level
+  batching, not continuous batching: a request arriving during a batch waits for the next one.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 
 from pytest_llem.backends.base import Backend, GenerateParams, Generation, Request
 from pytest_llem.config.models import CaseConfig
 from pytest_llem.exceptions import ConfigurationError
+from pytest_llem.harness.traffic import arrival_offsets, request_count
 
 __all__ = [
     "SCENARIOS",
     "ScenarioFactory",
+    "ServerLoad",
     "Workload",
+    "WorkloadRun",
+    "achieved_rate",
     "build_workload",
+    "mean_concurrency",
     "offline",
+    "peak_concurrency",
+    "saturation",
+    "server",
+    "single_stream",
     "split_batches",
 ]
 
-#: One run of a case's workload: issues every request and returns one Generation per request.
-Workload = Callable[[], list[Generation]]
-#: Builds a :data:`Workload` for a case (called once per case, outside any window).
+Clock = Callable[[], float]
+Sleep = Callable[[float], None]
+
+
+@dataclass
+class ServerLoad:
+    """What the server scenario's load looked like in one run.
+
+    ``waits_s`` are the queueing delays (issue time minus scheduled arrival) per request;
+    ``concurrency_bound_share`` is the share of batches cut short by ``max_concurrency`` while
+    more requests were waiting.
+    """
+
+    target_rate_rps: float
+    arrivals: list[float]
+    issues: list[float]
+    finishes: list[float]
+    waits_s: list[float]
+    concurrency_bound_share: float
+    max_concurrency: int | None
+
+
+@dataclass
+class WorkloadRun:
+    """One run of a workload: a Generation per request and, for the server scenario, each
+    request's scheduled arrival (perf_counter seconds) and the load it saw."""
+
+    generations: list[Generation]
+    arrivals: list[float] | None = None
+    load: ServerLoad | None = None
+
+
+@dataclass
+class Workload:
+    """A prepared workload: ``workload()`` issues every request once."""
+
+    run: Callable[[], WorkloadRun]
+    requests: int
+    scenario: str = "offline"
+    notes: list[str] = field(default_factory=list)
+
+    def __call__(self) -> WorkloadRun:
+        return self.run()
+
+
+#: Builds a :class:`Workload` for a case (called once per case, outside any window).
 ScenarioFactory = Callable[..., Workload]
 
 
@@ -43,38 +108,122 @@ def split_batches(requests: Sequence[Request], batch_size: int) -> list[list[Req
     return [list(requests[i : i + batch_size]) for i in range(0, len(requests), batch_size)]
 
 
+def _batched(
+    backend: Backend, requests: Sequence[Request], params: GenerateParams, size: int, name: str
+) -> Workload:
+    batches = split_batches(requests, size)
+
+    def run() -> WorkloadRun:
+        generations: list[Generation] = []
+        for batch in batches:
+            generations.extend(backend.generate(batch, params=params))
+        return WorkloadRun(generations)
+
+    return Workload(run, len(requests), name)
+
+
 def offline(
     *,
     backend: Backend,
     requests: Sequence[Request],
     params: GenerateParams,
     config: CaseConfig,
+    **_: object,
 ) -> Workload:
-    """The offline scenario: every request available at once, sent in consecutive batches.
+    """The offline scenario: every request available at once, sent in consecutive batches of
+    ``config.batch_size``; a request's arrival is the moment its batch is issued."""
+    return _batched(backend, requests, params, config.batch_size, "offline")
 
-    Args:
-        backend: The loaded backend.
-        requests: The workload's requests.
-        params: Generation settings shared by every request.
-        config: The case (its ``batch_size`` is used).
 
-    Returns:
-        A workload that sends the batches one after another; each request's arrival is the
-        moment its batch was issued.
-    """
-    batches = split_batches(requests, config.batch_size)
+def single_stream(
+    *,
+    backend: Backend,
+    requests: Sequence[Request],
+    params: GenerateParams,
+    config: CaseConfig,
+    **_: object,
+) -> Workload:
+    """The single-stream scenario: one request at a time, each issued when the previous one
+    completed; a request's arrival is the moment it is issued."""
+    return _batched(backend, requests, params, 1, "single_stream")
 
-    def run() -> list[Generation]:
+
+def _scheduled_requests(requests: Sequence[Request], count: int) -> list[Request]:
+    """``count`` requests cycling through ``requests``, indexed 0..count-1."""
+    return [dataclasses.replace(requests[i % len(requests)], index=i) for i in range(count)]
+
+
+def server(
+    *,
+    backend: Backend,
+    requests: Sequence[Request],
+    params: GenerateParams,
+    config: CaseConfig,
+    clock: Clock = time.perf_counter,
+    sleep: Sleep = time.sleep,
+    **_: object,
+) -> Workload:
+    """The server scenario (see the module docstring for how the queue is served)."""
+    traffic = config.traffic
+    offsets = arrival_offsets(traffic, count=request_count(traffic, len(requests)))
+    scheduled = _scheduled_requests(requests, len(offsets))
+    limit = config.batch_size
+    if traffic.max_concurrency is not None:
+        limit = min(limit, traffic.max_concurrency)
+    concurrency_binds = traffic.max_concurrency is not None and traffic.max_concurrency < (
+        config.batch_size
+    )
+
+    def run() -> WorkloadRun:
+        start = clock()
+        arrivals = [start + offset for offset in offsets]
         generations: list[Generation] = []
-        for batch in batches:
-            generations.extend(backend.generate(batch, params=params))
-        return generations
+        issues: list[float] = []
+        finishes: list[float] = []
+        batches = bound = 0
+        i = 0
+        while i < len(scheduled):
+            now = clock()
+            if arrivals[i] > now:
+                sleep(arrivals[i] - now)
+                now = max(clock(), arrivals[i])
+            j = i
+            while j < len(scheduled) and arrivals[j] <= now and j - i < limit:
+                j += 1
+            batches += 1
+            if concurrency_binds and j < len(scheduled) and arrivals[j] <= now:
+                bound += 1
+            issued = clock()
+            out = backend.generate(scheduled[i:j], params=params)
+            finished = clock()
+            generations.extend(out)
+            issues.extend([issued] * (j - i))
+            finishes.extend([finished] * (j - i))
+            i = j
+        load = ServerLoad(
+            target_rate_rps=traffic.rate,
+            arrivals=arrivals,
+            issues=issues,
+            finishes=finishes,
+            waits_s=[max(0.0, s - a) for s, a in zip(issues, arrivals, strict=True)],
+            concurrency_bound_share=bound / batches if batches else 0.0,
+            max_concurrency=traffic.max_concurrency,
+        )
+        return WorkloadRun(generations, arrivals, load)
 
-    return run
+    notes = [
+        f"server: {len(offsets)} {traffic.arrival} arrivals at {traffic.rate:g} requests/s "
+        f"(seed {traffic.seed}), served in batches of up to {limit} by request-level batching"
+    ]
+    return Workload(run, len(scheduled), "server", notes)
 
 
-#: Scenarios by name; ``single_stream`` and ``server`` are added next to ``offline``.
-SCENARIOS: dict[str, ScenarioFactory] = {"offline": offline}
+#: Scenarios by name.
+SCENARIOS: dict[str, ScenarioFactory] = {
+    "offline": offline,
+    "single_stream": single_stream,
+    "server": server,
+}
 
 
 def build_workload(
@@ -84,18 +233,10 @@ def build_workload(
     requests: Sequence[Request],
     params: GenerateParams,
     config: CaseConfig,
+    clock: Clock = time.perf_counter,
+    sleep: Sleep = time.sleep,
 ) -> Workload:
     """The workload of a case under the named scenario.
-
-    Args:
-        scenario: A key of :data:`SCENARIOS`.
-        backend: The loaded backend.
-        requests: The workload's requests.
-        params: Generation settings.
-        config: The case.
-
-    Returns:
-        The workload, ready to run inside a window.
 
     Raises:
         ConfigurationError: The scenario is unknown.
@@ -105,4 +246,63 @@ def build_workload(
     except KeyError:
         known = ", ".join(sorted(SCENARIOS))
         raise ConfigurationError(f"unknown scenario {scenario!r}; choose from: {known}") from None
-    return factory(backend=backend, requests=requests, params=params, config=config)
+    return factory(
+        backend=backend, requests=requests, params=params, config=config, clock=clock, sleep=sleep
+    )
+
+
+def mean_concurrency(load: ServerLoad, duration_s: float) -> float | None:
+    """Time-averaged requests in flight (arrived, not finished) over ``duration_s``."""
+    if duration_s <= 0:
+        return None
+    busy = sum(f - a for a, f in zip(load.arrivals, load.finishes, strict=True))
+    return busy / duration_s
+
+
+def peak_concurrency(load: ServerLoad) -> int:
+    """Most requests in flight (arrived, not finished) at any moment."""
+    events = sorted(
+        [(a, 1) for a in load.arrivals] + [(f, -1) for f in load.finishes],
+        key=lambda e: (e[0], e[1]),
+    )
+    peak = current = 0
+    for _, step in events:
+        current += step
+        peak = max(peak, current)
+    return peak
+
+
+def achieved_rate(load: ServerLoad) -> float | None:
+    """Requests issued per second between the first and the last issue."""
+    if len(load.issues) < 2:
+        return None
+    span = load.issues[-1] - load.issues[0]
+    return (len(load.issues) - 1) / span if span > 0 else None
+
+
+#: Share of batches cut short by max_concurrency above which it counts as the binding limit.
+BOUND_SHARE_LIMIT = 0.25
+
+
+def saturation(load: ServerLoad) -> str | None:
+    """Why the run was saturated, or None: the queueing delay kept growing (the last quarter of
+    requests waited more than twice as long as the first quarter, and longer than a mean
+    service time), or ``max_concurrency`` cut short more than a quarter of the batches."""
+    reasons = []
+    n = len(load.waits_s)
+    if n >= 4:
+        quarter = max(1, n // 4)
+        first = sum(load.waits_s[:quarter]) / quarter
+        last = sum(load.waits_s[-quarter:]) / quarter
+        service = sum(f - s for s, f in zip(load.issues, load.finishes, strict=True)) / n
+        if last > 2 * first and last > service:
+            reasons.append(
+                f"the queue kept growing: waits rose from {first * 1e3:.1f} ms (first quarter) "
+                f"to {last * 1e3:.1f} ms (last quarter)"
+            )
+    if load.concurrency_bound_share > BOUND_SHARE_LIMIT:
+        reasons.append(
+            f"max_concurrency={load.max_concurrency} was the binding limit for "
+            f"{load.concurrency_bound_share:.0%} of batches"
+        )
+    return "; ".join(reasons) or None

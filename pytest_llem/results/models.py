@@ -26,6 +26,7 @@ __all__ = [
     "MetricUnavailableError",
     "RepetitionRecord",
     "RunRecord",
+    "ServerLoadRecord",
 ]
 
 SCHEMA_VERSION = "1.0"
@@ -101,6 +102,24 @@ class MeterRecord(_Record):
     details: dict[str, str] = Field(default_factory=dict)
 
 
+class ServerLoadRecord(_Record):
+    """The load a server-scenario window achieved, next to the one asked for."""
+
+    target_rate_rps: float
+    achieved_rate_rps: float | None = Field(
+        default=None, description="Requests issued per second, first issue to last."
+    )
+    mean_concurrency: float | None = Field(
+        default=None, description="Time-averaged requests in flight (arrived, not finished)."
+    )
+    peak_concurrency: int
+    concurrency_bound_share: float = Field(
+        description="Share of batches cut short by max_concurrency while requests waited."
+    )
+    saturated: bool
+    saturation_reason: str | None = None
+
+
 class RepetitionRecord(_Record):
     """One measured window."""
 
@@ -121,6 +140,9 @@ class RepetitionRecord(_Record):
     emissions_kg: float | None = None
     peak_memory_mb: float | None = None
     peak_memory_kind: str = "unavailable"
+    server: ServerLoadRecord | None = Field(
+        default=None, description="Target and achieved load (server scenario only)."
+    )
     values: dict[str, float | None] = Field(
         default_factory=dict, description="Every scalar metric of this window by its name."
     )

@@ -3,7 +3,8 @@
 The backend behaves like a real engine on a scripted timeline: each ``generate`` call takes
 ``prefill_s`` to its first token, then ``step_s`` per further token, delivered in chunks of
 ``chunk`` tokens that share one timestamp, and advances the shared clock by that much. Every
-call is recorded in an event log the tests assert on.
+call is recorded in an event log the tests assert on. A prompt's tokens are its words (or its
+``token_ids`` when the request carries them), counted the same way by ``count_tokens``.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from pytest_llem.backends.base import (
     MemoryUsage,
     Request,
     TokenCallback,
+    Vocabulary,
 )
 from pytest_llem.exceptions import BackendInferenceError
 
@@ -53,6 +55,7 @@ class FakeBackend:
         sync_s: Time ``synchronize`` takes (queued device work finishing).
         peak_mb: What ``peak_memory`` reports.
         fail_on_call: Raise BackendInferenceError on this (1-based) ``generate`` call.
+        vocab_size: Size of the fake vocabulary; ids 0, 1 and 2 are its special tokens.
     """
 
     name = "fake"
@@ -72,6 +75,7 @@ class FakeBackend:
         sync_s: float = 0.0,
         peak_mb: float | None = 512.0,
         fail_on_call: int | None = None,
+        vocab_size: int = 32000,
     ) -> None:
         self.clock = clock
         self.events = events if events is not None else []
@@ -82,7 +86,9 @@ class FakeBackend:
         self.sync_s = sync_s
         self.peak_mb = peak_mb
         self.fail_on_call = fail_on_call
+        self.vocab_size = vocab_size
         self.batches: list[list[int]] = []
+        self.count_calls: list[int] = []  # number of texts of each count_tokens call
         self.loaded = False
 
     def load(self) -> BackendInfo:
@@ -91,6 +97,19 @@ class FakeBackend:
             name=self.name, version="0", device="cpu", dtype="float32", model="fake",
             parameters=2000, non_embedding_parameters=1000,
         )  # fmt: skip
+
+    def count_tokens(self, texts: Sequence[str]) -> list[int]:
+        self._check_loaded("count_tokens")
+        self.count_calls.append(len(texts))
+        return [len(text.split()) for text in texts]
+
+    def vocabulary(self) -> Vocabulary:
+        self._check_loaded("vocabulary")
+        return Vocabulary(size=self.vocab_size, special_ids=frozenset({0, 1, 2}))
+
+    def _check_loaded(self, what: str) -> None:
+        if not self.loaded:
+            raise BackendInferenceError(f"fake: {what}() called before load()")
 
     def _token_times(self, issued: float, n: int) -> list[float]:
         """Token i is produced at issued + prefill + i*step and delivered with its chunk."""
@@ -115,12 +134,12 @@ class FakeBackend:
         out: list[Generation] = []
         for r in requests:
             n = self.lengths.get(r.index, params.max_new_tokens)
-            words = len(r.prompt.split())
+            prompt = len(r.token_ids) if r.token_ids is not None else len(r.prompt.split())
             out.append(
                 Generation(
                     request_index=r.index,
-                    input_tokens=min(words, params.max_input_tokens or words),
-                    output_token_ids=[(r.index * 1000 + i) % 32000 for i in range(n)],
+                    input_tokens=min(prompt, params.max_input_tokens or prompt),
+                    output_token_ids=[(r.index * 1000 + i) % self.vocab_size for i in range(n)],
                     token_times=self._token_times(issued, n),
                     issued_at=issued,
                 )
