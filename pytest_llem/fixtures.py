@@ -14,7 +14,7 @@ import pytest
 
 from pytest_llem.collection import resolve_for
 from pytest_llem.config.models import CaseConfig
-from pytest_llem.data.prompts import load_prompts
+from pytest_llem.data.workloads import PromptSet, build_prompt_set
 from pytest_llem.exceptions import (
     BackendConfigError,
     BackendNotAvailableError,
@@ -23,7 +23,9 @@ from pytest_llem.exceptions import (
     MeterUnavailableError,
 )
 from pytest_llem.harness.runner import run_case
-from pytest_llem.results.models import CaseError, CaseRecord, CaseResult
+from pytest_llem.harness.stats import distribution
+from pytest_llem.harness.traffic import request_count
+from pytest_llem.results.models import CaseError, CaseRecord, CaseResult, PromptsRecord
 from pytest_llem.session import LlemSession
 
 __all__ = ["CASE_PROPERTY", "SESSION_KEY", "LlemFixture", "llem", "llem_sweep_params"]
@@ -88,12 +90,12 @@ class LlemFixture:
         session = self._session
         meters, meter_records = session.meters.get()
         backend, info, load = session.backends.get(case)
-        prompts = load_prompts(case.prompts, num_prompts=case.num_prompts)
+        prompt_set = build_prompt_set(case, backend, count=_request_count(case))
         measurement = run_case(
             backend=backend,
             meters=meters,
             config=case,
-            prompts=prompts,
+            requests=prompt_set.requests,
             non_embedding_parameters=info.non_embedding_parameters,
         )
         backend_info = {k: v for k, v in vars(info).items() if v is not None and v != {}}
@@ -107,6 +109,7 @@ class LlemFixture:
             latency=measurement.latency,
             repetitions=measurement.repetitions,
             load=load,
+            prompts=_prompts_record(prompt_set),
             sweep=base.sweep,
             warmup=case.warmup,
             notes=list(measurement.notes),
@@ -114,6 +117,25 @@ class LlemFixture:
 
     def _record(self, record: CaseRecord) -> None:
         self._item.user_properties.append((CASE_PROPERTY, record.model_dump(mode="json")))
+
+
+def _request_count(case: CaseConfig) -> int:
+    """Prompts to prepare: the server scenario's request count, else ``num_prompts``."""
+    if case.scenario == "server":
+        return request_count(case.traffic, case.num_prompts) or case.num_prompts
+    return case.num_prompts
+
+
+def _prompts_record(prompt_set: PromptSet) -> PromptsRecord:
+    return PromptsRecord(
+        source=prompt_set.source,
+        requests=len(prompt_set.requests),
+        overflow=prompt_set.overflow,
+        truncated=prompt_set.truncated,
+        filtered=prompt_set.filtered,
+        input_tokens=distribution([float(n) for n in prompt_set.input_lengths], unit="tokens"),
+        notes=list(prompt_set.notes),
+    )
 
 
 def _is_missing_hardware_or_engine(error: LlemError) -> bool:

@@ -276,3 +276,44 @@ def test_server_case_records_goodput_latency_and_achieved_rate(
     assert rep["server"]["target_rate_rps"] == 8
     assert rep["server"]["achieved_rate_rps"] > 0
     assert metrics["achieved_rate_rps"]["median"] == rep["server"]["achieved_rate_rps"]
+
+
+def test_synthetic_prompts_have_the_exact_length_and_the_record_keeps_lengths(
+    pytester: pytest.Pytester, tiny_model
+):
+    pytester.makepyfile(
+        """
+        import pytest
+
+        @pytest.mark.llem(prompts="synthetic", input_tokens=24, num_prompts=4, max_new_tokens=2)
+        def test_synthetic(llem):
+            llem.run()
+        """
+    )
+    pytester.runpytest(*QUICK, "--llem-repeat=1").assert_outcomes(passed=1)
+    (case,) = _record(pytester)["cases"]
+    assert case["repetitions"][0]["input_tokens"] == 4 * 24
+    lengths = case["prompts"]["input_tokens"]
+    assert (lengths["min"], lengths["max"], lengths["unit"]) == (24, 24, "tokens")
+    assert case["prompts"]["source"] == "synthetic"
+
+
+def test_overlong_prompts_filtered_and_recorded(pytester: pytest.Pytester, tiny_model):
+    prompts = pytester.path / "mixed.jsonl"
+    long = " ".join(["word"] * 200)
+    prompts.write_text(f'{{"prompt": "short one"}}\n{{"prompt": "{long}"}}\n')
+    pytester.makepyfile(
+        f"""
+        import pytest
+
+        @pytest.mark.llem(prompts={str(prompts)!r}, num_prompts=3, max_input_tokens=16,
+                          prompt_overflow="filter", max_new_tokens=2)
+        def test_filtered(llem):
+            llem.run()
+        """
+    )
+    pytester.runpytest(*QUICK, "--llem-repeat=1").assert_outcomes(passed=1)
+    (case,) = _record(pytester)["cases"]
+    assert case["prompts"]["overflow"] == "filter"
+    assert case["prompts"]["filtered"] >= 1
+    assert case["prompts"]["input_tokens"]["max"] <= 16

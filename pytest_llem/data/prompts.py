@@ -14,7 +14,7 @@ from pathlib import Path
 
 from pytest_llem.exceptions import ConfigurationError
 
-__all__ = ["BUILTIN_PROMPT_SETS", "load_prompts"]
+__all__ = ["BUILTIN_PROMPT_SETS", "builtin_set", "load_prompts", "parse_jsonl"]
 
 #: Names of the prompt sets shipped with the plugin (``pytest_llem/data/prompts/<name>.jsonl``).
 BUILTIN_PROMPT_SETS: tuple[str, ...] = ("default",)
@@ -41,7 +41,7 @@ def load_prompts(source: str, *, num_prompts: int) -> list[str]:
     if num_prompts < 1:
         raise ConfigurationError(f"num_prompts must be at least 1, got {num_prompts}")
     if source in BUILTIN_PROMPT_SETS:
-        prompts: tuple[str, ...] = _builtin_set(source)
+        prompts: tuple[str, ...] = builtin_set(source)
     else:
         path = Path(source).expanduser()
         if not path.is_file():
@@ -53,12 +53,12 @@ def load_prompts(source: str, *, num_prompts: int) -> list[str]:
             text = path.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as e:
             raise ConfigurationError(f"cannot read prompt file {str(path)!r}: {e}") from e
-        prompts = _parse_jsonl(text, origin=f"prompt file {str(path)!r}")
+        prompts = parse_jsonl(text, origin=f"prompt file {str(path)!r}")
     return list(islice(cycle(prompts), num_prompts))
 
 
 @functools.cache
-def _builtin_set(name: str) -> tuple[str, ...]:
+def builtin_set(name: str) -> tuple[str, ...]:
     resource = resources.files("pytest_llem.data") / "prompts" / f"{name}.jsonl"
     try:
         text = resource.read_text(encoding="utf-8")
@@ -66,10 +66,10 @@ def _builtin_set(name: str) -> tuple[str, ...]:
         raise ConfigurationError(
             f"the built-in prompt set {name!r} is missing from the installed package: {e}"
         ) from e
-    return _parse_jsonl(text, origin=f"built-in prompt set {name!r}")
+    return parse_jsonl(text, origin=f"built-in prompt set {name!r}")
 
 
-def _parse_jsonl(text: str, *, origin: str) -> tuple[str, ...]:
+def parse_jsonl(text: str, *, origin: str) -> tuple[str, ...]:
     prompts: list[str] = []
     for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():

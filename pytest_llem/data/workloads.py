@@ -20,7 +20,7 @@ from typing import Any, Literal
 
 from pytest_llem.backends.base import Backend, Request
 from pytest_llem.config.models import CaseConfig
-from pytest_llem.data.prompts import BUILTIN_PROMPT_SETS, _builtin_set, _parse_jsonl
+from pytest_llem.data.prompts import BUILTIN_PROMPT_SETS, builtin_set, parse_jsonl
 from pytest_llem.exceptions import BackendInferenceError, ConfigurationError
 
 __all__ = [
@@ -276,7 +276,7 @@ def _source_rows(config: CaseConfig, notes: list[str]) -> Iterable[_Row]:
     if source.startswith(_HF_PREFIX):
         return _hf_rows(config, notes)
     if source in BUILTIN_PROMPT_SETS:
-        return _builtin_set(source)
+        return builtin_set(source)
     path = Path(source).expanduser()
     if path.suffix.lower() == ".json":
         return _sharegpt_file(path, source=source, notes=notes)
@@ -298,7 +298,7 @@ def _read_text(path: Path, *, source: str, what: str) -> str:
 def _jsonl_file(path: Path, *, source: str) -> tuple[str, ...]:
     """A ``.jsonl`` file of ``{"prompt": ...}`` lines, read as :func:`load_prompts` reads it."""
     text = _read_text(path, source=source, what=".jsonl file")
-    return _parse_jsonl(text, origin=f"prompt file {str(path)!r}")
+    return parse_jsonl(text, origin=f"prompt file {str(path)!r}")
 
 
 def _sharegpt_file(path: Path, *, source: str, notes: list[str]) -> list[_Row]:

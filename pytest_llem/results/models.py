@@ -24,6 +24,7 @@ __all__ = [
     "MeterRecord",
     "MetricSummary",
     "MetricUnavailableError",
+    "PromptsRecord",
     "RepetitionRecord",
     "RunRecord",
     "ServerLoadRecord",
@@ -148,6 +149,20 @@ class RepetitionRecord(_Record):
     )
 
 
+class PromptsRecord(_Record):
+    """Where a case's prompts came from and how they were fitted to ``max_input_tokens``."""
+
+    source: str
+    requests: int
+    overflow: str = Field(description="truncate or filter: what was done to overlong prompts.")
+    truncated: int = 0
+    filtered: int = 0
+    input_tokens: DistributionSummary = Field(
+        description="Prompt lengths in tokens, after truncation, over the prompt set."
+    )
+    notes: list[str] = Field(default_factory=list)
+
+
 class LoadRecord(_Record):
     """Whether the case loaded its model or reused one already loaded."""
 
@@ -180,6 +195,7 @@ class CaseResult(_Record):
     )
     repetitions: list[RepetitionRecord] = Field(default_factory=list)
     load: LoadRecord | None = None
+    prompts: PromptsRecord | None = None
     sweep: dict[str, Any] = Field(
         default_factory=dict, description="This case's sweep values by parameter path."
     )
