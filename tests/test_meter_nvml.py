@@ -301,3 +301,24 @@ def test_nvml_gpus_describes_visible_gpus(monkeypatch: pytest.MonkeyPatch) -> No
 def test_nvml_gpus_never_raises(monkeypatch: pytest.MonkeyPatch) -> None:
     install(monkeypatch, library_found=False)
     assert nvml_gpus() == ([], "NVML library not found (no NVIDIA driver)")
+
+
+def test_lap_reads_mid_window_and_leaves_it_open(one_gpu: FakeNvml) -> None:
+    meter = NvmlMeter()
+    try:
+        meter.start()
+        time.sleep(0.3)
+        lap = meter.lap()
+        time.sleep(0.3)
+        final = meter.stop()
+    finally:
+        meter.close()
+    step_j = 200.0 * 0.1
+    lap_j = lap.domains["gpu"].energy_j
+    final_j = final.domains["gpu"].energy_j
+    assert lap_j is not None
+    assert final_j is not None
+    assert abs(lap_j - 200.0 * lap.duration_s) <= step_j + 1e-6
+    assert final_j > lap_j
+    with pytest.raises(EnergyMeterError, match="without start"):
+        meter.lap()

@@ -207,3 +207,76 @@ def test_no_slo_no_goodput():
 def test_server_needs_requests():
     with pytest.raises(ConfigurationError, match="at least one request"):
         arrival_offsets(TrafficConfig(), count=0)
+
+
+def test_steady_state_excludes_ramp_up_and_drain():
+    # 8 requests every 0.0625 s, one at a time, ramp-up 25 %: the steady state runs from the
+    # issue of request 2 (2 * 0.1875 = 0.375 s) to the issue of request 7 (1.3125 s)
+    measured, _ = _run(
+        scenario="server",
+        batch_size=1,
+        traffic={
+            "arrival": "constant",
+            "rate": 16.0,
+            "num_requests": 8,
+            "steady_state": True,
+            "ramp_up_fraction": 0.25,
+        },
+    )
+    values = measured.repetitions[0].values
+    assert values["steady_state.duration_s"] == pytest.approx(0.9375)
+    assert values["steady_state.energy_j"] == pytest.approx(200.0 * 0.9375)  # read mid-window
+    # tokens finished in (0.375, 1.3125]: all 3 of requests 2..6
+    assert values["steady_state.output_tokens"] == 15
+    assert values["steady_state.energy_per_output_token_j"] == pytest.approx(187.5 / 15)
+    assert values["steady_state.output_tokens_per_s"] == pytest.approx(15 / 0.9375)
+    assert values["steady_state.requests"] == 6  # requests 2..7
+    assert values["steady_state.ttft_ms.mean"] == pytest.approx(687.5)  # mean of 375..1000
+    # the whole run is still reported beside it
+    assert values["energy_j"] == pytest.approx(200.0 * 1.5625)
+    assert measured.metrics["steady_state.energy_j"].unit == "J"
+
+
+def test_steady_state_without_a_mid_window_reading_says_why():
+    clock = FakeClock()
+    backend = FakeBackend(clock)
+
+    class NoLap:
+        name = "nolap"
+
+        def __init__(self) -> None:
+            self.inner = FakeMeter("nolap", clock, power_w={"gpu": 100.0})
+
+        def info(self):
+            return self.inner.info()
+
+        def start(self) -> None:
+            self.inner.start()
+
+        def stop(self):
+            return self.inner.stop()
+
+        def close(self) -> None:
+            self.inner.close()
+
+    case = CaseConfig.model_validate(
+        {
+            "scenario": "server",
+            "max_new_tokens": 3,
+            "warmup": 0,
+            "repeat": 1,
+            "traffic": {"rate": 16.0, "num_requests": 8, "steady_state": True},
+        }
+    )
+    measured = run_case(
+        backend=backend,
+        meters=[NoLap()],
+        config=case,
+        prompts=PROMPTS,
+        clock=clock,
+        sleep=clock.advance,
+    )
+    summary = measured.metrics["steady_state.energy_j"]
+    assert summary.median is None
+    assert "cannot read energy mid-window" in (summary.note or "")
+    assert measured.metrics["steady_state.ttft_ms.p50"].median is not None

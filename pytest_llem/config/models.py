@@ -207,6 +207,19 @@ class TrafficConfig(_Strict):
         description="Seed of the arrival schedule.",
         json_schema_extra=_meta(sweep=[0, 1, 2], short="tseed"),
     )
+    steady_state: bool = Field(
+        default=False,
+        description="Also report the steady state alone: from the issue of the request at "
+        "ramp_up_fraction of the schedule to the issue of the last request.",
+        json_schema_extra=_meta(short="steady"),
+    )
+    ramp_up_fraction: float = Field(
+        default=0.1,
+        ge=0.0,
+        lt=1.0,
+        description="Share of the scheduled requests that make up the ramp-up.",
+        json_schema_extra=_meta(sweep=[0.0, 0.1, 0.25], short="ramp"),
+    )
 
 
 class SloConfig(_Strict):

@@ -25,12 +25,14 @@ from pytest_llem.harness.metrics import (
     RequestLatency,
     WindowEnergy,
     combine_energy,
+    latency_values,
     metric_source,
     request_latency,
     slo_values,
     window_values,
 )
 from pytest_llem.harness.scenarios import (
+    Mark,
     ServerLoad,
     Workload,
     achieved_rate,
@@ -40,7 +42,7 @@ from pytest_llem.harness.scenarios import (
     saturation,
 )
 from pytest_llem.harness.stats import distribution, percentile, summarise
-from pytest_llem.meters.base import EnergyMeter, EnergyReading
+from pytest_llem.meters.base import DomainReading, EnergyMeter, EnergyReading
 from pytest_llem.results.models import (
     DistributionSummary,
     MetricSummary,
@@ -89,6 +91,39 @@ class Window:
     rounds: int = 1
     arrivals: list[float | None] = field(default_factory=list)
     loads: list[ServerLoad] = field(default_factory=list)
+    marks: dict[str, Lap] = field(default_factory=dict)
+    steady_from: int | None = None
+
+
+@dataclass(frozen=True)
+class Lap:
+    """The meters read at a named moment inside a window (``readings`` None: a meter could not
+    read mid-window, ``error`` says why)."""
+
+    time: float
+    readings: list[EnergyReading] | None
+    error: str | None = None
+
+
+def _lapper(meters: Sequence[EnergyMeter], clock: Clock, marks: dict[str, Lap]) -> Mark:
+    def mark(name: str) -> None:
+        now = clock()
+        try:
+            readings = [_lap(meter) for meter in meters]
+        except EnergyMeterError as e:
+            marks[name] = Lap(now, None, str(e))
+            return
+        marks[name] = Lap(now, readings)
+
+    return mark
+
+
+def _lap(meter: EnergyMeter) -> EnergyReading:
+    lap = getattr(meter, "lap", None)
+    if lap is None:
+        raise EnergyMeterError(f"{meter.name}: cannot read energy mid-window")
+    reading: EnergyReading = lap()
+    return reading
 
 
 def _abandon(started: Sequence[EnergyMeter]) -> None:
@@ -154,9 +189,11 @@ def measure_window(
     backend.reset_peak_memory()
     backend.synchronize()
     _start_meters(meters)
+    marks: dict[str, Lap] = {}
+    mark = _lapper(meters, clock, marks)
     try:
         t0 = clock()
-        runs = [workload() for _ in range(rounds)]
+        runs = [workload(mark) for _ in range(rounds)]
         backend.synchronize()
         t1 = clock()
     except BaseException:
@@ -168,7 +205,17 @@ def measure_window(
     for run in runs:
         arrivals.extend(run.arrivals if run.arrivals is not None else [None] * len(run.generations))
     loads = [run.load for run in runs if run.load is not None]
-    return Window(generations, t1 - t0, readings, backend.peak_memory(), rounds, arrivals, loads)
+    return Window(
+        generations,
+        t1 - t0,
+        readings,
+        backend.peak_memory(),
+        rounds,
+        arrivals,
+        loads,
+        marks,
+        runs[0].steady_from if runs else None,
+    )
 
 
 def _repetition(
@@ -217,6 +264,49 @@ def _server_record(window: Window) -> ServerLoadRecord | None:
         saturated=reason is not None,
         saturation_reason=reason,
     )
+
+
+STEADY = "steady_state."
+
+
+def _lap_difference(start: EnergyReading, end: EnergyReading) -> EnergyReading:
+    domains = {}
+    for name, last in end.domains.items():
+        first = start.domains.get(name)
+        both = first is not None and first.energy_j is not None and last.energy_j is not None
+        energy = last.energy_j - first.energy_j if both else None  # type: ignore[operator,union-attr]
+        domains[name] = DomainReading(last.domain, energy, last.source, reason=last.reason)
+    return EnergyReading(end.meter, end.duration_s - start.duration_s, domains)
+
+
+def _steady_values(window: Window, latencies: Sequence[RequestLatency]) -> dict[str, float | None]:
+    """Figures of the steady state alone (server scenario with ``traffic.steady_state``): from
+    the issue of the first batch holding a request at or past the ramp-up to the issue of the
+    last batch. Energy comes from the meters read at those two moments; latency from the
+    requests scheduled from the ramp-up's end on; tokens from those produced in between."""
+    start, end = window.marks.get("steady_start"), window.marks.get("steady_end")
+    if start is None or end is None or window.steady_from is None:
+        return {}
+    duration = end.time - start.time
+    tokens = sum(1 for g in window.generations for t in g.token_times if start.time < t <= end.time)
+    total: float | None = None
+    if start.readings is not None and end.readings is not None:
+        energy = combine_energy(
+            [_lap_difference(a, b) for a, b in zip(start.readings, end.readings, strict=True)]
+        )
+        total = energy.total_j
+    steady = [lat for lat in latencies if lat.request_index >= window.steady_from]
+    values: dict[str, float | None] = {
+        "duration_s": duration,
+        "requests": float(len(steady)),
+        "output_tokens": float(tokens),
+        "energy_j": total,
+        "avg_power_w": total / duration if total is not None and duration > 0 else None,
+        "energy_per_output_token_j": total / tokens if total is not None and tokens else None,
+        "output_tokens_per_s": tokens / duration if duration > 0 else None,
+        **latency_values(steady),
+    }
+    return {f"{STEADY}{name}": value for name, value in values.items()}
 
 
 def _server_values(record: ServerLoadRecord | None, window: Window) -> dict[str, float | None]:
@@ -340,7 +430,12 @@ def _measured(
     )
     server = _server_record(window)
     values.update(_server_values(server, window))
-    return _repetition(index, window, energy, values, server), latencies
+    values.update(_steady_values(window, latencies))
+    repetition = _repetition(index, window, energy, values, server)
+    repetition.energy_notes.extend(
+        f"steady_state: {lap.error}" for lap in window.marks.values() if lap.error is not None
+    )
+    return repetition, latencies
 
 
 def _unique(items: Sequence[str]) -> list[str]:
@@ -380,6 +475,7 @@ def _merged_sources(repetitions: Sequence[RepetitionRecord]) -> dict[str, str]:
 
 def _missing_note(name: str, repetitions: Sequence[RepetitionRecord]) -> str | None:
     """Why a metric has no value in any repetition."""
+    name = name.removeprefix(STEADY)
     energy_notes = _unique([n for rep in repetitions for n in rep.energy_notes])
     if name in DOMAIN_ENERGY_METRICS:
         domain = DOMAIN_ENERGY_METRICS[name]
@@ -419,10 +515,11 @@ def summarise_case(
             note = _missing_note(name, repetitions)
         elif name == "flops_estimate":
             note = FLOPS_METHOD
+        base = name.removeprefix(STEADY)
         metrics[name] = summarise(
             values,
-            unit=METRIC_UNITS.get(name, ""),
-            source=metric_source(name, sources),
+            unit=METRIC_UNITS.get(base, ""),
+            source=metric_source(base, sources),
             note=note,
         )
     pooled: dict[str, list[float | None]] = {name: [] for name in LATENCY_METRICS}

@@ -18,6 +18,7 @@ window opens, so the window holds only the requests.
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -29,6 +30,7 @@ from pytest_llem.harness.traffic import arrival_offsets, request_count
 
 __all__ = [
     "SCENARIOS",
+    "Mark",
     "ScenarioFactory",
     "ServerLoad",
     "Workload",
@@ -74,19 +76,29 @@ class WorkloadRun:
     generations: list[Generation]
     arrivals: list[float] | None = None
     load: ServerLoad | None = None
+    steady_from: int | None = None
+
+
+#: Called by a workload at a named moment inside the window (``steady_start``, ``steady_end``);
+#: the runner reads the meters there without closing the window.
+Mark = Callable[[str], None]
+
+
+def _no_mark(name: str) -> None:
+    return None
 
 
 @dataclass
 class Workload:
-    """A prepared workload: ``workload()`` issues every request once."""
+    """A prepared workload: ``workload(mark)`` issues every request once."""
 
-    run: Callable[[], WorkloadRun]
+    run: Callable[[Mark], WorkloadRun]
     requests: int
     scenario: str = "offline"
     notes: list[str] = field(default_factory=list)
 
-    def __call__(self) -> WorkloadRun:
-        return self.run()
+    def __call__(self, mark: Mark = _no_mark) -> WorkloadRun:
+        return self.run(mark)
 
 
 #: Builds a :class:`Workload` for a case (called once per case, outside any window).
@@ -113,7 +125,7 @@ def _batched(
 ) -> Workload:
     batches = split_batches(requests, size)
 
-    def run() -> WorkloadRun:
+    def run(mark: Mark) -> WorkloadRun:
         generations: list[Generation] = []
         for batch in batches:
             generations.extend(backend.generate(batch, params=params))
@@ -174,7 +186,9 @@ def server(
         config.batch_size
     )
 
-    def run() -> WorkloadRun:
+    steady_from = math.ceil(traffic.ramp_up_fraction * len(scheduled))
+
+    def run(mark: Mark) -> WorkloadRun:
         start = clock()
         arrivals = [start + offset for offset in offsets]
         generations: list[Generation] = []
@@ -193,6 +207,11 @@ def server(
             batches += 1
             if concurrency_binds and j < len(scheduled) and arrivals[j] <= now:
                 bound += 1
+            if traffic.steady_state:
+                if i <= steady_from < j:
+                    mark("steady_start")
+                if j == len(scheduled):
+                    mark("steady_end")
             issued = clock()
             out = backend.generate(scheduled[i:j], params=params)
             finished = clock()
@@ -209,7 +228,8 @@ def server(
             concurrency_bound_share=bound / batches if batches else 0.0,
             max_concurrency=traffic.max_concurrency,
         )
-        return WorkloadRun(generations, arrivals, load)
+        steady = steady_from if traffic.steady_state else None
+        return WorkloadRun(generations, arrivals, load, steady)
 
     notes = [
         f"server: {len(offsets)} {traffic.arrival} arrivals at {traffic.rate:g} requests/s "

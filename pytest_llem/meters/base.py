@@ -79,7 +79,9 @@ class EnergyMeter(Protocol):
     """Protocol of an energy meter (one implementation per module).
 
     ``start()`` opens a window, ``stop()`` closes it and returns the energy per domain.
-    Windows do not overlap. ``close()`` releases the meter at session end.
+    Windows do not overlap. ``close()`` releases the meter at session end. A meter that can
+    read mid-window also offers ``lap() -> EnergyReading`` (the energy since ``start()``,
+    the window staying open); the steady-state measurement uses it where present.
     """
 
     name: str

@@ -50,6 +50,17 @@ class NoneMeter:
             meter=self.name, duration_s=duration_s, domains={}, notes=(NO_ENERGY_NOTE,)
         )
 
+    def lap(self) -> EnergyReading:
+        """Time since ``start()``; no domains, as at ``stop()``."""
+        if self._window_start is None:
+            raise EnergyMeterError("none: lap() without start()")
+        return EnergyReading(
+            meter=self.name,
+            duration_s=time.perf_counter() - self._window_start,
+            domains={},
+            notes=(NO_ENERGY_NOTE,),
+        )
+
     def close(self) -> None:
         """Nothing to release."""
         self._window_start = None

@@ -479,6 +479,28 @@ class NvmlMeter:
             notes=tuple(notes),
         )
 
+    def lap(self) -> EnergyReading:
+        """The energy since ``start()``, leaving the window open (a counter read per GPU).
+
+        Raises:
+            EnergyMeterError: no window is open, or a GPU has no energy counter (its power is
+                integrated only when the window closes).
+        """
+        if self._window_start is None:
+            raise EnergyMeterError("nvml: lap() without start()")
+        if any(d.method != _COUNTER for d in self._devices):
+            raise EnergyMeterError("nvml: reading mid-window needs the energy counter on every GPU")
+        duration_s = time.perf_counter() - self._window_start
+        now = self._read_counters()
+        energy = {
+            label: (now[label] - start) / 1000.0 for label, start in self._counters_mj.items()
+        }
+        return EnergyReading(
+            meter=self.name,
+            duration_s=duration_s,
+            domains={"gpu": self._gpu_reading(energy, duration_s)},
+        )
+
     def _gpu_reading(self, energy: dict[str, float], duration_s: float) -> DomainReading:
         """Sum the devices; any device without energy makes the domain not measured."""
         devices = {d.label: energy[d.label] for d in self._devices if energy[d.label] > 0}

@@ -104,6 +104,18 @@ class FakeMeter:
             meter=self.name, duration_s=duration, domains=domains, emissions_kg=emissions
         )
 
+    def lap(self) -> EnergyReading:
+        """Energy since start, the window staying open."""
+        if self.started_at is None:
+            raise EnergyMeterError(f"{self.name}: lap without start")
+        self.events.append(f"lap:{self.name}")
+        duration = self.clock() - self.started_at
+        domains = {
+            d: DomainReading(d, p * duration, self.sources.get(d, "measured"))
+            for d, p in self.power_w.items()
+        }
+        return EnergyReading(meter=self.name, duration_s=duration, domains=domains)
+
     def close(self) -> None:
         self.closed = True
 
