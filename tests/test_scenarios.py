@@ -280,3 +280,47 @@ def test_steady_state_without_a_mid_window_reading_says_why():
     assert summary.median is None
     assert "cannot read energy mid-window" in (summary.note or "")
     assert measured.metrics["steady_state.ttft_ms.p50"].median is not None
+
+
+# -- an engine with its own scheduler (real clock) ---------------------------------------------
+
+
+def _submitting(**traffic: object):
+    from tests.fakes.fake_backend import SchedulingFakeBackend
+
+    backend = SchedulingFakeBackend(prefill_s=0.05, step_s=0.01)
+    case = CaseConfig.model_validate(
+        {
+            "scenario": "server",
+            "max_new_tokens": 3,
+            "warmup": 0,
+            "repeat": 1,
+            "traffic": {"arrival": "constant", "rate": 50.0, "num_requests": 10, **traffic},
+        }
+    )
+    return run_case(backend=backend, meters=[], config=case, prompts=PROMPTS), backend
+
+
+def test_scheduling_engine_gets_each_request_at_its_arrival():
+    # arrivals every 20 ms, each request takes ~70 ms: the engine runs several at once
+    measured, backend = _submitting()
+    assert backend.submitted == list(range(10))
+    assert backend.peak_running >= 2
+    values = measured.repetitions[0].values
+    assert values["ttft_ms.p50"] < 100  # ~50 ms of prefill, no queueing in front of it
+    assert values["queue_wait_ms.mean"] < 10
+    server = measured.repetitions[0].server
+    assert server is not None
+    assert server.peak_concurrency >= 2
+    assert not server.saturated
+
+
+def test_scheduling_engine_respects_max_concurrency():
+    measured, backend = _submitting(max_concurrency=1)
+    assert backend.peak_running == 1
+    server = measured.repetitions[0].server
+    assert server is not None
+    assert server.concurrency_bound_share > 0.5
+    assert server.saturated
+    # requests now queue behind each other: the last one waits for most of the others
+    assert measured.repetitions[0].values["ttft_ms.max"] > 300

@@ -8,6 +8,7 @@ energy and never computes metrics: the harness does both from what the backend r
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Literal, Protocol, runtime_checkable
 
@@ -21,6 +22,7 @@ __all__ = [
     "Generation",
     "MemoryUsage",
     "Request",
+    "SchedulingBackend",
     "TokenCallback",
     "Vocabulary",
     "load_key",
@@ -109,6 +111,8 @@ class BackendCapabilities:
     batching: bool
     devices: tuple[str, ...]
     dtypes: tuple[str, ...]
+    #: The engine schedules requests itself (continuous batching) and offers ``submit``.
+    scheduling: bool = False
 
 
 @dataclass(frozen=True)
@@ -198,3 +202,25 @@ def load_key(config: CaseConfig) -> tuple[tuple[str, object], ...]:
             node = node[part] if isinstance(node, dict) else None
         key.append((path, node))
     return tuple(key)
+
+
+@runtime_checkable
+class SchedulingBackend(Backend, Protocol):
+    """Protocol of an engine that schedules requests itself (vLLM, TensorRT-LLM, a server).
+
+    The server scenario hands it each request at its arrival with ``submit`` instead of
+    forming batches, so the engine's own scheduler decides what runs together. The offline and
+    single-stream scenarios still use ``generate``. A backend declares this with
+    ``capabilities.scheduling = True``.
+    """
+
+    def submit(
+        self,
+        request: Request,
+        *,
+        params: GenerateParams,
+        on_token: TokenCallback | None = None,
+    ) -> Future[Generation]:
+        """Start ``request`` now and return at once; the future completes with its Generation
+        (token times as they streamed back)."""
+        ...

@@ -21,9 +21,16 @@ import dataclasses
 import math
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import dataclass, field
 
-from pytest_llem.backends.base import Backend, GenerateParams, Generation, Request
+from pytest_llem.backends.base import (
+    Backend,
+    GenerateParams,
+    Generation,
+    Request,
+    SchedulingBackend,
+)
 from pytest_llem.config.models import CaseConfig
 from pytest_llem.exceptions import ConfigurationError
 from pytest_llem.harness.traffic import arrival_offsets, request_count
@@ -56,7 +63,8 @@ class ServerLoad:
 
     ``waits_s`` are the queueing delays (issue time minus scheduled arrival) per request;
     ``concurrency_bound_share`` is the share of batches cut short by ``max_concurrency`` while
-    more requests were waiting.
+    more requests were waiting (for an engine with its own scheduler: the share of requests
+    that had to wait for a free slot).
     """
 
     target_rate_rps: float
@@ -231,11 +239,77 @@ def server(
         steady = steady_from if traffic.steady_state else None
         return WorkloadRun(generations, arrivals, load, steady)
 
-    notes = [
+    schedule = (
         f"server: {len(offsets)} {traffic.arrival} arrivals at {traffic.rate:g} requests/s "
-        f"(seed {traffic.seed}), served in batches of up to {limit} by request-level batching"
-    ]
-    return Workload(run, len(scheduled), "server", notes)
+        f"(seed {traffic.seed})"
+    )
+    if backend.capabilities.scheduling and isinstance(backend, SchedulingBackend):
+        submitted = _submitting_run(
+            backend, scheduled, offsets, params, config, clock=clock, sleep=sleep
+        )
+        note = f"{schedule}, each submitted at its arrival to the engine's own scheduler"
+        return Workload(submitted, len(scheduled), "server", [note])
+    note = f"{schedule}, served in batches of up to {limit} by request-level batching"
+    return Workload(run, len(scheduled), "server", [note])
+
+
+def _submitting_run(
+    backend: SchedulingBackend,
+    scheduled: Sequence[Request],
+    offsets: Sequence[float],
+    params: GenerateParams,
+    config: CaseConfig,
+    *,
+    clock: Clock,
+    sleep: Sleep,
+) -> Callable[[Mark], WorkloadRun]:
+    """The server scenario for an engine with its own scheduler: every request is submitted at
+    its scheduled arrival (or, when ``max_concurrency`` requests are in flight, as soon as one
+    finishes) and the engine decides how to batch them."""
+    traffic = config.traffic
+    steady_from = math.ceil(traffic.ramp_up_fraction * len(scheduled))
+
+    def run(mark: Mark) -> WorkloadRun:
+        start = clock()
+        arrivals = [start + offset for offset in offsets]
+        futures: list[Future[Generation]] = []
+        issues: list[float] = []
+        waited = 0
+        for k, request in enumerate(scheduled):
+            now = clock()
+            if arrivals[k] > now:
+                sleep(arrivals[k] - now)
+            if traffic.max_concurrency is not None:
+                running = [f for f in futures if not f.done()]
+                if len(running) >= traffic.max_concurrency:
+                    waited += 1
+                    while len(running) >= traffic.max_concurrency:
+                        wait(running, return_when=FIRST_COMPLETED)
+                        running = [f for f in futures if not f.done()]
+            if traffic.steady_state and k == steady_from:
+                mark("steady_start")
+            if traffic.steady_state and k == len(scheduled) - 1:
+                mark("steady_end")
+            issues.append(clock())
+            futures.append(backend.submit(request, params=params))
+        generations = [future.result() for future in futures]
+        finishes = [
+            g.token_times[-1] if g.token_times else issued
+            for g, issued in zip(generations, issues, strict=True)
+        ]
+        load = ServerLoad(
+            target_rate_rps=traffic.rate,
+            arrivals=arrivals,
+            issues=issues,
+            finishes=finishes,
+            waits_s=[max(0.0, s - a) for s, a in zip(issues, arrivals, strict=True)],
+            concurrency_bound_share=waited / len(scheduled),
+            max_concurrency=traffic.max_concurrency,
+        )
+        steady = steady_from if traffic.steady_state else None
+        return WorkloadRun(generations, arrivals, load, steady)
+
+    return run
 
 
 #: Scenarios by name.
@@ -323,6 +397,6 @@ def saturation(load: ServerLoad) -> str | None:
     if load.concurrency_bound_share > BOUND_SHARE_LIMIT:
         reasons.append(
             f"max_concurrency={load.max_concurrency} was the binding limit for "
-            f"{load.concurrency_bound_share:.0%} of batches"
+            f"{load.concurrency_bound_share:.0%} of issues"
         )
     return "; ".join(reasons) or None

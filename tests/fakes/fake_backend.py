@@ -9,6 +9,7 @@ call is recorded in an event log the tests assert on. A prompt's tokens are its 
 
 from __future__ import annotations
 
+import concurrent.futures
 from collections.abc import Mapping, Sequence
 
 from pytest_llem.backends.base import (
@@ -23,7 +24,7 @@ from pytest_llem.backends.base import (
 )
 from pytest_llem.exceptions import BackendInferenceError
 
-__all__ = ["FakeBackend", "FakeClock"]
+__all__ = ["FakeBackend", "FakeClock", "SchedulingFakeBackend"]
 
 
 class FakeClock:
@@ -171,3 +172,65 @@ class FakeBackend:
 
     def close(self) -> None:
         self.loaded = False
+
+
+class SchedulingFakeBackend(FakeBackend):
+    """A fake engine with its own scheduler, on the real clock: every submitted request runs at
+    once on its own thread, ``prefill_s`` to its first token and ``step_s`` per further token,
+    so requests overlap as they would under continuous batching."""
+
+    capabilities = BackendCapabilities(
+        streaming=True,
+        batching=True,
+        devices=("cpu",),
+        dtypes=("float32",),
+        scheduling=True,
+    )
+
+    def __init__(self, *, prefill_s: float = 0.05, step_s: float = 0.01) -> None:
+        import concurrent.futures
+
+        super().__init__(FakeClock(), prefill_s=prefill_s, step_s=step_s)
+        self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=64)
+        self.submitted: list[int] = []
+        self.running = 0
+        self.peak_running = 0
+
+    def submit(
+        self,
+        request: Request,
+        *,
+        params: GenerateParams,
+        on_token: TokenCallback | None = None,
+    ) -> concurrent.futures.Future[Generation]:
+        import threading
+        import time
+
+        lock = getattr(self, "_lock", None) or threading.Lock()
+        self._lock = lock
+        self.submitted.append(request.index)
+        issued = time.perf_counter()
+
+        def work() -> Generation:
+            with lock:
+                self.running += 1
+                self.peak_running = max(self.peak_running, self.running)
+            try:
+                times = []
+                time.sleep(self.prefill_s)
+                for i in range(params.max_new_tokens):
+                    if i:
+                        time.sleep(self.step_s)
+                    times.append(time.perf_counter())
+                return Generation(
+                    request_index=request.index,
+                    input_tokens=len(request.prompt.split()),
+                    output_token_ids=[7] * params.max_new_tokens,
+                    token_times=times,
+                    issued_at=issued,
+                )
+            finally:
+                with lock:
+                    self.running -= 1
+
+        return self.pool.submit(work)
