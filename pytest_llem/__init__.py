@@ -12,6 +12,7 @@ from pytest_llem.exceptions import (
     MeterUnavailableError,
     ModelLoadError,
 )
+from pytest_llem.report.loading import Run, load_run
 from pytest_llem.results.models import CaseResult, MetricSummary, RunRecord
 
 __version__ = "0.1.0"
@@ -24,6 +25,8 @@ __all__ = [
     "MeterUnavailableError",
     "MetricSummary",
     "ModelLoadError",
+    "Run",
     "RunRecord",
     "__version__",
+    "load_run",
 ]

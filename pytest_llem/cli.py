@@ -1,5 +1,5 @@
 """The ``llem`` command: the run record's schema, the parameter reference, the built-in tiny
-model, and (later) compare, report and merge."""
+model, comparing and gating two records, rebuilding reports, exporting and merging records."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from pytest_llem import __version__
@@ -156,6 +157,86 @@ def _cmd_params(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from pytest_llem.exceptions import GateError, ResultStoreError
+    from pytest_llem.results.compare import (
+        compare_runs,
+        format_breaches,
+        format_table,
+        to_json,
+        to_markdown,
+    )
+    from pytest_llem.results.gate import FAIL_ON_EXAMPLE, parse_fail_on
+    from pytest_llem.results.store import read_run_record
+
+    try:
+        rules = parse_fail_on(args.fail_on) if args.fail_on else parse_fail_on(FAIL_ON_EXAMPLE)
+    except GateError as e:
+        print(f"llem compare: error: --fail-on: {e}", file=sys.stderr)
+        return 4
+    try:
+        base, current = read_run_record(args.base), read_run_record(args.current)
+    except ResultStoreError as e:
+        print(f"llem compare: error: {e}", file=sys.stderr)
+        return 2
+    comparison = compare_runs(
+        base,
+        current,
+        rules,
+        gate_estimated=args.gate_estimated,
+        gate=bool(args.fail_on),
+        baseline_label=args.base.name,
+        current_label=args.current.name,
+    )
+    if comparison.environment:
+        message = "; ".join(comparison.environment)
+        if args.strict:
+            print(f"llem compare: refusing to compare: {message}", file=sys.stderr)
+            return 1
+        print(f"llem compare: warning: the runs differ: {message}", file=sys.stderr)
+    if args.format == "json":
+        print(json.dumps(to_json(comparison, fail_inconclusive=args.fail_inconclusive), indent=2))
+    elif args.format == "markdown":
+        print(to_markdown(comparison), end="")
+    else:
+        print(format_table(comparison))
+        for line in format_breaches(comparison, fail_inconclusive=args.fail_inconclusive):
+            print(line)
+    return comparison.exit_code(args.fail_inconclusive) if args.fail_on else 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from pytest_llem.report.html import write_html
+    from pytest_llem.results.store import read_run_record
+
+    record = read_run_record(args.run)
+    out = args.html or args.run.with_suffix(".html")
+    write_html(record, out)
+    print(out)
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from pytest_llem.report.tables import write_csv
+    from pytest_llem.results.store import read_run_record
+
+    record = read_run_record(args.run)
+    out = args.csv or args.run.with_suffix(".csv")
+    write_csv(record, out)
+    print(out)
+    return 0
+
+
+def _cmd_merge(args: argparse.Namespace) -> int:
+    from pytest_llem.report.loading import merge_runs
+    from pytest_llem.results.store import atomic_write_text, read_run_record
+
+    merged = merge_runs([read_run_record(path) for path in args.runs])
+    atomic_write_text(args.output, merged.model_dump_json(indent=2) + "\n")
+    print(f"{args.output}: {len(merged.cases)} cases from {len(args.runs)} runs")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command line of ``llem``."""
     parser = argparse.ArgumentParser(
@@ -181,6 +262,34 @@ def build_parser() -> argparse.ArgumentParser:
         "--format", choices=("table", "json", "markdown"), default="table", help="output format"
     )
     params.set_defaults(func=_cmd_params)
+    compare = commands.add_parser(
+        "compare", help="compare two run records and gate on regressions (exit 1 on a breach)"
+    )
+    compare.add_argument("base", type=Path, help="baseline run record (JSON)")
+    compare.add_argument("current", type=Path, help="current run record (JSON)")
+    compare.add_argument(
+        "--fail-on",
+        default=None,
+        metavar="EXPR",
+        help="e.g. 'energy_per_output_token_j:+5%%,output_tokens_per_s:-5%%,ttft_ms.p99:+10%%'",
+    )
+    compare.add_argument("--fail-inconclusive", action="store_true")
+    compare.add_argument("--gate-estimated", action="store_true")
+    compare.add_argument("--strict", action="store_true", help="refuse runs of different machines")
+    compare.add_argument("--format", choices=("table", "json", "markdown"), default="table")
+    compare.set_defaults(func=_cmd_compare)
+    report = commands.add_parser("report", help="rebuild the HTML report from a run record")
+    report.add_argument("run", type=Path, help="run record (JSON)")
+    report.add_argument("--html", type=Path, default=None, help="output (default: RUN.html)")
+    report.set_defaults(func=_cmd_report)
+    export = commands.add_parser("export", help="one CSV row per case of a run record")
+    export.add_argument("run", type=Path, help="run record (JSON)")
+    export.add_argument("--csv", type=Path, default=None, help="output (default: RUN.csv)")
+    export.set_defaults(func=_cmd_export)
+    merge = commands.add_parser("merge", help="merge run records from several machines")
+    merge.add_argument("runs", type=Path, nargs="+", help="run records (JSON)")
+    merge.add_argument("-o", "--output", type=Path, required=True, help="merged record")
+    merge.set_defaults(func=_cmd_merge)
     return parser
 
 

@@ -19,9 +19,11 @@ from pytest_llem.session import LlemSession
 from pytest_llem.sweep import SweepCase, expand, merge_axes
 
 __all__ = [
+    "BUDGET_MARKER",
     "MARKER",
     "SWEEP_FIXTURE",
     "SWEEP_MARKER",
+    "budget_rules",
     "gpu_visible",
     "marker_layers",
     "order_by_load",
@@ -32,6 +34,7 @@ __all__ = [
 
 MARKER = "llem"
 SWEEP_MARKER = "llem_sweep"
+BUDGET_MARKER = "llem_budget"
 #: The fixture a sweep parametrizes: the combination's values by parameter path.
 SWEEP_FIXTURE = "llem_sweep_params"
 
@@ -48,6 +51,20 @@ def _layers(node: Any, name: str) -> list[dict[str, Any]]:
             )
         layers.append(dict(marker.kwargs))
     return layers
+
+
+def budget_rules(node: Any) -> list[Any]:
+    """The limits of the ``llem_budget`` markers on ``node`` (closest marker wins per metric).
+
+    Raises:
+        GateError: a budget names an unknown metric.
+    """
+    from pytest_llem.results.gate import parse_budget
+
+    merged: dict[str, float] = {}
+    for layer in _layers(node, BUDGET_MARKER):
+        merged.update(layer)
+    return list(parse_budget(merged)) if merged else []
 
 
 def marker_layers(node: Any) -> list[dict[str, Any]]:
@@ -102,6 +119,7 @@ def sweep_cases(definition: pytest.Function, session: LlemSession) -> list[Sweep
         LlemError: a marker or sweep names an unknown parameter or a value it cannot take, or
             (without a sweep) the test's parameters do not resolve.
     """
+    budget_rules(definition)
     axes = merge_axes([*_layers(definition, SWEEP_MARKER), session.options.sweep_axes])
     if not axes:
         resolve_for(definition, session, {})

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from pytest_llem.collection import resolve_for
+from pytest_llem.collection import budget_rules, resolve_for
 from pytest_llem.config.models import CaseConfig
 from pytest_llem.data.workloads import PromptSet, build_prompt_set
 from pytest_llem.exceptions import (
@@ -84,7 +84,18 @@ class LlemFixture:
             self._record(base.model_copy(update={"outcome": "failed", "error": _error(e)}))
             raise
         self._record(CaseRecord(**{**result.model_dump(), "id": case_id, "name": name}))
+        self._check_budget(result)
         return result
+
+    def _check_budget(self, result: CaseResult) -> None:
+        from pytest_llem.results.gate import check_budget
+
+        rules = budget_rules(self._item)
+        store = self._session.options.store
+        gate_estimated = store.gate_estimated if store is not None else False
+        breaches = check_budget(result, rules, gate_estimated=gate_estimated) if rules else []
+        if breaches:
+            pytest.fail("llem budget exceeded:\n  " + "\n  ".join(breaches), pytrace=False)
 
     def _measure(self, case: CaseConfig, base: CaseRecord) -> CaseResult:
         session = self._session

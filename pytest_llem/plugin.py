@@ -20,14 +20,21 @@ import pytest
 
 from pytest_llem import hookspecs
 from pytest_llem.backends.base import Backend
-from pytest_llem.collection import MARKER, SWEEP_FIXTURE, SWEEP_MARKER, order_by_load, sweep_cases
+from pytest_llem.collection import (
+    BUDGET_MARKER,
+    MARKER,
+    SWEEP_FIXTURE,
+    SWEEP_MARKER,
+    order_by_load,
+    sweep_cases,
+)
 from pytest_llem.config.models import BUILTIN_BACKENDS, CaseConfig
 from pytest_llem.exceptions import ConfigurationError, LlemError, ResultStoreError
+from pytest_llem.finish import finish_run
 from pytest_llem.fixtures import CASE_PROPERTY, SESSION_KEY, llem, llem_sweep_params
 from pytest_llem.meters.base import EnergyMeter
 from pytest_llem.report.terminal import summary_lines
 from pytest_llem.results.models import CaseRecord, GpuInfo, RunRecord
-from pytest_llem.results.store import write_run_record
 from pytest_llem.session import (
     METER_NAMES,
     BackendCache,
@@ -95,6 +102,75 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         metavar="SEED",
         help="Shuffle the cases within each model-load group (seeded; the seed is recorded).",
     )
+    _add_run_store_options(group, parser)
+
+
+def _add_run_store_options(group: Any, parser: pytest.Parser) -> None:
+    """Saving, comparing and gating runs, and the CSV export."""
+    group.addoption(
+        "--llem-save",
+        dest="llem_save",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="NAME",
+        help="Save the run record in the storage folder (optionally under NAME).",
+    )
+    group.addoption(
+        "--llem-autosave", dest="llem_autosave", action="store_true", help="Save every run."
+    )
+    group.addoption(
+        "--llem-storage",
+        dest="llem_storage",
+        default=None,
+        metavar="DIR",
+        help="Folder of saved runs (default: .llem).",
+    )
+    parser.addini("llem_storage", "Folder of saved runs (default: .llem).", default="")
+    group.addoption(
+        "--llem-compare",
+        dest="llem_compare",
+        nargs="?",
+        const="latest",
+        default=None,
+        metavar="NAME|PATH|latest",
+        help="Compare with a saved run (default: the latest saved on this machine).",
+    )
+    group.addoption(
+        "--llem-fail-on",
+        dest="llem_fail_on",
+        default=None,
+        metavar="EXPR",
+        help="Fail when a metric regressed beyond a threshold, e.g. "
+        "'energy_per_output_token_j:+5%%,output_tokens_per_s:-5%%,ttft_ms.p99:+10%%'.",
+    )
+    group.addoption(
+        "--llem-fail-inconclusive",
+        dest="llem_fail_inconclusive",
+        action="store_true",
+        help="Also fail when a comparison's interval straddles a threshold.",
+    )
+    group.addoption(
+        "--llem-gate-estimated",
+        dest="llem_gate_estimated",
+        action="store_true",
+        help="Let estimated energy figures gate too (they do not by default).",
+    )
+    group.addoption(
+        "--llem-compare-strict",
+        dest="llem_compare_strict",
+        action="store_true",
+        help="Refuse to compare runs from different GPUs, drivers or engine versions.",
+    )
+    group.addoption(
+        "--llem-csv",
+        dest="llem_csv",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="PATH",
+        help="Also write one CSV row per case (default: <report-dir>/llem-report.csv).",
+    )
 
 
 def _raw_options(config: pytest.Config) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -105,6 +181,19 @@ def _raw_options(config: pytest.Config) -> tuple[dict[str, Any], dict[str, Any]]
     ini: dict[str, Any] = {name: config.getini(f"llem_{name}") for name, _, _ in _OPTIONS}
     ini["set"] = [line for line in config.getini("llem_set") if line.strip()]
     ini["sweep"] = [line for line in config.getini("llem_sweep") if line.strip()]
+    for name in (
+        "save",
+        "autosave",
+        "storage",
+        "compare",
+        "fail_on",
+        "fail_inconclusive",
+        "gate_estimated",
+        "compare_strict",
+        "csv",
+    ):
+        cli[name] = config.getoption(f"llem_{name}")
+    ini["storage"] = config.getini("llem_storage")
     return cli, ini
 
 
@@ -134,6 +223,11 @@ def pytest_configure(config: pytest.Config) -> None:
         "markers",
         "llem_sweep(**axes): sweep llem parameters over lists of values, one test per "
         "combination (e.g. batch_size=[1, 8, 32], dtype='auto').",
+    )
+    config.addinivalue_line(
+        "markers",
+        "llem_budget(**limits): absolute limits on an llem case's medians, e.g. "
+        "energy_per_output_token_j=0.5, ttft_ms_p99=200, output_tokens_per_s_min=50.",
     )
     if config.get_verbosity() < 1:
         for name in NOISY_LOGGERS:
@@ -235,7 +329,9 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     """Check every llem test's parameters and expand its sweep, naming the test on error."""
     definition = metafunc.definition
     uses_llem = "llem" in metafunc.fixturenames
-    marked = any(definition.iter_markers(MARKER)) or any(definition.iter_markers(SWEEP_MARKER))
+    marked = any(
+        any(definition.iter_markers(name)) for name in (MARKER, SWEEP_MARKER, BUDGET_MARKER)
+    )
     session = metafunc.config.stash.get(SESSION_KEY, None)
     if session is None or not (uses_llem or marked):
         return
@@ -290,10 +386,10 @@ class RunRecorder:
         try:
             if llem_session.cases and not hasattr(self.config, "workerinput"):
                 record = _run_record(self.config, llem_session)
-                llem_session.record_paths = write_run_record(
-                    record, llem_session.options.report_dir
-                )
                 llem_session.record = record
+                llem_session.finish = finish_run(record, llem_session.options)
+                if llem_session.finish.failed and session.exitstatus == 0:
+                    session.exitstatus = pytest.ExitCode.TESTS_FAILED
         except ResultStoreError as e:
             llem_session.store_error = str(e)
             if session.exitstatus == 0:
@@ -311,11 +407,26 @@ class RunRecorder:
         if record is not None:
             for line in summary_lines(record):
                 terminalreporter.write_line(line)
-        if llem_session.record_paths is not None:
-            latest, _copy = llem_session.record_paths
-            terminalreporter.write_line(f"llem run record: {_shown(latest)}")
         if llem_session.store_error is not None:
             terminalreporter.write_line(f"llem: {llem_session.store_error}", red=True)
+        finish = llem_session.finish
+        if finish is None:
+            return
+        for kind, path in finish.paths.items():
+            label = "run record" if kind == "record" else kind
+            terminalreporter.write_line(f"llem {label}: {_shown(path)}")
+        if finish.lines:
+            terminalreporter.write_sep("-", "llem comparison")
+            for line in finish.lines:
+                terminalreporter.write_line(line)
+        for line in finish.warnings:
+            terminalreporter.write_line(line, yellow=True)
+        for line in finish.errors:
+            terminalreporter.write_line(line, red=True)
+        if finish.breaches:
+            terminalreporter.write_sep("-", "llem regressions", red=True)
+            for line in finish.breaches:
+                terminalreporter.write_line(line, red=True)
 
 
 def _shown(path: Path) -> str:

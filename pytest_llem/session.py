@@ -34,6 +34,7 @@ __all__ = [
     "LlemOptions",
     "LlemSession",
     "MeterState",
+    "StoreOptions",
     "build_options",
     "meter_record",
 ]
@@ -54,6 +55,59 @@ OPTION_PATHS = {
 
 
 @dataclass(frozen=True)
+class StoreOptions:
+    """Saving, comparing and gating runs (``--llem-save``, ``--llem-compare``, ...)."""
+
+    storage: Path
+    save: bool = False
+    save_name: str | None = None
+    compare: str | None = None
+    rules: tuple[Any, ...] = ()
+    fail_inconclusive: bool = False
+    gate_estimated: bool = False
+    strict: bool = False
+    csv: Path | None = None
+
+
+def _store_options(
+    cli: dict[str, Any], ini: dict[str, Any], invocation_dir: Path, report_dir: Path
+) -> StoreOptions:
+    from pytest_llem.exceptions import GateError
+
+    storage = Path(cli.get("storage") or ini.get("storage") or ".llem")
+    if not storage.is_absolute():
+        storage = invocation_dir / storage
+    rules: tuple[Any, ...] = ()
+    if cli.get("fail_on"):
+        if not cli.get("compare"):
+            raise ConfigurationError("--llem-fail-on needs a baseline: add --llem-compare[=NAME]")
+        from pytest_llem.results.gate import parse_fail_on
+
+        try:
+            rules = tuple(parse_fail_on(str(cli["fail_on"])))
+        except GateError as e:
+            raise ConfigurationError(f"--llem-fail-on: {e}") from e
+    csv = cli.get("csv")
+    csv_path = None
+    if csv is not None:
+        csv_path = Path(csv) if csv else report_dir / "llem-report.csv"
+        if not csv_path.is_absolute():
+            csv_path = invocation_dir / csv_path
+    save = cli.get("save")
+    return StoreOptions(
+        storage=storage,
+        save=save is not None or bool(cli.get("autosave")),
+        save_name=save or None,
+        compare=cli.get("compare"),
+        rules=rules,
+        fail_inconclusive=bool(cli.get("fail_inconclusive")),
+        gate_estimated=bool(cli.get("gate_estimated")),
+        strict=bool(cli.get("compare_strict")),
+        csv=csv_path,
+    )
+
+
+@dataclass(frozen=True)
 class LlemOptions:
     """The plugin's options after validation. Layers are nested dicts of case parameters."""
 
@@ -65,6 +119,7 @@ class LlemOptions:
     meter_names: tuple[str, ...] = METER_NAMES
     sweep_axes: dict[str, list[Any]] = field(default_factory=dict)
     shuffle_seed: int | None = None
+    store: StoreOptions | None = None
     given: dict[str, Any] = field(default_factory=dict)
 
 
@@ -142,6 +197,7 @@ def build_options(
     if not report_dir.is_absolute():
         report_dir = invocation_dir / report_dir
     shuffle_seed = _shuffle_seed(cli.get("shuffle"))
+    store = _store_options(cli, ini, invocation_dir, report_dir)
     given = {
         "command_line": {k: v for k, v in cli.items() if v not in (None, "", [])},
         "ini": {k: v for k, v in ini.items() if v not in (None, "", [])},
@@ -159,6 +215,7 @@ def build_options(
         meter_names=tuple(meter_names),
         sweep_axes=axes,
         shuffle_seed=shuffle_seed,
+        store=store,
         given=given,
     )
 
@@ -334,7 +391,7 @@ class LlemSession:
     started_at: datetime = field(default_factory=lambda: datetime.now(timezone.utc))
     cases: list[CaseRecord] = field(default_factory=list)
     record: RunRecord | None = None
-    record_paths: tuple[Path, Path] | None = None
+    finish: Any = None
     store_error: str | None = None
 
     def close(self) -> None:

@@ -93,3 +93,48 @@ def test_committed_parameter_reference_is_up_to_date(capsys):
         "docs/parameters.md is out of date: run `llem params --format markdown > "
         "docs/parameters.md`"
     )
+
+
+def _write_record(path: Path, host: str) -> Path:
+    from datetime import datetime, timezone
+
+    from pytest_llem.results.models import CaseRecord, MachineInfo, MetricSummary, RunRecord
+
+    record = RunRecord(
+        run_id=f"run-{host}",
+        created_at=datetime(2026, 11, 26, tzinfo=timezone.utc),
+        machine=MachineInfo(hostname=host, platform="linux", python="3.11"),
+        cases=[
+            CaseRecord(
+                id="t.py::test_a",
+                name="test_a",
+                backend="transformers",
+                metrics={"output_tokens_per_s": MetricSummary(n=3, median=100.0, unit="tokens/s")},
+            )
+        ],
+    )
+    path.write_text(record.model_dump_json())
+    return path
+
+
+def test_report_export_and_merge_commands(tmp_path: Path, capsys):
+    a = _write_record(tmp_path / "a.json", "node1")
+    b = _write_record(tmp_path / "b.json", "node2")
+    assert main(["report", str(a), "--html", str(tmp_path / "a.html")]) == 0
+    assert "<html" in (tmp_path / "a.html").read_text()
+    assert main(["export", str(a), "--csv", str(tmp_path / "a.csv")]) == 0
+    lines = (tmp_path / "a.csv").read_text().splitlines()
+    assert len(lines) == 2
+    assert "output_tokens_per_s.median" in lines[0]
+    assert main(["merge", str(a), str(b), "-o", str(tmp_path / "m.json")]) == 0
+    merged = json.loads((tmp_path / "m.json").read_text())
+    assert len(merged["cases"]) == 2
+    assert {c["machine"]["hostname"] for c in merged["cases"]} == {"node1", "node2"}
+    assert main(["report", str(tmp_path / "m.json")]) == 0
+    assert (tmp_path / "m.html").exists()
+    capsys.readouterr()
+
+
+def test_missing_record_is_a_clear_error(tmp_path: Path, capsys):
+    assert main(["report", str(tmp_path / "nope.json")]) == 1
+    assert "cannot read run record" in capsys.readouterr().err

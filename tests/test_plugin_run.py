@@ -210,6 +210,8 @@ def test_shipped_suites_run_end_to_end(pytester: pytest.Pytester, tiny_model):
     assert len(record["cases"]) == 6
     scenarios = {case["params"]["scenario"] for case in record["cases"]}
     assert scenarios == {"offline", "single_stream", "server"}
+    page = (pytester.path / "reports" / "llem-report.html").read_text()
+    assert "test_offline_batch_size" in page
 
 
 @pytest.mark.parametrize("attempt", [1, 2])

@@ -225,6 +225,10 @@ class CaseRecord(CaseResult):
     name: str
     outcome: Literal["passed", "failed", "skipped", "error"] = "passed"
     error: CaseError | None = None
+    machine: MachineInfo | None = Field(
+        default=None,
+        description="The machine of this case in a merged record (None: the run's machine).",
+    )
 
 
 class GpuInfo(_Record):
@@ -263,4 +267,12 @@ class RunRecord(_Record):
     finished_at: datetime | None = None
     machine: MachineInfo
     options: dict[str, Any] = Field(default_factory=dict)
+    machines: list[MachineInfo] = Field(
+        default_factory=list, description="Every machine of a merged record (empty otherwise)."
+    )
     cases: list[CaseRecord] = Field(default_factory=list)
+    comparison: dict[str, Any] | None = Field(
+        default=None,
+        description="When the run was compared with a baseline: the baseline and, per case and "
+        "metric, baseline, current, ratio, its interval and the verdict.",
+    )
