@@ -25,6 +25,7 @@ from pytest_llem.exceptions import (
 from pytest_llem.harness.runner import run_case
 from pytest_llem.harness.stats import distribution
 from pytest_llem.harness.traffic import request_count
+from pytest_llem.interop import record_benchmark
 from pytest_llem.results.models import CaseError, CaseRecord, CaseResult, PromptsRecord
 from pytest_llem.session import LlemSession
 
@@ -38,9 +39,14 @@ class LlemFixture:
     """What the ``llem`` fixture gives a test: its resolved config and ``run()``."""
 
     def __init__(
-        self, item: pytest.Item, session: LlemSession, sweep: dict[str, Any] | None = None
+        self,
+        item: pytest.Item,
+        session: LlemSession,
+        sweep: dict[str, Any] | None = None,
+        request: pytest.FixtureRequest | None = None,
     ) -> None:
         self._item = item
+        self._request = request
         self._session = session
         self._sweep = dict(sweep or {})
         self._runs = 0
@@ -84,6 +90,8 @@ class LlemFixture:
             self._record(base.model_copy(update={"outcome": "failed", "error": _error(e)}))
             raise
         self._record(CaseRecord(**{**result.model_dump(), "id": case_id, "name": name}))
+        if self._request is not None and self._runs == 1:
+            record_benchmark(self._request, result)
         self._check_budget(result)
         return result
 
@@ -183,4 +191,4 @@ def llem(request: pytest.FixtureRequest, llem_sweep_params: dict[str, Any]) -> L
     session = request.config.stash[SESSION_KEY]
     item = request.node
     assert isinstance(item, pytest.Item)
-    return LlemFixture(item, session, llem_sweep_params)
+    return LlemFixture(item, session, llem_sweep_params, request)
