@@ -31,7 +31,7 @@ from pytest_llem.backends.base import (
     Request,
     SchedulingBackend,
 )
-from pytest_llem.config.models import CaseConfig
+from pytest_llem.config.models import CaseConfig, TrafficConfig
 from pytest_llem.exceptions import ConfigurationError
 from pytest_llem.harness.traffic import arrival_offsets, request_count
 
@@ -168,6 +168,33 @@ def single_stream(
     return _batched(backend, requests, params, 1, "single_stream")
 
 
+def _server_run(
+    traffic: TrafficConfig,
+    generations: list[Generation],
+    arrivals: list[float],
+    issues: list[float],
+    finishes: list[float],
+    bound_share: float,
+) -> WorkloadRun:
+    """A server run's generations with its schedule, the load it saw and its steady start."""
+    load = ServerLoad(
+        target_rate_rps=traffic.rate,
+        arrivals=arrivals,
+        issues=issues,
+        finishes=finishes,
+        waits_s=[max(0.0, s - a) for s, a in zip(issues, arrivals, strict=True)],
+        concurrency_bound_share=bound_share,
+        max_concurrency=traffic.max_concurrency,
+    )
+    steady = _steady_from(traffic, len(arrivals)) if traffic.steady_state else None
+    return WorkloadRun(generations, arrivals, load, steady)
+
+
+def _steady_from(traffic: TrafficConfig, requests: int) -> int:
+    """Index of the first request past the ramp-up."""
+    return math.ceil(traffic.ramp_up_fraction * requests)
+
+
 def _scheduled_requests(requests: Sequence[Request], count: int) -> list[Request]:
     """``count`` requests cycling through ``requests``, indexed 0..count-1."""
     return [dataclasses.replace(requests[i % len(requests)], index=i) for i in range(count)]
@@ -194,7 +221,7 @@ def server(
         config.batch_size
     )
 
-    steady_from = math.ceil(traffic.ramp_up_fraction * len(scheduled))
+    steady_from = _steady_from(traffic, len(scheduled))
 
     def run(mark: Mark) -> WorkloadRun:
         start = clock()
@@ -227,17 +254,8 @@ def server(
             issues.extend([issued] * (j - i))
             finishes.extend([finished] * (j - i))
             i = j
-        load = ServerLoad(
-            target_rate_rps=traffic.rate,
-            arrivals=arrivals,
-            issues=issues,
-            finishes=finishes,
-            waits_s=[max(0.0, s - a) for s, a in zip(issues, arrivals, strict=True)],
-            concurrency_bound_share=bound / batches if batches else 0.0,
-            max_concurrency=traffic.max_concurrency,
-        )
-        steady = steady_from if traffic.steady_state else None
-        return WorkloadRun(generations, arrivals, load, steady)
+        bound_share = bound / batches if batches else 0.0
+        return _server_run(traffic, generations, arrivals, issues, finishes, bound_share)
 
     schedule = (
         f"server: {len(offsets)} {traffic.arrival} arrivals at {traffic.rate:g} requests/s "
@@ -267,7 +285,7 @@ def _submitting_run(
     its scheduled arrival (or, when ``max_concurrency`` requests are in flight, as soon as one
     finishes) and the engine decides how to batch them."""
     traffic = config.traffic
-    steady_from = math.ceil(traffic.ramp_up_fraction * len(scheduled))
+    steady_from = _steady_from(traffic, len(scheduled))
 
     def run(mark: Mark) -> WorkloadRun:
         start = clock()
@@ -297,17 +315,8 @@ def _submitting_run(
             g.token_times[-1] if g.token_times else issued
             for g, issued in zip(generations, issues, strict=True)
         ]
-        load = ServerLoad(
-            target_rate_rps=traffic.rate,
-            arrivals=arrivals,
-            issues=issues,
-            finishes=finishes,
-            waits_s=[max(0.0, s - a) for s, a in zip(issues, arrivals, strict=True)],
-            concurrency_bound_share=waited / len(scheduled),
-            max_concurrency=traffic.max_concurrency,
-        )
-        steady = steady_from if traffic.steady_state else None
-        return WorkloadRun(generations, arrivals, load, steady)
+        bound_share = waited / len(scheduled)
+        return _server_run(traffic, generations, arrivals, issues, finishes, bound_share)
 
     return run
 
