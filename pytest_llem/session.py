@@ -199,8 +199,8 @@ def build_options(
     shuffle_seed = _shuffle_seed(cli.get("shuffle"))
     store = _store_options(cli, ini, invocation_dir, report_dir)
     given = {
-        "command_line": {k: v for k, v in cli.items() if v not in (None, "", [])},
-        "ini": {k: v for k, v in ini.items() if v not in (None, "", [])},
+        "command_line": {k: v for k, v in cli.items() if v not in (None, "", [], False)},
+        "ini": {k: v for k, v in ini.items() if v not in (None, "", [], False)},
         "meter": meter,
         "report_dir": str(report_dir),
         "sweep": axes,
