@@ -11,9 +11,9 @@ PROMPTS = 16
 
 
 @pytest.mark.llem(max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, num_prompts=PROMPTS)
-@pytest.mark.parametrize("batch_size", [1, 4, 16])
-def test_offline_batch_size(llem, batch_size):
-    result = llem.run(batch_size=batch_size)
+@pytest.mark.llem_sweep(batch_size=[1, 4, 16])
+def test_offline_batch_size(llem):
+    result = llem.run()
 
     # Every measured window generated exactly the fixed number of tokens for every prompt.
     expected = result.params["num_prompts"] * result.params["max_new_tokens"]
