@@ -207,13 +207,41 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
 def _cmd_report(args: argparse.Namespace) -> int:
     from pytest_llem.report.html import write_html
-    from pytest_llem.results.store import read_run_record
+    from pytest_llem.results.store import atomic_write_text, read_run_record
 
-    record = read_run_record(args.run)
-    out = args.html or args.run.with_suffix(".html")
+    if args.from_journal is not None:
+        record = _from_journal(args.from_journal)
+        source = args.from_journal
+        rebuilt = source.with_suffix(".json")
+        atomic_write_text(rebuilt, record.model_dump_json(indent=2) + "\n")
+        print(rebuilt)
+    elif args.run is not None:
+        record, source = read_run_record(args.run), args.run
+    else:
+        print("llem report: error: give RUN.json or --from-journal PATH", file=sys.stderr)
+        return 2
+    out = args.html or source.with_suffix(".html")
     write_html(record, out)
     print(out)
     return 0
+
+
+def _from_journal(path: Path) -> Any:
+    import dataclasses
+
+    from pytest_llem.machine import collect_machine_info
+    from pytest_llem.meters.nvml import nvml_gpus
+    from pytest_llem.results.journal import read_journal
+    from pytest_llem.results.models import GpuInfo
+
+    gpus, note = nvml_gpus()
+    machine = collect_machine_info(
+        root=Path.cwd(), gpus=[GpuInfo(**dataclasses.asdict(g)) for g in gpus], gpu_note=note
+    )
+    contents = read_journal(path, machine=machine)
+    for warning in contents.warnings:
+        print(f"llem report: warning: {warning}", file=sys.stderr)
+    return contents.record
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
@@ -279,7 +307,14 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--format", choices=("table", "json", "markdown"), default="table")
     compare.set_defaults(func=_cmd_compare)
     report = commands.add_parser("report", help="rebuild the HTML report from a run record")
-    report.add_argument("run", type=Path, help="run record (JSON)")
+    report.add_argument("run", type=Path, nargs="?", default=None, help="run record (JSON)")
+    report.add_argument(
+        "--from-journal",
+        type=Path,
+        default=None,
+        metavar="PATH",
+        help="rebuild the record (PATH.json) and report from a run's journal",
+    )
     report.add_argument("--html", type=Path, default=None, help="output (default: RUN.html)")
     report.set_defaults(func=_cmd_report)
     export = commands.add_parser("export", help="one CSV row per case of a run record")

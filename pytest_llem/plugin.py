@@ -34,7 +34,8 @@ from pytest_llem.finish import finish_run
 from pytest_llem.fixtures import CASE_PROPERTY, SESSION_KEY, llem, llem_sweep_params
 from pytest_llem.meters.base import EnergyMeter
 from pytest_llem.report.terminal import summary_lines
-from pytest_llem.results.models import CaseRecord, GpuInfo, RunRecord
+from pytest_llem.results.journal import Journal, journal_path
+from pytest_llem.results.models import CaseError, CaseRecord, GpuInfo, RunRecord
 from pytest_llem.session import (
     METER_NAMES,
     BackendCache,
@@ -363,6 +364,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     if session is None:
         return
     items[:] = order_by_load(items, session)
+    session.llem_items = {i.nodeid for i in items if "llem" in getattr(i, "fixturenames", ())}
 
 
 class RunRecorder:
@@ -374,15 +376,69 @@ class RunRecorder:
     def __init__(self, config: pytest.Config, session: LlemSession) -> None:
         self.config = config
         self.session = session
+        self.running: str | None = None
+
+    def pytest_runtest_logstart(self, nodeid: str) -> None:
+        """Remember the running test, to mark it if the session is interrupted."""
+        self.running = nodeid
+
+    def pytest_runtest_logfinish(self, nodeid: str) -> None:
+        """The test finished: nothing to mark."""
+        self.running = None
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
-        """Take the cases a test recorded, with the test's outcome."""
-        if report.when == "call":
-            self.session.cases.extend(_cases_from(report))
+        """Take the cases a test recorded, with the test's outcome, and journal them."""
+        if report.when != "call":
+            return
+        cases = _cases_from(report)
+        self.session.cases.extend(cases)
+        if cases and not hasattr(self.config, "workerinput"):
+            self._journal(cases)
+
+    def _journal(self, cases: list[CaseRecord]) -> None:
+        llem_session = self.session
+        try:
+            if llem_session.journal is None:
+                path = journal_path(
+                    llem_session.options.report_dir, llem_session.started_at, llem_session.run_id
+                )
+                llem_session.journal = Journal(path)
+                llem_session.journal.start(
+                    run_id=llem_session.run_id,
+                    created_at=llem_session.started_at,
+                    options=llem_session.options.given,
+                )
+            for case in cases:
+                llem_session.journal.append(case)
+        except OSError as e:
+            logger.warning("cannot write the llem journal: %s", e)
+
+    def _mark_interrupted(self, session: pytest.Session) -> None:
+        running = self.running
+        if session.exitstatus != pytest.ExitCode.INTERRUPTED or running is None:
+            return
+        if running not in self.session.llem_items:
+            return
+        if any(case.id == running for case in self.session.cases):
+            return
+        self.session.cases.append(
+            CaseRecord(
+                id=running,
+                name=running.rsplit("::", 1)[-1],
+                outcome="error",
+                error=CaseError(
+                    type="KeyboardInterrupt",
+                    message="the session was interrupted while this case ran",
+                ),
+            )
+        )
 
     def pytest_sessionfinish(self, session: pytest.Session) -> None:
         """Write the run record (not on xdist workers) and release backend and meters."""
         llem_session = self.session
+        self._mark_interrupted(session)
+        if llem_session.journal is not None:
+            llem_session.journal.close()
         try:
             if llem_session.cases and not hasattr(self.config, "workerinput"):
                 record = _run_record(self.config, llem_session)
@@ -415,6 +471,8 @@ class RunRecorder:
         for kind, path in finish.paths.items():
             label = "run record" if kind == "record" else kind
             terminalreporter.write_line(f"llem {label}: {_shown(path)}")
+        if llem_session.journal is not None:
+            terminalreporter.write_line(f"llem journal: {_shown(llem_session.journal.path)}")
         if finish.lines:
             terminalreporter.write_sep("-", "llem comparison")
             for line in finish.lines:

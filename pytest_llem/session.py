@@ -392,6 +392,8 @@ class LlemSession:
     cases: list[CaseRecord] = field(default_factory=list)
     record: RunRecord | None = None
     finish: Any = None
+    journal: Any = None
+    llem_items: set[str] = field(default_factory=set)
     store_error: str | None = None
 
     def close(self) -> None:
