@@ -42,25 +42,7 @@ __all__ = [
 #: The grammar's example, quoted in every parse error.
 FAIL_ON_EXAMPLE = "energy_per_output_token_j:+5%,output_tokens_per_s:-5%,ttft_ms.p99:+10%"
 
-#: Energy metrics: these follow the meters' source and do not gate when estimated.
-ENERGY_METRICS: frozenset[str] = frozenset(
-    {
-        "energy_per_output_token_j",
-        "dynamic_energy_per_output_token_j",
-        "energy_per_request_j",
-        "energy_j",
-        "gpu_energy_j",
-        "cpu_energy_j",
-        "dram_energy_j",
-        "dynamic_energy_j",
-        "avg_power_w",
-    }
-)
-#: Metrics for which a higher value is better; for every other gate metric lower is better.
-HIGHER_IS_BETTER: frozenset[str] = frozenset(
-    {"output_tokens_per_s", "requests_per_s", "goodput_rps"}
-)
-_SCALARS: tuple[str, ...] = (
+_ENERGY: tuple[str, ...] = (
     "energy_per_output_token_j",
     "dynamic_energy_per_output_token_j",
     "energy_per_request_j",
@@ -70,6 +52,15 @@ _SCALARS: tuple[str, ...] = (
     "dram_energy_j",
     "dynamic_energy_j",
     "avg_power_w",
+)
+#: Energy metrics: these follow the meters' source and do not gate when estimated.
+ENERGY_METRICS: frozenset[str] = frozenset(_ENERGY)
+#: Metrics for which a higher value is better; for every other gate metric lower is better.
+HIGHER_IS_BETTER: frozenset[str] = frozenset(
+    {"output_tokens_per_s", "requests_per_s", "goodput_rps"}
+)
+_SCALARS: tuple[str, ...] = (
+    *_ENERGY,
     "output_tokens_per_s",
     "requests_per_s",
     "goodput_rps",
