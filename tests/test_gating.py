@@ -143,3 +143,25 @@ def test_budget_with_unknown_metric_is_a_collection_error(pytester: pytest.Pytes
     result = pytester.runpytest()
     assert result.ret == pytest.ExitCode.INTERRUPTED
     result.stdout.fnmatch_lines(["*test_budget*joules_per_token*"])
+
+
+def test_baseline_from_another_engine_version_warns_and_strict_refuses(
+    pytester: pytest.Pytester, tiny_model: Path
+):
+    pytester.makepyfile(CASE)
+    pytester.runpytest(*QUICK, "--llem-repeat=2", "--llem-save=base").assert_outcomes(passed=1)
+    (path,) = _saved(pytester)
+    record = json.loads(path.read_text())
+    record["machine"]["libraries"]["transformers"] = "0.0.1"  # as if saved with another engine
+    path.write_text(json.dumps(record))
+
+    warned = pytester.runpytest(*QUICK, "--llem-repeat=2", "--llem-compare=base")
+    assert warned.ret == 0
+    warned.stdout.fnmatch_lines(["*baseline ran elsewhere*transformers*"])
+
+    refused = pytester.runpytest(
+        *QUICK, "--llem-repeat=2", "--llem-compare=base", "--llem-compare-strict"
+    )
+    assert refused.ret == 1
+    refused.stdout.fnmatch_lines(["*refusing to compare*transformers*"])
+    assert (pytester.path / "reports" / "llem-report.json").exists()  # the run is still written
