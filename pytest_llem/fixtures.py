@@ -21,8 +21,10 @@ from pytest_llem.exceptions import (
     ConfigurationError,
     LlemError,
     MeterUnavailableError,
+    RetryableError,
 )
-from pytest_llem.harness.runner import run_case
+from pytest_llem.harness.runner import WindowPolicy, run_case
+from pytest_llem.harness.thermal import HOT_MARGIN_C, cool_down, measured_hot
 from pytest_llem.harness.stats import distribution
 from pytest_llem.harness.traffic import request_count
 from pytest_llem.interop import record_benchmark
@@ -106,17 +108,63 @@ class LlemFixture:
             pytest.fail("llem budget exceeded:\n  " + "\n  ".join(breaches), pytrace=False)
 
     def _measure(self, case: CaseConfig, base: CaseRecord) -> CaseResult:
+        """Measure the case; out of memory frees the model cache and tries once more."""
+        attempts = 0
+        while True:
+            try:
+                return self._measure_once(case, base)
+            except RetryableError as e:
+                attempts += 1
+                self._session.backends.close()
+                if attempts > e.max_retries:
+                    raise
+                self._session.progress(
+                    f"{base.name}: {e}; freed the model cache, retrying ({attempts}/"
+                    f"{e.max_retries})"
+                )
+
+    def _measure_once(self, case: CaseConfig, base: CaseRecord) -> CaseResult:
         session = self._session
         meters, meter_records = session.meters.get()
+        assignment = session.meters.assignment
+        baseline = (
+            session.baseline.get(meters, meter_records, assignment)
+            if session.baseline is not None
+            else None
+        )
         backend, info, load = session.backends.get(case)
         prompt_set = build_prompt_set(case, backend, count=_request_count(case))
+        energy = session.options.energy
+        idle_temperatures = baseline.idle_temperature_c if baseline is not None else {}
+        cooldown = cool_down(
+            meters,
+            mode=energy.cooldown.mode,
+            seconds=energy.cooldown.seconds,
+            idle_temperatures=idle_temperatures,
+        )
+        policy = WindowPolicy.for_meters(
+            min_window_s=energy.min_window_s if assignment.meters else 0.0,
+            update_periods=[r.update_period_s for r in meter_records if r.used_for],
+        )
         measurement = run_case(
             backend=backend,
             meters=meters,
             config=case,
             requests=prompt_set.requests,
             non_embedding_parameters=info.non_embedding_parameters,
+            policy=policy,
+            baseline=baseline,
+            assignment=assignment.meters,
         )
+        notes = list(measurement.notes)
+        if baseline is None and session.baseline is not None and session.baseline.problem:
+            notes.append(session.baseline.problem)
+        hot = measured_hot(measurement.repetitions, idle_temperatures)
+        if hot:
+            notes.append(
+                f"measured hot: a window started more than {HOT_MARGIN_C:g} C above idle "
+                "temperature (try --llem-cooldown=temperature)"
+            )
         backend_info = {k: v for k, v in vars(info).items() if v is not None and v != {}}
         return CaseResult(
             params=base.params,
@@ -131,7 +179,10 @@ class LlemFixture:
             prompts=_prompts_record(prompt_set),
             sweep=base.sweep,
             warmup=case.warmup,
-            notes=list(measurement.notes),
+            notes=notes,
+            baseline=baseline,
+            cooldown=cooldown,
+            measured_hot=hot,
         )
 
     def _record(self, record: CaseRecord) -> None:

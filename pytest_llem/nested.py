@@ -5,7 +5,8 @@ module the inner run imported. torch (and the tokenizers extension) cannot be im
 time into one process, so a second inner run that loads a model would crash. When a test first
 asks for ``pytester``, the plugin therefore builds, loads and runs a throw-away copy of the
 built-in model once, so the engine's modules are imported by the outer process and survive the
-inner runs. Set ``LLEM_PYTESTER_PRELOAD=0`` to turn this off.
+inner runs. CodeCarbon (through pandas and pyarrow) breaks the same way when imported twice, so
+its modules are imported once here as well. Set ``LLEM_PYTESTER_PRELOAD=0`` to turn this off.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ def preload_engine() -> bool:
     """
     if os.environ.get(PRELOAD_ENV, "1").strip().lower() in ("0", "false", "no", "off"):
         return False
+    _preload_codecarbon()
     if any(importlib.util.find_spec(name) is None for name in ("torch", "transformers")):
         return False
     from pytest_llem.backends.base import GenerateParams, Request
@@ -59,3 +61,15 @@ def preload_engine() -> bool:
         logger.warning("pytest-llem could not preload its engine for pytester", exc_info=True)
         return False
     return True
+
+
+def _preload_codecarbon() -> None:
+    """Import CodeCarbon's tracker and the pandas parts it uses, where installed."""
+    if importlib.util.find_spec("codecarbon") is None:
+        return
+    try:
+        importlib.import_module("codecarbon")
+        importlib.import_module("codecarbon.input")
+        importlib.import_module("codecarbon.core.units")
+    except Exception:
+        logger.warning("pytest-llem could not preload codecarbon for pytester", exc_info=True)

@@ -21,16 +21,29 @@ from pydantic import BaseModel
 from pytest_llem.backends.base import Backend, BackendInfo, load_key
 from pytest_llem.config.models import BUILTIN_BACKENDS, CaseConfig
 from pytest_llem.config.resolve import check_value, parse_assignment, set_path
-from pytest_llem.exceptions import ConfigurationError, LlemError, MeterUnavailableError
+from pytest_llem.exceptions import (
+    ConfigurationError,
+    EnergyMeterError,
+    LlemError,
+    MeterUnavailableError,
+)
 from pytest_llem.meters.base import EnergyMeter, MeterInfo
-from pytest_llem.meters.registry import METER_CHOICES
-from pytest_llem.results.models import CaseRecord, LoadRecord, MeterRecord, RunRecord
+from pytest_llem.meters.registry import METER_CHOICES, DomainAssignment, assign_domains
+from pytest_llem.results.models import (
+    BaselineRecord,
+    CaseRecord,
+    LoadRecord,
+    MeterRecord,
+    RunRecord,
+)
 
 __all__ = [
     "DEFAULT_REPORT_DIR",
     "METER_NAMES",
     "OPTION_PATHS",
     "BackendCache",
+    "CooldownSpec",
+    "EnergyOptions",
     "LlemOptions",
     "LlemSession",
     "MeterState",
@@ -51,6 +64,7 @@ OPTION_PATHS = {
     "device": "device",
     "repeat": "repeat",
     "warmup": "warmup",
+    "endpoint": "endpoint.url",
 }
 
 
@@ -107,6 +121,90 @@ def _store_options(
     )
 
 
+#: Default length of the idle baseline, seconds (``--llem-baseline-s``).
+DEFAULT_BASELINE_S = 5.0
+#: Default shortest measurement window, seconds (``--llem-min-window-s``).
+DEFAULT_MIN_WINDOW_S = 1.0
+
+
+@dataclass(frozen=True)
+class CooldownSpec:
+    """``--llem-cooldown``: ``off``, ``temperature`` or ``seconds:N``."""
+
+    mode: str = "off"
+    seconds: float = 0.0
+
+    @classmethod
+    def parse(cls, text: str | None) -> CooldownSpec:
+        """Parse the option's value; raises ConfigurationError naming the accepted forms."""
+        raw = (text or "off").strip().lower()
+        if raw in ("off", "temperature"):
+            return cls(raw)
+        if raw.startswith("seconds:"):
+            try:
+                seconds = float(raw.split(":", 1)[1])
+            except ValueError:
+                seconds = -1.0
+            if seconds >= 0:
+                return cls("seconds", seconds)
+        raise ConfigurationError(
+            f"--llem-cooldown: expected off, temperature or seconds:N (N >= 0), got {text!r}"
+        )
+
+
+@dataclass(frozen=True)
+class EnergyOptions:
+    """How energy is measured: baseline, short windows, cooldown, CodeCarbon's country.
+
+    ``baseline_forced`` is True when ``--llem-baseline-s`` was given on the command line: the
+    baseline is then measured afresh instead of reused from the cache.
+    """
+
+    baseline_s: float = DEFAULT_BASELINE_S
+    baseline_forced: bool = False
+    min_window_s: float = DEFAULT_MIN_WINDOW_S
+    cooldown: CooldownSpec = field(default_factory=CooldownSpec)
+    country_iso_code: str | None = None
+
+
+def _seconds(raw: Any, option: str, default: float) -> float:
+    if raw is None or str(raw).strip() == "":
+        return default
+    try:
+        value = float(str(raw).strip())
+    except ValueError as e:
+        raise ConfigurationError(f"{option}: expected seconds (a number >= 0), got {raw!r}") from e
+    if value < 0 or value != value:
+        raise ConfigurationError(f"{option}: expected seconds (a number >= 0), got {raw!r}")
+    return value
+
+
+def _energy_options(cli: dict[str, Any], ini: dict[str, Any]) -> EnergyOptions:
+    baseline_cli = cli.get("baseline_s")
+    baseline = _seconds(
+        baseline_cli if baseline_cli not in (None, "") else ini.get("baseline_s"),
+        "--llem-baseline-s",
+        DEFAULT_BASELINE_S,
+    )
+    min_window = _seconds(
+        cli.get("min_window_s") or ini.get("min_window_s"),
+        "--llem-min-window-s",
+        DEFAULT_MIN_WINDOW_S,
+    )
+    country = str(cli.get("country") or ini.get("country") or "").strip().upper() or None
+    if country is not None and not (len(country) == 3 and country.isalpha()):
+        raise ConfigurationError(
+            f"--llem-country: expected a three-letter ISO code such as USA or FRA, got {country!r}"
+        )
+    return EnergyOptions(
+        baseline_s=baseline,
+        baseline_forced=baseline_cli not in (None, ""),
+        min_window_s=min_window,
+        cooldown=CooldownSpec.parse(cli.get("cooldown") or ini.get("cooldown")),
+        country_iso_code=country,
+    )
+
+
 @dataclass(frozen=True)
 class LlemOptions:
     """The plugin's options after validation. Layers are nested dicts of case parameters."""
@@ -121,6 +219,7 @@ class LlemOptions:
     shuffle_seed: int | None = None
     store: StoreOptions | None = None
     given: dict[str, Any] = field(default_factory=dict)
+    energy: EnergyOptions = field(default_factory=EnergyOptions)
 
 
 def _layer(
@@ -167,7 +266,8 @@ def build_options(
     """Validate the plugin's options from the command line (``cli``) and ini keys (``ini``).
 
     Both dicts map option names (``backend``, ``model``, ``device``, ``repeat``, ``warmup``,
-    ``meter``, ``report_dir``, ``set``) to raw values; None or "" means not given.
+    ``meter``, ``report_dir``, ``set``) to raw values; None or "" means not given. An
+    ``endpoint`` URL given where no backend is chosen selects the ``endpoint`` backend.
 
     Raises:
         ConfigurationError: naming the option, the problem and, for choices, the allowed values.
@@ -188,11 +288,17 @@ def build_options(
         origin=lambda n: f"ini option llem_{n}",
         backend_names=backend_names,
     )
-    meter = (cli.get("meter") or ini.get("meter") or "auto").strip()
-    if meter not in meter_names:
-        raise ConfigurationError(
-            f"--llem-meter: unknown meter {meter!r}; choose from: {', '.join(meter_names)}"
-        )
+    if "backend" not in axes:
+        _endpoint_selects_backend(cli_layer, backend_names)
+        _endpoint_selects_backend(ini_layer, backend_names)
+    from pytest_llem.meters.registry import parse_meter_list
+
+    meter_text = str(cli.get("meter") or ini.get("meter") or "auto")
+    try:
+        meter = ",".join(parse_meter_list(meter_text, meter_names))
+    except ConfigurationError as e:
+        raise ConfigurationError(f"--llem-meter: {e}") from e
+    energy = _energy_options(cli, ini)
     report_dir = Path(cli.get("report_dir") or ini.get("report_dir") or DEFAULT_REPORT_DIR)
     if not report_dir.is_absolute():
         report_dir = invocation_dir / report_dir
@@ -205,6 +311,10 @@ def build_options(
         "report_dir": str(report_dir),
         "sweep": axes,
         "shuffle_seed": shuffle_seed,
+        "baseline_s": energy.baseline_s,
+        "min_window_s": energy.min_window_s,
+        "cooldown": energy.cooldown.mode
+        + (f":{energy.cooldown.seconds:g}" if energy.cooldown.mode == "seconds" else ""),
     }
     return LlemOptions(
         cli_layer=cli_layer,
@@ -217,7 +327,16 @@ def build_options(
         shuffle_seed=shuffle_seed,
         store=store,
         given=given,
+        energy=energy,
     )
+
+
+def _endpoint_selects_backend(layer: dict[str, Any], backend_names: Sequence[str]) -> None:
+    """An endpoint URL given where no backend is chosen makes that layer choose ``endpoint``."""
+    if "backend" in layer or "endpoint" not in backend_names:
+        return
+    if (layer.get("endpoint") or {}).get("url"):
+        layer["backend"] = "endpoint"
 
 
 def _sweep_axes(
@@ -316,7 +435,10 @@ def meter_record(info: MeterInfo) -> MeterRecord:
         domains=list(info.domains),
         sources=dict(info.sources),
         update_period_s=info.resolution.update_period_s,
+        update_period_measured=info.resolution.update_period_measured,
+        resolution_note=info.resolution.note,
         energy_quantum_j=info.resolution.energy_quantum_j,
+        used_for=list(info.domains),
         devices=list(info.devices),
         selected_because=info.selected_because,
         details=dict(info.details),
@@ -326,8 +448,11 @@ def meter_record(info: MeterInfo) -> MeterRecord:
 class MeterState:
     """The session's meters, created on first use so collection alone never touches hardware.
 
-    With ``auto`` a meter that fails to start falls back to ``none`` and says why; a meter the
-    user named that cannot measure here makes every case skip with the reason.
+    ``requested`` is ``auto``, ``none`` or one or more meter names joined with commas. Each
+    domain is taken from one meter only (:func:`~pytest_llem.meters.registry.assign_domains`).
+    With ``auto`` a meter that fails to start is dropped (``none`` when none is left) and the
+    record says why; a meter the user named that cannot measure here makes every case skip with
+    the reason.
     """
 
     def __init__(
@@ -343,6 +468,7 @@ class MeterState:
         self._meters: list[EnergyMeter] | None = None
         self._records: list[MeterRecord] = []
         self._unavailable: MeterUnavailableError | None = None
+        self.assignment = DomainAssignment()
 
     def get(self) -> tuple[list[EnergyMeter], list[MeterRecord]]:
         """The meters and their records. Raises MeterUnavailableError for a named meter that
@@ -351,32 +477,114 @@ class MeterState:
             raise self._unavailable
         if self._meters is None:
             self._meters, why = self._create()
+            infos = [meter.info() for meter in self._meters]
+            self.assignment = assign_domains(infos)
             self._records = []
-            for meter in self._meters:
-                record = meter_record(meter.info())
+            for info in infos:
+                record = meter_record(info)
                 record.selected_because = why
+                record.used_for = self.assignment.used_for(info.name)
+                record.notes = [n for n in self.assignment.notes if f"{info.name}'s " in n]
                 self._records.append(record)
         return self._meters, self._records
+
+    def _create_named(self, names: Sequence[str]) -> list[EnergyMeter]:
+        meters: list[EnergyMeter] = []
+        try:
+            for name in names:
+                meters.append(self._make(name))
+        except BaseException:
+            for meter in meters:
+                _close_quietly(meter)
+            raise
+        return meters
 
     def _create(self) -> tuple[list[EnergyMeter], str]:
         if self.requested != "auto":
             try:
-                return [self._make(self.requested)], f"requested with --llem-meter={self.requested}"
+                meters = self._create_named(self.requested.split(","))
             except MeterUnavailableError as e:
                 self._unavailable = e
                 raise
-        name, why = self._select_auto()
-        try:
-            return [self._make(name)], f"auto: {why}"
-        except MeterUnavailableError as e:
-            logger.warning("meter %s could not start (%s); measuring time only", name, e.reason)
-            return [self._make("none")], f"auto: {why}; but {name} failed to start: {e.reason}"
+            return meters, f"requested with --llem-meter={self.requested}"
+        names, why = self._select_auto()
+        meters = []
+        for name in names.split(","):
+            try:
+                meters.append(self._make(name))
+            except MeterUnavailableError as e:
+                logger.warning("meter %s could not start (%s)", name, e.reason)
+                why = f"{why}; but {name} failed to start: {e.reason}"
+        if not meters:
+            return [self._make("none")], f"auto: {why}"
+        return meters, f"auto: {why}"
 
     def close(self) -> None:
         """Release every meter."""
         for meter in self._meters or []:
             _close_quietly(meter)
         self._meters = None
+
+
+class BaselineState:
+    """The session's idle baseline: measured (or taken from the cache) before the first case.
+
+    None when ``--llem-baseline-s=0``, when no meter covers a domain, or when measuring failed
+    (the warning says why; cases then report no dynamic energy, with the reason).
+    """
+
+    def __init__(self, options: EnergyOptions, progress: Callable[[str], None]) -> None:
+        self.options = options
+        self._progress = progress
+        self._done = False
+        self.record: BaselineRecord | None = None
+        self.problem: str | None = None
+
+    def get(
+        self,
+        meters: Sequence[EnergyMeter],
+        records: Sequence[MeterRecord],
+        assignment: DomainAssignment,
+    ) -> BaselineRecord | None:
+        """The baseline, measuring it on the first call."""
+        if self._done:
+            return self.record
+        self._done = True
+        if self.options.baseline_s <= 0:
+            self.problem = "idle baseline disabled (--llem-baseline-s=0)"
+            return None
+        if not assignment.meters:
+            self.problem = "no energy meter: no idle baseline"
+            return None
+        from pytest_llem.harness.baseline import (
+            baseline_cache_key,
+            baseline_cache_path,
+            load_cached_baseline,
+            measure_baseline,
+            store_baseline,
+        )
+
+        key = baseline_cache_key(records)
+        path = baseline_cache_path(key)
+        if not self.options.baseline_forced:
+            cached = load_cached_baseline(path)
+            if cached is not None:
+                self.record = cached
+                return cached
+        seconds = self.options.baseline_s
+        self._progress(
+            f"measuring idle power for {seconds:g} s (baseline; cached for an hour; "
+            "--llem-baseline-s=0 skips it)"
+        )
+        try:
+            record = measure_baseline(meters, seconds=seconds, assignment=assignment.meters)
+        except EnergyMeterError as e:
+            self.problem = f"the idle baseline could not be measured: {e}"
+            logger.warning("llem: %s", self.problem)
+            return None
+        self.record = record.model_copy(update={"cache_key": key})
+        store_baseline(path, self.record)
+        return self.record
 
 
 @dataclass
@@ -395,6 +603,7 @@ class LlemSession:
     journal: Any = None
     llem_items: set[str] = field(default_factory=set)
     store_error: str | None = None
+    baseline: BaselineState | None = None
 
     def close(self) -> None:
         """Release the backend and the meters."""

@@ -192,6 +192,9 @@ def test_window_values_by_hand() -> None:
         "energy_per_output_token_j": 25.0,  # 200 J / 8 tokens
         "energy_per_request_j": 200.0 / 3,  # 200 J / 3 requests = 66.67
         "output_tokens_per_j": 0.04,  # 8 / 200
+        "idle_power_w": None,  # no baseline given
+        "dynamic_energy_j": None,
+        "dynamic_energy_per_output_token_j": None,
         "output_tokens_per_s": 4.0,  # 8 / 2
         "total_tokens_per_s": 14.0,  # (20 + 8) / 2
         "requests_per_s": 1.5,  # 3 / 2
@@ -338,3 +341,45 @@ def test_metric_source() -> None:
     assert metric_source("flops_estimate", {"gpu": "measured"}) == "estimated"
     assert metric_source("output_tokens_per_s", mixed) == "measured"
     assert metric_source("ttft_ms.p99", mixed) == "measured"
+
+
+def _energy(total: float) -> WindowEnergy:
+    return WindowEnergy(
+        total_j=total, domains={"gpu": total, "cpu": None, "dram": None}, sources={"gpu": "measured"}
+    )
+
+
+def test_dynamic_energy_by_hand() -> None:
+    # 2 rounds in a 4 s window, 900 J, idle 150 W: dynamic = 900 - 150 * 4 = 300 J in all,
+    # 150 J per round; 12 output tokens in all: 300 / 12 = 25 J/token
+    gens = [
+        Generation(0, 3, [1] * 6, [0.1 * k for k in range(1, 7)], 0.0),
+        Generation(1, 3, [1] * 6, [0.1 * k for k in range(1, 7)], 0.0),
+    ]
+    v = window_values(
+        generations=gens,
+        duration_s=4.0,
+        energy=_energy(900.0),
+        rounds=2,
+        non_embedding_parameters=None,
+        peak_memory=MemoryUsage(None, "unavailable"),
+        idle_power_w=150.0,
+    )
+    assert v["idle_power_w"] == 150.0
+    assert v["dynamic_energy_j"] == pytest.approx(150.0)
+    assert v["dynamic_energy_per_output_token_j"] == pytest.approx(25.0)
+    assert v["energy_j"] == pytest.approx(450.0)
+
+
+def test_dynamic_energy_is_not_clamped() -> None:
+    gens = [Generation(0, 3, [1, 1], [0.1, 0.2], 0.0)]
+    v = window_values(
+        generations=gens,
+        duration_s=2.0,
+        energy=_energy(100.0),
+        non_embedding_parameters=None,
+        peak_memory=MemoryUsage(None, "unavailable"),
+        idle_power_w=80.0,
+    )
+    assert v["dynamic_energy_j"] == pytest.approx(-60.0)  # 100 - 80 * 2
+    assert v["dynamic_energy_per_output_token_j"] == pytest.approx(-30.0)

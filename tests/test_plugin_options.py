@@ -92,7 +92,7 @@ def test_llem_set_reaches_nested_parameters(pytester: pytest.Pytester):
         (["--llem-backend=nope"], "*unknown backend 'nope'; choose from: transformers*"),
         (
             ["--llem-meter=nope"],
-            "*unknown meter 'nope'; choose from: auto, nvml, codecarbon, none*",
+            "*unknown meter 'nope'; choose from: auto, nvml, rapl, zeus, codecarbon, none*",
         ),
         (["--llem-device=tpu"], "*--llem-device*'auto', 'cpu' or 'cuda'*"),
         (["--llem-repeat=0"], "*--llem-repeat*greater than or equal to 1*"),

@@ -117,7 +117,10 @@ def test_repetition_record_by_hand() -> None:
     assert rep.dram_energy_j is None
     assert rep.energy_j == pytest.approx(203.125)  # 162.5 + 40.625, dram not covered
     assert rep.energy_sources == {"gpu": "measured", "cpu": "estimated"}
-    assert rep.energy_notes == ["dram: not measured (cc: no DRAM counter)"]
+    assert rep.energy_notes == [
+        "dram: not measured (cc: no DRAM counter)",
+        "dynamic: no idle baseline (disabled with --llem-baseline-s=0, or no meter)",
+    ]
     assert (rep.peak_memory_mb, rep.peak_memory_kind) == (512.0, "process_rss")
     v = rep.values
     assert v["avg_power_w"] == pytest.approx(250.0)  # 203.125 J / 0.8125 s
@@ -166,6 +169,7 @@ def test_case_summaries() -> None:
     assert len(m.latencies) == 30
     assert m.notes == [
         "dram: not measured (cc: no DRAM counter)",
+        "dynamic: no idle baseline (disabled with --llem-baseline-s=0, or no meter)",
         f"flops_estimate: {FLOPS_METHOD}",
     ]
 

@@ -19,6 +19,7 @@ from pytest_llem.meters.base import DOMAINS, EnergyReading
 
 __all__ = [
     "DOMAIN_ENERGY_METRICS",
+    "DYNAMIC_METRICS",
     "ENERGY_METRICS",
     "FLOPS_METHOD",
     "LATENCY_METRICS",
@@ -52,6 +53,15 @@ ENERGY_METRICS: tuple[str, ...] = (
     "energy_per_output_token_j",
     "energy_per_request_j",
     "output_tokens_per_j",
+    "idle_power_w",
+    "dynamic_energy_j",
+    "dynamic_energy_per_output_token_j",
+)
+#: Metrics that need the idle baseline.
+DYNAMIC_METRICS: tuple[str, ...] = (
+    "idle_power_w",
+    "dynamic_energy_j",
+    "dynamic_energy_per_output_token_j",
 )
 #: How ``flops_estimate`` is computed; reports print it next to the figure.
 FLOPS_METHOD = "2 * non-embedding parameters * (input + output tokens); attention FLOPs excluded"
@@ -71,6 +81,13 @@ METRIC_UNITS: dict[str, str] = {
     "dram_energy_j": "J",
     "avg_power_w": "W",
     "energy_per_output_token_j": "J/token",
+    "idle_power_w": "W",
+    "dynamic_energy_j": "J",
+    "dynamic_energy_per_output_token_j": "J/token",
+    "emissions_kg": "kg CO2eq",
+    "counter_vs_power_diff": "ratio",
+    "temperature_start_c": "C",
+    "temperature_end_c": "C",
     "energy_per_request_j": "J/request",
     "output_tokens_per_j": "tokens/J",
     "output_tokens_per_s": "tokens/s",
@@ -192,12 +209,16 @@ class WindowEnergy:
         return [d for d in DOMAINS if self.domains.get(d) is not None]
 
 
-def combine_energy(readings: Sequence[EnergyReading]) -> WindowEnergy:
+def combine_energy(
+    readings: Sequence[EnergyReading], assignment: Mapping[str, str] | None = None
+) -> WindowEnergy:
     """Combine the readings of one window's meters into one energy per domain.
 
     Args:
         readings: One reading per meter, in priority order (the first that covers a domain
             with a number wins; the others are ignored for that domain).
+        assignment: Domain -> the only meter it may be taken from (so a domain two meters
+            cover is counted once, from the more direct one). None: priority order.
 
     Returns:
         Per-domain energy, the total over covered domains only, their sources, a note per
@@ -213,6 +234,8 @@ def combine_energy(readings: Sequence[EnergyReading]) -> WindowEnergy:
         for reading in readings:
             got = reading.domains.get(domain)
             if got is None:
+                continue
+            if assignment is not None and assignment.get(domain) != reading.meter:
                 continue
             if got.energy_j is None:
                 reasons.append(f"{reading.meter}: {got.reason or 'not measured'}")
@@ -284,6 +307,7 @@ def window_values(
     non_embedding_parameters: int | None,
     peak_memory: MemoryUsage,
     latencies: Sequence[RequestLatency] | None = None,
+    idle_power_w: float | None = None,
 ) -> dict[str, float | None]:
     """Every scalar metric of one measurement window, by canonical name.
 
@@ -297,6 +321,8 @@ def window_values(
         peak_memory: Peak memory over the window.
         latencies: Per-request latencies when arrivals differ from issue times (server
             scenario); computed from ``generations`` otherwise.
+        idle_power_w: Idle power of the covered domains (the baseline); None: no dynamic
+            energy. Dynamic energy is not clamped: a negative value is reported as it is.
 
     Returns:
         The metrics of :data:`METRIC_UNITS`; None (never 0) where a figure is unknown,
@@ -324,18 +350,40 @@ def window_values(
         "energy_per_output_token_j": _ratio(energy_j, output_tokens),
         "energy_per_request_j": _ratio(energy_j, requests),
         "output_tokens_per_j": _ratio(output_tokens, energy_j),
+        **_dynamic_values(energy_j, idle_power_w, duration_s, rounds, output_tokens),
         "output_tokens_per_s": _ratio(output_tokens, duration_s),
         "total_tokens_per_s": _ratio(input_tokens + output_tokens, duration_s),
         "requests_per_s": _ratio(requests, duration_s),
     }
     if latencies is None:
         latencies = [request_latency(g) for g in generations]
+    if energy.emissions_kg is not None:
+        values["emissions_kg"] = energy.emissions_kg / rounds
     values.update(latency_values(latencies))
     values["peak_memory_mb"] = peak_memory.peak_mb
     values["flops_estimate"] = (
         None if params is None else 2.0 * params * (input_tokens + output_tokens) / rounds
     )
     return values
+
+
+def _dynamic_values(
+    energy_j: float | None,
+    idle_power_w: float | None,
+    duration_s: float,
+    rounds: int,
+    output_tokens: int,
+) -> dict[str, float | None]:
+    """idle_power_w, dynamic_energy_j (per round) and dynamic_energy_per_output_token_j."""
+    if energy_j is None or idle_power_w is None:
+        dynamic = None
+    else:
+        dynamic = energy_j - idle_power_w * duration_s
+    return {
+        "idle_power_w": idle_power_w if energy_j is not None else None,
+        "dynamic_energy_j": _per_round(dynamic, rounds),
+        "dynamic_energy_per_output_token_j": _ratio(dynamic, output_tokens),
+    }
 
 
 def metric_source(name: str, energy_sources: Mapping[str, str]) -> str:
@@ -348,14 +396,15 @@ def metric_source(name: str, energy_sources: Mapping[str, str]) -> str:
     Returns:
         For a domain's energy, that domain's source; for the other energy metrics
         ``measured`` only when every covered domain was measured, else ``estimated``;
-        ``estimated`` for ``flops_estimate``; ``measured`` for the rest (clock and counts).
+        ``estimated`` for ``flops_estimate`` and ``emissions_kg`` (a grid carbon-intensity
+        model); ``measured`` for the rest (clock and counts).
     """
     if name in DOMAIN_ENERGY_METRICS:
         return energy_sources.get(DOMAIN_ENERGY_METRICS[name], "measured")
     if name in ENERGY_METRICS or name in SLO_ENERGY_METRICS:
         measured = all(source == "measured" for source in energy_sources.values())
         return "measured" if measured else "estimated"
-    if name == "flops_estimate":
+    if name in ("flops_estimate", "emissions_kg"):
         return "estimated"
     return "measured"
 

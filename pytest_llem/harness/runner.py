@@ -9,15 +9,18 @@ records and summaries with :mod:`pytest_llem.harness.metrics` and
 from __future__ import annotations
 
 import contextlib
+import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from pytest_llem.backends.base import Backend, GenerateParams, Generation, MemoryUsage, Request
 from pytest_llem.config.models import CaseConfig
 from pytest_llem.exceptions import ConfigurationError, EnergyMeterError, InferenceError
+from pytest_llem.harness.baseline import idle_power
 from pytest_llem.harness.metrics import (
     DOMAIN_ENERGY_METRICS,
+    DYNAMIC_METRICS,
     ENERGY_METRICS,
     FLOPS_METHOD,
     LATENCY_METRICS,
@@ -44,21 +47,60 @@ from pytest_llem.harness.scenarios import (
 from pytest_llem.harness.stats import distribution, percentile, summarise
 from pytest_llem.meters.base import DomainReading, EnergyMeter, EnergyReading
 from pytest_llem.results.models import (
+    BaselineRecord,
+    DeviceStateRecord,
     DistributionSummary,
     MetricSummary,
+    PowerTimelineRecord,
     RepetitionRecord,
     ServerLoadRecord,
 )
 
 __all__ = [
+    "MAX_ROUNDS",
+    "QUANTISATION_PERIODS",
     "CaseMeasurement",
     "Window",
+    "WindowPolicy",
     "measure_window",
     "run_case",
     "summarise_case",
 ]
 
 Clock = Callable[[], float]
+
+#: A window must span this many counter update periods (5% worst-case quantisation).
+QUANTISATION_PERIODS = 20
+#: The most rounds of the workload one window may hold.
+MAX_ROUNDS = 10_000
+#: Tries at one repetition's window before it is reported as too short to measure.
+_MAX_EXTENSIONS = 4
+#: Aim this much above the target length, so timing noise rarely forces another try.
+_HEADROOM = 1.2
+
+
+@dataclass(frozen=True)
+class WindowPolicy:
+    """How long a measurement window must last (METRICS.md, Short windows).
+
+    ``target_s`` = max(min_window_s, 20 x the slowest meter's update period): the runner repeats
+    the workload inside one window until it lasts that long. ``floor_s`` = 20 x update period:
+    a window that still ends shorter has its energy reported as not measured.
+    """
+
+    target_s: float = 0.0
+    floor_s: float = 0.0
+    update_period_s: float | None = None
+
+    @classmethod
+    def for_meters(
+        cls, *, min_window_s: float, update_periods: Sequence[float | None]
+    ) -> WindowPolicy:
+        """The policy for meters with these update periods (None: the meter has none)."""
+        periods = [p for p in update_periods if p is not None and p > 0]
+        period = max(periods) if periods else None
+        floor = QUANTISATION_PERIODS * period if period is not None else 0.0
+        return cls(max(min_window_s, floor), floor, period)
 
 
 @dataclass
@@ -341,8 +383,15 @@ def run_case(
     sleep: Callable[[float], None] = time.sleep,
     non_embedding_parameters: int | None = None,
     scenario: str | None = None,
+    policy: WindowPolicy | None = None,
+    baseline: BaselineRecord | None = None,
+    assignment: Mapping[str, str] | None = None,
 ) -> CaseMeasurement:
     """Measure one case: ``config.warmup`` unmeasured runs, then ``config.repeat`` windows.
+
+    Each window repeats the workload (``rounds``) until it lasts ``policy.target_s``; the
+    warmup's duration gives the first guess, and a window that still comes out short is
+    measured again with more rounds.
 
     Args:
         backend: A loaded backend.
@@ -354,6 +403,9 @@ def run_case(
         sleep: How the server scenario waits for the next arrival.
         non_embedding_parameters: The model's, for ``flops_estimate`` (None if unknown).
         scenario: How requests are driven (default: ``config.scenario``).
+        policy: The shortest window (none by default).
+        baseline: Idle power per domain, for dynamic energy (None: no dynamic figures).
+        assignment: Domain -> the meter it is taken from (None: the first meter covering it).
 
     Returns:
         The repetition records, pooled per-request latencies and their summaries.
@@ -376,20 +428,37 @@ def run_case(
         clock=clock,
         sleep=sleep,
     )
+    policy = policy or WindowPolicy()
+    per_round: float | None = None
     for _ in range(config.warmup):
+        started = clock()
         workload()
+        per_round = clock() - started
+    rounds = _rounds_for(policy.target_s, per_round, 1)
     repetitions: list[RepetitionRecord] = []
     latencies: list[RequestLatency] = []
+    extension_notes: list[str] = []
+    context = _Context(config, non_embedding_parameters, policy, baseline, assignment)
     for index in range(config.repeat):
-        window = measure_window(backend=backend, meters=meters, workload=workload, clock=clock)
+        window = _long_enough_window(backend, meters, workload, clock, rounds, policy)
+        rounds = window.rounds
         _check_window(window, workload.requests * window.rounds)
-        repetition, window_latencies = _measured(
-            index, window, config, non_embedding_parameters=non_embedding_parameters
-        )
+        repetition, window_latencies = _measured(index, window, context)
         repetitions.append(repetition)
         latencies.extend(window_latencies)
+    if policy.target_s > 0 and any(rep.rounds > 1 for rep in repetitions):
+        extension_notes.append(
+            f"short windows: the workload ran {'/'.join(str(r.rounds) for r in repetitions)} "
+            f"times per window to last at least {policy.target_s:g} s "
+            f"(max(--llem-min-window-s, {QUANTISATION_PERIODS} x update period)); "
+            "figures are per round"
+        )
     metrics, latency = summarise_case(repetitions, latencies)
-    notes = [*workload.notes, *_case_notes(repetitions, meters, non_embedding_parameters)]
+    notes = [
+        *workload.notes,
+        *extension_notes,
+        *_case_notes(repetitions, meters, non_embedding_parameters),
+    ]
     return CaseMeasurement(
         repetitions=repetitions,
         latencies=latencies,
@@ -400,11 +469,134 @@ def run_case(
     )
 
 
+def _rounds_for(target_s: float, per_round_s: float | None, current: int) -> int:
+    """Rounds needed for a window of ``target_s`` when one round takes ``per_round_s``."""
+    if target_s <= 0 or per_round_s is None:
+        return current
+    if per_round_s <= 0:
+        return min(MAX_ROUNDS, max(current * 2, 2))
+    return max(1, min(MAX_ROUNDS, math.ceil(target_s * _HEADROOM / per_round_s)))
+
+
+def _long_enough_window(
+    backend: Backend,
+    meters: Sequence[EnergyMeter],
+    workload: Workload,
+    clock: Clock,
+    rounds: int,
+    policy: WindowPolicy,
+) -> Window:
+    """A window lasting at least ``policy.target_s``, adding rounds and measuring again while
+    it comes out shorter (at most a few times; a short window's energy is dropped later)."""
+    window = measure_window(
+        backend=backend, meters=meters, workload=workload, clock=clock, rounds=rounds
+    )
+    for _ in range(_MAX_EXTENSIONS):
+        if window.duration_s >= policy.target_s or window.rounds >= MAX_ROUNDS:
+            break
+        more = _rounds_for(policy.target_s, window.duration_s / window.rounds, window.rounds)
+        window = measure_window(
+            backend=backend,
+            meters=meters,
+            workload=workload,
+            clock=clock,
+            rounds=max(more, window.rounds + 1),
+        )
+    return window
+
+
+@dataclass(frozen=True)
+class _Context:
+    """What every window of one case is measured against."""
+
+    config: CaseConfig
+    non_embedding_parameters: int | None
+    policy: WindowPolicy
+    baseline: BaselineRecord | None
+    assignment: Mapping[str, str] | None
+
+
+def _too_short(window: Window, policy: WindowPolicy, energy: WindowEnergy) -> WindowEnergy:
+    """No energy for a window shorter than the meters can resolve (never reported measured)."""
+    if policy.floor_s <= 0 or window.duration_s >= policy.floor_s:
+        return energy
+    why = (
+        f"window of {window.duration_s:.3f} s is shorter than {QUANTISATION_PERIODS} x the "
+        f"meter's {policy.update_period_s:g} s update period ({policy.floor_s:g} s), even after "
+        f"repeating the workload {window.rounds} times"
+    )
+    return WindowEnergy(
+        total_j=None,
+        domains=dict.fromkeys(energy.domains),
+        notes=[*(f"{d}: not measured ({why})" for d in energy.covered), *energy.notes],
+    )
+
+
+def _timelines(window: Window, assignment: Mapping[str, str] | None) -> list[PowerTimelineRecord]:
+    records = []
+    for reading in window.readings:
+        for timeline in reading.timelines:
+            if assignment is not None and assignment.get(timeline.domain) != reading.meter:
+                continue
+            records.append(
+                PowerTimelineRecord(
+                    domain=timeline.domain,
+                    meter=reading.meter,
+                    times_s=list(timeline.times_s),
+                    watts=list(timeline.watts),
+                    method=timeline.method,
+                    period_s=timeline.period_s,
+                    samples=timeline.samples,
+                )
+            )
+    return records
+
+
+def _device_states(window: Window) -> dict[str, dict[str, DeviceStateRecord]]:
+    states: dict[str, dict[str, DeviceStateRecord]] = {}
+    for edge in ("start", "end"):
+        found = {
+            label: DeviceStateRecord(
+                temperature_c=state.temperature_c,
+                sm_clock_mhz=state.sm_clock_mhz,
+                memory_clock_mhz=state.memory_clock_mhz,
+                power_limit_w=state.power_limit_w,
+                throttle_reasons=list(state.throttle_reasons),
+            )
+            for reading in window.readings
+            for label, state in getattr(reading, f"{edge}_states").items()
+        }
+        if found:
+            states[edge] = found
+    return states
+
+
+def _cross_check(window: Window, assignment: Mapping[str, str] | None) -> dict[str, float]:
+    return {
+        domain: diff
+        for reading in window.readings
+        for domain, diff in reading.cross_check.items()
+        if assignment is None or assignment.get(domain) == reading.meter
+    }
+
+
+def _thermal_values(states: Mapping[str, Mapping[str, DeviceStateRecord]]) -> dict[str, float]:
+    values: dict[str, float] = {}
+    for edge in ("start", "end"):
+        temps = [s.temperature_c for s in states.get(edge, {}).values() if s.temperature_c]
+        if temps:
+            values[f"temperature_{edge}_c"] = max(temps)
+    return values
+
+
 def _measured(
-    index: int, window: Window, config: CaseConfig, *, non_embedding_parameters: int | None
+    index: int, window: Window, context: _Context
 ) -> tuple[RepetitionRecord, list[RequestLatency]]:
     """One window's record and its per-request latencies."""
-    energy = combine_energy(window.readings)
+    config = context.config
+    non_embedding_parameters = context.non_embedding_parameters
+    energy = _too_short(window, context.policy, combine_energy(window.readings, context.assignment))
+    idle_w, no_idle = idle_power(context.baseline, energy.covered)
     latencies = [
         request_latency(g, arrival=a)
         for g, a in zip(window.generations, window.arrivals, strict=True)
@@ -417,7 +609,13 @@ def _measured(
         non_embedding_parameters=non_embedding_parameters,
         peak_memory=window.peak_memory,
         latencies=latencies,
+        idle_power_w=idle_w,
     )
+    cross_check = _cross_check(window, context.assignment)
+    states = _device_states(window)
+    if cross_check:
+        values["counter_vs_power_diff"] = next(iter(cross_check.values()))
+    values.update(_thermal_values(states))
     values.update(
         slo_values(
             latencies,
@@ -435,6 +633,18 @@ def _measured(
     repetition.energy_notes.extend(
         f"steady_state: {lap.error}" for lap in window.marks.values() if lap.error is not None
     )
+    if no_idle is not None and energy.total_j is not None:
+        repetition.energy_notes.append(f"dynamic: {no_idle}")
+    dynamic = values.get("dynamic_energy_j")
+    if dynamic is not None and dynamic < 0:
+        repetition.dynamic_energy_negative = True
+        repetition.energy_notes.append(
+            "dynamic: energy below idle power x duration (reported unclamped; the baseline may "
+            "be stale or the machine busier when it was taken)"
+        )
+    repetition.power_timeline = _timelines(window, context.assignment)
+    repetition.counter_vs_power_diff = cross_check
+    repetition.device_states = states
     return repetition, latencies
 
 
@@ -480,6 +690,16 @@ def _missing_note(name: str, repetitions: Sequence[RepetitionRecord]) -> str | N
     if name in DOMAIN_ENERGY_METRICS:
         domain = DOMAIN_ENERGY_METRICS[name]
         return "; ".join(n for n in energy_notes if n.startswith(f"{domain}:")) or None
+    if name in DYNAMIC_METRICS:
+        dynamic = [n.removeprefix("dynamic: ") for n in energy_notes if n.startswith("dynamic:")]
+        if dynamic:
+            return "; ".join(_unique(dynamic))
+    if name == "emissions_kg":
+        return "no meter reports emissions (codecarbon does, as an estimate)"
+    if name == "counter_vs_power_diff":
+        return "no meter has both an energy counter and power samples for the same window"
+    if name.startswith("temperature_"):
+        return "no meter reports device temperatures"
     if name in ENERGY_METRICS:
         reasons = "; ".join(energy_notes)
         return f"no energy domain measured: {reasons}" if reasons else "no energy domain measured"

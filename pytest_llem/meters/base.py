@@ -13,12 +13,14 @@ from typing import Literal, Protocol, runtime_checkable
 
 __all__ = [
     "DOMAINS",
+    "DeviceState",
     "Domain",
     "DomainReading",
     "EnergyMeter",
     "EnergyReading",
     "MeterInfo",
     "MeterResolution",
+    "PowerTimeline",
     "Source",
 ]
 
@@ -43,22 +45,67 @@ class DomainReading:
 
 
 @dataclass(frozen=True)
+class PowerTimeline:
+    """Power of one domain sampled through a window (summed over the domain's devices).
+
+    ``times_s`` are seconds since the window opened; ``watts`` the power at (or, after
+    downsampling, the mean power of the bucket ending near) each time. ``samples`` counts the
+    raw samples before downsampling; ``period_s`` is the sampler's period; ``method`` says what
+    was read (``"NVML_FI_DEV_POWER_INSTANT"``, ``"nvmlDeviceGetPowerUsage"``).
+    """
+
+    domain: Domain
+    times_s: tuple[float, ...]
+    watts: tuple[float, ...]
+    method: str
+    period_s: float
+    samples: int
+
+
+@dataclass(frozen=True)
+class DeviceState:
+    """A device's thermal and clock state at one window edge (None: the device cannot say)."""
+
+    temperature_c: float | None = None
+    sm_clock_mhz: float | None = None
+    memory_clock_mhz: float | None = None
+    power_limit_w: float | None = None
+    throttle_reasons: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class EnergyReading:
-    """Everything one meter saw over one window."""
+    """Everything one meter saw over one window.
+
+    ``timelines`` are power samples over the window (one per domain the meter samples);
+    ``cross_check`` maps a domain to ``counter_vs_power_diff``, the relative difference
+    ``(counter energy - integrated power) / integrated power`` where both exist;
+    ``start_states``/``end_states`` map a device label to its state at the window's edges.
+    """
 
     meter: str
     duration_s: float
     domains: dict[str, DomainReading]
     emissions_kg: float | None = None
     notes: tuple[str, ...] = ()
+    timelines: tuple[PowerTimeline, ...] = ()
+    cross_check: dict[str, float] = field(default_factory=dict)
+    start_states: dict[str, DeviceState] = field(default_factory=dict)
+    end_states: dict[str, DeviceState] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
 class MeterResolution:
-    """How finely a meter can resolve energy: the counter's update period and its quantum."""
+    """How finely a meter can resolve energy: the counter's update period and its quantum.
+
+    ``update_period_measured`` is True when the period was measured on this machine (polling
+    the counter at start-up) rather than taken from a nominal value; ``note`` says how.
+    """
 
     update_period_s: float | None = None
     energy_quantum_j: float | None = None
+    update_period_measured: bool = False
+    note: str | None = None
 
 
 @dataclass(frozen=True)
@@ -79,9 +126,16 @@ class EnergyMeter(Protocol):
     """Protocol of an energy meter (one implementation per module).
 
     ``start()`` opens a window, ``stop()`` closes it and returns the energy per domain.
-    Windows do not overlap. ``close()`` releases the meter at session end. A meter that can
-    read mid-window also offers ``lap() -> EnergyReading`` (the energy since ``start()``,
-    the window staying open); the steady-state measurement uses it where present.
+    Windows do not overlap. ``close()`` releases the meter at session end.
+
+    Optional methods, used where present (duck-typed):
+
+    - ``lap() -> EnergyReading``: the energy since ``start()``, the window staying open; the
+      steady-state measurement uses it.
+    - ``device_states() -> dict[str, DeviceState]``: each measured device's state now
+      (temperature, clocks); cooldown and the idle baseline use it.
+    - ``running_processes() -> dict[str, list[tuple[int, float | None]]]``: per device label,
+      the (pid, used memory in MiB) of compute processes on it; isolation checks use it.
     """
 
     name: str

@@ -218,15 +218,32 @@ class CodeCarbonMeter:
             cpu_model=str(self._hardware.get("cpu_model")),
             tracking_mode="machine",
             window_method=_WINDOW_METHOD,
+            emissions=(
+                "estimated: CodeCarbon's energy x the grid carbon intensity of "
+                f"{self._country} (kg CO2eq; --llem-country sets the country)"
+            ),
         )
         gpu_model = self._hardware.get("gpu_model")
         return MeterInfo(
             name=self.name,
             domains=tuple(covered),
             sources={d: self._coverage[d].source for d in covered},
-            resolution=MeterResolution(update_period_s=self._measure_power_secs),
+            resolution=self._resolution(),
             devices=(f"gpu: {gpu_model}",) if gpu_model else (),
             details=details,
+        )
+
+    def _resolution(self) -> MeterResolution:
+        """CodeCarbon reads every source at the task's edges: estimates scale with the window's
+        length (no quantisation); a GPU is read through NVML's energy counter, which updates
+        about every 0.1 s; RAPL counters update about every millisecond."""
+        if self._coverage["gpu"].method is not None:
+            return MeterResolution(
+                update_period_s=0.1,
+                note="GPU energy through NVML's counter (nominal 0.1 s update period)",
+            )
+        return MeterResolution(
+            note="read at each window's edges; estimates are power x time, not quantised"
         )
 
     def start(self) -> None:

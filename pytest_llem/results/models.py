@@ -14,9 +14,13 @@ from pydantic import BaseModel, ConfigDict, Field
 
 __all__ = [
     "SCHEMA_VERSION",
+    "BaselineDomain",
+    "BaselineRecord",
     "CaseError",
     "CaseRecord",
     "CaseResult",
+    "CooldownRecord",
+    "DeviceStateRecord",
     "DistributionSummary",
     "GpuInfo",
     "LoadRecord",
@@ -24,6 +28,7 @@ __all__ = [
     "MeterRecord",
     "MetricSummary",
     "MetricUnavailableError",
+    "PowerTimelineRecord",
     "PromptsRecord",
     "RepetitionRecord",
     "RunRecord",
@@ -96,10 +101,21 @@ class MeterRecord(_Record):
     name: str
     domains: list[str]
     sources: dict[str, str] = Field(description="Domain -> measured or estimated.")
-    update_period_s: float | None = None
+    update_period_s: float | None = Field(
+        default=None, description="The energy counter's update period, s (see its note)."
+    )
+    update_period_measured: bool = Field(
+        default=False, description="True when the period was measured on this machine."
+    )
+    resolution_note: str | None = None
     energy_quantum_j: float | None = None
     devices: list[str] = Field(default_factory=list)
     selected_because: str | None = None
+    used_for: list[str] = Field(
+        default_factory=list,
+        description="Domains this run takes from this meter (a domain comes from one meter).",
+    )
+    notes: list[str] = Field(default_factory=list)
     details: dict[str, str] = Field(default_factory=dict)
 
 
@@ -121,8 +137,31 @@ class ServerLoadRecord(_Record):
     saturation_reason: str | None = None
 
 
+class PowerTimelineRecord(_Record):
+    """Power of one domain through one window, downsampled to a bounded number of points."""
+
+    domain: str
+    meter: str
+    times_s: list[float] = Field(description="Seconds since the window opened.")
+    watts: list[float] = Field(description="Power at each time (bucket means), W.")
+    method: str = Field(description="What was sampled (e.g. NVML_FI_DEV_POWER_INSTANT).")
+    period_s: float = Field(description="The sampler's period, s.")
+    samples: int = Field(description="Raw samples before downsampling.")
+
+
+class DeviceStateRecord(_Record):
+    """A device's thermal and clock state at a window edge (None: the device cannot say)."""
+
+    temperature_c: float | None = None
+    sm_clock_mhz: float | None = None
+    memory_clock_mhz: float | None = None
+    power_limit_w: float | None = None
+    throttle_reasons: list[str] = Field(default_factory=list)
+
+
 class RepetitionRecord(_Record):
-    """One measured window."""
+    """One measured window. Energy fields are totals over the window (all ``rounds``);
+    ``values`` are per round."""
 
     index: int
     duration_s: float
@@ -147,6 +186,61 @@ class RepetitionRecord(_Record):
     values: dict[str, float | None] = Field(
         default_factory=dict, description="Every scalar metric of this window by its name."
     )
+    dynamic_energy_negative: bool = Field(
+        default=False,
+        description="dynamic_energy_j came out below 0 (reported unclamped: check the baseline).",
+    )
+    power_timeline: list[PowerTimelineRecord] = Field(default_factory=list)
+    counter_vs_power_diff: dict[str, float] = Field(
+        default_factory=dict,
+        description="Per domain, (counter energy - integrated power samples) / integrated power.",
+    )
+    device_states: dict[str, dict[str, DeviceStateRecord]] = Field(
+        default_factory=dict,
+        description="'start' and 'end' of the window: device label -> state.",
+    )
+
+
+class BaselineDomain(_Record):
+    """Idle power of one domain."""
+
+    idle_power_w: float = Field(description="Mean power with the system idle, W.")
+    stdev_w: float | None = Field(
+        default=None, description="Standard deviation of the sub-window powers, W."
+    )
+    relative_spread: float | None = Field(
+        default=None, description="stdev_w / idle_power_w (None when idle power is 0)."
+    )
+    seconds: float = Field(description="How long idle power was measured, s.")
+    windows: int = Field(description="Sub-windows the spread is computed over.")
+    source: str = Field(description="measured or estimated, as the meter's energy.")
+    meter: str
+
+
+class BaselineRecord(_Record):
+    """Idle power per domain, measured before the first case (or reused from the cache)."""
+
+    domains: dict[str, BaselineDomain] = Field(default_factory=dict)
+    taken_at: datetime
+    seconds: float = Field(description="Length of the idle measurement, s.")
+    cached: bool = Field(description="Reused from the baseline cache rather than measured now.")
+    cache_key: str | None = None
+    idle_temperature_c: dict[str, float] = Field(
+        default_factory=dict, description="Device label -> temperature at the end of idle, C."
+    )
+    notes: list[str] = Field(default_factory=list)
+
+
+class CooldownRecord(_Record):
+    """What ``--llem-cooldown`` did before a case."""
+
+    mode: str = Field(description="off, temperature or seconds.")
+    waited_s: float = 0.0
+    start_temperature_c: float | None = None
+    end_temperature_c: float | None = None
+    target_temperature_c: float | None = None
+    reached: bool = True
+    note: str | None = None
 
 
 class PromptsRecord(_Record):
@@ -201,6 +295,14 @@ class CaseResult(_Record):
     )
     warmup: int = 0
     notes: list[str] = Field(default_factory=list)
+    baseline: BaselineRecord | None = Field(
+        default=None, description="The idle baseline dynamic energy was computed against."
+    )
+    cooldown: CooldownRecord | None = None
+    measured_hot: bool = Field(
+        default=False,
+        description="A window started well above the idle temperature (leakage bias).",
+    )
 
     def __getitem__(self, name: str) -> MetricSummary:
         try:
@@ -269,6 +371,9 @@ class RunRecord(_Record):
     options: dict[str, Any] = Field(default_factory=dict)
     machines: list[MachineInfo] = Field(
         default_factory=list, description="Every machine of a merged record (empty otherwise)."
+    )
+    baseline: BaselineRecord | None = Field(
+        default=None, description="The session's idle baseline (None: disabled or no meter)."
     )
     cases: list[CaseRecord] = Field(default_factory=list)
     comparison: dict[str, Any] | None = Field(

@@ -1,0 +1,171 @@
+"""Energy trust through pytest: the idle baseline and dynamic energy in the run record, honest
+labels, no zeros, combined meters and the options' checks."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pytest_llem.data.tiny_model import cache_root
+
+pytestmark = pytest.mark.slow
+
+pytest_plugins = ["pytester"]
+
+CASE = """
+import pytest
+
+@pytest.mark.llem(batch_size=4, max_new_tokens=4, min_new_tokens=4, num_prompts=4)
+def test_tiny(llem):
+    llem.run()
+"""
+
+QUICK = ["-p", "no:cacheprovider", "--llem-warmup=0", "--llem-repeat=2"]
+
+
+def _record(pytester: pytest.Pytester) -> dict[str, Any]:
+    return json.loads((pytester.path / "reports" / "llem-report.json").read_text())
+
+
+def _numbers(node: Any, path: str = "") -> list[tuple[str, float]]:
+    """Every number in a JSON tree with its path."""
+    if isinstance(node, dict):
+        return [pair for k, v in node.items() for pair in _numbers(v, f"{path}.{k}")]
+    if isinstance(node, list):
+        return [pair for i, v in enumerate(node) for pair in _numbers(v, f"{path}[{i}]")]
+    if isinstance(node, (int, float)) and not isinstance(node, bool):
+        return [(path, float(node))]
+    return []
+
+
+def test_codecarbon_run_records_a_baseline_and_labels_estimates(
+    pytester: pytest.Pytester, tiny_model: Path
+) -> None:
+    pytest.importorskip("codecarbon", reason="codecarbon is not installed")
+    pytester.makepyfile(CASE)
+    result = pytester.runpytest(
+        *QUICK, "--llem-meter=codecarbon", "--llem-baseline-s=0.5", "--llem-min-window-s=0.3"
+    )
+    result.assert_outcomes(passed=1)
+    record = _record(pytester)
+    baseline = record["baseline"]
+    assert baseline is not None
+    assert baseline["cached"] is False
+    assert baseline["seconds"] == 0.5
+    cpu = baseline["domains"]["cpu"]
+    assert cpu["idle_power_w"] > 0
+    assert cpu["source"] == "estimated"
+    assert cpu["meter"] == "codecarbon"
+    assert cpu["windows"] == 5
+    (case,) = record["cases"]
+    assert case["baseline"]["taken_at"] == baseline["taken_at"]
+    for name in (
+        "energy_per_output_token_j",
+        "dynamic_energy_j",
+        "dynamic_energy_per_output_token_j",
+    ):
+        summary = case["metrics"][name]
+        assert summary["source"] == "estimated", name
+        assert summary["median"] is not None, name
+    assert case["metrics"]["emissions_kg"]["source"] == "estimated"
+    assert case["metrics"]["emissions_kg"]["unit"] == "kg CO2eq"
+    for rep in case["repetitions"]:
+        assert rep["duration_s"] >= 0.3  # extended to --llem-min-window-s
+    assert case["metrics"]["duration_s"]["median"] < min(
+        r["duration_s"] for r in case["repetitions"]
+    ) or all(r["rounds"] == 1 for r in case["repetitions"])
+    (meter,) = case["meters"]
+    assert meter["used_for"] == ["cpu", "dram"] or meter["used_for"] == ["gpu", "cpu", "dram"]
+
+
+def test_meter_none_reports_no_energy_and_no_zeros(
+    pytester: pytest.Pytester, tiny_model: Path
+) -> None:
+    pytester.makepyfile(CASE)
+    result = pytester.runpytest(*QUICK, "--llem-meter=none")
+    result.assert_outcomes(passed=1)
+    record = _record(pytester)
+    assert record["baseline"] is None
+    (case,) = record["cases"]
+    for name, summary in case["metrics"].items():
+        if "energy" in name or name in ("avg_power_w", "output_tokens_per_j", "idle_power_w"):
+            assert summary["median"] is None, name
+            assert summary["note"], name
+    energy_paths = [
+        (path, value)
+        for path, value in _numbers(case)
+        if "energy" in path and not path.endswith(".n") and value == 0
+    ]
+    assert energy_paths == []
+    assert all(rep["rounds"] == 1 for rep in case["repetitions"])  # no meter: no extension
+
+
+def test_baseline_is_cached_between_runs(pytester: pytest.Pytester, tiny_model: Path) -> None:
+    pytest.importorskip("codecarbon", reason="codecarbon is not installed")
+    pytester.makepyfile(CASE)
+    pytester.makeini("[pytest]\nllem_baseline_s = 0.5\nllem_min_window_s = 0\n")
+    shutil.rmtree(cache_root() / "baselines", ignore_errors=True)  # earlier tests' baselines
+    pytester.runpytest(*QUICK, "--llem-meter=codecarbon").assert_outcomes(passed=1)
+    first = _record(pytester)["baseline"]
+    assert first["cached"] is False
+    pytester.runpytest(*QUICK, "--llem-meter=codecarbon").assert_outcomes(passed=1)
+    second = _record(pytester)["baseline"]
+    assert second["cached"] is True
+    assert second["taken_at"] == first["taken_at"]
+    # asking on the command line measures afresh
+    pytester.runpytest(*QUICK, "--llem-meter=codecarbon", "--llem-baseline-s=0.5")
+    third = _record(pytester)["baseline"]
+    assert third["cached"] is False
+    assert third["taken_at"] != first["taken_at"]
+
+
+def test_baseline_zero_disables_it(pytester: pytest.Pytester, tiny_model: Path) -> None:
+    pytest.importorskip("codecarbon", reason="codecarbon is not installed")
+    pytester.makepyfile(CASE)
+    result = pytester.runpytest(
+        *QUICK, "--llem-meter=codecarbon", "--llem-baseline-s=0", "--llem-min-window-s=0"
+    )
+    result.assert_outcomes(passed=1)
+    record = _record(pytester)
+    assert record["baseline"] is None
+    (case,) = record["cases"]
+    assert case["metrics"]["dynamic_energy_j"]["median"] is None
+    assert "--llem-baseline-s=0" in case["metrics"]["dynamic_energy_j"]["note"]
+    assert case["metrics"]["energy_j"]["median"] is not None
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--llem-baseline-s=-1"], "*--llem-baseline-s: expected seconds*"),
+        (["--llem-min-window-s=soon"], "*--llem-min-window-s: expected seconds*"),
+        (["--llem-cooldown=lukewarm"], "*--llem-cooldown: expected off, temperature or seconds:N*"),
+        (["--llem-cooldown=seconds:-3"], "*--llem-cooldown: expected off*"),
+        (["--llem-meter=nvml,nvml"], "*--llem-meter: meter 'nvml' is named twice*"),
+        (["--llem-meter=auto,rapl"], "*'auto' cannot be combined*"),
+        (["--llem-country=France"], "*--llem-country: expected a three-letter ISO code*"),
+    ],
+)
+def test_bad_energy_options_are_usage_errors(
+    pytester: pytest.Pytester, args: list[str], message: str
+) -> None:
+    pytester.makepyfile(CASE)
+    result = pytester.runpytest(*args)
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines([message])
+
+
+def test_options_appear_in_help(pytester: pytest.Pytester) -> None:
+    result = pytester.runpytest("--help")
+    result.stdout.fnmatch_lines(
+        [
+            "*--llem-baseline-s=SECONDS*",
+            "*--llem-min-window-s=SECONDS*",
+            "*--llem-cooldown=MODE*",
+            "*--llem-country=ISO*",
+        ]
+    )
