@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import os
 from collections.abc import Callable, Iterable
 from datetime import datetime, timezone
 from pathlib import Path
@@ -39,6 +40,7 @@ from pytest_llem.results.models import CaseError, CaseRecord, GpuInfo, RunRecord
 from pytest_llem.session import (
     METER_NAMES,
     BackendCache,
+    BaselineState,
     LlemSession,
     MeterState,
     build_options,
@@ -52,10 +54,40 @@ _OPTIONS: tuple[tuple[str, str, str | None], ...] = (
     ("backend", "Inference backend for every case (default: transformers).", None),
     ("model", "Model for every case: llem-tiny (built-in), a folder, or a hub id.", None),
     ("device", "Device: auto, cpu or cuda (default: auto).", None),
-    ("meter", "Energy meter: auto, nvml, codecarbon or none (default: auto).", None),
+    (
+        "meter",
+        "Energy meter(s): auto, nvml, rapl, zeus, codecarbon or none, or several joined with "
+        "commas (nvml,rapl); each domain is taken from one meter (default: auto).",
+        "NAME[,NAME]",
+    ),
     ("repeat", "Measured repetitions per case (default: 3).", "N"),
     ("warmup", "Unmeasured warmup repetitions per case (default: 1).", "N"),
     ("report_dir", "Folder for llem-report.json and runs/ (default: reports).", "DIR"),
+    (
+        "baseline_s",
+        "Seconds of idle power measured before the first case, for dynamic energy; cached per "
+        "machine for an hour unless given here; 0 disables (default: 5).",
+        "SECONDS",
+    ),
+    (
+        "min_window_s",
+        "Shortest measurement window: the workload repeats inside a window until it lasts "
+        "max(this, 20 x the meter's update period) (default: 1).",
+        "SECONDS",
+    ),
+    (
+        "cooldown",
+        "Before each case: off, temperature (wait until the GPU is near its idle temperature) "
+        "or seconds:N (default: off).",
+        "MODE",
+    ),
+    ("country", "Country (ISO code, e.g. USA, FRA) for CodeCarbon's emissions.", "ISO"),
+    (
+        "endpoint",
+        "Benchmark an OpenAI-compatible server running on this machine, e.g. "
+        "http://127.0.0.1:8000 (selects the endpoint backend unless a backend is given).",
+        "URL",
+    ),
 )
 
 #: Engine loggers quieted unless pytest runs with -v.
@@ -233,6 +265,8 @@ def pytest_configure(config: pytest.Config) -> None:
     if config.get_verbosity() < 1:
         for name in NOISY_LOGGERS:
             logging.getLogger(name).setLevel(logging.ERROR)
+        # vLLM sets its loggers' level from this when imported, in its engine processes too.
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
     backend_names = _names(config.hook.pytest_llem_backend_names(), BUILTIN_BACKENDS)
     meter_names = _names(config.hook.pytest_llem_meter_names(), METER_NAMES)
     cli, ini = _raw_options(config)
@@ -257,7 +291,11 @@ def pytest_configure(config: pytest.Config) -> None:
         return backend  # type: ignore[no-any-return]
 
     def make_meter(name: str) -> EnergyMeter:
-        meter = config.hook.pytest_llem_make_meter(name=name, config=config, options={})
+        meter = config.hook.pytest_llem_make_meter(
+            name=name,
+            config=config,
+            options={"country_iso_code": options.energy.country_iso_code},
+        )
         if meter is None:
             raise ConfigurationError(f"no plugin provides the meter {name!r}")
         return meter  # type: ignore[no-any-return]
@@ -272,6 +310,7 @@ def pytest_configure(config: pytest.Config) -> None:
         backends=BackendCache(make_backend),
         meters=MeterState(options.meter, make=make_meter, select_auto=select_auto),
         progress=progress,
+        baseline=BaselineState(options.energy, progress),
     )
     config.stash[SESSION_KEY] = session
     config.pluginmanager.register(RunRecorder(config, session), "llem-run-recorder")
@@ -293,6 +332,18 @@ def pytest_llem_make_backend(
         from pytest_llem.backends.transformers import TransformersBackend
 
         return TransformersBackend(case, progress=progress)
+    if name == "endpoint":
+        from pytest_llem.backends.endpoint import EndpointBackend
+
+        return EndpointBackend(case, progress=progress)
+    if name == "tensorrt":
+        from pytest_llem.backends.tensorrt import TensorRTBackend
+
+        return TensorRTBackend(case, progress=progress)
+    if name == "vllm":
+        from pytest_llem.backends.vllm import VllmBackend
+
+        return VllmBackend(case, progress=progress)
     return None
 
 
@@ -305,7 +356,7 @@ def pytest_llem_make_meter(
         return None
     from pytest_llem.meters.registry import create_meter
 
-    return create_meter(name)
+    return create_meter(name, country_iso_code=options.get("country_iso_code"))
 
 
 _PRELOADED = pytest.StashKey[bool]()
@@ -504,12 +555,16 @@ def _run_record(config: pytest.Config, session: LlemSession) -> RunRecord:
         gpus=[GpuInfo(**dataclasses.asdict(gpu)) for gpu in gpus],
         gpu_note=gpu_note,
     )
+    baseline = session.baseline.record if session.baseline is not None else None
+    if baseline is None:  # measured on xdist workers: each case carries its own
+        baseline = next((case.baseline for case in session.cases if case.baseline), None)
     return RunRecord(
         run_id=session.run_id,
         created_at=session.started_at,
         finished_at=datetime.now(timezone.utc),
         machine=machine,
         options=session.options.given,
+        baseline=baseline,
         cases=session.cases,
     )
 

@@ -169,3 +169,54 @@ def test_options_appear_in_help(pytester: pytest.Pytester) -> None:
             "*--llem-country=ISO*",
         ]
     )
+
+
+def test_nvml_run_records_timeline_states_and_heat(
+    pytester: pytest.Pytester, tiny_model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tests.fakes.fake_pynvml import FakeGpu, install
+
+    gpu = FakeGpu(power_w=150.0, temperature_c=41, counter_step_s=0.01)
+    install(monkeypatch, [gpu])
+    shutil.rmtree(cache_root() / "baselines", ignore_errors=True)
+    pytester.makepyfile(CASE)
+    pytester.makeini("[pytest]\nllem_baseline_s = 0.5\nllem_min_window_s = 0.3\n")
+    result = pytester.runpytest(*QUICK, "--llem-meter=nvml")
+    result.assert_outcomes(passed=1)
+    record = _record(pytester)
+    idle = record["baseline"]["domains"]["gpu"]
+    assert idle["idle_power_w"] == pytest.approx(150.0, rel=0.1)
+    assert idle["source"] == "measured"
+    assert record["baseline"]["idle_temperature_c"] == {"gpu0": 41.0}
+    (case,) = record["cases"]
+    assert case["measured_hot"] is False
+    (meter,) = case["meters"]
+    assert meter["update_period_measured"] is True
+    assert meter["update_period_s"] == pytest.approx(0.01, rel=0.5)
+    for rep in case["repetitions"]:
+        assert rep["duration_s"] >= 0.3
+        (timeline,) = rep["power_timeline"]
+        assert timeline["domain"] == "gpu"
+        assert 0 < len(timeline["watts"]) <= 200
+        assert sum(timeline["watts"]) / len(timeline["watts"]) == pytest.approx(150.0, rel=0.05)
+        assert abs(rep["counter_vs_power_diff"]["gpu"]) < 0.1
+        assert rep["device_states"]["start"]["gpu0"]["temperature_c"] == 41
+        assert rep["device_states"]["end"]["gpu0"]["sm_clock_mhz"] == 1980
+    dynamic = case["metrics"]["dynamic_energy_j"]
+    energy = case["metrics"]["energy_j"]
+    assert dynamic["source"] == "measured"
+    assert abs(dynamic["median"]) < 0.15 * energy["median"]  # constant power: ~0 above idle
+    html = (pytester.path / "reports" / "llem-report.html").read_text()
+    assert "Power timeline" in html
+    assert "gpu idle power" in html
+
+    gpu.temperature_c = 60  # the next run starts hot against the cached idle temperature
+    result = pytester.runpytest(*QUICK, "--llem-meter=nvml", "--llem-cooldown=seconds:0.1")
+    result.assert_outcomes(passed=1)
+    record = _record(pytester)
+    assert record["baseline"]["cached"] is True
+    (case,) = record["cases"]
+    assert case["measured_hot"] is True
+    assert case["cooldown"]["mode"] == "seconds"
+    assert case["cooldown"]["waited_s"] >= 0.1
+    result.stdout.fnmatch_lines(["*test_tiny (hot)*", "*measured hot*test_tiny*"])

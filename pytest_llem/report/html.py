@@ -143,6 +143,7 @@ class _CaseView:
     n: str = ""
     latency_chart: Markup | None = None
     power_chart: Markup | None = None
+    thermal: list[dict[str, str]] = field(default_factory=list)
 
 
 def _usual_n(case: CaseRecord) -> int | None:
@@ -224,13 +225,56 @@ def _common_settings(record: RunRecord) -> dict[str, str]:
 
 
 def _power_series(case: CaseRecord) -> list[list[tuple[float, float]]] | None:
-    """Power samples per window, ``(seconds into the window, W)``.
+    """Power samples per window, ``(seconds into the window, W)``, summed over the domains a
+    window has a timeline for (one line per window)."""
+    series = []
+    for repetition in case.repetitions:
+        if not repetition.power_timeline:
+            continue
+        totals: dict[float, float] = {}
+        for timeline in repetition.power_timeline:
+            for t, w in zip(timeline.times_s, timeline.watts, strict=True):
+                totals[t] = totals.get(t, 0.0) + w
+        series.append(sorted(totals.items()))
+    return series or None
 
-    The run record holds no power samples yet, so there is never a series; when it does, this
-    is the one place that reads them.
-    """
-    del case
-    return None
+
+def _thermal_rows(case: CaseRecord) -> list[dict[str, str]]:
+    """Per window: device state at start and end, and the counter-vs-power cross-check."""
+    rows = []
+    for repetition in case.repetitions:
+        start = repetition.device_states.get("start", {})
+        end = repetition.device_states.get("end", {})
+        for label in sorted({*start, *end}):
+            first, last = start.get(label), end.get(label)
+            reasons = sorted(
+                {
+                    *(first.throttle_reasons if first else []),
+                    *(last.throttle_reasons if last else []),
+                }
+            )
+            rows.append(
+                {
+                    "window": str(repetition.index),
+                    "device": label,
+                    "temperature": f"{_num(first.temperature_c if first else None)} → "
+                    f"{_num(last.temperature_c if last else None)}",
+                    "sm_clock": f"{_num(first.sm_clock_mhz if first else None)} → "
+                    f"{_num(last.sm_clock_mhz if last else None)}",
+                    "power_limit": _num(last.power_limit_w if last else None),
+                    "throttle": ", ".join(reasons) or "none",
+                    "cross_check": ", ".join(
+                        f"{domain} {diff:+.2%}"
+                        for domain, diff in repetition.counter_vs_power_diff.items()
+                    )
+                    or "n/a",
+                }
+            )
+    return rows
+
+
+def _num(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:g}"
 
 
 def _power_chart(case: CaseRecord) -> Markup | None:
@@ -277,6 +321,7 @@ def _case_views(
                 n="" if usual is None else str(usual),
                 latency_chart=_chart(svg.latency_distribution(case.latency)),
                 power_chart=_power_chart(case),
+                thermal=_thermal_rows(case),
             )
         )
     return views
@@ -411,12 +456,32 @@ def _meters(record: RunRecord) -> list[dict[str, Any]]:
 
 
 def _baseline(record: RunRecord) -> list[tuple[str, str]]:
-    baseline = record.options.get("baseline")
-    if isinstance(baseline, Mapping):
-        return _kv(baseline)
-    if baseline is not None:
-        return [("baseline", _json_text(baseline))]
-    return []
+    """The idle baseline as label/value rows: per domain power, spread, source and meter."""
+    baseline = record.baseline
+    if baseline is None:
+        return []
+    rows = [
+        (
+            f"{domain} idle power",
+            f"{d.idle_power_w:.4g} W ± {d.stdev_w or 0:.2g} W"
+            + (f" ({d.relative_spread:.1%} spread)" if d.relative_spread is not None else "")
+            + f", {d.source}, {d.meter}, {d.seconds:g} s in {d.windows} windows",
+        )
+        for domain, d in baseline.domains.items()
+    ]
+    rows.append(
+        (
+            "taken at",
+            f"{baseline.taken_at:%Y-%m-%d %H:%M:%S} UTC"
+            + (" (reused from the cache)" if baseline.cached else ""),
+        )
+    )
+    rows.extend(
+        (f"{label} idle temperature", f"{t:g} C")
+        for label, t in baseline.idle_temperature_c.items()
+    )
+    rows.extend(("note", note) for note in baseline.notes)
+    return rows
 
 
 def _comparison(comparison: Mapping[str, Any] | None) -> dict[str, Any] | None:

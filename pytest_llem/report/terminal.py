@@ -49,9 +49,10 @@ def summary_rows(record: RunRecord) -> list[list[str]]:
             status = case.error.type if case.error else case.outcome
             rows.append([case.name, case.backend or "-", meter, status, "", "", ""])
             continue
+        name = case.name if case.outcome == "passed" else f"{case.name} [{case.outcome}]"
         rows.append(
             [
-                case.name if case.outcome == "passed" else f"{case.name} [{case.outcome}]",
+                f"{name} (hot)" if case.measured_hot else name,
                 case.backend,
                 meter,
                 _metric(case, "energy_per_output_token_j"),
@@ -81,6 +82,30 @@ def format_table(
     return [line(header), line(["-" * w for w in widths]), *(line(r) for r in rows)]
 
 
+def _baseline_line(record: RunRecord) -> str | None:
+    baseline = record.baseline
+    if baseline is None:
+        return None
+    parts = [
+        f"{domain} {d.idle_power_w:.3g} W"
+        + (f" ±{d.relative_spread:.1%}" if d.relative_spread is not None else "")
+        + (" (est.)" if d.source == "estimated" else "")
+        for domain, d in baseline.domains.items()
+    ]
+    origin = "cached" if baseline.cached else f"measured over {baseline.seconds:g} s"
+    return f"idle baseline ({origin}): {', '.join(parts) or 'no domain'}"
+
+
 def summary_lines(record: RunRecord) -> list[str]:
-    """The whole table, header first."""
-    return format_table(COLUMNS, summary_rows(record))
+    """The whole table, header first, then the idle baseline and cases measured hot."""
+    lines = format_table(COLUMNS, summary_rows(record))
+    baseline = _baseline_line(record)
+    if baseline is not None:
+        lines.append(baseline)
+    hot = [case.name for case in record.cases if case.measured_hot]
+    if hot:
+        lines.append(
+            f"measured hot (a window started well above idle temperature; try "
+            f"--llem-cooldown=temperature): {', '.join(hot)}"
+        )
+    return lines

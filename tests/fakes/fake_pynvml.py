@@ -3,43 +3,96 @@
 Each fake GPU has an energy counter in millijoules that advances in steps of
 ``counter_step_s`` (100 ms, as on an H100) at its configured power, on the real clock
 (``time.perf_counter``), so the energy of a window is power x elapsed time quantised to a step.
-``install(monkeypatch, ...)`` puts the fake into ``sys.modules["pynvml"]``.
+Power (``nvmlDeviceGetPowerUsage`` and the ``NVML_FI_DEV_POWER_INSTANT`` field, returned in a
+ctypes structure shaped like pynvml's ``c_nvmlFieldValue_t``), temperature, clocks, clock event
+reasons, compute processes and MIG follow pynvml's names, units and return shapes. Any query can
+be made unsupported per GPU (``FakeGpu.unsupported``) or missing from the module
+(``install(..., missing=...)``, as in an old nvidia-ml-py). ``install(monkeypatch, ...)`` puts
+the fake into ``sys.modules["pynvml"]``.
 """
 
 from __future__ import annotations
 
+import ctypes
 import math
 import sys
 import threading
 import time
 import types
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
 
 __all__ = [
+    "NVML_CLOCK_MEM",
+    "NVML_CLOCK_SM",
+    "NVML_FI_DEV_POWER_AVERAGE",
+    "NVML_FI_DEV_POWER_INSTANT",
+    "NVML_TEMPERATURE_GPU",
+    "NVML_VALUE_TYPE_DOUBLE",
+    "NVML_VALUE_TYPE_UNSIGNED_INT",
+    "FakeFieldValue",
     "FakeGpu",
     "FakeMemoryInfo",
     "FakeNvml",
+    "FakeProcessInfo",
     "NVMLError",
     "NVMLError_DriverNotLoaded",
     "NVMLError_FunctionNotFound",
     "NVMLError_GpuIsLost",
     "NVMLError_InvalidArgument",
     "NVMLError_LibraryNotFound",
+    "NVMLError_NotFound",
     "NVMLError_NotSupported",
     "NVMLError_Uninitialized",
     "install",
 ]
 
+NVML_SUCCESS = 0
 NVML_ERROR_UNINITIALIZED = 1
 NVML_ERROR_INVALID_ARGUMENT = 2
 NVML_ERROR_NOT_SUPPORTED = 3
+NVML_ERROR_NOT_FOUND = 6
 NVML_ERROR_DRIVER_NOT_LOADED = 9
 NVML_ERROR_LIBRARY_NOT_FOUND = 12
 NVML_ERROR_FUNCTION_NOT_FOUND = 13
 NVML_ERROR_GPU_IS_LOST = 15
+
+NVML_TEMPERATURE_GPU = 0
+NVML_CLOCK_SM = 1
+NVML_CLOCK_MEM = 2
+NVML_DEVICE_MIG_DISABLE = 0
+NVML_DEVICE_MIG_ENABLE = 1
+NVML_FI_DEV_POWER_AVERAGE = 185
+NVML_FI_DEV_POWER_INSTANT = 186
+
+NVML_VALUE_TYPE_DOUBLE = 0
+NVML_VALUE_TYPE_UNSIGNED_INT = 1
+NVML_VALUE_TYPE_UNSIGNED_LONG = 2
+NVML_VALUE_TYPE_UNSIGNED_LONG_LONG = 3
+NVML_VALUE_TYPE_SIGNED_LONG_LONG = 4
+NVML_VALUE_TYPE_SIGNED_INT = 5
+NVML_VALUE_TYPE_UNSIGNED_SHORT = 6
+
+#: Clock event (formerly "throttle") reason bits, under both of pynvml's spellings.
+_REASON_BITS = {
+    "GpuIdle": 0x1,
+    "ApplicationsClocksSetting": 0x2,
+    "SwPowerCap": 0x4,
+    "HwSlowdown": 0x8,
+    "SyncBoost": 0x10,
+    "SwThermalSlowdown": 0x20,
+    "HwThermalSlowdown": 0x40,
+    "HwPowerBrakeSlowdown": 0x80,
+    "DisplayClockSetting": 0x100,
+}
+
+_POWER_FIELDS = {
+    NVML_FI_DEV_POWER_AVERAGE: "NVML_FI_DEV_POWER_AVERAGE",
+    NVML_FI_DEV_POWER_INSTANT: "NVML_FI_DEV_POWER_INSTANT",
+}
 
 
 class NVMLError(Exception):
@@ -73,6 +126,13 @@ class NVMLError_NotSupported(NVMLError):
     text = "Not Supported"
 
 
+class NVMLError_NotFound(NVMLError):
+    """No device matches (for example an unknown UUID)."""
+
+    value = NVML_ERROR_NOT_FOUND
+    text = "Not Found"
+
+
 class NVMLError_DriverNotLoaded(NVMLError):
     """The NVIDIA driver is not loaded."""
 
@@ -101,6 +161,38 @@ class NVMLError_GpuIsLost(NVMLError):
     text = "GPU is lost"
 
 
+class FakeValue(ctypes.Union):
+    """The value union of a field value (``c_nvmlValue_t`` in pynvml)."""
+
+    _fields_ = [
+        ("dVal", ctypes.c_double),
+        ("uiVal", ctypes.c_uint),
+        ("ulVal", ctypes.c_ulong),
+        ("ullVal", ctypes.c_ulonglong),
+        ("sllVal", ctypes.c_longlong),
+        ("siVal", ctypes.c_int),
+        ("usVal", ctypes.c_ushort),
+    ]
+
+
+class FakeFieldValue(ctypes.Structure):
+    """One answer of ``nvmlDeviceGetFieldValues`` (``c_nvmlFieldValue_t`` in pynvml).
+
+    ``nvmlReturn`` is the per-field status (0 = success; the call itself succeeds even when a
+    field is not supported), ``timestamp`` is in microseconds since the epoch.
+    """
+
+    _fields_ = [
+        ("fieldId", ctypes.c_uint32),
+        ("scopeId", ctypes.c_uint32),
+        ("timestamp", ctypes.c_int64),
+        ("latencyUsec", ctypes.c_int64),
+        ("valueType", ctypes.c_uint),
+        ("nvmlReturn", ctypes.c_uint),
+        ("value", FakeValue),
+    ]
+
+
 @dataclass(frozen=True)
 class FakeMemoryInfo:
     """What ``nvmlDeviceGetMemoryInfo`` returns, in bytes."""
@@ -111,9 +203,29 @@ class FakeMemoryInfo:
 
 
 @dataclass
+class FakeProcessInfo:
+    """One entry of ``nvmlDeviceGetComputeRunningProcesses`` (pynvml's friendly object).
+
+    ``usedGpuMemory`` is in bytes, or None where the driver cannot say (as pynvml maps it).
+    """
+
+    pid: int
+    usedGpuMemory: int | None
+    gpuInstanceId: int = 0xFFFFFFFF
+    computeInstanceId: int = 0xFFFFFFFF
+
+
+@dataclass
 class FakeGpu:
-    """One fake GPU. ``power_w`` may be changed while a window is open (``set_power``);
-    ``lost`` makes every query on it fail with ``NVMLError_GpuIsLost``."""
+    """One fake GPU.
+
+    ``power_w`` may be changed while a window is open (``FakeNvml.set_power``); ``lost`` makes
+    every query on it fail with ``NVMLError_GpuIsLost``; ``unsupported`` names pynvml functions
+    that answer ``NVMLError_NotSupported`` on this GPU (``"NVML_FI_DEV_POWER_INSTANT"`` makes
+    that field answer not supported inside a successful ``nvmlDeviceGetFieldValues``).
+    ``processes`` are ``(pid, used bytes or None)``; ``mig_devices`` are the UUIDs of the MIG
+    instances on this GPU (meaningful with ``mig_mode=1``).
+    """
 
     name: str = "NVIDIA H100 80GB HBM3"
     uuid: str = "GPU-00000000-0000-0000-0000-000000000000"
@@ -124,6 +236,15 @@ class FakeGpu:
     counter_step_s: float = 0.1
     counter_mj: int = 1_000_000
     lost: bool = False
+    temperature_c: int = 41
+    sm_clock_mhz: int = 1980
+    memory_clock_mhz: int = 2619
+    clock_reasons: int = 0x1
+    processes: list[tuple[int, int | None]] = field(default_factory=list)
+    mig_mode: int = NVML_DEVICE_MIG_DISABLE
+    mig_devices: list[str] = field(default_factory=list)
+    power_field_value_type: int = NVML_VALUE_TYPE_UNSIGNED_INT
+    unsupported: set[str] = field(default_factory=set)
     _next_tick: float = field(default=0.0, repr=False)
 
     def start_clock(self, now: float) -> None:
@@ -149,18 +270,36 @@ class _Handle:
         return f"<fake nvmlDevice {self.index}>"
 
 
+class _MigHandle:
+    """A MIG device handle: queries meant for a whole GPU are not supported on it."""
+
+    def __init__(self, parent: int, uuid: str) -> None:
+        self.parent = parent
+        self.uuid = uuid
+
+    def __repr__(self) -> str:
+        return f"<fake MIG nvmlDevice {self.uuid} on {self.parent}>"
+
+
 class FakeNvml:
     """The state behind the fake module: its GPUs, switches and call counts."""
 
     def __init__(
-        self, gpus: list[FakeGpu], *, driver: str = "580.159.04", library_found: bool = True
+        self,
+        gpus: list[FakeGpu],
+        *,
+        driver: str = "580.159.04",
+        library_found: bool = True,
+        missing: Iterable[str] = (),
     ) -> None:
         self.gpus = gpus
         self.driver = driver
         self.library_found = library_found
+        self.missing = frozenset(missing)
         self.init_count = 0
         self.shutdown_count = 0
         self.power_calls = 0
+        self.field_calls = 0
         self.energy_calls = 0
         self._lock = threading.Lock()
         now = time.perf_counter()
@@ -204,31 +343,86 @@ class FakeNvml:
             raise NVMLError_InvalidArgument()
         return _Handle(index)
 
-    def nvmlDeviceGetName(self, handle: _Handle) -> str:
-        return self._gpu(handle).name
+    def nvmlDeviceGetHandleByUUID(self, uuid: str) -> _Handle | _MigHandle:
+        """A GPU's handle, or a MIG device's handle for a ``MIG-...`` UUID."""
+        self._check()
+        for index, gpu in enumerate(self.gpus):
+            if gpu.uuid == uuid:
+                return _Handle(index)
+            if uuid in gpu.mig_devices:
+                return _MigHandle(index, uuid)
+        raise NVMLError_NotFound()
 
-    def nvmlDeviceGetUUID(self, handle: _Handle) -> str:
-        return self._gpu(handle).uuid
+    def nvmlDeviceIsMigDeviceHandle(self, handle: _Handle | _MigHandle) -> int:
+        self._check()
+        return int(isinstance(handle, _MigHandle))
+
+    def nvmlDeviceGetDeviceHandleFromMigDeviceHandle(self, handle: _MigHandle) -> _Handle:
+        self._check()
+        if not isinstance(handle, _MigHandle):
+            raise NVMLError_InvalidArgument()
+        self._gpu(_Handle(handle.parent), "nvmlDeviceGetDeviceHandleFromMigDeviceHandle")
+        return _Handle(handle.parent)
+
+    def nvmlDeviceGetMigMode(self, handle: _Handle) -> list[int]:
+        """``[current, pending]`` MIG mode."""
+        gpu = self._gpu(handle, "nvmlDeviceGetMigMode")
+        return [gpu.mig_mode, gpu.mig_mode]
+
+    def nvmlDeviceGetName(self, handle: _Handle) -> str:
+        return self._gpu(handle, "nvmlDeviceGetName").name
+
+    def nvmlDeviceGetUUID(self, handle: _Handle | _MigHandle) -> str:
+        if isinstance(handle, _MigHandle):
+            self._check()
+            return handle.uuid
+        return self._gpu(handle, "nvmlDeviceGetUUID").uuid
 
     def nvmlDeviceGetPowerManagementLimit(self, handle: _Handle) -> int:
-        return round(self._gpu(handle).power_limit_w * 1000)
+        return round(self._gpu(handle, "nvmlDeviceGetPowerManagementLimit").power_limit_w * 1000)
 
     def nvmlDeviceGetEnforcedPowerLimit(self, handle: _Handle) -> int:
-        return round(self._gpu(handle).power_limit_w * 1000)
+        return round(self._gpu(handle, "nvmlDeviceGetEnforcedPowerLimit").power_limit_w * 1000)
 
     def nvmlDeviceGetMemoryInfo(self, handle: _Handle) -> FakeMemoryInfo:
-        total = round(self._gpu(handle).memory_total_mb * 2**20)
+        total = round(self._gpu(handle, "nvmlDeviceGetMemoryInfo").memory_total_mb * 2**20)
         return FakeMemoryInfo(total=total, free=total, used=0)
 
     def nvmlDeviceGetPowerUsage(self, handle: _Handle) -> int:
-        """Instant power in milliwatts."""
-        gpu = self._gpu(handle)
+        """Power in milliwatts."""
+        gpu = self._gpu(handle, "nvmlDeviceGetPowerUsage")
         self.power_calls += 1
         return round(gpu.power_w * 1000)
 
+    def nvmlDeviceGetFieldValues(self, handle: _Handle, field_ids: list[Any]) -> Any:
+        """Field values as a ctypes array; power fields in milliwatts."""
+        gpu = self._gpu(handle, "nvmlDeviceGetFieldValues")
+        self.field_calls += 1
+        values = (FakeFieldValue * len(field_ids))()
+        for value, field_id in zip(values, field_ids, strict=True):
+            value.fieldId, value.scopeId = (
+                field_id if isinstance(field_id, tuple) else (field_id, 0)
+            )
+            value.timestamp = round(time.time() * 1e6)
+            self._fill_field(gpu, value)
+        return values
+
+    def _fill_field(self, gpu: FakeGpu, value: FakeFieldValue) -> None:
+        name = _POWER_FIELDS.get(value.fieldId)
+        if name is None or name in gpu.unsupported:
+            value.nvmlReturn = NVML_ERROR_NOT_SUPPORTED
+            return
+        value.nvmlReturn = NVML_SUCCESS
+        value.valueType = gpu.power_field_value_type
+        milliwatts = gpu.power_w * 1000
+        if gpu.power_field_value_type == NVML_VALUE_TYPE_DOUBLE:
+            value.value.dVal = milliwatts
+        else:
+            value.value.uiVal = round(milliwatts)
+
     def nvmlDeviceGetTotalEnergyConsumption(self, handle: _Handle) -> int:
         """Energy since the driver loaded, in millijoules, updated every ``counter_step_s``."""
-        gpu = self._gpu(handle)
+        gpu = self._gpu(handle, "nvmlDeviceGetTotalEnergyConsumption")
         if not gpu.energy_counter_supported:
             raise NVMLError_NotSupported()
         self.energy_calls += 1
@@ -236,37 +430,68 @@ class FakeNvml:
             gpu.advance(time.perf_counter())
             return gpu.counter_mj
 
+    def nvmlDeviceGetTemperature(self, handle: _Handle, sensor: int) -> int:
+        """Degrees Celsius."""
+        gpu = self._gpu(handle, "nvmlDeviceGetTemperature")
+        if sensor != NVML_TEMPERATURE_GPU:
+            raise NVMLError_InvalidArgument()
+        return gpu.temperature_c
+
+    def nvmlDeviceGetClockInfo(self, handle: _Handle, clock_type: int) -> int:
+        """Current clock in MHz."""
+        gpu = self._gpu(handle, "nvmlDeviceGetClockInfo")
+        if clock_type == NVML_CLOCK_SM:
+            return gpu.sm_clock_mhz
+        if clock_type == NVML_CLOCK_MEM:
+            return gpu.memory_clock_mhz
+        raise NVMLError_InvalidArgument()
+
+    def nvmlDeviceGetCurrentClocksEventReasons(self, handle: _Handle) -> int:
+        return self._gpu(handle, "nvmlDeviceGetCurrentClocksEventReasons").clock_reasons
+
+    def nvmlDeviceGetCurrentClocksThrottleReasons(self, handle: _Handle) -> int:
+        return self._gpu(handle, "nvmlDeviceGetCurrentClocksThrottleReasons").clock_reasons
+
+    def nvmlDeviceGetComputeRunningProcesses(self, handle: _Handle) -> list[FakeProcessInfo]:
+        gpu = self._gpu(handle, "nvmlDeviceGetComputeRunningProcesses")
+        return [FakeProcessInfo(pid, used) for pid, used in gpu.processes]
+
     def _check(self) -> None:
         if not self.initialised:
             raise NVMLError_Uninitialized()
 
-    def _gpu(self, handle: _Handle) -> FakeGpu:
+    def _gpu(self, handle: Any, function: str) -> FakeGpu:
         self._check()
+        if isinstance(handle, _MigHandle):
+            raise NVMLError_NotSupported()
         if not isinstance(handle, _Handle) or not 0 <= handle.index < len(self.gpus):
             raise NVMLError_InvalidArgument()
         gpu = self.gpus[handle.index]
         if gpu.lost:
             raise NVMLError_GpuIsLost()
+        if function in gpu.unsupported:
+            raise NVMLError_NotSupported()
         return gpu
 
     def module(self) -> types.ModuleType:
-        """A module object exposing this fake under pynvml's names."""
+        """A module object exposing this fake under pynvml's names (less ``missing`` ones)."""
         module = types.ModuleType("pynvml", "fake pynvml (tests/fakes/fake_pynvml.py)")
         for name in dir(self):
             if name.startswith("nvml"):
                 setattr(module, name, getattr(self, name))
-        errors: dict[str, Any] = {
-            "NVMLError": NVMLError,
-            "NVMLError_Uninitialized": NVMLError_Uninitialized,
-            "NVMLError_InvalidArgument": NVMLError_InvalidArgument,
-            "NVMLError_NotSupported": NVMLError_NotSupported,
-            "NVMLError_DriverNotLoaded": NVMLError_DriverNotLoaded,
-            "NVMLError_LibraryNotFound": NVMLError_LibraryNotFound,
-            "NVMLError_FunctionNotFound": NVMLError_FunctionNotFound,
-            "NVMLError_GpuIsLost": NVMLError_GpuIsLost,
+        constants: dict[str, Any] = {
+            name: value
+            for name, value in globals().items()
+            if name.startswith(("NVML_", "NVMLError"))
         }
-        for name, value in errors.items():
+        for reason, bit in _REASON_BITS.items():
+            constants[f"nvmlClocksEventReason{reason}"] = bit
+            constants[f"nvmlClocksThrottleReason{reason}"] = bit
+        for name, value in constants.items():
             setattr(module, name, value)
+        for name in self.missing:
+            if hasattr(module, name):
+                delattr(module, name)
         module.fake = self  # type: ignore[attr-defined]
         return module
 
@@ -276,6 +501,7 @@ def install(
     gpus: list[FakeGpu] | None = None,
     *,
     library_found: bool = True,
+    missing: Iterable[str] = (),
 ) -> FakeNvml:
     """Install a fake pynvml into ``sys.modules`` for the test; one H100 at 200 W by default.
 
@@ -283,11 +509,14 @@ def install(
         monkeypatch: The test's monkeypatch, which undoes the install afterwards.
         gpus: The fake GPUs; ``[]`` makes a driver with no device.
         library_found: False makes ``nvmlInit`` raise ``NVMLError_LibraryNotFound``.
+        missing: Names (functions or constants) the module lacks, as in an old nvidia-ml-py.
 
     Returns:
         The fake's state, to change power or switches and to count calls.
     """
-    fake = FakeNvml([FakeGpu()] if gpus is None else gpus, library_found=library_found)
+    fake = FakeNvml(
+        [FakeGpu()] if gpus is None else gpus, library_found=library_found, missing=missing
+    )
     monkeypatch.setitem(sys.modules, "pynvml", fake.module())
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     return fake
