@@ -25,3 +25,31 @@ def tiny_model(llem_cache: Path) -> Path:
     from pytest_llem.data.tiny_model import ensure_tiny_model
 
     return ensure_tiny_model()
+
+
+def _gpu_missing_reason() -> str | None:
+    """Why the ``gpu``-marked tests cannot run here, or None when a CUDA GPU is usable."""
+    from pytest_llem.meters.nvml import nvml_gpus
+
+    gpus, why = nvml_gpus()
+    if not gpus:
+        return f"needs an NVIDIA GPU: {why or 'NVML lists none'}"
+    try:
+        import torch
+    except ImportError:
+        return "needs torch with CUDA"
+    if not torch.cuda.is_available():
+        return "needs torch with CUDA (torch.cuda.is_available() is False)"
+    return None
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Skip ``gpu``-marked tests, with the reason, where no GPU can run them."""
+    gpu_items = [item for item in items if item.get_closest_marker("gpu") is not None]
+    if not gpu_items:
+        return
+    reason = _gpu_missing_reason()
+    if reason is None:
+        return
+    for item in gpu_items:
+        item.add_marker(pytest.mark.skip(reason=reason))

@@ -62,6 +62,7 @@ __all__ = [
     "CaseMeasurement",
     "Window",
     "WindowPolicy",
+    "measure_extended_window",
     "measure_window",
     "run_case",
     "summarise_case",
@@ -440,7 +441,7 @@ def run_case(
     extension_notes: list[str] = []
     context = _Context(config, non_embedding_parameters, policy, baseline, assignment)
     for index in range(config.repeat):
-        window = _long_enough_window(backend, meters, workload, clock, rounds, policy)
+        window = measure_extended_window(backend, meters, workload, clock, rounds, policy)
         rounds = window.rounds
         _check_window(window, workload.requests * window.rounds)
         repetition, window_latencies = _measured(index, window, context)
@@ -478,7 +479,7 @@ def _rounds_for(target_s: float, per_round_s: float | None, current: int) -> int
     return max(1, min(MAX_ROUNDS, math.ceil(target_s * _HEADROOM / per_round_s)))
 
 
-def _long_enough_window(
+def measure_extended_window(
     backend: Backend,
     meters: Sequence[EnergyMeter],
     workload: Workload,
@@ -486,8 +487,9 @@ def _long_enough_window(
     rounds: int,
     policy: WindowPolicy,
 ) -> Window:
-    """A window lasting at least ``policy.target_s``, adding rounds and measuring again while
-    it comes out shorter (at most a few times; a short window's energy is dropped later)."""
+    """A window lasting at least ``policy.target_s``: the workload runs ``rounds`` times, and
+    while the window comes out shorter it is measured again with more rounds (a few times at
+    most; the energy of a window still shorter than ``policy.floor_s`` is dropped later)."""
     window = measure_window(
         backend=backend, meters=meters, workload=workload, clock=clock, rounds=rounds
     )
