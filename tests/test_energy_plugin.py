@@ -220,3 +220,70 @@ def test_nvml_run_records_timeline_states_and_heat(
     assert case["cooldown"]["mode"] == "seconds"
     assert case["cooldown"]["waited_s"] >= 0.1
     result.stdout.fnmatch_lines(["*test_tiny (hot)*", "*measured hot*test_tiny*"])
+
+
+def _rapl_tree(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, **zones: Any) -> Any:
+    from tests.fakes.fake_rapl import FakeRaplTree, intel_zones
+
+    root = tmp_path / "powercap"
+    monkeypatch.setenv("LLEM_RAPL_ROOT", str(root))
+    return FakeRaplTree(root, intel_zones(**zones))
+
+
+def test_rapl_against_a_fake_tree_reports_its_power(
+    pytester: pytest.Pytester, tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pytester.makepyfile(CASE)
+    with _rapl_tree(tmp_path, monkeypatch, package_w=10.0, dram_w=None, core_w=6.0):
+        result = pytester.runpytest(
+            *QUICK, "--llem-meter=rapl", "--llem-baseline-s=0.5", "--llem-min-window-s=0.5"
+        )
+    result.assert_outcomes(passed=1)
+    record = _record(pytester)
+    (case,) = record["cases"]
+    power = case["metrics"]["avg_power_w"]
+    assert power["source"] == "measured"
+    assert power["median"] == pytest.approx(10.0, rel=0.05)  # the package; core is inside it
+    assert case["metrics"]["cpu_energy_j"]["source"] == "measured"
+    assert case["metrics"]["dram_energy_j"]["median"] is None  # no dram zone: not 0
+    assert record["baseline"]["domains"]["cpu"]["idle_power_w"] == pytest.approx(10.0, rel=0.05)
+    assert case["meters"][0]["used_for"] == ["cpu"]  # this tree has no dram zone
+
+
+def test_nvml_and_rapl_split_the_domains(
+    pytester: pytest.Pytester, tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tests.fakes.fake_pynvml import FakeGpu, install
+
+    install(monkeypatch, [FakeGpu(power_w=100.0, counter_step_s=0.01)])
+    pytester.makepyfile(CASE)
+    with _rapl_tree(tmp_path, monkeypatch, package_w=20.0, dram_w=4.0):
+        result = pytester.runpytest(
+            *QUICK, "--llem-meter=nvml,rapl", "--llem-baseline-s=0.5", "--llem-min-window-s=0.5"
+        )
+    result.assert_outcomes(passed=1)
+    (case,) = _record(pytester)["cases"]
+    assert [(m["name"], m["used_for"]) for m in case["meters"]] == [
+        ("nvml", ["gpu"]),
+        ("rapl", ["cpu", "dram"]),
+    ]
+    metrics = case["metrics"]
+    assert metrics["avg_power_w"]["median"] == pytest.approx(124.0, rel=0.05)
+    for domain, watts in (("gpu", 100.0), ("cpu", 20.0), ("dram", 4.0)):
+        rep = case["repetitions"][0]
+        assert rep[f"{domain}_energy_j"] / rep["duration_s"] == pytest.approx(watts, rel=0.06)
+
+
+def test_auto_picks_nvml_and_rapl_when_both_exist(
+    pytester: pytest.Pytester, tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tests.fakes.fake_pynvml import FakeGpu, install
+
+    install(monkeypatch, [FakeGpu(power_w=100.0, counter_step_s=0.01)])
+    pytester.makepyfile(CASE)
+    with _rapl_tree(tmp_path, monkeypatch):
+        result = pytester.runpytest(*QUICK, "--llem-baseline-s=0", "--llem-min-window-s=0.2")
+    result.assert_outcomes(passed=1)
+    (case,) = _record(pytester)["cases"]
+    assert [m["name"] for m in case["meters"]] == ["nvml", "rapl"]
+    assert "rapl: CPU energy counters readable" in case["meters"][0]["selected_because"]

@@ -8,29 +8,40 @@ from __future__ import annotations
 
 from pytest_llem.meters.base import (
     DOMAINS,
+    DeviceState,
     Domain,
     DomainReading,
     EnergyMeter,
     EnergyReading,
     MeterInfo,
     MeterResolution,
+    PowerTimeline,
     Source,
 )
 from pytest_llem.meters.codecarbon import CodeCarbonMeter
 from pytest_llem.meters.none import NoneMeter
 from pytest_llem.meters.nvml import NvmlGpu, NvmlMeter, nvml_gpus
+from pytest_llem.meters.rapl import RaplMeter, rapl_unavailable_reason
 from pytest_llem.meters.registry import (
+    DOMAIN_PREFERENCE,
     METER_CHOICES,
+    DomainAssignment,
+    assign_domains,
     create_auto_meter,
     create_meter,
+    parse_meter_list,
     select_auto,
 )
+from pytest_llem.meters.zeus import ZeusMeter, zeus_unavailable_reason
 
 __all__ = [
     "DOMAINS",
+    "DOMAIN_PREFERENCE",
     "METER_CHOICES",
     "CodeCarbonMeter",
+    "DeviceState",
     "Domain",
+    "DomainAssignment",
     "DomainReading",
     "EnergyMeter",
     "EnergyReading",
@@ -39,9 +50,16 @@ __all__ = [
     "NoneMeter",
     "NvmlGpu",
     "NvmlMeter",
+    "PowerTimeline",
+    "RaplMeter",
     "Source",
+    "ZeusMeter",
+    "assign_domains",
     "create_auto_meter",
     "create_meter",
     "nvml_gpus",
+    "parse_meter_list",
+    "rapl_unavailable_reason",
     "select_auto",
+    "zeus_unavailable_reason",
 ]

@@ -1,0 +1,632 @@
+"""The RAPL energy meter: CPU package and DRAM energy from Linux powercap counters, in joules.
+
+How it measures: every RAPL zone of the ``intel-rapl`` powercap control type (Intel, and AMD
+Zen and Hygon CPUs, whose kernel driver registers under the same name) has a cumulative counter,
+``energy_uj``, in microjoules. The meter reads the counters of the package zones (``package-N``
+or ``package-N-die-M``; domain ``cpu``) and of their ``dram`` subzones (domain ``dram``) at the
+window's edges. ``core`` and ``uncore`` subzones lie inside their package and are never added;
+``psys`` (the whole platform) includes the package and is left out; ``intel-rapl-mmio`` zones
+repeat the MSR package counter and are left out. Microjoules are converted here and nowhere
+else.
+
+Wrap-around: each counter wraps at ``max_energy_range_uj`` (about 262 kJ on Intel, 65 kJ on
+AMD: minutes at full load). A read that is lower than the previous one is taken as one wrap and
+the range is added. So that no counter wraps twice between two reads, a daemon thread reads
+every counter every ``poll_s`` while a window is open, with ``poll_s = min(1 s, range /
+max_power_w / 4)`` for an assumed upper bound of the zone's power (2 kW by default), and the
+meter adds up the per-read deltas. A wrap that would imply more than ``max_power_w`` is
+reported as an error (a counter reset looks the same as a wrap).
+
+Resolution: RAPL updates its counters about every millisecond; the meter measures the update
+period at construction by polling one package counter for at most 0.3 s. The file's unit is
+1 uJ; the hardware's own step is coarser (15.3 uJ on AMD, 61 uJ on most Intel parts).
+
+Known errors: RAPL is a model-assisted estimate on some older Intel parts (before Haswell) and
+on AMD client parts, though it is reported as ``measured`` because it comes from the CPU's own
+counter. On AMD, ``core`` energy is per core complex and the package counter is per socket; on
+kernels that exposed per-die package zones for AMD, those zones repeat one socket counter, so
+only one zone per socket is counted. Since the 2020 PLATYPUS fix (CVE-2020-8694) ``energy_uj``
+is readable by root only on most distributions: the meter then reports itself unavailable with
+the command that grants read access. A file being rewritten may read empty or partial: reads
+are retried a few times before failing.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+import os
+import re
+import statistics
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from pytest_llem.exceptions import ConfigurationError, EnergyMeterError, MeterUnavailableError
+from pytest_llem.meters.base import (
+    Domain,
+    DomainReading,
+    EnergyReading,
+    MeterInfo,
+    MeterResolution,
+)
+
+__all__ = [
+    "ASSUMED_MAX_POWER_W",
+    "DEFAULT_ROOT",
+    "NOMINAL_UPDATE_PERIOD_S",
+    "ROOT_ENV_VAR",
+    "RaplMeter",
+    "RaplZone",
+    "rapl_root",
+    "rapl_unavailable_reason",
+    "rapl_zones",
+]
+
+logger = logging.getLogger("pytest_llem")
+
+#: Environment variable naming the powercap folder (for containers and tests).
+ROOT_ENV_VAR = "LLEM_RAPL_ROOT"
+DEFAULT_ROOT = Path("/sys/class/powercap")
+#: Upper bound of one zone's power used to pace the wrap-around reads.
+ASSUMED_MAX_POWER_W = 2000.0
+#: RAPL's documented update period, used when the probe at construction sees too few updates.
+NOMINAL_UPDATE_PERIOD_S = 0.001
+
+_J_PER_UJ = 1e-6
+_MAX_POLL_S = 1.0
+_MIN_POLL_S = 0.001
+_READ_ATTEMPTS = 5
+_RETRY_DELAY_S = 0.001
+_PROBE_BUDGET_S = 0.3
+_PROBE_INTERVALS = 20
+_PROBE_SLEEP_S = 0.0001
+#: Slack added to a read interval before a wrap is judged impossible (scheduling jitter).
+_WRAP_SLACK_S = 0.05
+#: Vendors whose package counter is per socket, so per-die package zones repeat one counter.
+_SOCKET_SCOPED_VENDORS = frozenset({"AuthenticAMD", "HygonGenuine"})
+
+_ZONE_DIR = re.compile(r"^intel-rapl:(\d+)(?::(\d+))?$")
+_PACKAGE_NAME = re.compile(r"^package-(\d+)(?:-die-(\d+))?$")
+_INSIDE_PACKAGE = ("core", "uncore")
+
+
+@dataclass(frozen=True)
+class RaplZone:
+    """One measured RAPL zone.
+
+    ``zone_id`` is the powercap name (``intel-rapl:0:0``), ``name`` the zone's own name file
+    (``package-0``, ``dram``), ``label`` the device label in readings (``package-0``,
+    ``dram-0``), ``max_energy_range_uj`` where its counter wraps.
+    """
+
+    path: Path
+    zone_id: str
+    name: str
+    domain: Domain
+    label: str
+    max_energy_range_uj: int
+
+    @property
+    def energy_file(self) -> Path:
+        """The zone's cumulative energy counter, in microjoules."""
+        return self.path / "energy_uj"
+
+
+def rapl_root(root: Path | str | None = None) -> Path:
+    """The powercap folder: ``root``, else ``$LLEM_RAPL_ROOT``, else ``/sys/class/powercap``."""
+    if root is not None:
+        return Path(root)
+    env = os.environ.get(ROOT_ENV_VAR)
+    return Path(env) if env else DEFAULT_ROOT
+
+
+def _zone_key(zone_id: str) -> tuple[int, int]:
+    match = _ZONE_DIR.match(zone_id)
+    if match is None:
+        return (1 << 30, 0)
+    return int(match.group(1)), -1 if match.group(2) is None else int(match.group(2))
+
+
+def _zone_dirs(root: Path) -> dict[str, Path]:
+    """Every ``intel-rapl:N`` and ``intel-rapl:N:M`` folder, flat (class folder) or nested."""
+    found: dict[str, Path] = {}
+    for pattern in ("intel-rapl:*", "intel-rapl:*/intel-rapl:*", "intel-rapl/intel-rapl:*"):
+        for path in root.glob(pattern):
+            if _ZONE_DIR.match(path.name) and path.is_dir():
+                found.setdefault(path.name, path)
+    return dict(sorted(found.items(), key=lambda item: _zone_key(item[0])))
+
+
+def _read_small(path: Path) -> str | None:
+    try:
+        return path.read_bytes().decode("utf-8", errors="replace").strip()
+    except OSError:
+        return None
+
+
+def _parent_id(zone_id: str) -> str | None:
+    match = _ZONE_DIR.match(zone_id)
+    if match is None or match.group(2) is None:
+        return None
+    return f"intel-rapl:{match.group(1)}"
+
+
+def _classify(zone_id: str, name: str, names: dict[str, str]) -> tuple[Domain, str] | None:
+    """The domain and device label of a zone, or None for a zone the meter does not add."""
+    if _PACKAGE_NAME.match(name):
+        return "cpu", name
+    if name == "dram":
+        parent = _parent_id(zone_id)
+        parent_name = names.get(parent, "") if parent else ""
+        if parent_name.startswith("package-"):
+            return "dram", "dram-" + parent_name.removeprefix("package-")
+        return "dram", f"dram-{zone_id.removeprefix('intel-rapl:')}"
+    return None
+
+
+def _read_range(zone_id: str, path: Path) -> int:
+    text = _read_small(path / "max_energy_range_uj")
+    if text is None or not text.isdigit() or int(text) <= 0:
+        raise MeterUnavailableError(
+            "rapl", f"{zone_id}: max_energy_range_uj is missing or unreadable ({text!r})"
+        )
+    return int(text)
+
+
+def rapl_zones(root: Path | str | None = None) -> tuple[list[RaplZone], list[str]]:
+    """Find the package and dram zones under the powercap folder.
+
+    Args:
+        root: The powercap folder; None means :func:`rapl_root`'s choice.
+
+    Returns:
+        The zones to measure, and a line for each zone that exists but is not added (such as
+        ``"core (intel-rapl:0:0): inside its package"``).
+
+    Raises:
+        MeterUnavailableError: The folder is missing or unreadable, or holds no RAPL package
+            zone.
+    """
+    folder = rapl_root(root)
+    try:
+        dirs = _zone_dirs(folder) if folder.is_dir() else None
+    except OSError as e:
+        raise MeterUnavailableError("rapl", f"cannot list {folder}: {e}") from e
+    if dirs is None:
+        raise MeterUnavailableError(
+            "rapl",
+            f"no powercap folder at {folder} (not Linux, the intel_rapl_msr driver is not "
+            f"loaded, or /sys is not mounted in this container; {ROOT_ENV_VAR} names another)",
+        )
+    names = {zone_id: _read_small(path / "name") or "" for zone_id, path in dirs.items()}
+    zones: list[RaplZone] = []
+    skipped: list[str] = []
+    for zone_id, path in dirs.items():
+        name = names[zone_id]
+        kind = _classify(zone_id, name, names)
+        if kind is None:
+            skipped.append(f"{name or '?'} ({zone_id}): {_skip_reason(name)}")
+            continue
+        domain, label = kind
+        zones.append(RaplZone(path, zone_id, name, domain, label, _read_range(zone_id, path)))
+    if not any(zone.domain == "cpu" for zone in zones):
+        found = ", ".join(f"{n or '?'} ({z})" for z, n in names.items()) or "no zone"
+        raise MeterUnavailableError("rapl", f"no RAPL package zone under {folder} (found: {found})")
+    return zones, skipped
+
+
+def _skip_reason(name: str) -> str:
+    if name in _INSIDE_PACKAGE:
+        return "inside its package, not added"
+    if name.startswith("psys"):
+        return "the whole platform, which includes the package; not added"
+    return "not a package or dram zone"
+
+
+def _permission_hint(path: Path, root: Path) -> str:
+    return (
+        f"{path} is not readable by this user (Linux makes RAPL energy_uj root-only since the "
+        f"2020 PLATYPUS fix, CVE-2020-8694); grant read access with `sudo chmod o+r "
+        f"{root}/intel-rapl:*/energy_uj {root}/intel-rapl:*:*/energy_uj` (undone at reboot: "
+        f"repeat it from a boot script, a systemd-tmpfiles rule or a udev rule), or run as root"
+    )
+
+
+def _read_uj(zone: RaplZone) -> int:
+    """Read a zone's counter, retrying a read that comes back empty, partial or failed.
+
+    Raises:
+        PermissionError: The file is not readable by this user (not retried).
+        EnergyMeterError: The zone disappeared, or every attempt failed.
+    """
+    path = zone.energy_file
+    problem = ""
+    for attempt in range(_READ_ATTEMPTS):
+        if attempt:
+            time.sleep(_RETRY_DELAY_S * 2 ** (attempt - 1))
+        try:
+            with open(path, "rb") as handle:
+                text = handle.read(64).strip()
+        except PermissionError:
+            raise
+        except FileNotFoundError as e:
+            raise EnergyMeterError(
+                f"rapl: {zone.zone_id} disappeared ({path}; CPU offline or driver unloaded)"
+            ) from e
+        except OSError as e:
+            problem = f"{type(e).__name__}: {e}"
+            continue
+        if text.isdigit():
+            return int(text)
+        problem = f"unexpected content {text[:20]!r}"
+    raise EnergyMeterError(f"rapl: reading {path} failed {_READ_ATTEMPTS} times (last: {problem})")
+
+
+def _check_readable(zones: Sequence[RaplZone], root: Path) -> None:
+    """Read each counter once; raises MeterUnavailableError with the reason where one fails."""
+    for zone in zones:
+        try:
+            _read_uj(zone)
+        except PermissionError as e:
+            raise MeterUnavailableError("rapl", _permission_hint(zone.energy_file, root)) from e
+        except EnergyMeterError as e:
+            raise MeterUnavailableError("rapl", str(e).removeprefix("rapl: ")) from e
+
+
+def rapl_unavailable_reason(root: Path | None = None) -> str | None:
+    """Why the RAPL meter cannot measure here, or None when a readable package zone exists.
+
+    Cheap (a directory listing and one read per zone), never raises; for ``auto`` selection.
+
+    Args:
+        root: The powercap folder; None means ``$LLEM_RAPL_ROOT`` or ``/sys/class/powercap``.
+    """
+    try:
+        folder = rapl_root(root)
+        zones, _ = rapl_zones(folder)
+        _check_readable(zones, folder)
+    except MeterUnavailableError as e:
+        return e.reason
+    return None
+
+
+def _cpu_vendor() -> str | None:
+    """The CPU vendor string from /proc/cpuinfo (``GenuineIntel``, ``AuthenticAMD``)."""
+    text = _read_small(Path("/proc/cpuinfo"))
+    for line in (text or "").splitlines():
+        if line.startswith("vendor_id"):
+            return line.partition(":")[2].strip()
+    return None
+
+
+def _drop_repeated_dies(
+    zones: list[RaplZone], vendor: str | None
+) -> tuple[list[RaplZone], list[str]]:
+    """On AMD, keep one package zone per socket: per-die zones there repeat the socket counter."""
+    if vendor not in _SOCKET_SCOPED_VENDORS:
+        return zones, []
+    kept: list[RaplZone] = []
+    dropped: list[str] = []
+    first_by_socket: dict[str, RaplZone] = {}
+    dropped_ids: set[str] = set()
+    for zone in zones:
+        match = _PACKAGE_NAME.match(zone.name) if zone.domain == "cpu" else None
+        if match is not None:
+            first = first_by_socket.setdefault(match.group(1), zone)
+            if first is not zone:
+                dropped_ids.add(zone.zone_id)
+                dropped.append(
+                    f"{zone.name} ({zone.zone_id}): repeats {first.name}, the {vendor} package "
+                    "counter is per socket; not added"
+                )
+                continue
+        if _parent_id(zone.zone_id) in dropped_ids:
+            dropped.append(f"{zone.name} ({zone.zone_id}): under a repeated die zone; not added")
+            continue
+        kept.append(zone)
+    return kept, dropped
+
+
+def _probe_update_period(zone: RaplZone) -> float | None:
+    """Median time between counter changes, polled for at most ``_PROBE_BUDGET_S``."""
+    deadline = time.perf_counter() + _PROBE_BUDGET_S
+    last = _read_uj(zone)
+    changes: list[float] = []
+    while len(changes) <= _PROBE_INTERVALS and time.perf_counter() < deadline:
+        value = _read_uj(zone)
+        if value != last:
+            changes.append(time.perf_counter())
+            last = value
+        else:
+            time.sleep(_PROBE_SLEEP_S)
+    if len(changes) < 3:
+        return None
+    return statistics.median(b - a for a, b in itertools.pairwise(changes))
+
+
+class _Accumulator:
+    """Per-zone energy since the window opened, from successive counter reads.
+
+    Thread-safe: the poller thread and the caller's ``lap()``/``stop()`` both call ``sample``.
+    """
+
+    def __init__(self, zones: Sequence[RaplZone], max_power_w: float) -> None:
+        self._zones = list(zones)
+        self._max_power_w = max_power_w
+        self._lock = threading.Lock()
+        self.total_uj = dict.fromkeys((z.label for z in zones), 0)
+        self.wraps = 0
+        self.reads = 0
+        now = time.perf_counter()
+        self._last = {z.label: (_read_uj(z), now) for z in zones}
+
+    def sample(self) -> None:
+        """Read every counter and add its advance since the previous read."""
+        with self._lock:
+            for zone in self._zones:
+                raw = _read_uj(zone)
+                now = time.perf_counter()
+                last_raw, last_time = self._last[zone.label]
+                delta = raw - last_raw
+                if delta < 0:
+                    delta += zone.max_energy_range_uj
+                    self._check_wrap(zone, delta, now - last_time, last_raw, raw)
+                    self.wraps += 1
+                self.total_uj[zone.label] += delta
+                self._last[zone.label] = (raw, now)
+            self.reads += 1
+
+    def _check_wrap(
+        self, zone: RaplZone, delta_uj: int, interval_s: float, before: int, after: int
+    ) -> None:
+        allowed_uj = self._max_power_w * (interval_s + _WRAP_SLACK_S) / _J_PER_UJ
+        if delta_uj > allowed_uj:
+            raise EnergyMeterError(
+                f"rapl: the counter of {zone.label} went back from {before} to {after} uJ, "
+                f"more than one wrap at up to {self._max_power_w:g} W allows in "
+                f"{interval_s:.3f} s (counter reset or driver reload?)"
+            )
+
+    def joules(self) -> dict[str, float]:
+        """Energy per zone label so far, in joules."""
+        with self._lock:
+            return {label: uj * _J_PER_UJ for label, uj in self.total_uj.items()}
+
+
+class _Poller:
+    """Samples an accumulator every ``period_s`` in a daemon thread, keeping the first error."""
+
+    def __init__(self, accumulator: _Accumulator, period_s: float) -> None:
+        self._accumulator = accumulator
+        self._period_s = period_s
+        self._stop = threading.Event()
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="pytest-llem-rapl-poll", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._period_s):
+            try:
+                self._accumulator.sample()
+            except (EnergyMeterError, OSError) as e:  # surfaced by lap()/stop()
+                self.error = e
+                return
+
+    def stop(self) -> None:
+        """Stop sampling and wait for the thread."""
+        self._stop.set()
+        self._thread.join()
+
+
+def _raise_poller_error(poller: _Poller) -> None:
+    if poller.error is not None:
+        raise EnergyMeterError(f"rapl: reading the counters failed: {poller.error}") from (
+            poller.error
+        )
+
+
+def _sample(accumulator: _Accumulator) -> None:
+    try:
+        accumulator.sample()
+    except PermissionError as e:
+        raise EnergyMeterError(f"rapl: {e}") from e
+
+
+def _safe_poll_s(zones: Sequence[RaplZone], max_power_w: float) -> float:
+    """The longest poll period in which no counter can wrap twice, capped at one second."""
+    shortest_j = min(zone.max_energy_range_uj for zone in zones) * _J_PER_UJ
+    return min(_MAX_POLL_S, max(_MIN_POLL_S, shortest_j / max_power_w / 4.0))
+
+
+class RaplMeter:
+    """CPU package and DRAM energy from the Linux powercap RAPL counters.
+
+    Args:
+        root: The powercap folder; None means ``$LLEM_RAPL_ROOT``, else ``/sys/class/powercap``.
+        poll_s: How often a thread reads the counters during a window to count wrap-arounds;
+            None derives it from the counters' range and ``max_power_w``.
+        max_power_w: Upper bound of any one zone's power, for the derived ``poll_s`` and for
+            telling a wrap from a counter reset.
+        cpu_vendor: The CPU vendor (``GenuineIntel``, ``AuthenticAMD``); None reads
+            ``/proc/cpuinfo``. On AMD only one package zone per socket is counted.
+
+    Raises:
+        MeterUnavailableError: No powercap folder, no RAPL package zone, or a counter that this
+            user may not read (the reason says how to grant access).
+        ConfigurationError: ``poll_s`` or ``max_power_w`` is not positive.
+    """
+
+    name = "rapl"
+
+    def __init__(
+        self,
+        root: Path | str | None = None,
+        *,
+        poll_s: float | None = None,
+        max_power_w: float = ASSUMED_MAX_POWER_W,
+        cpu_vendor: str | None = None,
+    ) -> None:
+        if not max_power_w > 0 or (poll_s is not None and not poll_s > 0):
+            raise ConfigurationError("rapl: poll_s and max_power_w must be positive")
+        self._root = rapl_root(root)
+        zones, self._skipped = rapl_zones(self._root)
+        self._vendor = cpu_vendor if cpu_vendor is not None else _cpu_vendor()
+        self._zones, dropped = _drop_repeated_dies(zones, self._vendor)
+        self._skipped += dropped
+        _check_readable(self._zones, self._root)
+        self._max_power_w = max_power_w
+        self._poll_s = poll_s if poll_s is not None else _safe_poll_s(self._zones, max_power_w)
+        self._resolution = self._measure_resolution()
+        self._window_start: float | None = None
+        self._accumulator: _Accumulator | None = None
+        self._poller: _Poller | None = None
+        self._closed = False
+
+    def _measure_resolution(self) -> MeterResolution:
+        package = next(zone for zone in self._zones if zone.domain == "cpu")
+        try:
+            period = _probe_update_period(package)
+        except EnergyMeterError as e:
+            raise MeterUnavailableError("rapl", str(e).removeprefix("rapl: ")) from e
+        if period is None:
+            return MeterResolution(
+                update_period_s=NOMINAL_UPDATE_PERIOD_S,
+                energy_quantum_j=_J_PER_UJ,
+                note=(
+                    f"{package.label} changed fewer than 3 times in {_PROBE_BUDGET_S:g} s; "
+                    f"RAPL's nominal {NOMINAL_UPDATE_PERIOD_S * 1000:g} ms assumed"
+                ),
+            )
+        return MeterResolution(
+            update_period_s=period,
+            energy_quantum_j=_J_PER_UJ,
+            update_period_measured=True,
+            note=(
+                f"median interval between changes of {package.label}'s counter, polled for up "
+                f"to {_PROBE_BUDGET_S:g} s at start-up; the file counts 1 uJ, the hardware "
+                "steps 15.3-61 uJ"
+            ),
+        )
+
+    @property
+    def zones(self) -> tuple[RaplZone, ...]:
+        """The zones this meter reads."""
+        return tuple(self._zones)
+
+    def info(self) -> MeterInfo:
+        """The domains covered (``cpu``, and ``dram`` where a dram zone exists), per zone."""
+        domains: tuple[Domain, ...] = tuple(
+            d for d in ("cpu", "dram") if any(z.domain == d for z in self._zones)
+        )
+        details = {
+            "method": (
+                "Linux powercap RAPL energy_uj counters (uJ), read at the window's edges; a "
+                f"thread reads them every {self._poll_s:g} s during a window to count "
+                "wrap-arounds"
+            ),
+            "root": str(self._root),
+            "poll_s": f"{self._poll_s:g}",
+            "max_power_w": f"{self._max_power_w:g}",
+            "cpu_vendor": self._vendor or "unknown",
+            "cpu": "sum of the package zones (core and uncore lie inside them)",
+        }
+        if "dram" not in domains:
+            details["dram"] = "not covered: no dram RAPL zone"
+        if self._skipped:
+            details["zones_not_added"] = "; ".join(self._skipped)
+        return MeterInfo(
+            name=self.name,
+            domains=domains,
+            sources=dict.fromkeys(domains, "measured"),
+            resolution=self._resolution,
+            devices=tuple(f"{z.label} ({z.zone_id})" for z in self._zones),
+            details=details,
+        )
+
+    def start(self) -> None:
+        """Open a window: read every counter and start the wrap-around poller.
+
+        Raises:
+            EnergyMeterError: The meter is closed, a window is open, or a read failed.
+        """
+        if self._closed:
+            raise EnergyMeterError("rapl: the meter is closed")
+        if self._window_start is not None:
+            raise EnergyMeterError("rapl: a window is already open")
+        try:
+            self._accumulator = _Accumulator(self._zones, self._max_power_w)
+        except PermissionError as e:
+            raise EnergyMeterError(f"rapl: {e}") from e
+        self._poller = _Poller(self._accumulator, self._poll_s)
+        self._window_start = time.perf_counter()
+
+    def lap(self) -> EnergyReading:
+        """The energy since ``start()``, leaving the window open (one read per zone).
+
+        Raises:
+            EnergyMeterError: No window is open, or a read failed.
+        """
+        if self._window_start is None or self._accumulator is None or self._poller is None:
+            raise EnergyMeterError("rapl: lap() without start()")
+        duration_s = time.perf_counter() - self._window_start
+        _raise_poller_error(self._poller)
+        _sample(self._accumulator)
+        return self._reading(self._accumulator, duration_s)
+
+    def stop(self) -> EnergyReading:
+        """Close the window and return the CPU and DRAM energy over it.
+
+        Raises:
+            EnergyMeterError: No window is open, a read failed, or a counter reset.
+        """
+        if self._window_start is None or self._accumulator is None or self._poller is None:
+            raise EnergyMeterError("rapl: stop() without start()")
+        duration_s = time.perf_counter() - self._window_start
+        accumulator, poller = self._accumulator, self._poller
+        self._window_start, self._accumulator, self._poller = None, None, None
+        poller.stop()
+        _raise_poller_error(poller)
+        _sample(accumulator)
+        return self._reading(accumulator, duration_s)
+
+    def _reading(self, accumulator: _Accumulator, duration_s: float) -> EnergyReading:
+        joules = accumulator.joules()
+        domains = {
+            domain: self._domain_reading(domain, joules, duration_s) for domain in ("cpu", "dram")
+        }
+        notes = (
+            f"rapl: {accumulator.reads} counter reads after the first, "
+            f"{accumulator.wraps} wrap-around(s) counted",
+        )
+        return EnergyReading(meter=self.name, duration_s=duration_s, domains=domains, notes=notes)
+
+    def _domain_reading(
+        self, domain: Domain, joules: dict[str, float], duration_s: float
+    ) -> DomainReading:
+        """Sum a domain's zones; a zone whose counter did not move makes it not measured."""
+        zones = [z for z in self._zones if z.domain == domain]
+        if not zones:
+            return DomainReading(domain, None, "measured", reason=f"no {domain} RAPL zone")
+        devices = {z.label: joules[z.label] for z in zones if joules[z.label] > 0}
+        still = [z.label for z in zones if z.label not in devices]
+        if not still:
+            return DomainReading(domain, math.fsum(devices.values()), "measured", devices=devices)
+        reason = (
+            f"RAPL counter of {', '.join(still)} did not advance over the {duration_s:.4f} s "
+            f"window (shorter than its ~{self._resolution.update_period_s or 0:.2g} s update "
+            "period?)"
+        )
+        return DomainReading(domain, None, "measured", reason=reason, devices=devices)
+
+    def close(self) -> None:
+        """Stop the poller of any open window; the meter can no longer open one."""
+        self._closed = True
+        self._window_start = None
+        self._accumulator = None
+        poller, self._poller = self._poller, None
+        if poller is not None:
+            poller.stop()
