@@ -24,7 +24,9 @@ __all__ = [
     "SWEEP_FIXTURE",
     "SWEEP_MARKER",
     "budget_rules",
+    "case_node_id",
     "gpu_visible",
+    "mark_load_groups",
     "marker_layers",
     "order_by_load",
     "resolve_for",
@@ -170,3 +172,36 @@ def order_by_load(items: list[pytest.Item], session: LlemSession) -> list[pytest
             emitted.add(key)
             ordered.extend(groups[key])
     return ordered
+
+
+#: The xdist group an item was put in (its node id gains ``@<group>`` under loadgroup).
+LOAD_GROUP = pytest.StashKey[str]()
+
+
+def mark_load_groups(items: list[pytest.Item], session: LlemSession) -> dict[str, str]:
+    """Mark llem items with ``xdist_group`` by model-load key, so the cases of one load
+    configuration go to one worker, which loads it once.
+
+    Returns:
+        Node id -> group name of every llem item (the workers hand it to the scheduler).
+    """
+    from pytest_llem.workers import load_group_name
+
+    groups: dict[str, str] = {}
+    for item in items:
+        if "llem" not in getattr(item, "fixturenames", ()):
+            continue
+        name = load_group_name(_item_load_key(item, session))
+        item.stash[LOAD_GROUP] = name
+        item.add_marker(pytest.mark.xdist_group(name=name))
+        groups[item.nodeid] = name
+    return groups
+
+
+def case_node_id(item: pytest.Item) -> str:
+    """The item's node id without the ``@group`` suffix xdist adds under loadgroup, so a case
+    has the same id in a parallel run as in a serial one."""
+    group = item.stash.get(LOAD_GROUP, None)
+    if group is not None:
+        return item.nodeid.removesuffix(f"@{group}")
+    return item.nodeid

@@ -17,6 +17,7 @@ __all__ = [
     "ConfigurationError",
     "EnergyMeterError",
     "GateError",
+    "GpuNotIsolatedError",
     "InferenceError",
     "LlemError",
     "MeterUnavailableError",
@@ -87,6 +88,17 @@ class BackendConfigError(BackendError, ConfigurationError):
         super().__init__(f"{backend}: {param}: {message}")
         self.backend = backend
         self.param = param
+
+
+class GpuNotIsolatedError(EnergyMeterError):
+    """Other processes run on a measured GPU and ``--llem-isolation`` says skip or fail.
+
+    ``isolation`` is the :class:`~pytest_llem.results.models.IsolationRecord` of what was seen.
+    """
+
+    def __init__(self, message: str, *, isolation: object) -> None:
+        super().__init__(message)
+        self.isolation = isolation
 
 
 class RetryableError(LlemError):

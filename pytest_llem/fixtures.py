@@ -8,30 +8,45 @@ record whether the test then passes, fails, or runs on an xdist worker.
 
 from __future__ import annotations
 
+import logging
+import os
 from typing import Any
 
 import pytest
 
-from pytest_llem.collection import budget_rules, resolve_for
+from pytest_llem.collection import budget_rules, case_node_id, resolve_for
 from pytest_llem.config.models import CaseConfig
 from pytest_llem.data.workloads import PromptSet, build_prompt_set
 from pytest_llem.exceptions import (
     BackendConfigError,
     BackendNotAvailableError,
     ConfigurationError,
+    GpuNotIsolatedError,
     LlemError,
     MeterUnavailableError,
     RetryableError,
 )
+from pytest_llem.harness.deadline import deadline
+from pytest_llem.harness.isolation import check_isolation
 from pytest_llem.harness.runner import WindowPolicy, run_case
-from pytest_llem.harness.thermal import HOT_MARGIN_C, cool_down, measured_hot
 from pytest_llem.harness.stats import distribution
+from pytest_llem.harness.thermal import HOT_MARGIN_C, cool_down, measured_hot
 from pytest_llem.harness.traffic import request_count
 from pytest_llem.interop import record_benchmark
-from pytest_llem.results.models import CaseError, CaseRecord, CaseResult, PromptsRecord
+from pytest_llem.meters.base import EnergyMeter
+from pytest_llem.results.models import (
+    CaseError,
+    CaseRecord,
+    CaseResult,
+    IsolationRecord,
+    PromptsRecord,
+)
 from pytest_llem.session import LlemSession
+from pytest_llem.workers import SHARED_DOMAINS, worker_info
 
 __all__ = ["CASE_PROPERTY", "SESSION_KEY", "LlemFixture", "llem", "llem_sweep_params"]
+
+logger = logging.getLogger("pytest_llem")
 
 CASE_PROPERTY = "llem_case"
 SESSION_KEY = pytest.StashKey[LlemSession]()
@@ -65,7 +80,8 @@ class LlemFixture:
         win). The result is recorded for the run record automatically.
         """
         self._runs += 1
-        case_id = self._item.nodeid if self._runs == 1 else f"{self._item.nodeid}#{self._runs}"
+        node_id = case_node_id(self._item)
+        case_id = node_id if self._runs == 1 else f"{node_id}#{self._runs}"
         name = self._item.name if self._runs == 1 else f"{self._item.name}#{self._runs}"
         try:
             case = resolve_for(self._item, self._session, overrides, self._sweep)
@@ -80,15 +96,34 @@ class LlemFixture:
             model=case.model,
             sweep=self._sweep,
         )
+        base = base.model_copy(update=self._placement())
+        timeout_s = self._session.options.timeout_s
         try:
-            result = self._measure(case, base)
+            with deadline(timeout_s) as armed:
+                if timeout_s and not armed:
+                    base.notes.append(
+                        f"--llem-timeout-s={timeout_s:g} cannot interrupt a case here "
+                        "(no SIGALRM on this thread)"
+                    )
+                result = self._measure(case, base)
+        except GpuNotIsolatedError as e:
+            outcome = "skipped" if self._session.options.isolation == "skip" else "failed"
+            update = {"outcome": outcome, "isolation": e.isolation, "notes": [str(e)]}
+            if outcome == "failed":
+                update["error"] = _error(e)
+            self._record(base.model_copy(update=update))
+            if outcome == "skipped":
+                pytest.skip(str(e))
+            pytest.fail(f"{type(e).__name__}: {e}", pytrace=False)
         except LlemError as e:
             if _is_missing_hardware_or_engine(e):
                 self._record(base.model_copy(update={"outcome": "skipped", "notes": [str(e)]}))
                 pytest.skip(str(e))
+            self._session.backends.close()  # a failed case leaves no half-used model behind
             self._record(base.model_copy(update={"outcome": "failed", "error": _error(e)}))
             pytest.fail(f"{type(e).__name__}: {e}", pytrace=False)
         except Exception as e:
+            self._session.backends.close()
             self._record(base.model_copy(update={"outcome": "failed", "error": _error(e)}))
             raise
         self._record(CaseRecord(**{**result.model_dump(), "id": case_id, "name": name}))
@@ -96,6 +131,16 @@ class LlemFixture:
             record_benchmark(self._request, result)
         self._check_budget(result)
         return result
+
+    def _placement(self) -> dict[str, Any]:
+        """Where the case runs: its xdist worker, its GPUs, the domains it shares."""
+        worker = worker_info(getattr(self._item.config, "workerinput", None))
+        shared = list(SHARED_DOMAINS) if worker.count > 1 else []
+        return {
+            "worker": worker.id,
+            "visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+            "shared_domains": shared,
+        }
 
     def _check_budget(self, result: CaseResult) -> None:
         from pytest_llem.results.gate import check_budget
@@ -132,6 +177,7 @@ class LlemFixture:
             if session.baseline is not None
             else None
         )
+        isolation = self._check_isolation(meters, assignment.meters)
         backend, info, load = session.backends.get(case)
         prompt_set = build_prompt_set(case, backend, count=_request_count(case))
         energy = session.options.energy
@@ -159,6 +205,18 @@ class LlemFixture:
         notes = list(measurement.notes)
         if baseline is None and session.baseline is not None and session.baseline.problem:
             notes.append(session.baseline.problem)
+        metrics = measurement.metrics
+        shared = [d for d in base.shared_domains if d in assignment.meters]
+        if shared:
+            notes.append(_shared_note(shared))
+            for domain in shared:
+                summary = metrics.get(f"{domain}_energy_j")
+                if summary is not None:
+                    metrics[f"{domain}_energy_j"] = summary.model_copy(
+                        update={"note": _shared_note([domain])}
+                    )
+        if isolation is not None and isolation.foreign:
+            notes.append(_foreign_note(isolation))
         hot = measured_hot(measurement.repetitions, idle_temperatures)
         if hot:
             notes.append(
@@ -183,10 +241,45 @@ class LlemFixture:
             baseline=baseline,
             cooldown=cooldown,
             measured_hot=hot,
+            isolation=isolation,
+            worker=base.worker,
+            visible_devices=base.visible_devices,
+            shared_domains=shared,
         )
+
+    def _check_isolation(
+        self, meters: list[EnergyMeter], assignment: dict[str, str]
+    ) -> IsolationRecord | None:
+        """Look for foreign processes on the measured GPUs; raise when told to skip or fail."""
+        if "gpu" not in assignment:
+            return None
+        mode = self._session.options.isolation
+        isolation = check_isolation(meters, mode=mode)
+        if isolation is None or not isolation.foreign:
+            return isolation
+        if mode != "warn":
+            raise GpuNotIsolatedError(_foreign_note(isolation), isolation=isolation)
+        logger.warning("llem: %s", _foreign_note(isolation))
+        return isolation
 
     def _record(self, record: CaseRecord) -> None:
         self._item.user_properties.append((CASE_PROPERTY, record.model_dump(mode="json")))
+
+
+def _shared_note(domains: list[str]) -> str:
+    return (
+        f"{', '.join(domains)}: shared by every xdist worker on this machine, so the figure "
+        "includes the other workers' load; not attributable to this case"
+    )
+
+
+def _foreign_note(isolation: IsolationRecord) -> str:
+    seen = ", ".join(
+        f"pid {p.pid} on {p.device}"
+        + (f" ({p.memory_mb:.0f} MiB)" if p.memory_mb is not None else "")
+        for p in isolation.foreign
+    )
+    return f"other processes run on the measured GPU: {seen} (--llem-isolation={isolation.mode})"
 
 
 def _request_count(case: CaseConfig) -> int:

@@ -25,6 +25,9 @@ def _fixture(request: pytest.FixtureRequest) -> Any:
         return None
     if "benchmark" in request.fixturenames:
         return None  # the test measures something of its own with it
+    session = getattr(request.config, "_benchmarksession", None)
+    if session is not None and getattr(session, "disabled", False):
+        return None  # disabled (e.g. under xdist): asking for the fixture would only warn
     try:
         bench = request.getfixturevalue("benchmark")
     except pytest.FixtureLookupError:

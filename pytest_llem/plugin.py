@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import logging
 import os
+import tempfile
 from collections.abc import Callable, Iterable
 from datetime import datetime, timezone
 from pathlib import Path
@@ -26,6 +27,7 @@ from pytest_llem.collection import (
     MARKER,
     SWEEP_FIXTURE,
     SWEEP_MARKER,
+    mark_load_groups,
     order_by_load,
     sweep_cases,
 )
@@ -82,6 +84,22 @@ _OPTIONS: tuple[tuple[str, str, str | None], ...] = (
         "MODE",
     ),
     ("country", "Country (ISO code, e.g. USA, FRA) for CodeCarbon's emissions.", "ISO"),
+    (
+        "gpus",
+        "GPUs per xdist worker, e.g. 0,1,2,3 (one each) or 0-1,2-3 (two each): worker N sees "
+        "only group N (CUDA_VISIBLE_DEVICES).",
+        "LIST",
+    ),
+    (
+        "isolation",
+        "Other processes on a measured GPU: warn, skip or fail the case (default: warn).",
+        "MODE",
+    ),
+    (
+        "timeout_s",
+        "Fail a case that runs longer than this; the session goes on (default: no limit).",
+        "SECONDS",
+    ),
     (
         "endpoint",
         "Benchmark an OpenAI-compatible server running on this machine, e.g. "
@@ -278,6 +296,7 @@ def pytest_configure(config: pytest.Config) -> None:
             backend_names=backend_names,
             meter_names=meter_names,
         )
+        _scale_out(config, options.gpu_groups)
     except ConfigurationError as e:
         raise pytest.UsageError(f"pytest-llem: {e}") from e
     progress = _progress(config)
@@ -314,6 +333,75 @@ def pytest_configure(config: pytest.Config) -> None:
     )
     config.stash[SESSION_KEY] = session
     config.pluginmanager.register(RunRecorder(config, session), "llem-run-recorder")
+
+
+def _dist_given(config: pytest.Config) -> bool:
+    args = [str(a) for a in config.invocation_params.args]
+    return any(a == "--dist" or a.startswith(("--dist=", "-d")) for a in args)
+
+
+def _scale_out(config: pytest.Config, groups: tuple[tuple[int, ...], ...] | None) -> None:
+    """Pin this process to its GPU group, and keep model-load groups on one xdist worker."""
+    from pytest_llem.workers import pin_worker, worker_info
+
+    workerinput = getattr(config, "workerinput", None)
+    worker = worker_info(workerinput)
+    if workerinput and workerinput.get("llem_loadgroup"):
+        config.option.loadgroup = True  # a worker parses the command line, not our choice
+    workers = getattr(config.option, "numprocesses", None)
+    controller = worker.id is None and bool(workers)
+    if controller and getattr(config.option, "dist", "no") == "load" and not _dist_given(config):
+        # Each load group goes to one worker, which loads its model once (xdist_scheduling).
+        config.option.dist = "loadgroup"
+        folder = Path(tempfile.mkdtemp(prefix="llem-xdist-"))
+        config.stash[_GROUPS_FILE] = folder / "groups.json"
+    if groups is None:
+        return
+    if controller:
+        if isinstance(workers, int) and workers > len(groups):
+            raise ConfigurationError(
+                f"--llem-gpus gives {len(groups)} GPU group(s) for {workers} xdist workers"
+            )
+        return
+    if worker.id is None and len(groups) > 1:
+        logger.warning("--llem-gpus: without xdist (-n) only the first group is used")
+    pinned = pin_worker(groups, worker)
+    logger.info("llem: %s pinned to CUDA_VISIBLE_DEVICES=%s", worker.id or "this process", pinned)
+
+
+_GROUPS_FILE = pytest.StashKey[Path]()
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_configure_node(node: Any) -> None:
+    """Tell each xdist worker whether, and through which file, load groups are scheduled."""
+    node.workerinput["llem_loadgroup"] = node.config.option.dist == "loadgroup"
+    groups_file = node.config.stash.get(_GROUPS_FILE, None)
+    if groups_file is not None:
+        node.workerinput["llem_groups_file"] = str(groups_file)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """Schedule each model-load group onto one worker (when pytest-llem chose loadgroup)."""
+    groups_file = config.stash.get(_GROUPS_FILE, None)
+    if groups_file is None:
+        return None
+    from pytest_llem.xdist_scheduling import ModelGroupScheduling
+
+    return ModelGroupScheduling(config, log, groups_file)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int | None:
+    """``-n auto`` with ``--llem-gpus``: one worker per GPU group."""
+    from pytest_llem.workers import parse_gpu_groups
+
+    try:
+        groups = parse_gpu_groups(config.getoption("llem_gpus") or config.getini("llem_gpus"))
+    except ConfigurationError:
+        return None  # reported as a usage error in pytest_configure
+    return len(groups) if groups else None
 
 
 def _names(contributed: Iterable[Iterable[str]], builtin: tuple[str, ...]) -> tuple[str, ...]:
@@ -409,12 +497,22 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         )
 
 
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Run cases that share a model load together (and shuffle within groups if asked)."""
+    """Run cases that share a model load together (and shuffle within groups if asked); under
+    ``--dist loadgroup`` (the default with ``-n``) each load group goes to one xdist worker."""
     session = config.stash.get(SESSION_KEY, None)
     if session is None:
         return
     items[:] = order_by_load(items, session)
+    # xdist resets a worker's ``dist`` to "no" and keeps the choice in ``loadgroup``.
+    if getattr(config.option, "loadgroup", False):
+        groups = mark_load_groups(items, session)
+        groups_file = getattr(config, "workerinput", {}).get("llem_groups_file")
+        if groups_file:
+            from pytest_llem.xdist_scheduling import write_groups
+
+            write_groups(Path(groups_file), groups)
     session.llem_items = {i.nodeid for i in items if "llem" in getattr(i, "fixturenames", ())}
 
 
@@ -582,7 +680,12 @@ def _cases_from(report: pytest.TestReport) -> list[CaseRecord]:
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
-    """Release whatever a session left loaded."""
+    """Release whatever a session left loaded, and the controller's xdist scratch folder."""
     session = config.stash.get(SESSION_KEY, None)
     if session is not None:
         session.close()
+    groups_file = config.stash.get(_GROUPS_FILE, None)
+    if groups_file is not None:
+        import shutil
+
+        shutil.rmtree(groups_file.parent, ignore_errors=True)

@@ -220,6 +220,9 @@ class LlemOptions:
     store: StoreOptions | None = None
     given: dict[str, Any] = field(default_factory=dict)
     energy: EnergyOptions = field(default_factory=EnergyOptions)
+    gpu_groups: tuple[tuple[int, ...], ...] | None = None
+    isolation: str = "warn"
+    timeout_s: float | None = None
 
 
 def _layer(
@@ -299,6 +302,16 @@ def build_options(
     except ConfigurationError as e:
         raise ConfigurationError(f"--llem-meter: {e}") from e
     energy = _energy_options(cli, ini)
+    from pytest_llem.harness.isolation import ISOLATION_MODES
+    from pytest_llem.workers import parse_gpu_groups
+
+    gpu_groups = parse_gpu_groups(cli.get("gpus") or ini.get("gpus"))
+    isolation = str(cli.get("isolation") or ini.get("isolation") or "warn").strip().lower()
+    if isolation not in ISOLATION_MODES:
+        raise ConfigurationError(
+            f"--llem-isolation: expected one of {', '.join(ISOLATION_MODES)}, got {isolation!r}"
+        )
+    timeout_s = _seconds(cli.get("timeout_s") or ini.get("timeout_s"), "--llem-timeout-s", 0.0)
     report_dir = Path(cli.get("report_dir") or ini.get("report_dir") or DEFAULT_REPORT_DIR)
     if not report_dir.is_absolute():
         report_dir = invocation_dir / report_dir
@@ -315,6 +328,7 @@ def build_options(
         "min_window_s": energy.min_window_s,
         "cooldown": energy.cooldown.mode
         + (f":{energy.cooldown.seconds:g}" if energy.cooldown.mode == "seconds" else ""),
+        "isolation": isolation,
     }
     return LlemOptions(
         cli_layer=cli_layer,
@@ -328,6 +342,9 @@ def build_options(
         store=store,
         given=given,
         energy=energy,
+        gpu_groups=gpu_groups,
+        isolation=isolation,
+        timeout_s=timeout_s or None,
     )
 
 

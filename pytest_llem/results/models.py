@@ -22,7 +22,9 @@ __all__ = [
     "CooldownRecord",
     "DeviceStateRecord",
     "DistributionSummary",
+    "ForeignProcess",
     "GpuInfo",
+    "IsolationRecord",
     "LoadRecord",
     "MachineInfo",
     "MeterRecord",
@@ -243,6 +245,23 @@ class CooldownRecord(_Record):
     note: str | None = None
 
 
+class ForeignProcess(_Record):
+    """A compute process on a measured GPU that is not this run's."""
+
+    device: str
+    pid: int
+    memory_mb: float | None = None
+
+
+class IsolationRecord(_Record):
+    """Who else ran on the measured GPUs before the case (``--llem-isolation``)."""
+
+    mode: str = Field(description="warn, skip or fail: what foreign processes lead to.")
+    checked: bool = Field(description="False when listing the processes failed (see note).")
+    foreign: list[ForeignProcess] = Field(default_factory=list)
+    note: str | None = None
+
+
 class PromptsRecord(_Record):
     """Where a case's prompts came from and how they were fitted to ``max_input_tokens``."""
 
@@ -302,6 +321,15 @@ class CaseResult(_Record):
     measured_hot: bool = Field(
         default=False,
         description="A window started well above the idle temperature (leakage bias).",
+    )
+    isolation: IsolationRecord | None = None
+    worker: str | None = Field(default=None, description="The xdist worker that ran the case.")
+    visible_devices: str | None = Field(
+        default=None, description="CUDA_VISIBLE_DEVICES as the case saw it."
+    )
+    shared_domains: list[str] = Field(
+        default_factory=list,
+        description="Domains shared with other xdist workers: not attributable to this case.",
     )
 
     def __getitem__(self, name: str) -> MetricSummary:
