@@ -64,7 +64,7 @@ def test_conftest_backend_and_meter_are_used(pytester: pytest.Pytester):
     assert "--llem-meter=steady" in case["meters"][0]["selected_because"]
     assert case["metrics"]["gpu_energy_j"]["source"] == "measured"
     assert all(rep["gpu_energy_j"] > 0 for rep in case["repetitions"])
-    assert all(rep["output_tokens"] == 12 for rep in case["repetitions"])
+    assert all(rep["output_tokens"] == 12 * rep["rounds"] for rep in case["repetitions"])
 
 
 def test_contributed_names_are_valid_choices(pytester: pytest.Pytester):
@@ -72,4 +72,4 @@ def test_contributed_names_are_valid_choices(pytester: pytest.Pytester):
     pytester.makepyfile(TEST)
     result = pytester.runpytest("--llem-backend=nope")
     assert result.ret == pytest.ExitCode.USAGE_ERROR
-    result.stderr.fnmatch_lines(["*choose from: transformers, scripted*"])
+    result.stderr.fnmatch_lines(["*choose from: transformers, *, scripted*"])

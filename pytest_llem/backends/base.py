@@ -133,10 +133,14 @@ class BackendInfo:
 
 @dataclass(frozen=True)
 class MemoryUsage:
-    """Peak memory over a window, with what was measured."""
+    """Peak memory over a window, with what was measured.
+
+    ``device_used``: GPU memory an engine's processes hold (NVML), for engines whose model lives
+    in processes of their own, where this process's allocator sees none of it.
+    """
 
     peak_mb: float | None
-    kind: Literal["cuda_allocated", "process_rss", "unavailable"]
+    kind: Literal["cuda_allocated", "process_rss", "device_used", "unavailable"]
     note: str | None = None
 
 

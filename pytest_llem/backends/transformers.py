@@ -31,7 +31,7 @@ from pytest_llem.backends.base import (
     TokenCallback,
     Vocabulary,
 )
-from pytest_llem.config.models import CaseConfig
+from pytest_llem.config.models import CaseConfig, TransformersConfig
 from pytest_llem.data.tiny_model import TINY_MODEL_NAME, ensure_tiny_model, quiet_progress_bars
 from pytest_llem.exceptions import (
     BackendConfigError,
@@ -42,12 +42,14 @@ from pytest_llem.exceptions import (
     RetryableError,
 )
 
-__all__ = ["TransformersBackend"]
+__all__ = ["BITSANDBYTES_MIN_VERSION", "TransformersBackend", "quantization_kwargs"]
 
 logger = logging.getLogger("pytest_llem")
 
 _NAME = "transformers"
 _INSTALL_HINT = "pip install 'pytest-llem[transformers]'"
+#: The oldest bitsandbytes that transformers' quantizers accept.
+BITSANDBYTES_MIN_VERSION = "0.46.1"
 _MIB = 1024 * 1024
 _CLEAR_REFS = Path("/proc/self/clear_refs")
 _PROC_STATUS = Path("/proc/self/status")
@@ -109,6 +111,8 @@ class TransformersBackend:
         self._torch = torch
         device = self._resolve_device(torch)
         dtype = self._resolve_dtype(torch, device)
+        quantization = self._config.transformers.quantization
+        bnb_version = _check_bitsandbytes(quantization, device) if quantization != "none" else None
         source, model_path = self._resolve_model()
         self._report(f"loading {self._config.model} on {device} ({_dtype_name(dtype)})")
         started = time.perf_counter()
@@ -116,8 +120,19 @@ class TransformersBackend:
         model = self._load_model(transformers, source, device=device, dtype=dtype)
         load_seconds = time.perf_counter() - started
         self._tokenizer, self._model, self._device = tokenizer, model, device
-        total = sum(p.numel() for p in model.parameters())
+        # num_parameters() counts a 4-bit weight's packed pairs as two parameters.
+        total = (
+            model.num_parameters() if bnb_version else sum(p.numel() for p in model.parameters())
+        )
         embedding = sum(p.numel() for p in model.get_input_embeddings().parameters())
+        extra = {
+            "torch": str(torch.__version__),
+            "attn_implementation": str(getattr(model.config, "_attn_implementation", None)),
+            "torch_compile": str(self._config.transformers.torch_compile).lower(),
+        }
+        if bnb_version is not None:
+            extra["quantization"] = _describe_quantization(self._config.transformers, dtype)
+            extra["bitsandbytes"] = bnb_version
         self._info = BackendInfo(
             name=_NAME,
             version=str(transformers.__version__),
@@ -128,11 +143,7 @@ class TransformersBackend:
             parameters=int(total),
             non_embedding_parameters=int(total - embedding),
             load_seconds=load_seconds,
-            extra={
-                "torch": str(torch.__version__),
-                "attn_implementation": str(getattr(model.config, "_attn_implementation", None)),
-                "torch_compile": str(self._config.transformers.torch_compile).lower(),
-            },
+            extra=extra,
         )
         logger.info("loaded %s in %.2f s (%d parameters)", self._config.model, load_seconds, total)
         return self._info
@@ -243,10 +254,15 @@ class TransformersBackend:
             kwargs["device_map"] = {"": device}
         if options.attn_implementation != "auto":
             kwargs["attn_implementation"] = options.attn_implementation
+        quantization = quantization_kwargs(options, dtype=_dtype_name(dtype))
+        if quantization is not None:
+            kwargs["quantization_config"] = transformers.BitsAndBytesConfig(**quantization)
+            kwargs["device_map"] = {"": device}  # bitsandbytes places the weights as it loads
         try:
             with quiet_progress_bars():
                 model = transformers.AutoModelForCausalLM.from_pretrained(source, **kwargs)
-            model.to(device)
+            if quantization is None:
+                model.to(device)  # a bitsandbytes model refuses .to() and is already there
         except Exception as e:
             if _is_out_of_memory(e):
                 raise RetryableError(
@@ -577,6 +593,85 @@ def _streamer_class() -> type[Any]:
             return None
 
     return _TimingStreamer
+
+
+def quantization_kwargs(options: TransformersConfig, *, dtype: str) -> dict[str, Any] | None:
+    """Keyword arguments of ``transformers.BitsAndBytesConfig`` for ``transformers.quantization``.
+
+    Args:
+        options: The case's ``transformers.*`` settings.
+        dtype: The model's resolved dtype name (``float32``, ``bfloat16``, ...), the compute
+            dtype of 4-bit layers when ``bnb_4bit_compute_dtype`` is ``auto``.
+
+    Returns:
+        None for ``quantization="none"``, otherwise the arguments.
+    """
+    if options.quantization == "none":
+        return None
+    if options.quantization == "bnb-8bit":
+        return {"load_in_8bit": True}
+    compute = options.bnb_4bit_compute_dtype
+    return {
+        "load_in_4bit": True,
+        "bnb_4bit_compute_dtype": dtype if compute == "auto" else compute,
+        "bnb_4bit_quant_type": options.bnb_4bit_quant_type,
+        "bnb_4bit_use_double_quant": options.bnb_4bit_use_double_quant,
+    }
+
+
+def _describe_quantization(options: TransformersConfig, dtype: Any) -> str:
+    kwargs = quantization_kwargs(options, dtype=_dtype_name(dtype)) or {}
+    if options.quantization == "bnb-8bit":
+        return "bitsandbytes LLM.int8() (8-bit weights)"
+    double = ", double quant" if kwargs.get("bnb_4bit_use_double_quant") else ""
+    return (
+        f"bitsandbytes 4-bit {kwargs.get('bnb_4bit_quant_type')} "
+        f"(compute {kwargs.get('bnb_4bit_compute_dtype')}{double})"
+    )
+
+
+def _check_bitsandbytes(quantization: str, device: str) -> str:
+    """Check that bitsandbytes can quantize on ``device``; returns its version.
+
+    Raises:
+        BackendNotAvailableError: bitsandbytes (or accelerate, which transformers needs for
+            it) is not installed, is older than transformers accepts, or fails to import.
+        BackendConfigError: (``param="device"``) this bitsandbytes has no kernels for
+            ``device``; both make the case skip with the reason.
+    """
+    label = f"{_NAME} with transformers.quantization={quantization}"
+    hint = f"pip install 'bitsandbytes>={BITSANDBYTES_MIN_VERSION}' accelerate"
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise BackendNotAvailableError(label, f"{hint} (bitsandbytes is not installed)")
+    if importlib.util.find_spec("accelerate") is None:
+        raise BackendNotAvailableError(label, f"{hint} (accelerate is not installed)")
+    from importlib.metadata import version as installed_version
+
+    version = installed_version("bitsandbytes")
+    if _release(version) < _release(BITSANDBYTES_MIN_VERSION):
+        raise BackendNotAvailableError(label, f"{hint} (bitsandbytes {version} is too old)")
+    try:
+        bnb = importlib.import_module("bitsandbytes")
+    except Exception as e:
+        raise BackendNotAvailableError(
+            label, f"{hint} (importing bitsandbytes {version} failed: {_first_line(e)})"
+        ) from e
+    # Releases without the multi-backend device list have CUDA kernels only.
+    supported = set(getattr(bnb, "supported_torch_devices", None) or {"cuda"})
+    if device not in supported:
+        raise BackendConfigError(
+            _NAME,
+            "device",
+            f"bitsandbytes {version} cannot quantize on device={device} (it supports: "
+            f"{', '.join(sorted(supported))}); recent releases also run on x86-64 CPUs with "
+            "AVX2 (see the bitsandbytes installation guide)",
+        )
+    return version
+
+
+def _release(version: str) -> tuple[int, ...]:
+    parts = re.findall(r"\d+", version.split("+")[0])[:3]
+    return tuple(int(p) for p in parts)
 
 
 def _import_engine() -> tuple[Any, Any]:
