@@ -165,7 +165,8 @@ def study(meter: NvmlMeter, load: MatmulLoad, *, scale: float = 1.0) -> list[Fig
         load.run_for(0.3)
         r = meter.stop()
         e = _gpu_energy(r.domains)
-        naive.append(e / r.duration_s if e is not None else float("nan"))
+        if e is not None:
+            naive.append(e / r.duration_s)
     policy = WindowPolicy.for_meters(min_window_s=1.0, update_periods=[period])
     backend: Any = load  # the three Backend methods a window calls are all it needs
     window = measure_extended_window(
@@ -173,13 +174,24 @@ def study(meter: NvmlMeter, load: MatmulLoad, *, scale: float = 1.0) -> list[Fig
     )
     e = _gpu_energy(window.readings[0].domains)
     extended_power = e / window.duration_s if e is not None else None
-    if long_power and extended_power:
+    if not (long_power and extended_power):
+        figures.append(
+            Figure(
+                "0.3 s workload, extended",
+                "no energy from the long or the extended window",
+                "|diff| < 5%",
+                False,
+            )
+        )
+    else:
         off = extended_power / long_power - 1
         spread = [p / long_power - 1 for p in naive]
         figures.append(
             Figure(
-                "naive 0.3 s windows (5)",
-                f"{min(spread):+.1%} to {max(spread):+.1%} vs the 10 s window",
+                f"naive 0.3 s windows ({len(spread)} with energy of 5)",
+                f"{min(spread):+.1%} to {max(spread):+.1%} vs the 10 s window"
+                if spread
+                else "the counter never advanced",
                 "for contrast",
                 None,
             )

@@ -191,7 +191,23 @@ def test_baseline_measures_each_domain_with_its_spread() -> None:
     assert record.domains["cpu"].idle_power_w == pytest.approx(20.0)
     assert "dram" not in record.domains
     assert record.notes == ["dram: no idle power (cpu-fake: no counter)"]
-    assert gpu.windows == 5
+    assert gpu.windows == 1  # one window read at five laps: no edges between sub-windows
+
+
+class _NoLap(FakeMeter):
+    lap = None  # type: ignore[assignment]
+
+
+def test_baseline_uses_separate_windows_for_meters_without_laps() -> None:
+    clock = FakeClock()
+    meter = _NoLap("estimate", clock, power_w={"cpu": 40.0}, sources={"cpu": "estimated"})
+    record = measure_baseline(
+        [meter], seconds=2.0, assignment={"cpu": "estimate"}, sleep=clock.advance
+    )
+    assert meter.windows == 5
+    assert record.domains["cpu"].idle_power_w == pytest.approx(40.0)
+    assert record.domains["cpu"].source == "estimated"
+    assert record.domains["cpu"].windows == 5
 
 
 def test_baseline_cache_expires(tmp_path: Path) -> None:

@@ -25,7 +25,7 @@ from pydantic import ValidationError
 
 from pytest_llem.exceptions import EnergyMeterError
 from pytest_llem.harness.thermal import device_temperatures
-from pytest_llem.meters.base import EnergyMeter, EnergyReading
+from pytest_llem.meters.base import EnergyMeter, EnergyReading, reading_between
 from pytest_llem.results.models import BaselineDomain, BaselineRecord, MeterRecord
 
 __all__ = [
@@ -94,23 +94,61 @@ def store_baseline(path: Path, record: BaselineRecord) -> None:
         logger.warning("cannot cache the idle baseline at %s: %s", path, e)
 
 
-def _window(
-    meters: Sequence[EnergyMeter], seconds: float, sleep: Callable[[float], None]
-) -> list[EnergyReading]:
-    started: list[EnergyMeter] = []
-    try:
-        for meter in meters:
+def _abandon(meters: Sequence[EnergyMeter]) -> None:
+    for meter in reversed(meters):
+        try:
+            meter.stop()
+        except EnergyMeterError:
+            logger.debug("stopping %s after a failed baseline window", meter.name)
+
+
+def _separate_windows(
+    meters: Sequence[EnergyMeter], seconds: float, count: int, sleep: Callable[[float], None]
+) -> list[list[EnergyReading]]:
+    """``count`` windows one after the other (for meters that cannot read mid-window)."""
+    windows = []
+    for _ in range(count):
+        started: list[EnergyMeter] = []
+        try:
+            for meter in meters:
+                meter.start()
+                started.append(meter)
+            sleep(seconds / count)
+        except BaseException:
+            _abandon(started)
+            raise
+        windows.append([meter.stop() for meter in reversed(meters)][::-1])
+    return windows
+
+
+def _lapped_window(
+    meters: Sequence[EnergyMeter], seconds: float, count: int, sleep: Callable[[float], None]
+) -> list[list[EnergyReading]]:
+    """One window read at ``count`` laps: sub-windows with no gap and a single pair of edges,
+    so each sub-window's power is not quantised at edges of its own."""
+    for index, meter in enumerate(meters):
+        try:
             meter.start()
-            started.append(meter)
-        sleep(seconds)
+        except BaseException:
+            _abandon(meters[:index])
+            raise
+    try:
+        previous: list[EnergyReading] | None = None
+        windows = []
+        for _ in range(count):
+            sleep(seconds / count)
+            laps = [meter.lap() for meter in meters]  # type: ignore[attr-defined]
+            if previous is None:
+                windows.append(laps)
+            else:
+                windows.append([reading_between(a, b) for a, b in zip(previous, laps, strict=True)])
+            previous = laps
     except BaseException:
-        for meter in reversed(started):
-            try:
-                meter.stop()
-            except EnergyMeterError:
-                logger.debug("stopping %s after a failed baseline window", meter.name)
+        _abandon(meters)
         raise
-    return [meter.stop() for meter in reversed(meters)][::-1]
+    for meter in reversed(meters):
+        meter.stop()
+    return windows
 
 
 def measure_baseline(
@@ -123,6 +161,9 @@ def measure_baseline(
     now: Callable[[], datetime] = lambda: datetime.now(timezone.utc),
 ) -> BaselineRecord:
     """Measure idle power per domain over ``seconds``, as ``subwindows`` windows.
+
+    Meters that read mid-window (``lap``) measure one window read at each sub-window's end;
+    the others measure sub-windows one after the other.
 
     Args:
         meters: The session's meters.
@@ -145,9 +186,9 @@ def measure_baseline(
     time_s: dict[str, float] = dict.fromkeys(assignment, 0.0)
     sources: dict[str, str] = {}
     missing: dict[str, str] = {}
-    readings: list[EnergyReading] = []
-    for _ in range(subwindows):
-        readings = _window(meters, seconds / subwindows, sleep)
+    lapped = all(getattr(meter, "lap", None) is not None for meter in meters)
+    measure = _lapped_window if lapped else _separate_windows
+    for readings in measure(meters, seconds, subwindows, sleep):
         by_meter = {reading.meter: reading for reading in readings}
         for domain, meter in assignment.items():
             reading = by_meter.get(meter)

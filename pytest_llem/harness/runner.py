@@ -45,7 +45,7 @@ from pytest_llem.harness.scenarios import (
     saturation,
 )
 from pytest_llem.harness.stats import distribution, percentile, summarise
-from pytest_llem.meters.base import DomainReading, EnergyMeter, EnergyReading
+from pytest_llem.meters.base import EnergyMeter, EnergyReading, reading_between
 from pytest_llem.results.models import (
     BaselineRecord,
     DeviceStateRecord,
@@ -312,16 +312,6 @@ def _server_record(window: Window) -> ServerLoadRecord | None:
 STEADY = "steady_state."
 
 
-def _lap_difference(start: EnergyReading, end: EnergyReading) -> EnergyReading:
-    domains = {}
-    for name, last in end.domains.items():
-        first = start.domains.get(name)
-        both = first is not None and first.energy_j is not None and last.energy_j is not None
-        energy = last.energy_j - first.energy_j if both else None  # type: ignore[operator,union-attr]
-        domains[name] = DomainReading(last.domain, energy, last.source, reason=last.reason)
-    return EnergyReading(end.meter, end.duration_s - start.duration_s, domains)
-
-
 def _steady_values(window: Window, latencies: Sequence[RequestLatency]) -> dict[str, float | None]:
     """Figures of the steady state alone (server scenario with ``traffic.steady_state``): from
     the issue of the first batch holding a request at or past the ramp-up to the issue of the
@@ -335,7 +325,7 @@ def _steady_values(window: Window, latencies: Sequence[RequestLatency]) -> dict[
     total: float | None = None
     if start.readings is not None and end.readings is not None:
         energy = combine_energy(
-            [_lap_difference(a, b) for a, b in zip(start.readings, end.readings, strict=True)]
+            [reading_between(a, b) for a, b in zip(start.readings, end.readings, strict=True)]
         )
         total = energy.total_j
     steady = [lat for lat in latencies if lat.request_index >= window.steady_from]
@@ -585,7 +575,9 @@ def _cross_check(window: Window, assignment: Mapping[str, str] | None) -> dict[s
 def _thermal_values(states: Mapping[str, Mapping[str, DeviceStateRecord]]) -> dict[str, float]:
     values: dict[str, float] = {}
     for edge in ("start", "end"):
-        temps = [s.temperature_c for s in states.get(edge, {}).values() if s.temperature_c]
+        temps = [
+            s.temperature_c for s in states.get(edge, {}).values() if s.temperature_c is not None
+        ]
         if temps:
             values[f"temperature_{edge}_c"] = max(temps)
     return values

@@ -116,6 +116,12 @@ def cool_down(
         if not now:
             break
     reached = bool(now) and _excess(now, idle_temperatures) <= COOLDOWN_MARGIN_C
+    if reached:
+        note = None
+    elif not now:
+        note = "the devices stopped reporting temperatures while cooling: measured warm"
+    else:
+        note = f"still above idle + {COOLDOWN_MARGIN_C:g} C after {max_wait_s:g} s: measured warm"
     return CooldownRecord(
         mode=mode,
         waited_s=clock() - start,
@@ -123,9 +129,7 @@ def cool_down(
         end_temperature_c=max(now.values(), default=None),
         target_temperature_c=target,
         reached=reached,
-        note=None
-        if reached
-        else f"still above idle + {COOLDOWN_MARGIN_C:g} C after {max_wait_s:g} s: measured warm",
+        note=note,
     )
 
 

@@ -22,6 +22,7 @@ __all__ = [
     "MeterResolution",
     "PowerTimeline",
     "Source",
+    "reading_between",
 ]
 
 Domain = Literal["gpu", "cpu", "dram"]
@@ -155,3 +156,20 @@ class EnergyMeter(Protocol):
     def close(self) -> None:
         """Release the meter's resources."""
         ...
+
+
+def reading_between(start: EnergyReading, end: EnergyReading) -> EnergyReading:
+    """The energy between two laps of one window (``end`` minus ``start``, per domain).
+
+    A domain missing at either lap has no energy between them (its reason is kept).
+    """
+    domains: dict[str, DomainReading] = {}
+    for name, last in end.domains.items():
+        first = start.domains.get(name)
+        energy = (
+            last.energy_j - first.energy_j
+            if first is not None and first.energy_j is not None and last.energy_j is not None
+            else None
+        )
+        domains[name] = DomainReading(last.domain, energy, last.source, reason=last.reason)
+    return EnergyReading(end.meter, end.duration_s - start.duration_s, domains)

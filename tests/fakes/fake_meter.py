@@ -114,6 +114,8 @@ class FakeMeter:
             d: DomainReading(d, p * duration, self.sources.get(d, "measured"))
             for d, p in self.power_w.items()
         }
+        for d, reason in self.missing.items():
+            domains[d] = DomainReading(d, None, self.sources.get(d, "measured"), reason=reason)
         return EnergyReading(meter=self.name, duration_s=duration, domains=domains)
 
     def close(self) -> None:
