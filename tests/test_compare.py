@@ -29,6 +29,7 @@ from pytest_llem.results.models import (
     CaseRecord,
     GpuInfo,
     MachineInfo,
+    MeterRecord,
     RepetitionRecord,
     RunRecord,
 )
@@ -553,3 +554,21 @@ def test_to_json_is_serialisable_and_complete() -> None:
     assert data["gone"] == []
     assert data["baseline"]["machine"] == "vm-linux-x86_64-cpu"
     assert len(data["breaches"]) == 1
+
+
+def test_runs_that_covered_different_domains_are_flagged() -> None:
+    def metered(used: dict[str, list[str]]) -> CaseRecord:
+        base = case("t.py::test_a", {EPT: [1.0, 1.0]})
+        meters = [
+            MeterRecord(name=name, domains=domains, sources={}, used_for=domains)
+            for name, domains in used.items()
+        ]
+        return base.model_copy(update={"meters": meters})
+
+    nvml_only = run(metered({"nvml": ["gpu"]}))
+    with_rapl = run(metered({"nvml": ["gpu"], "rapl": ["cpu", "dram"]}))
+    assert environment_differences(nvml_only, with_rapl) == [
+        "energy domains differ: baseline gpu, current gpu+cpu+dram (energy_j sums different "
+        "domains; compare gpu_energy_j)"
+    ]
+    assert environment_differences(with_rapl, with_rapl) == []

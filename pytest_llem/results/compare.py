@@ -516,7 +516,19 @@ def environment_differences(baseline: RunRecord, current: RunRecord) -> list[str
                 f"{lib} differs: baseline {old or 'not installed'}, "
                 f"current {new or 'not installed'}"
             )
+    base_domains, cur_domains = _energy_domains(baseline), _energy_domains(current)
+    if base_domains and cur_domains and base_domains != cur_domains:
+        found.append(
+            f"energy domains differ: baseline {'+'.join(base_domains)}, current "
+            f"{'+'.join(cur_domains)} (energy_j sums different domains; compare gpu_energy_j)"
+        )
     return found
+
+
+def _energy_domains(record: RunRecord) -> list[str]:
+    """The domains the run's meters supplied (the union over its cases), canonical order."""
+    used = {domain for case in record.cases for meter in case.meters for domain in meter.used_for}
+    return [domain for domain in ("gpu", "cpu", "dram") if domain in used]
 
 
 # --- rendering -------------------------------------------------------------------------------
