@@ -22,6 +22,7 @@ __all__ = [
     "LlemError",
     "MeterUnavailableError",
     "ModelLoadError",
+    "NotEnoughGpusError",
     "ResultStoreError",
     "RetryableError",
 ]
@@ -99,6 +100,10 @@ class GpuNotIsolatedError(EnergyMeterError):
     def __init__(self, message: str, *, isolation: object) -> None:
         super().__init__(message)
         self.isolation = isolation
+
+
+class NotEnoughGpusError(BackendConfigError):
+    """A case needs more GPUs (tensor x pipeline parallel) than this process can see."""
 
 
 class RetryableError(LlemError):

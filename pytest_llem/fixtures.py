@@ -24,6 +24,7 @@ from pytest_llem.exceptions import (
     GpuNotIsolatedError,
     LlemError,
     MeterUnavailableError,
+    NotEnoughGpusError,
     RetryableError,
 )
 from pytest_llem.harness.deadline import deadline
@@ -177,6 +178,7 @@ class LlemFixture:
             if session.baseline is not None
             else None
         )
+        _check_gpu_count(case)
         isolation = self._check_isolation(meters, assignment.meters)
         backend, info, load = session.backends.get(case)
         prompt_set = build_prompt_set(case, backend, count=_request_count(case))
@@ -266,6 +268,32 @@ class LlemFixture:
         self._item.user_properties.append((CASE_PROPERTY, record.model_dump(mode="json")))
 
 
+def gpus_needed(case: CaseConfig) -> int:
+    """GPUs a case's engine asks for: tensor x pipeline parallel size of its backend's group."""
+    group = getattr(case, case.backend, None)
+    tensor = int(getattr(group, "tensor_parallel_size", 1) or 1)
+    pipeline = int(getattr(group, "pipeline_parallel_size", 1) or 1)
+    return tensor * pipeline
+
+
+def _check_gpu_count(case: CaseConfig) -> None:
+    """Skip a multi-GPU case on a process that sees fewer GPUs (``--llem-gpus=0-1,2-3``)."""
+    needed = gpus_needed(case)
+    if needed <= 1 or case.device == "cpu":
+        return
+    from pytest_llem.meters.nvml import nvml_gpus
+
+    gpus, why = nvml_gpus()
+    if len(gpus) < needed:
+        seen = f"{len(gpus)} GPU(s)" if gpus else f"no GPU ({why})"
+        raise NotEnoughGpusError(
+            case.backend,
+            "tensor_parallel_size",
+            f"the case needs {needed} GPUs (tensor x pipeline parallel) but this process sees "
+            f"{seen}; give each xdist worker a group with --llem-gpus=0-1,2-3",
+        )
+
+
 def _shared_note(domains: list[str]) -> str:
     return (
         f"{', '.join(domains)}: shared by every xdist worker on this machine, so the figure "
@@ -304,7 +332,7 @@ def _prompts_record(prompt_set: PromptSet) -> PromptsRecord:
 def _is_missing_hardware_or_engine(error: LlemError) -> bool:
     """Errors that make a case skip rather than fail: a meter that cannot measure here, an
     engine that is not installed, a device (``device=cuda``) this machine does not have."""
-    if isinstance(error, (MeterUnavailableError, BackendNotAvailableError)):
+    if isinstance(error, (MeterUnavailableError, BackendNotAvailableError, NotEnoughGpusError)):
         return True
     return isinstance(error, BackendConfigError) and error.param == "device"
 

@@ -233,7 +233,9 @@ def test_isolation_decides_what_foreign_processes_do(
 ) -> None:
     from tests.fakes.fake_pynvml import FakeGpu, install
 
-    gpu = FakeGpu(counter_step_s=0.01, processes=[(os.getpid(), 512 * 2**20), (424242, 20480 * 2**20)])
+    gpu = FakeGpu(
+        counter_step_s=0.01, processes=[(os.getpid(), 512 * 2**20), (424242, 20480 * 2**20)]
+    )
     install(monkeypatch, [gpu])
     pytester.makepyfile(ISOLATION_CASE)
     result = pytester.runpytest(
@@ -309,3 +311,30 @@ def test_bad_scale_out_options_are_usage_errors(pytester: pytest.Pytester) -> No
         result = pytester.runpytest(*args)
         assert result.ret == pytest.ExitCode.USAGE_ERROR
         result.stderr.fnmatch_lines([message])
+
+
+TP_CASE = """
+import pytest
+
+@pytest.mark.llem(backend="vllm", batch_size=2, max_new_tokens=2, num_prompts=2)
+def test_tp(llem):
+    llem.run(**{"vllm.tensor_parallel_size": 2})
+"""
+
+
+@pytest.mark.slow
+def test_a_tensor_parallel_case_needs_a_gpu_group(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tests.fakes.fake_pynvml import FakeGpu, install
+
+    install(monkeypatch, [FakeGpu(uuid=f"GPU-{i}", counter_step_s=0.01) for i in range(4)])
+    pytester.makepyfile(TP_CASE)
+    result = pytester.runpytest(
+        *QUICK, "--llem-gpus=1", "--llem-meter=nvml", "--llem-baseline-s=0", "-rs"
+    )
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    result.assert_outcomes(skipped=1)
+    result.stdout.fnmatch_lines(
+        ["*the case needs 2 GPUs (tensor x pipeline parallel) but this process sees 1 GPU(s)*"]
+    )

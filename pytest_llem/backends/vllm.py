@@ -567,13 +567,16 @@ class VllmBackend:
         loop, llm = self._loop, self._llm
         self._loop = self._llm = self._tokenizer = None
         self._info = self._vocabulary = None
-        if loop is not None:
-            loop.close()
+        if llm is None:
+            return
+        # The last references go inside, so the engine's objects are collected there.
         with _engine_resource_warnings_quiet():
-            if llm is not None:
-                _shutdown_engine(llm)
-                del llm
-            if loop is not None and self._in_process:
+            if loop is not None:
+                loop.close()
+                loop = None
+            _shutdown_engine(llm)
+            llm = None
+            if self._in_process:
                 _cleanup_distributed()
         torch = sys.modules.get("torch")
         if self._device == "cuda" and torch is not None and torch.cuda.is_available():
@@ -690,6 +693,8 @@ class _EngineLoop:
             self._cond.notify()
         if threading.current_thread() is not self._thread:
             self._thread.join(timeout_s)
+            if not self._thread.is_alive():
+                self._engine = None
 
     def _run(self) -> None:
         while True:
