@@ -115,10 +115,4 @@ CONTRACT_BACKENDS: dict[str, Factory] = {
 
 #: Contract checks a backend is known to fail, by backend and check, with the reason. The suite
 #: marks them strict xfail, so a fix shows up as XPASS and the entry must then go.
-KNOWN_GAPS: dict[tuple[str, str], str] = {
-    ("endpoint", "bad-request"): (
-        "token ids outside the vocabulary: the test server fails after the stream has started "
-        "and the endpoint backend takes the cut stream as a finished one with 0 tokens "
-        "(vLLM's server answers 400 before streaming)"
-    ),
-}
+KNOWN_GAPS: dict[tuple[str, str], str] = {}

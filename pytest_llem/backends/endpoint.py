@@ -141,6 +141,8 @@ class _Stream:
     prompt_token_ids: list[int] | None = None
     usage: dict[str, Any] | None = None
     last_time: float | None = None
+    finish_reason: str | None = None
+    done: bool = False
 
     def add(self, event: dict[str, Any], arrival: float) -> None:
         """Take one parsed event."""
@@ -152,6 +154,8 @@ class _Stream:
             return
         choice = choices[0]
         self.last_time = arrival
+        if choice.get("finish_reason"):
+            self.finish_reason = str(choice["finish_reason"])
         if self.prompt_token_ids is None and isinstance(choice.get("prompt_token_ids"), list):
             self.prompt_token_ids = [int(t) for t in choice["prompt_token_ids"]]
         ids = choice.get("token_ids")
@@ -748,6 +752,7 @@ class EndpointBackend:
                 raise _status_error(response.status, message, url=self._url(path))
             for data, arrival in _sse_events(response):
                 if data == "[DONE]":
+                    stream.done = True
                     break
                 stream.add(_json_event(data, self._url(path)), arrival)
                 if on_event is not None:
@@ -756,6 +761,13 @@ class EndpointBackend:
             raise self._transport_error(path, e) from e
         finally:
             connection.close()
+        if not stream.done and stream.finish_reason is None:
+            # A server that fails mid-stream closes the connection: a cut stream is an error,
+            # never a completion with the tokens that happened to arrive.
+            raise BackendInferenceError(
+                f"{_NAME}: {self._url(path)} closed the stream before it finished "
+                "(no finish_reason, no [DONE])"
+            )
         return stream
 
     def _url(self, path: str) -> str:
