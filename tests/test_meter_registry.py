@@ -9,10 +9,10 @@ import pytest
 
 from pytest_llem.exceptions import ConfigurationError, MeterUnavailableError
 from pytest_llem.meters import registry
+from pytest_llem.meters.base import MeterInfo, MeterResolution
 from pytest_llem.meters.codecarbon import CodeCarbonMeter
 from pytest_llem.meters.none import NoneMeter
 from pytest_llem.meters.nvml import NvmlMeter
-from pytest_llem.meters.base import MeterInfo, MeterResolution
 from pytest_llem.meters.registry import (
     METER_CHOICES,
     assign_domains,
@@ -131,7 +131,9 @@ def test_named_meter_that_cannot_measure_raises(monkeypatch: pytest.MonkeyPatch)
 
 
 def test_unknown_meter_name_lists_the_choices() -> None:
-    with pytest.raises(ConfigurationError, match="auto, nvml, rapl, zeus, codecarbon, none") as info:
+    with pytest.raises(
+        ConfigurationError, match="auto, nvml, rapl, zeus, codecarbon, none"
+    ) as info:
         create_meter("joulemeter")
     assert "'joulemeter'" in str(info.value)
     assert METER_CHOICES == ("auto", "nvml", "rapl", "zeus", "codecarbon", "none")

@@ -345,7 +345,9 @@ def test_metric_source() -> None:
 
 def _energy(total: float) -> WindowEnergy:
     return WindowEnergy(
-        total_j=total, domains={"gpu": total, "cpu": None, "dram": None}, sources={"gpu": "measured"}
+        total_j=total,
+        domains={"gpu": total, "cpu": None, "dram": None},
+        sources={"gpu": "measured"},
     )
 
 
