@@ -191,7 +191,7 @@ class LlemFixture:
             idle_temperatures=idle_temperatures,
         )
         policy = WindowPolicy.for_meters(
-            min_window_s=energy.min_window_s if assignment.meters else 0.0,
+            min_window_s=energy.min_window_s,
             update_periods=[r.update_period_s for r in meter_records if r.used_for],
         )
         measurement = run_case(

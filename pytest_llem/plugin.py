@@ -74,7 +74,7 @@ _OPTIONS: tuple[tuple[str, str, str | None], ...] = (
     (
         "min_window_s",
         "Shortest measurement window: the workload repeats inside a window until it lasts "
-        "max(this, 20 x the meter's update period) (default: 1).",
+        "max(this, 20 x the meter's update period) (default: 0, the meters' resolution decides).",
         "SECONDS",
     ),
     (

@@ -123,8 +123,9 @@ def _store_options(
 
 #: Default length of the idle baseline, seconds (``--llem-baseline-s``).
 DEFAULT_BASELINE_S = 5.0
-#: Default shortest measurement window, seconds (``--llem-min-window-s``).
-DEFAULT_MIN_WINDOW_S = 1.0
+#: Default shortest measurement window, seconds (``--llem-min-window-s``): none of its own, so
+#: the meters' resolution (20 update periods) alone decides how long a window must last.
+DEFAULT_MIN_WINDOW_S = 0.0
 
 
 @dataclass(frozen=True)

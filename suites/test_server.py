@@ -18,7 +18,7 @@ def test_poisson_server_with_slo(llem):
     result = llem.run()
 
     for rep in result.repetitions:
-        assert rep.requests == 24
+        assert rep.requests == 24 * rep.rounds
         assert rep.server is not None
         assert rep.server.target_rate_rps == 16
     assert result["ttft_ms.max"].max <= result["e2e_ms.max"].max
