@@ -156,9 +156,10 @@ class VllmBackend:
         started = time.perf_counter()
         llm = self._start_engine(vllm, source, kwargs)
         load_seconds = time.perf_counter() - started
+        # Kept at once, so close() shuts the engine down if anything below fails.
+        self._llm, self._device = llm, device
         _apply_log_level()
         engine = llm.llm_engine
-        self._llm, self._device = llm, device
         self._tokenizer = llm.get_tokenizer()
         self._sampling_params = vllm.SamplingParams
         self._delta_kind = importlib.import_module("vllm.sampling_params").RequestOutputKind.DELTA
@@ -704,7 +705,10 @@ class _EngineLoop:
                 jobs, self._jobs = self._jobs, []
                 closing = self._closing
             for job in jobs:
-                job()
+                try:
+                    job()
+                except Exception:  # jobs report to their futures; this is a bug, not a hang
+                    logger.exception("a job on the vLLM engine thread failed")
             if closing:
                 break
             if self._active:
@@ -783,8 +787,8 @@ class _PeakMemory:
 
     def reset(self) -> None:
         if self.device == "cuda":
-            torch = sys.modules.get("torch")
-            if torch is not None and torch.cuda.memory_allocated() > 0:
+            torch = _allocator_in_use()
+            if torch is not None:
                 torch.cuda.reset_peak_memory_stats()
             return
         self._reset_pids = set()
@@ -810,8 +814,8 @@ class _PeakMemory:
         return MemoryUsage(peak_mb=sum(known.values()) / 1024, kind="process_rss", note=note)
 
     def _cuda_peak(self) -> MemoryUsage:
-        torch = sys.modules.get("torch")
-        if torch is not None and torch.cuda.memory_allocated() > 0:
+        torch = _allocator_in_use()
+        if torch is not None:
             return MemoryUsage(
                 peak_mb=torch.cuda.max_memory_allocated() / _MIB, kind="cuda_allocated"
             )
@@ -900,14 +904,33 @@ def _engine_resource_warnings_quiet() -> Iterator[None]:
 
 def _shutdown_engine(llm: Any) -> None:
     """Stop vLLM's engine core: its processes end (terminated, then killed after vLLM's grace
-    period) and the memory they held is freed."""
+    period) and the memory they held is freed.
+
+    vLLM 0.32's client then leaves its zmq context open, with a thread that still holds it; the
+    thread is waited for and the context destroyed here, so nothing of the engine is left to a
+    later garbage collection (whose ``ResourceWarning`` would land in an unrelated test).
+    """
     core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
     shutdown = getattr(core, "shutdown", None)
-    if callable(shutdown):
+    if not callable(shutdown):
+        return
+    try:
+        shutdown()
+    except Exception:
+        logger.warning("vLLM engine shutdown failed", exc_info=True)
+        return
+    thread = getattr(core, "output_queue_thread", None)
+    if isinstance(thread, threading.Thread):
+        thread.join(timeout=10)
+        if thread.is_alive():
+            return  # still using the context: leave it to vLLM
+    context = getattr(core, "ctx", None)
+    destroy = getattr(context, "destroy", None)
+    if callable(destroy) and not getattr(context, "closed", True):
         try:
-            shutdown()
+            destroy(linger=0)
         except Exception:
-            logger.warning("vLLM engine shutdown failed", exc_info=True)
+            logger.debug("destroying vLLM's zmq context failed", exc_info=True)
 
 
 def _cleanup_distributed() -> None:
@@ -1011,6 +1034,17 @@ def _process_tree() -> list[int]:
     except Exception:  # a child may exit while the tree is walked
         logger.debug("listing child processes failed", exc_info=True)
     return pids
+
+
+def _allocator_in_use() -> Any:
+    """torch, when this process's CUDA allocator holds memory (the engine runs in-process)."""
+    torch = sys.modules.get("torch")
+    try:
+        if torch is not None and torch.cuda.is_available() and torch.cuda.memory_allocated() > 0:
+            return torch
+    except Exception:
+        logger.debug("reading the CUDA allocator failed", exc_info=True)
+    return None
 
 
 def _read_vm_hwm_kib(pid: int) -> int | None:
