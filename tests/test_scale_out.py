@@ -338,3 +338,74 @@ def test_a_tensor_parallel_case_needs_a_gpu_group(
     result.stdout.fnmatch_lines(
         ["*the case needs 2 GPUs (tensor x pipeline parallel) but this process sees 1 GPU(s)*"]
     )
+
+
+OOM_CONFTEST = """
+import pytest
+from pytest_llem.backends.transformers import TransformersBackend
+from pytest_llem.exceptions import RetryableError
+
+FAILURES = {"left": 0}
+
+
+class FlakyBackend(TransformersBackend):
+    name = "flaky"
+    loads = 0
+
+    def load(self):
+        FlakyBackend.loads += 1
+        return super().load()
+
+    def generate(self, requests, *, params, on_token=None):
+        if FAILURES["left"] > 0:
+            FAILURES["left"] -= 1
+            raise RetryableError("out of memory (scripted)")
+        return super().generate(requests, params=params, on_token=on_token)
+
+
+def pytest_llem_backend_names():
+    return ["flaky"]
+
+
+def pytest_llem_make_backend(name, case, progress):
+    if name == "flaky":
+        return FlakyBackend(case, progress=progress)
+    return None
+"""
+
+OOM_CASES = """
+import pytest
+from conftest import FAILURES, FlakyBackend
+
+@pytest.mark.llem(backend="flaky", batch_size=2, max_new_tokens=2, num_prompts=2)
+def test_a_once(llem):
+    FAILURES["left"] = 1
+    llem.run()
+    assert FlakyBackend.loads == 2  # the cache was freed and the model loaded again
+
+@pytest.mark.llem(backend="flaky", batch_size=2, max_new_tokens=2, num_prompts=2)
+def test_b_always(llem):
+    FAILURES["left"] = 99
+    llem.run()
+
+@pytest.mark.llem(backend="flaky", batch_size=2, max_new_tokens=2, num_prompts=2)
+def test_c_after(llem):
+    FAILURES["left"] = 0
+    llem.run()
+"""
+
+
+@pytest.mark.slow
+def test_out_of_memory_is_retried_once_then_fails_locally(
+    pytester: pytest.Pytester, tiny_model: Path
+) -> None:
+    pytester.makeconftest(OOM_CONFTEST)
+    pytester.makepyfile(OOM_CASES)
+    result = pytester.runpytest(*QUICK, "--llem-meter=none")
+    result.assert_outcomes(passed=2, failed=1)
+    result.stdout.fnmatch_lines(["*RetryableError: out of memory (scripted)*"])
+    cases = {case["name"]: case for case in _record(pytester)["cases"]}
+    assert cases["test_a_once"]["outcome"] == "passed"
+    assert cases["test_b_always"]["outcome"] == "failed"
+    assert cases["test_b_always"]["error"]["type"] == "RetryableError"
+    assert cases["test_c_after"]["outcome"] == "passed"
