@@ -40,6 +40,7 @@ from pytest_llem.results.models import (
     CaseRecord,
     CaseResult,
     IsolationRecord,
+    MeterRecord,
     PromptsRecord,
 )
 from pytest_llem.session import LlemSession
@@ -219,6 +220,10 @@ class LlemFixture:
                     )
         if isolation is not None and isolation.foreign:
             notes.append(_foreign_note(isolation))
+        extra_gpus = _unused_gpus_note(case, info.device, meter_records, assignment.meters)
+        if extra_gpus is not None:
+            notes.append(extra_gpus)
+            logger.warning("llem: %s", extra_gpus)
         hot = measured_hot(measurement.repetitions, idle_temperatures)
         if hot:
             notes.append(
@@ -292,6 +297,25 @@ def _check_gpu_count(case: CaseConfig) -> None:
             f"the case needs {needed} GPUs (tensor x pipeline parallel) but this process sees "
             f"{seen}; give each xdist worker a group with --llem-gpus=0-1,2-3",
         )
+
+
+def _unused_gpus_note(
+    case: CaseConfig, device: str, records: list[MeterRecord], assignment: dict[str, str]
+) -> str | None:
+    """A note when the GPU meter measures more GPUs than the case's engine uses: the idle power
+    of the others is in its energy (pin with CUDA_VISIBLE_DEVICES or --llem-gpus)."""
+    meter = assignment.get("gpu")
+    if meter is None or not device.startswith("cuda"):
+        return None
+    measured = max((len(r.devices) for r in records if r.name == meter), default=0)
+    used = gpus_needed(case)
+    if measured <= used:
+        return None
+    return (
+        f"{meter} measures all {measured} visible GPUs but the case uses {used}: the others' "
+        "power is in gpu_energy_j (dynamic energy subtracts their idle power); set "
+        "CUDA_VISIBLE_DEVICES or --llem-gpus to measure only the GPUs in use"
+    )
 
 
 def _shared_note(domains: list[str]) -> str:

@@ -409,3 +409,24 @@ def test_out_of_memory_is_retried_once_then_fails_locally(
     assert cases["test_b_always"]["outcome"] == "failed"
     assert cases["test_b_always"]["error"]["type"] == "RetryableError"
     assert cases["test_c_after"]["outcome"] == "passed"
+
+
+def test_measuring_more_gpus_than_the_case_uses_is_noted() -> None:
+    from pytest_llem.config.models import CaseConfig
+    from pytest_llem.fixtures import _unused_gpus_note
+    from pytest_llem.results.models import MeterRecord
+
+    nvml = MeterRecord(
+        name="nvml",
+        domains=["gpu"],
+        sources={"gpu": "measured"},
+        devices=[f"gpu{i}: H100" for i in range(4)],
+        used_for=["gpu"],
+    )
+    case = CaseConfig(device="cuda")
+    note = _unused_gpus_note(case, "cuda:0", [nvml], {"gpu": "nvml"})
+    assert note is not None
+    assert note.startswith("nvml measures all 4 visible GPUs but the case uses 1")
+    assert _unused_gpus_note(case, "cpu", [nvml], {"gpu": "nvml"}) is None
+    one = nvml.model_copy(update={"devices": ["gpu0: H100"]})
+    assert _unused_gpus_note(case, "cuda:0", [one], {"gpu": "nvml"}) is None
