@@ -3,6 +3,7 @@ the three renderings, on hand-built run records."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
@@ -26,6 +27,7 @@ from pytest_llem.results.compare import (
 )
 from pytest_llem.results.gate import parse_fail_on
 from pytest_llem.results.models import (
+    CaseError,
     CaseRecord,
     GpuInfo,
     MachineInfo,
@@ -120,7 +122,7 @@ def pair(
 
 def test_ratio_of_constant_windows_is_exact() -> None:
     assert ratio_interval([1.0] * 5, [1.2] * 5) == pytest.approx((1.2, 1.2, 1.2))
-    assert ratio_interval([2.0, 2.0], [1.0, 1.0]) == pytest.approx((0.5, 0.5, 0.5))
+    assert ratio_interval([2.0] * 3, [1.0] * 3) == pytest.approx((0.5, 0.5, 0.5))
 
 
 def test_ratio_interval_of_a_noisy_pair() -> None:
@@ -138,13 +140,13 @@ def test_ratio_interval_of_a_noisy_pair() -> None:
 @pytest.mark.parametrize(
     ("baseline", "current"),
     [
-        ([1.0], [1.0, 1.0]),  # fewer than 2 values
-        ([1.0, 1.0], [1.0]),
+        ([1.0, 1.0], [1.0, 1.0, 1.0]),  # fewer than 3 values
+        ([1.0, 1.0, 1.0], [1.0, 1.0]),
         ([], []),
-        ([0.0, 0.0, 0.0], [1.0, 1.0]),  # baseline median 0
-        ([-1.0, -2.0], [1.0, 1.0]),  # negative baseline (dynamic energy can be)
-        ([1.0, 1.0], [-1.0, -1.0]),  # negative current
-        ([0.0, 0.0, 1.0, 1.0, 1.0], [1.0, 1.0]),  # a resampled baseline median is 0
+        ([0.0, 0.0, 0.0], [1.0, 1.0, 1.0]),  # baseline median 0
+        ([-1.0, -2.0, -3.0], [1.0, 1.0, 1.0]),  # negative baseline (dynamic energy can be)
+        ([1.0, 1.0, 1.0], [-1.0, -1.0, -1.0]),  # negative current
+        ([0.0, 0.0, 1.0, 1.0, 1.0], [1.0, 1.0, 1.0]),  # a resampled baseline median is 0
     ],
 )
 def test_ratio_interval_undefined(baseline: list[float], current: list[float]) -> None:
@@ -152,7 +154,7 @@ def test_ratio_interval_undefined(baseline: list[float], current: list[float]) -
 
 
 def test_ratio_of_a_current_median_of_zero() -> None:
-    assert ratio_interval([50.0, 50.0], [0.0, 0.0]) == pytest.approx((0.0, 0.0, 0.0))
+    assert ratio_interval([50.0] * 3, [0.0] * 3) == pytest.approx((0.0, 0.0, 0.0))
 
 
 def test_difference_interval() -> None:
@@ -162,8 +164,8 @@ def test_difference_interval() -> None:
     assert got is not None
     assert got[0] == pytest.approx(30.0)
     assert 28.0 <= got[1] <= 30.0 <= got[2] <= 32.0
-    assert difference_interval([-5.0, -5.0], [-3.0, -3.0]) == pytest.approx((2.0, 2.0, 2.0))
-    assert difference_interval([1.0], [1.0, 2.0]) is None
+    assert difference_interval([-5.0] * 3, [-3.0] * 3) == pytest.approx((2.0, 2.0, 2.0))
+    assert difference_interval([1.0, 1.0], [1.0, 2.0, 3.0]) is None
 
 
 # --- verdict rules ---------------------------------------------------------------------------
@@ -249,6 +251,7 @@ def test_improvement_and_unchanged() -> None:
     assert comparison.exit_code(True) == 0
     assert comparison.counts() == {
         "regressed": 0,
+        "not judged": 0,
         "inconclusive": 0,
         "improved": 1,
         "unchanged": 1,
@@ -290,7 +293,7 @@ def test_absolute_threshold_works_where_a_ratio_cannot() -> None:
     # dynamic energy may be negative (METRICS.md): no ratio, but a difference
     base, cur = pair({"dynamic_energy_j": [-2.0] * 3}, {"dynamic_energy_j": [3.0] * 3})
     relative = compare_runs(base, cur, parse_fail_on("dynamic_energy_j:+5%")).metrics[0]
-    assert relative.verdict == "not comparable"
+    assert (relative.verdict, relative.gated) == ("not judged", True)  # a gate cannot pass it
     assert relative.reason is not None
     assert "a median is not positive" in relative.reason
     absolute = compare_runs(base, cur, parse_fail_on("dynamic_energy_j:+1")).metrics[0]
@@ -333,26 +336,30 @@ def test_report_only_comparison_gates_nothing() -> None:
     assert "(report only, nothing gated)" in format_table(comparison)
 
 
-def test_too_few_values_is_not_comparable() -> None:
+def test_too_few_values_is_not_comparable_in_a_report() -> None:
     base, cur = pair({EPT: [1.0]}, {EPT: [2.0, 2.0, None]})
-    comparison = compare_runs(base, cur, parse_fail_on(f"{EPT}:+5%"))
+    comparison = compare_runs(base, cur, parse_fail_on(f"{EPT}:+5%"), gate=False)
     (m,) = comparison.metrics
     assert m.verdict == "not comparable"
     assert not m.gated
-    assert m.reason == "baseline has 1 value (at least 2 repetitions per side are needed)"
+    assert m.reason == (
+        "baseline has 1 window; current has 2 windows: at least 3 windows per side are needed"
+    )
     assert (m.baseline_median, m.current_median) == (1.0, 2.0)
     assert comparison.not_comparable == [m]
     assert comparison.exit_code(True) == 0
+    gated = compare_runs(base, cur, parse_fail_on(f"{EPT}:+5%"))
+    assert gated.not_judged == [dataclasses.replace(m, verdict="not judged", gated=True)]
 
 
 def test_missing_metric_and_failed_case() -> None:
     base = run(case("t.py::test_a", {EPT: [1.0] * 3}))
     cur = run(case("t.py::test_a", {}, outcome="failed"))
     (m,) = compare_runs(base, cur, parse_fail_on(f"{EPT}:+5%")).metrics
-    assert m.verdict == "not comparable"
+    assert m.verdict == "not judged"
     assert m.current_median is None
     assert m.reason == (
-        "current has no value, case failed (at least 2 repetitions per side are needed)"
+        "current has no value (case failed): at least 3 windows per side are needed"
     )
 
 
@@ -362,14 +369,14 @@ def test_summary_fallback_without_repetitions() -> None:
     (m,) = compare_runs(base, cur, parse_fail_on(f"{EPT}:+5%")).metrics
     assert m.baseline_median == 1.0  # from the summary
     assert m.baseline_n == 1
-    assert m.verdict == "not comparable"
+    assert m.verdict == "not judged"
 
 
 # --- matching --------------------------------------------------------------------------------
 
 
 def test_match_cases_new_gone_and_changed_params() -> None:
-    values = {EPT: [1.0, 1.0]}
+    values = {EPT: [1.0, 1.0, 1.0]}
     changed = {**PARAMS, "batch_size": 4, "sampling": {"do_sample": True}}
     base = run(
         case("t.py::test_a", values),
@@ -396,7 +403,12 @@ def test_match_cases_new_gone_and_changed_params() -> None:
         ("t.py::test_b", note)
     ]  # repeat and warmup do not count
     comparison = compare_runs(base, cur, parse_fail_on(f"{EPT}:+5%"))
-    assert [m.case_id for m in comparison.metrics] == ["t.py::test_a", "t.py::test_b"]
+    # the gone case cannot be judged under a gate; the new one is only listed
+    assert [m.case_id for m in comparison.metrics] == [
+        "t.py::test_a",
+        "t.py::test_b",
+        "t.py::test_old",
+    ]
     table = format_table(comparison)
     assert "Compared although their parameters changed:\n  t.py::test_b (parameters changed:" in (
         table
@@ -478,7 +490,7 @@ def test_format_table() -> None:
     )
     lines = format_table(comparison).splitlines()
     assert lines[0] == "baseline: 0001_main"
-    assert lines[2] == "2 cases compared: 2 regressed, 1 unchanged, 1 not comparable"
+    assert lines[2] == "2 cases compared: 2 regressed, 1 not judged, 1 unchanged"
     header, *rows = lines[3:8]
     assert header.split() == [
         "case",
@@ -506,7 +518,8 @@ def test_format_table() -> None:
     ]
     assert "+10 [+10, +10] ms" in rows[1]
     assert rows[2].endswith("regressed (not gated)")
-    assert "not comparable" in rows[3]
+    assert rows[3].split()[:2] == ["t.py::test_b", "ttft_ms.p99"]
+    assert rows[3].endswith("not judged")  # test_b has no ttft_ms.p99 on either side
     assert "  t.py::test_c" in lines
     assert "Notes:" in lines
     assert comparison.exit_code() == 1  # test_a regressed; test_b is estimated
@@ -572,3 +585,166 @@ def test_runs_that_covered_different_domains_are_flagged() -> None:
         "domains; compare gpu_energy_j)"
     ]
     assert environment_differences(with_rapl, with_rapl) == []
+
+
+# --- no silent pass: every gated metric is judged or fails the gate ---------------------------
+
+
+def test_two_windows_per_side_give_no_interval() -> None:
+    # METRICS.md: n < 3 gives no interval, so no verdict either
+    assert ratio_interval([1.0, 1.0], [10.0, 10.0]) is None
+    assert difference_interval([1.0, 1.0], [10.0, 10.0]) is None
+    assert ratio_interval([1.0] * 3, [10.0] * 3) == pytest.approx((10.0, 10.0, 10.0))
+
+
+def test_two_windows_per_side_cannot_be_judged() -> None:
+    base, cur = pair({"output_tokens_per_s": [100.0] * 2}, {"output_tokens_per_s": [10.0] * 2})
+    comparison = compare_runs(base, cur, parse_fail_on("output_tokens_per_s:-5%"))
+    (m,) = comparison.metrics
+    assert m.verdict == "not judged"
+    assert m.gated
+    assert m.reason == (
+        "baseline has 2 windows; current has 2 windows: at least 3 windows per side are needed"
+    )
+    assert comparison.exit_code() == 1
+    assert format_breaches(comparison) == [
+        "t.py::test_a: output_tokens_per_s could not be judged (limit -5%): baseline has 2 "
+        "windows; current has 2 windows: at least 3 windows per side are needed"
+    ]
+
+
+def test_one_window_per_side_fails_the_gate_even_with_fail_inconclusive() -> None:
+    base, cur = pair({"output_tokens_per_s": [100.0]}, {"output_tokens_per_s": [10.0]})
+    comparison = compare_runs(base, cur, parse_fail_on("output_tokens_per_s:-0.001%"))
+    assert [m.verdict for m in comparison.metrics] == ["not judged"]
+    assert comparison.exit_code(fail_inconclusive=True) == 1
+    assert comparison.counts()["not judged"] == 1
+    data = to_json(comparison, fail_inconclusive=True)
+    assert data["exit_code"] == 1
+    assert data["breaches"][0].startswith(
+        "t.py::test_a: output_tokens_per_s could not be judged (limit -0.001%): baseline has 1 "
+        "window; current has 1 window"
+    )
+
+
+def test_a_failed_current_case_fails_the_gate() -> None:
+    base = run(case("t.py::test_a", {EPT: [1.0] * 3}))
+    failed = case("t.py::test_a", {}, outcome="failed").model_copy(
+        update={"error": CaseError(type="RuntimeError", message="boom")}
+    )
+    comparison = compare_runs(base, run(failed), parse_fail_on(f"{EPT}:+5%"))
+    (m,) = comparison.metrics
+    assert (m.verdict, m.gated) == ("not judged", True)
+    assert m.reason == (
+        "current has no value (case failed: RuntimeError: boom): at least 3 windows per side "
+        "are needed"
+    )
+    assert comparison.exit_code() == 1
+
+
+def test_a_case_gone_from_the_current_run_fails_the_gate_and_a_new_one_does_not() -> None:
+    values = {EPT: [1.0] * 3}
+    base = run(case("t.py::test_a", values), case("t.py::test_old", values))
+    cur = run(case("t.py::test_a", values), case("t.py::test_new", values))
+    comparison = compare_runs(base, cur, parse_fail_on(f"{EPT}:+5%"))
+    verdicts = {m.case_id: (m.verdict, m.gated, m.reason) for m in comparison.metrics}
+    assert verdicts == {
+        "t.py::test_a": ("unchanged", True, None),
+        "t.py::test_old": ("not judged", True, "not in the current run"),
+    }
+    assert format_breaches(comparison) == [
+        "t.py::test_old: energy_per_output_token_j could not be judged (limit +5%): not in the "
+        "current run"
+    ]
+    assert [u.case.id for u in comparison.new] == ["t.py::test_new"]
+    # without a gate a gone case is only listed, as before
+    report_only = compare_runs(base, cur, parse_fail_on(f"{EPT}:+5%"), gate=False)
+    assert [m.case_id for m in report_only.metrics] == ["t.py::test_a"]
+    assert report_only.exit_code() == 0
+
+
+def test_a_current_run_without_cases_fails_the_gate() -> None:
+    base = run(case("t.py::test_a", {EPT: [1.0] * 3}))
+    comparison = compare_runs(base, run(), parse_fail_on(f"{EPT}:+5%"))
+    assert comparison.exit_code() == 1
+    assert format_breaches(comparison) == [
+        "the current run has no case: nothing to judge",
+        "t.py::test_a: energy_per_output_token_j could not be judged (limit +5%): not in the "
+        "current run",
+    ]
+
+
+def test_estimated_energy_that_cannot_be_judged_is_still_not_gated() -> None:
+    base, cur = pair({EPT: [1.0]}, {EPT: [2.0]}, cur_source="estimated")
+    comparison = compare_runs(base, cur, parse_fail_on(f"{EPT}:+5%"))
+    (m,) = comparison.metrics
+    assert (m.verdict, m.gated) == ("not comparable", False)
+    assert comparison.exit_code(True) == 0
+
+
+def test_report_only_keeps_not_comparable() -> None:
+    base, cur = pair({EPT: [1.0]}, {EPT: [2.0]})
+    comparison = compare_runs(base, cur, parse_fail_on(f"{EPT}:+5%"), gate=False)
+    (m,) = comparison.metrics
+    assert (m.verdict, m.gated) == ("not comparable", False)
+    assert m.reason is not None
+    assert m.reason.endswith("at least 3 windows per side are needed")
+
+
+def _skipped(case_id: str, why: str) -> CaseRecord:
+    return case(case_id, {}, outcome="skipped").model_copy(update={"notes": [why]})
+
+
+def test_a_baseline_without_a_measured_case_says_so_and_fails_a_gate() -> None:
+    base = run(
+        _skipped("t.py::test_a", "no GPU"),
+        case("t.py::test_b", {}, outcome="failed").model_copy(
+            update={"error": CaseError(type="ModelLoadError", message="no such model")}
+        ),
+    )
+    cur = run(case("t.py::test_a", {EPT: [1.0] * 3}), case("t.py::test_b", {EPT: [1.0] * 3}))
+    problem = "the baseline has no measured case (1 skipped, 1 failed): nothing to compare against"
+    report_only = compare_runs(base, cur, parse_fail_on(f"{EPT}:+5%"), gate=False)
+    assert report_only.problems == (problem,)
+    assert report_only.exit_code() == 0
+    table = format_table(report_only)
+    assert problem in table
+    assert "Not measured in the baseline (nothing to compare against):" in table
+    assert "  t.py::test_a (skipped: no GPU)" in table
+    assert "  t.py::test_b (failed: ModelLoadError: no such model)" in table
+    gated = compare_runs(base, cur, parse_fail_on(f"{EPT}:+5%"))
+    assert gated.exit_code() == 1
+    assert format_breaches(gated)[0] == problem
+    assert problem in to_markdown(gated)
+    assert to_json(gated)["problems"] == [problem]
+
+
+def test_a_case_skipped_in_the_baseline_is_listed_not_gated() -> None:
+    # a skipped case was deliberately not measured (a rule, missing hardware): nothing to judge
+    values = {EPT: [1.0] * 3}
+    base = run(case("t.py::test_a", values), _skipped("t.py::test_gpu", "needs a GPU"))
+    cur = run(case("t.py::test_a", values), _skipped("t.py::test_gpu", "needs a GPU"))
+    comparison = compare_runs(base, cur, parse_fail_on(f"{EPT}:+5%"))
+    assert [m.case_id for m in comparison.metrics] == ["t.py::test_a"]
+    assert [(u.case.id, u.note) for u in comparison.unmeasured] == [
+        ("t.py::test_gpu", "skipped: needs a GPU")
+    ]
+    assert comparison.problems == ()
+    assert comparison.exit_code(True) == 0
+
+
+def test_a_case_failed_in_the_baseline_cannot_be_judged() -> None:
+    values = {EPT: [1.0] * 3}
+    crashed = case("t.py::test_b", {}, outcome="error").model_copy(
+        update={"error": CaseError(type="KeyboardInterrupt", message="interrupted")}
+    )
+    base = run(case("t.py::test_a", values), crashed)
+    cur = run(case("t.py::test_a", values), case("t.py::test_b", values))
+    comparison = compare_runs(base, cur, parse_fail_on(f"{EPT}:+5%"))
+    m = comparison.metrics[1]
+    assert (m.case_id, m.verdict, m.gated) == ("t.py::test_b", "not judged", True)
+    assert m.reason == (
+        "baseline has no value (case error: KeyboardInterrupt: interrupted): at least 3 windows "
+        "per side are needed"
+    )
+    assert comparison.exit_code() == 1

@@ -2,8 +2,11 @@
 
 The regression test of METRICS.md ("Repetitions and statistics"): for every case present in
 both runs and every gated metric, the ratio of medians (current / baseline) over the measured
-repetitions and its 95% bootstrap interval decide the verdict. The plugin's terminal summary
-and ``llem compare`` both render a :class:`Comparison` with the functions at the end.
+repetitions and its 95% bootstrap interval decide the verdict. Under a gate nothing passes
+silently: a gated metric of a measured baseline case that gets no verdict (too few windows, no
+value, the case failed or is gone) is ``not judged`` and fails the gate, and so does a baseline
+with no measured case or a current run with no case. The plugin's terminal summary and
+``llem compare`` both render a :class:`Comparison` with the functions at the end.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from pytest_llem.results.storage import machine_id
 __all__ = [
     "ENVIRONMENT_LIBRARIES",
     "IGNORED_PARAMS",
+    "MIN_WINDOWS",
     "CaseMatch",
     "Comparison",
     "Interval",
@@ -44,9 +48,14 @@ __all__ = [
     "to_markdown",
 ]
 
-Verdict = Literal["regressed", "improved", "unchanged", "inconclusive", "not comparable"]
+#: ``not judged`` is a gated metric without a verdict (it fails the gate); ``not comparable`` is
+#: an ungated one (report only, or estimated energy).
+Verdict = Literal[
+    "regressed", "improved", "unchanged", "inconclusive", "not judged", "not comparable"
+]
 _VERDICTS: tuple[Verdict, ...] = (
     "regressed",
+    "not judged",
     "inconclusive",
     "improved",
     "unchanged",
@@ -54,6 +63,9 @@ _VERDICTS: tuple[Verdict, ...] = (
 )
 #: Case parameters that never change a result, so cases still match when they differ.
 IGNORED_PARAMS: frozenset[str] = frozenset({"repeat", "warmup"})
+#: Windows each side needs for an interval, and so for a verdict (METRICS.md: n < 3 gives no
+#: interval, as for every metric's summary).
+MIN_WINDOWS = 3
 #: Libraries whose versions are compared between runs (with the GPUs and the driver).
 ENVIRONMENT_LIBRARIES: tuple[str, ...] = ("torch", "transformers", "vllm", "tensorrt-llm")
 
@@ -98,11 +110,11 @@ def ratio_interval(
         current: Per-window values of the current run.
 
     Returns:
-        ``(ratio, low, high)``; None when either side has fewer than 2 values, when the
-        baseline's median (or any resampled one) is not positive, or when the current median is
-        negative: a ratio means nothing there.
+        ``(ratio, low, high)``; None when either side has fewer than :data:`MIN_WINDOWS`
+        values, when the baseline's median (or any resampled one) is not positive, or when the
+        current median is negative: a ratio means nothing there.
     """
-    if len(baseline) < 2 or len(current) < 2:
+    if len(baseline) < MIN_WINDOWS or len(current) < MIN_WINDOWS:
         return None
     base_median = float(np.median(np.asarray(baseline, dtype=np.float64)))
     cur_median = float(np.median(np.asarray(current, dtype=np.float64)))
@@ -122,9 +134,10 @@ def difference_interval(
     Resampled exactly as :func:`ratio_interval`; used by absolute thresholds.
 
     Returns:
-        ``(difference, low, high)``; None when either side has fewer than 2 values.
+        ``(difference, low, high)``; None when either side has fewer than
+        :data:`MIN_WINDOWS` values.
     """
-    if len(baseline) < 2 or len(current) < 2:
+    if len(baseline) < MIN_WINDOWS or len(current) < MIN_WINDOWS:
         return None
     base_median = float(np.median(np.asarray(baseline, dtype=np.float64)))
     cur_median = float(np.median(np.asarray(current, dtype=np.float64)))
@@ -246,11 +259,12 @@ class Interval:
 
 @dataclass(frozen=True)
 class MetricComparison:
-    """One metric of one matched case under one rule.
+    """One metric of one baseline case under one rule.
 
     ``ratio`` is current / baseline of the medians; ``difference`` is current - baseline.
     The verdict uses the ratio for a relative rule and the difference for an absolute one
-    (:attr:`interval`). ``gated`` says whether this verdict may fail the run.
+    (:attr:`interval`). ``gated`` says whether this verdict may fail the run: a gated
+    ``not judged`` always does. ``reason`` says why a verdict is missing or not gated.
     """
 
     case_id: str
@@ -303,7 +317,13 @@ class RunIdentity:
 
 @dataclass(frozen=True)
 class Comparison:
-    """Two runs compared under a set of rules."""
+    """Two runs compared under a set of rules.
+
+    ``unmeasured`` lists the baseline's cases without a measured window (skipped or failed
+    there), each with why. ``problems`` are run-level reasons nothing could be judged (a
+    baseline without a measured case, a current run without a case); under a gate they fail
+    the run.
+    """
 
     baseline: RunIdentity
     current: RunIdentity
@@ -315,6 +335,8 @@ class Comparison:
     gate: bool = True
     gate_estimated: bool = False
     changed: tuple[UnmatchedCase, ...] = ()
+    unmeasured: tuple[UnmatchedCase, ...] = ()
+    problems: tuple[str, ...] = ()
 
     @property
     def regressions(self) -> list[MetricComparison]:
@@ -327,8 +349,13 @@ class Comparison:
         return [m for m in self.metrics if m.gated and m.verdict == "inconclusive"]
 
     @property
+    def not_judged(self) -> list[MetricComparison]:
+        """Gated metrics with no verdict (they fail the gate)."""
+        return [m for m in self.metrics if m.gated and m.verdict == "not judged"]
+
+    @property
     def not_comparable(self) -> list[MetricComparison]:
-        """Metrics with no verdict (missing values, fewer than 2 per side, no ratio)."""
+        """Ungated metrics with no verdict (missing values, too few windows, no ratio)."""
         return [m for m in self.metrics if m.verdict == "not comparable"]
 
     def counts(self) -> dict[str, int]:
@@ -336,15 +363,18 @@ class Comparison:
         return {v: sum(m.verdict == v for m in self.metrics) for v in _VERDICTS}
 
     def breaches(self, fail_inconclusive: bool = False) -> list[MetricComparison]:
-        """The comparisons that fail the run: gated regressions, and gated inconclusive ones
-        when ``fail_inconclusive``."""
-        failing = {"regressed", "inconclusive"} if fail_inconclusive else {"regressed"}
+        """The comparisons that fail the run: gated regressions and metrics that could not be
+        judged, and gated inconclusive ones when ``fail_inconclusive``."""
+        failing = {"regressed", "not judged"}
+        if fail_inconclusive:
+            failing.add("inconclusive")
         return [m for m in self.metrics if m.gated and m.verdict in failing]
 
     def exit_code(self, fail_inconclusive: bool = False) -> int:
-        """1 when a gated metric regressed (or was inconclusive, with ``fail_inconclusive``),
-        else 0."""
-        return 1 if self.breaches(fail_inconclusive) else 0
+        """1 when the gate fails: a breach (:meth:`breaches`) or, under a gate, a run-level
+        problem; else 0."""
+        failed = self.breaches(fail_inconclusive) or (self.gate and self.problems)
+        return 1 if failed else 0
 
 
 def _values(case: CaseRecord, metric: str) -> tuple[list[float], float | None]:
@@ -370,22 +400,47 @@ def _source(case: CaseRecord, metric: str) -> str:
     return "measured"
 
 
-def _unit(base: CaseRecord, cur: CaseRecord, metric: str) -> str:
+def _unit(base: CaseRecord, cur: CaseRecord | None, metric: str) -> str:
     for case in (cur, base):
-        summary = case.metrics.get(metric)
+        summary = case.metrics.get(metric) if case is not None else None
         if summary is not None and summary.unit:
             return summary.unit
     return ""
 
 
+def _outcome(case: CaseRecord) -> str | None:
+    """``failed: RuntimeError: boom`` or ``skipped: needs a GPU`` for a case that did not pass;
+    None for one that did."""
+    if case.outcome == "passed":
+        return None
+    if case.error is not None:
+        return f"{case.outcome}: {case.error.type}: {case.error.message}"
+    return f"{case.outcome}: {case.notes[0]}" if case.notes else case.outcome
+
+
+def _measured(case: CaseRecord) -> bool:
+    """Whether the case has a measured window (a case failed by its budget still has)."""
+    return bool(case.repetitions) or any(s.median is not None for s in case.metrics.values())
+
+
+def _windows(n: int) -> str:
+    return "no value" if n == 0 else f"{n} window{'' if n == 1 else 's'}"
+
+
 def _missing_reason(base: CaseRecord, cur: CaseRecord, nb: int, nc: int) -> str:
     sides = []
     for label, case, n in (("baseline", base, nb), ("current", cur, nc)):
-        if n < 2:
-            outcome = f", case {case.outcome}" if case.outcome != "passed" else ""
-            got = "no value" if n == 0 else "1 value"
-            sides.append(f"{label} has {got}{outcome}")
-    return "; ".join(sides) + " (at least 2 repetitions per side are needed)"
+        if n < MIN_WINDOWS:
+            outcome = _outcome(case)
+            sides.append(f"{label} has {_windows(n)}{f' (case {outcome})' if outcome else ''}")
+    return "; ".join(sides) + f": at least {MIN_WINDOWS} windows per side are needed"
+
+
+def _no_verdict(*, gate: bool, source: str, gate_estimated: bool) -> tuple[Verdict, bool]:
+    """The verdict of a metric that could not be judged, and whether it is gated."""
+    if gate and (source != "estimated" or gate_estimated):
+        return "not judged", True
+    return "not comparable", False
 
 
 def _compare_metric(
@@ -402,16 +457,16 @@ def _compare_metric(
     reason: str | None = None
     verdict: Verdict
     if used is None:
-        verdict = "not comparable"
-        if len(base_values) < 2 or len(cur_values) < 2:
+        verdict, gated = _no_verdict(gate=gate, source=source, gate_estimated=gate_estimated)
+        if len(base_values) < MIN_WINDOWS or len(cur_values) < MIN_WINDOWS:
             reason = _missing_reason(base, cur, len(base_values), len(cur_values))
         else:
             reason = "no ratio: a median is not positive (use an absolute threshold)"
     else:
         verdict = classify(rule, used[1], used[2])
-    gated = gate and verdict != "not comparable" and (source != "estimated" or gate_estimated)
-    if source == "estimated" and not gate_estimated and verdict != "not comparable":
-        reason = "estimated energy is not gated (--llem-gate-estimated gates it)"
+        gated = gate and (source != "estimated" or gate_estimated)
+        if source == "estimated" and not gate_estimated:
+            reason = "estimated energy is not gated (--llem-gate-estimated gates it)"
     return MetricComparison(
         case_id=cur.id,
         metric=metric,
@@ -430,6 +485,44 @@ def _compare_metric(
     )
 
 
+def _gone_metric(base: CaseRecord, rule: GateRule, *, gate_estimated: bool) -> MetricComparison:
+    """A gated metric of a baseline case the current run does not have: not judged."""
+    base_values, base_median = _values(base, rule.metric)
+    source = _source(base, rule.metric)
+    verdict, gated = _no_verdict(gate=True, source=source, gate_estimated=gate_estimated)
+    return MetricComparison(
+        case_id=base.id,
+        metric=rule.metric,
+        rule=rule,
+        unit=_unit(base, None, rule.metric),
+        source=source,
+        baseline_median=base_median,
+        current_median=None,
+        baseline_n=len(base_values),
+        current_n=0,
+        ratio=None,
+        difference=None,
+        verdict=verdict,
+        gated=gated,
+        reason="not in the current run",
+    )
+
+
+def _run_problems(baseline: RunRecord, current: RunRecord) -> list[str]:
+    """Why nothing at all can be judged: no measured baseline case, or no current case."""
+    problems = []
+    if not any(_measured(case) for case in baseline.cases):
+        counts: dict[str, int] = {}
+        for case in baseline.cases:
+            counts[case.outcome] = counts.get(case.outcome, 0) + 1
+        how = ", ".join(f"{n} {outcome}" for outcome, n in counts.items())
+        what = f"no measured case ({how})" if how else "no case"
+        problems.append(f"the baseline has {what}: nothing to compare against")
+    if not current.cases:
+        problems.append("the current run has no case: nothing to judge")
+    return problems
+
+
 def compare_runs(
     baseline: RunRecord,
     current: RunRecord,
@@ -440,7 +533,13 @@ def compare_runs(
     baseline_label: str | None = None,
     current_label: str | None = None,
 ) -> Comparison:
-    """Compare every matched case of two runs under ``rules``.
+    """Compare every case of the baseline with the current run under ``rules``.
+
+    A baseline case skipped there (nothing was measured on purpose) is only listed in
+    :attr:`Comparison.unmeasured`. Under a gate every other baseline case gets a row per rule,
+    and a gated metric without a verdict (too few windows on a side, no value, a failed or
+    skipped current case, a case gone from the current run) is ``not judged``, which fails the
+    gate. Cases new in the current run are listed and never fail.
 
     Args:
         baseline: The saved run compared against.
@@ -453,26 +552,40 @@ def compare_runs(
         current_label: How to name the current run.
 
     Returns:
-        The comparison of every pair and rule, new and gone cases, and environment
-        differences.
+        The comparison of every pair and rule, new, gone and unmeasured cases, run-level
+        problems and environment differences.
     """
     matched = match_cases(baseline, current)
-    metrics = tuple(
+    unmeasured = [
+        UnmatchedCase(case, _outcome(case)) for case in baseline.cases if not _measured(case)
+    ]
+    skipped = {u.case.id for u in unmeasured if u.case.outcome == "skipped"}
+    metrics = [
         _compare_metric(base, cur, rule, gate=gate, gate_estimated=gate_estimated)
         for base, cur in matched.pairs
+        if base.id not in skipped
         for rule in rules
-    )
+    ]
+    if gate:
+        metrics.extend(
+            _gone_metric(gone.case, rule, gate_estimated=gate_estimated)
+            for gone in matched.gone
+            if gone.case.id not in skipped
+            for rule in rules
+        )
     return Comparison(
         baseline=RunIdentity.of(baseline, baseline_label),
         current=RunIdentity.of(current, current_label),
         rules=tuple(rules),
-        metrics=metrics,
+        metrics=tuple(metrics),
         new=tuple(matched.new),
         gone=tuple(matched.gone),
         changed=tuple(parameter_changes(matched.pairs)),
         environment=tuple(environment_differences(baseline, current)),
         gate=gate,
         gate_estimated=gate_estimated,
+        unmeasured=tuple(unmeasured),
+        problems=tuple(_run_problems(baseline, current)),
     )
 
 
@@ -559,6 +672,10 @@ def _verdict(m: MetricComparison) -> str:
 
 
 def _breach(m: MetricComparison) -> str:
+    if m.verdict == "not judged":
+        return (
+            f"{m.case_id}: {m.metric} could not be judged (limit {m.rule.limit_text}): {m.reason}"
+        )
     what = "ratio" if m.rule.relative else "difference"
     interval = m.interval
     bounds = f"[{interval.low:.4g}, {interval.high:.4g}]" if interval else "-"
@@ -571,9 +688,11 @@ def _breach(m: MetricComparison) -> str:
 
 
 def format_breaches(comparison: Comparison, *, fail_inconclusive: bool = False) -> list[str]:
-    """One line per comparison that fails the run: case, metric, baseline, current, ratio (or
-    difference) and its interval."""
-    return [_breach(m) for m in comparison.breaches(fail_inconclusive)]
+    """One line per reason the gate fails: first the run-level problems (under a gate), then
+    per metric the case, metric, baseline, current, ratio (or difference) and its interval, or
+    why it could not be judged."""
+    problems = list(comparison.problems) if comparison.gate else []
+    return problems + [_breach(m) for m in comparison.breaches(fail_inconclusive)]
 
 
 def _headline(comparison: Comparison) -> str:
@@ -590,6 +709,11 @@ def _extras(comparison: Comparison) -> list[tuple[str, list[str]]]:
         return [f"{u.case.id}{f' ({u.note})' if u.note else ''}" for u in items]
 
     return [
+        ("Problems", list(comparison.problems)),
+        (
+            "Not measured in the baseline (nothing to compare against)",
+            unmatched(comparison.unmeasured),
+        ),
         ("Compared although their parameters changed", unmatched(comparison.changed)),
         ("New cases (not in the baseline)", unmatched(comparison.new)),
         ("Gone cases (not in this run)", unmatched(comparison.gone)),
@@ -708,8 +832,9 @@ def _metric_json(m: MetricComparison) -> dict[str, Any]:
 
 
 def to_json(comparison: Comparison, *, fail_inconclusive: bool = False) -> dict[str, Any]:
-    """The comparison as a JSON-ready dict (ratios, intervals, verdicts, new and gone cases,
-    environment differences and the exit code under ``fail_inconclusive``)."""
+    """The comparison as a JSON-ready dict (ratios, intervals, verdicts, new, gone and
+    unmeasured cases, run-level problems, environment differences, the lines that fail the
+    gate and the exit code under ``fail_inconclusive``)."""
 
     def run(identity: RunIdentity) -> dict[str, Any]:
         return {
@@ -733,6 +858,8 @@ def to_json(comparison: Comparison, *, fail_inconclusive: bool = False) -> dict[
         "metrics": [_metric_json(m) for m in comparison.metrics],
         "new": unmatched(comparison.new),
         "gone": unmatched(comparison.gone),
+        "unmeasured": unmatched(comparison.unmeasured),
+        "problems": list(comparison.problems),
         "environment": list(comparison.environment),
         "counts": comparison.counts(),
         "breaches": format_breaches(comparison, fail_inconclusive=fail_inconclusive),
