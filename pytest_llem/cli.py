@@ -194,6 +194,9 @@ def _cmd_compare(args: argparse.Namespace) -> int:
             print(f"llem compare: refusing to compare: {message}", file=sys.stderr)
             return 1
         print(f"llem compare: warning: the runs differ: {message}", file=sys.stderr)
+    if not args.fail_on:  # under a gate they are breaches, printed with the others
+        for problem in comparison.problems:
+            print(f"llem compare: warning: {problem}", file=sys.stderr)
     if args.format == "json":
         print(json.dumps(to_json(comparison, fail_inconclusive=args.fail_inconclusive), indent=2))
     elif args.format == "markdown":

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from datetime import datetime, timezone
 from typing import Any
 
@@ -748,3 +749,66 @@ def test_a_case_failed_in_the_baseline_cannot_be_judged() -> None:
         "per side are needed"
     )
     assert comparison.exit_code() == 1
+
+
+# --- llem compare ----------------------------------------------------------------------------
+
+
+def _write(path: Path, record: RunRecord) -> Path:
+    path.write_text(record.model_dump_json(), encoding="utf-8")
+    return path
+
+
+def test_cli_compare_against_a_run_without_cases_fails_the_gate(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from pytest_llem.cli import main
+
+    base = _write(tmp_path / "base.json", run(case("t.py::test_a", {EPT: [1.0] * 3})))
+    empty = _write(tmp_path / "empty.json", run(run_id="fedcba9876543210"))
+    assert main(["compare", str(base), str(empty)]) == 0  # a report alone never fails
+    assert "the current run has no case: nothing to judge" in capsys.readouterr().err
+    assert main(["compare", str(base), str(empty), f"--fail-on={EPT}:+5%"]) == 1
+    out = capsys.readouterr().out
+    assert "the current run has no case: nothing to judge" in out
+    assert (
+        "t.py::test_a: energy_per_output_token_j could not be judged (limit +5%): not in the "
+        "current run"
+    ) in out
+    assert main(["compare", str(base), str(empty), f"--fail-on={EPT}:+5%", "--format=json"]) == 1
+    data = json.loads(capsys.readouterr().out)
+    assert data["exit_code"] == 1
+    assert data["problems"] == ["the current run has no case: nothing to judge"]
+    assert data["metrics"][0]["verdict"] == "not judged"
+
+
+def test_cli_compare_with_one_window_per_side_fails_naming_why(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from pytest_llem.cli import main
+
+    tps = "output_tokens_per_s"
+    base = _write(tmp_path / "base.json", run(case("t.py::test_a", {tps: [100.0]})))
+    cur = _write(tmp_path / "cur.json", run(case("t.py::test_a", {tps: [10.0]})))
+    args = ["compare", str(base), str(cur), f"--fail-on={tps}:-0.001%", "--fail-inconclusive"]
+    assert main(args) == 1
+    assert (
+        "t.py::test_a: output_tokens_per_s could not be judged (limit -0.001%): baseline has 1 "
+        "window; current has 1 window: at least 3 windows per side are needed"
+    ) in capsys.readouterr().out.splitlines()
+    assert main([*args, "--format=markdown"]) == 1
+    assert "| not judged |" in capsys.readouterr().out
+
+
+def test_cli_compare_against_a_baseline_of_skipped_cases_says_so(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from pytest_llem.cli import main
+
+    base = _write(tmp_path / "base.json", run(_skipped("t.py::test_a", "no GPU")))
+    cur = _write(tmp_path / "cur.json", run(case("t.py::test_a", {EPT: [1.0] * 3})))
+    problem = "the baseline has no measured case (1 skipped): nothing to compare against"
+    assert main(["compare", str(base), str(cur)]) == 0
+    assert f"llem compare: warning: {problem}" in capsys.readouterr().err
+    assert main(["compare", str(base), str(cur), f"--fail-on={EPT}:+5%"]) == 1
+    assert problem in capsys.readouterr().out.splitlines()
