@@ -9,12 +9,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pytest_llem.exceptions import LlemError
 from pytest_llem.results.models import RunRecord
 from pytest_llem.results.store import write_run_record
-from pytest_llem.session import LlemOptions
+from pytest_llem.session import CompareBaseline, LlemOptions, StoreOptions
+
+if TYPE_CHECKING:
+    from pytest_llem.results.compare import Comparison
 
 __all__ = ["Finish", "comparison_rows", "finish_run"]
 
@@ -32,7 +35,7 @@ class Finish:
 
 
 def comparison_rows(comparison: Any) -> list[dict[str, Any]]:
-    """A comparison as plain rows for the HTML page."""
+    """A comparison as plain rows for the HTML page (and the record's ``comparison``)."""
     rows = []
     for item in comparison.metrics:
         ratio = item.ratio
@@ -40,46 +43,35 @@ def comparison_rows(comparison: Any) -> list[dict[str, Any]]:
             {
                 "case": item.case_id,
                 "metric": item.metric,
+                "unit": item.unit,
                 "baseline": item.baseline_median,
                 "current": item.current_median,
                 "ratio": ratio.estimate if ratio else None,
                 "low": ratio.low if ratio else None,
                 "high": ratio.high if ratio else None,
                 "verdict": item.verdict,
+                "gated": item.gated,
+                "reason": item.reason,
             }
         )
     return rows
 
 
-def _compare(record: RunRecord, options: LlemOptions, finish: Finish) -> Any:
+def _compare(
+    record: RunRecord, loaded: CompareBaseline, store: StoreOptions, finish: Finish
+) -> Comparison | None:
     from pytest_llem.results.compare import compare_runs, format_breaches, format_table
     from pytest_llem.results.gate import FAIL_ON_EXAMPLE, parse_fail_on
-    from pytest_llem.results.storage import machine_id, resolve_baseline
-    from pytest_llem.results.store import read_run_record
 
-    store = options.store
-    assert store is not None
-    assert store.compare is not None
     gating = bool(store.rules)
-    try:
-        path = resolve_baseline(store.compare, store.storage, machine_id(record))
-        baseline = read_run_record(path)
-    except LlemError as e:
-        message = f"llem: cannot compare: {e}"
-        if gating:
-            finish.errors.append(message + " (the gate cannot run without a baseline)")
-            finish.failed = True
-        else:
-            finish.warnings.append(message)
-        return None
     rules = list(store.rules) if gating else parse_fail_on(FAIL_ON_EXAMPLE)
     comparison = compare_runs(
-        baseline,
+        loaded.record,
         record,
         rules,
         gate_estimated=store.gate_estimated,
         gate=gating,
-        baseline_label=path.name,
+        baseline_label=loaded.path.name,
     )
     if comparison.environment:
         what = "; ".join(comparison.environment)
@@ -88,8 +80,10 @@ def _compare(record: RunRecord, options: LlemOptions, finish: Finish) -> Any:
             finish.failed = True
             return None
         finish.warnings.append(f"llem: the baseline ran elsewhere, figures may differ: {what}")
-    finish.lines.append(f"compared with {path}")
+    finish.lines.append(f"compared with {loaded.path}")
     finish.lines.extend(format_table(comparison).splitlines())
+    if not gating:  # under a gate they fail it, and are breaches
+        finish.warnings.extend(f"llem: {problem}" for problem in comparison.problems)
     if gating and comparison.exit_code(store.fail_inconclusive):
         finish.failed = True
         finish.breaches.extend(
@@ -98,8 +92,26 @@ def _compare(record: RunRecord, options: LlemOptions, finish: Finish) -> Any:
     return comparison
 
 
+def _comparison_record(comparison: Comparison, store: StoreOptions) -> dict[str, Any]:
+    """What the run record keeps of a comparison: the baseline, the lines that failed the gate
+    (why a metric could not be judged among them), run-level problems and one row per case and
+    metric."""
+    from pytest_llem.results.compare import format_breaches
+
+    return {
+        "baseline": comparison.baseline.label,
+        "gated": comparison.gate,
+        "problems": list(comparison.problems),
+        "breaches": format_breaches(comparison, fail_inconclusive=store.fail_inconclusive)
+        if comparison.gate
+        else [],
+        "rows": comparison_rows(comparison),
+    }
+
+
 def finish_run(record: RunRecord, options: LlemOptions) -> Finish:
-    """Compare and gate (``--llem-compare``, ``--llem-fail-on``; the comparison goes into the
+    """Compare and gate (``--llem-compare``, with the baseline read at start-up into
+    ``options.store.compare_baseline``; ``--llem-fail-on``; the comparison goes into the
     record), write the record, save it (``--llem-save``), and write the HTML page and, when
     asked, the CSV table, all from the record.
 
@@ -112,13 +124,10 @@ def finish_run(record: RunRecord, options: LlemOptions) -> Finish:
 
     finish = Finish()
     store = options.store
-    if store is not None and store.compare is not None:
-        comparison = _compare(record, options, finish)
+    if store is not None and store.compare_baseline is not None:
+        comparison = _compare(record, store.compare_baseline, store, finish)
         if comparison is not None:
-            record.comparison = {
-                "baseline": comparison.baseline.label,
-                "rows": comparison_rows(comparison),
-            }
+            record.comparison = _comparison_record(comparison, store)
     finish.paths["record"], _copy = write_run_record(record, options.report_dir)
     if store is not None and store.save:
         try:

@@ -38,14 +38,16 @@ from pytest_llem.fixtures import CASE_PROPERTY, SESSION_KEY, llem, llem_sweep_pa
 from pytest_llem.meters.base import EnergyMeter
 from pytest_llem.report.terminal import summary_lines
 from pytest_llem.results.journal import Journal, journal_path
-from pytest_llem.results.models import CaseError, CaseRecord, GpuInfo, RunRecord
+from pytest_llem.results.models import CaseError, CaseRecord, GpuInfo, MachineInfo, RunRecord
 from pytest_llem.session import (
     METER_NAMES,
     BackendCache,
     BaselineState,
+    LlemOptions,
     LlemSession,
     MeterState,
     build_options,
+    load_compare_baseline,
 )
 
 __all__ = ["llem", "llem_sweep_params"]
@@ -297,6 +299,8 @@ def pytest_configure(config: pytest.Config) -> None:
             meter_names=meter_names,
         )
         _scale_out(config, options.gpu_groups)
+        if not hasattr(config, "workerinput"):  # the controller compares, after pinning
+            options = _load_compare_baseline(config, options)
     except ConfigurationError as e:
         raise pytest.UsageError(f"pytest-llem: {e}") from e
     progress = _progress(config)
@@ -333,6 +337,16 @@ def pytest_configure(config: pytest.Config) -> None:
     )
     config.stash[SESSION_KEY] = session
     config.pluginmanager.register(RunRecorder(config, session), "llem-run-recorder")
+
+
+def _load_compare_baseline(config: pytest.Config, options: LlemOptions) -> LlemOptions:
+    """Read the ``--llem-compare`` baseline now, looked up under this machine's id as the run
+    record will carry it (same hostname, platform and visible GPUs)."""
+    if options.store is None or options.store.compare is None:
+        return options
+    from pytest_llem.results.storage import machine_id
+
+    return load_compare_baseline(options, machine_id(_machine_info(config)))
 
 
 def _dist_given(config: pytest.Config) -> bool:
@@ -588,8 +602,11 @@ class RunRecorder:
         self._mark_interrupted(session)
         if llem_session.journal is not None:
             llem_session.journal.close()
+        store = llem_session.options.store
+        # a gate must judge a run without llem cases too (every baseline case is gone)
+        comparing = store is not None and store.compare_baseline is not None
         try:
-            if llem_session.cases and not hasattr(self.config, "workerinput"):
+            if (llem_session.cases or comparing) and not hasattr(self.config, "workerinput"):
                 record = _run_record(self.config, llem_session)
                 llem_session.record = record
                 llem_session.finish = finish_run(record, llem_session.options)
@@ -643,16 +660,20 @@ def _shown(path: Path) -> str:
         return str(path)
 
 
-def _run_record(config: pytest.Config, session: LlemSession) -> RunRecord:
+def _machine_info(config: pytest.Config) -> MachineInfo:
     from pytest_llem.machine import collect_machine_info
     from pytest_llem.meters.nvml import nvml_gpus
 
     gpus, gpu_note = nvml_gpus()
-    machine = collect_machine_info(
+    return collect_machine_info(
         root=config.rootpath,
         gpus=[GpuInfo(**dataclasses.asdict(gpu)) for gpu in gpus],
         gpu_note=gpu_note,
     )
+
+
+def _run_record(config: pytest.Config, session: LlemSession) -> RunRecord:
+    machine = _machine_info(config)
     baseline = session.baseline.record if session.baseline is not None else None
     if baseline is None:  # measured on xdist workers: each case carries its own
         baseline = next((case.baseline for case in session.cases if case.baseline), None)

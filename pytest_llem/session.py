@@ -6,6 +6,7 @@ the session-finish hook turns the recorded cases into the run record.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import random
 import time
@@ -26,6 +27,7 @@ from pytest_llem.exceptions import (
     EnergyMeterError,
     LlemError,
     MeterUnavailableError,
+    ResultStoreError,
 )
 from pytest_llem.meters.base import EnergyMeter, MeterInfo
 from pytest_llem.meters.registry import METER_CHOICES, DomainAssignment, assign_domains
@@ -42,6 +44,7 @@ __all__ = [
     "METER_NAMES",
     "OPTION_PATHS",
     "BackendCache",
+    "CompareBaseline",
     "CooldownSpec",
     "EnergyOptions",
     "LlemOptions",
@@ -49,6 +52,7 @@ __all__ = [
     "MeterState",
     "StoreOptions",
     "build_options",
+    "load_compare_baseline",
     "meter_record",
 ]
 
@@ -69,8 +73,20 @@ OPTION_PATHS = {
 
 
 @dataclass(frozen=True)
+class CompareBaseline:
+    """The saved run ``--llem-compare`` names, found and read before any case runs."""
+
+    path: Path
+    record: RunRecord
+
+
+@dataclass(frozen=True)
 class StoreOptions:
-    """Saving, comparing and gating runs (``--llem-save``, ``--llem-compare``, ...)."""
+    """Saving, comparing and gating runs (``--llem-save``, ``--llem-compare``, ...).
+
+    ``compare_baseline`` is the run ``compare`` names, once :func:`load_compare_baseline` has
+    read it at start-up.
+    """
 
     storage: Path
     save: bool = False
@@ -81,6 +97,7 @@ class StoreOptions:
     gate_estimated: bool = False
     strict: bool = False
     csv: Path | None = None
+    compare_baseline: CompareBaseline | None = None
 
 
 def _store_options(
@@ -347,6 +364,40 @@ def build_options(
         isolation=isolation,
         timeout_s=timeout_s or None,
     )
+
+
+def load_compare_baseline(options: LlemOptions, machine: str) -> LlemOptions:
+    """Find and read the run ``--llem-compare`` names, so a baseline that cannot be loaded
+    stops the session before any case runs.
+
+    Args:
+        options: The validated options; returned unchanged without ``--llem-compare``.
+        machine: :func:`~pytest_llem.results.storage.machine_id` of this machine, as the run
+            record will have it (a name or ``latest`` is looked up among its saved runs).
+
+    Returns:
+        The options with :attr:`StoreOptions.compare_baseline` set.
+
+    Raises:
+        ConfigurationError: no such saved run or file, or one that cannot be read or is not a
+            run record of a supported schema; the message names what was looked for and where
+            (the storage folder, the machine and the runs saved there).
+    """
+    store = options.store
+    if store is None or store.compare is None:
+        return options
+    from pytest_llem.results.storage import resolve_baseline
+    from pytest_llem.results.store import read_run_record
+
+    try:
+        path = resolve_baseline(store.compare, store.storage, machine)
+        record = read_run_record(path)
+    except (ResultStoreError, OSError) as e:
+        # one line: a usage error is read in a CI log, a validation error spans several
+        detail = " ".join(str(e).split())
+        raise ConfigurationError(f"--llem-compare={store.compare}: {detail}") from e
+    loaded = dataclasses.replace(store, compare_baseline=CompareBaseline(path, record))
+    return dataclasses.replace(options, store=loaded)
 
 
 def _endpoint_selects_backend(layer: dict[str, Any], backend_names: Sequence[str]) -> None:
