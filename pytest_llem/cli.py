@@ -8,13 +8,24 @@ import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from pytest_llem import __version__
 from pytest_llem.config.introspection import Parameter, constraints, parameters
+from pytest_llem.config.models import BUILTIN_BACKENDS
 from pytest_llem.exceptions import LlemError
 
-__all__ = ["PARAMS_HEADER", "build_parser", "main", "params_markdown", "params_table_rows"]
+__all__ = [
+    "EXIT_BAD_FILE",
+    "EXIT_GATE_FAILED",
+    "EXIT_OK",
+    "EXIT_USAGE",
+    "PARAMS_HEADER",
+    "build_parser",
+    "main",
+    "params_markdown",
+    "params_table_rows",
+]
 
 
 def _cmd_schema(args: argparse.Namespace) -> int:
@@ -210,20 +221,22 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
 def _cmd_report(args: argparse.Namespace) -> int:
     from pytest_llem.report.html import write_html
-    from pytest_llem.results.store import atomic_write_text, read_run_record
+    from pytest_llem.results.store import atomic_write_text, read_run_record, refuse_overwriting
 
+    if (args.from_journal is None) == (args.run is None):
+        raise UsageError("give RUN.json or --from-journal PATH (one of them)")
+    source: Path = args.from_journal if args.from_journal is not None else args.run
+    out = args.html or source.with_suffix(".html")
+    refuse_overwriting(out, [source], what="--html")
     if args.from_journal is not None:
-        record = _from_journal(args.from_journal)
-        source = args.from_journal
         rebuilt = source.with_suffix(".json")
+        refuse_overwriting(rebuilt, [source], what="the rebuilt record")
+        refuse_overwriting(out, [rebuilt], what="--html")
+        record = _from_journal(source)
         atomic_write_text(rebuilt, record.model_dump_json(indent=2) + "\n")
         print(rebuilt)
-    elif args.run is not None:
-        record, source = read_run_record(args.run), args.run
     else:
-        print("llem report: error: give RUN.json or --from-journal PATH", file=sys.stderr)
-        return 2
-    out = args.html or source.with_suffix(".html")
+        record = read_run_record(source)
     write_html(record, out)
     print(out)
     return 0
@@ -249,29 +262,53 @@ def _from_journal(path: Path) -> Any:
 
 def _cmd_export(args: argparse.Namespace) -> int:
     from pytest_llem.report.tables import write_csv
-    from pytest_llem.results.store import read_run_record
+    from pytest_llem.results.store import read_run_record, refuse_overwriting
 
-    record = read_run_record(args.run)
     out = args.csv or args.run.with_suffix(".csv")
-    write_csv(record, out)
+    refuse_overwriting(out, [args.run], what="--csv")
+    write_csv(read_run_record(args.run), out)
     print(out)
     return 0
 
 
 def _cmd_merge(args: argparse.Namespace) -> int:
     from pytest_llem.report.loading import merge_runs
-    from pytest_llem.results.store import atomic_write_text, read_run_record
+    from pytest_llem.results.store import atomic_write_text, read_run_record, refuse_overwriting
 
+    refuse_overwriting(args.output, args.runs, what="-o")
     merged = merge_runs([read_run_record(path) for path in args.runs])
     atomic_write_text(args.output, merged.model_dump_json(indent=2) + "\n")
     print(f"{args.output}: {len(merged.cases)} cases from {len(args.runs)} runs")
     return 0
 
 
+#: Exit statuses of ``llem`` (README, "The llem command"; docs/ci.md).
+EXIT_OK = 0
+EXIT_GATE_FAILED = 1
+EXIT_BAD_FILE = 2
+EXIT_USAGE = 4
+
+
+class UsageError(Exception):
+    """A bad option or argument, found after parsing (exit 4)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with usage errors on exit status 4, as pytest's, instead of 2: 2 means a file
+    could not be read or written."""
+
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command line of ``llem``."""
-    parser = argparse.ArgumentParser(
-        prog="llem", description="pytest-llem: LLM inference energy benchmarks with pytest."
+    parser = _Parser(
+        prog="llem",
+        description="pytest-llem: LLM inference energy benchmarks with pytest.",
+        epilog="exit status: 0 success, 1 the gate failed (compare --fail-on), 2 a file could "
+        "not be read, validated or written, 4 a bad option or argument",
     )
     parser.add_argument("--version", action="version", version=f"pytest-llem {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -287,7 +324,10 @@ def build_parser() -> argparse.ArgumentParser:
         "params", help="list every case parameter with its type, default, bounds and sweep values"
     )
     params.add_argument(
-        "--backend", default=None, help="only parameters that apply to this backend"
+        "--backend",
+        default=None,
+        choices=BUILTIN_BACKENDS,
+        help="only parameters that apply to this backend",
     )
     params.add_argument(
         "--format", choices=("table", "json", "markdown"), default="table", help="output format"
@@ -331,18 +371,40 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _os_error_text(error: OSError) -> str:
+    """``path: reason`` for an I/O error, without the errno noise."""
+    where = " -> ".join(str(f) for f in (error.filename, error.filename2) if f is not None)
+    reason = error.strerror or str(error)
+    return f"{where}: {reason}" if where else reason
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``llem`` console script."""
+    """Entry point of the ``llem`` console script.
+
+    Returns:
+        0 on success, 1 when the gate failed, 2 when a file could not be read, decoded,
+        validated or written (or an output would overwrite an input), 4 for a bad option or
+        argument. Every error is one line on stderr, never a traceback.
+    """
+    from pytest_llem.exceptions import ConfigurationError, GateError
+
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
-        parser.print_help()
-        return 2
+        parser.print_help(sys.stderr)
+        return EXIT_USAGE
+    prog = f"llem {args.command}"
     try:
         return int(args.func(args))
+    except (UsageError, ConfigurationError, GateError) as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
     except LlemError as e:
-        print(f"llem: error: {e}", file=sys.stderr)
-        return 1
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return EXIT_BAD_FILE
+    except OSError as e:
+        print(f"{prog}: error: {_os_error_text(e)}", file=sys.stderr)
+        return EXIT_BAD_FILE
 
 
 if __name__ == "__main__":

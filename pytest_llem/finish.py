@@ -147,4 +147,5 @@ def finish_run(record: RunRecord, options: LlemOptions) -> Finish:
             finish.paths["csv"] = store.csv
         except (LlemError, OSError) as e:
             finish.errors.append(f"llem: cannot write the CSV table: {e}")
+            finish.failed = True  # asked for and missing: as for a failed save
     return finish

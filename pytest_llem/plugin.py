@@ -39,6 +39,7 @@ from pytest_llem.meters.base import EnergyMeter
 from pytest_llem.report.terminal import summary_lines
 from pytest_llem.results.journal import Journal, journal_path
 from pytest_llem.results.models import CaseError, CaseRecord, GpuInfo, MachineInfo, RunRecord
+from pytest_llem.results.store import RUNS_DIRNAME, check_writable
 from pytest_llem.session import (
     METER_NAMES,
     BackendCache,
@@ -48,6 +49,7 @@ from pytest_llem.session import (
     MeterState,
     build_options,
     load_compare_baseline,
+    option_origin,
 )
 
 __all__ = ["llem", "llem_sweep_params"]
@@ -299,6 +301,7 @@ def pytest_configure(config: pytest.Config) -> None:
             meter_names=meter_names,
         )
         _scale_out(config, options.gpu_groups)
+        _check_outputs(config, options, cli, ini)
         if not hasattr(config, "workerinput"):  # the controller compares, after pinning
             options = _load_compare_baseline(config, options)
     except ConfigurationError as e:
@@ -347,6 +350,33 @@ def _load_compare_baseline(config: pytest.Config, options: LlemOptions) -> LlemO
     from pytest_llem.results.storage import machine_id
 
     return load_compare_baseline(options, machine_id(_machine_info(config)))
+
+
+def _check_outputs(
+    config: pytest.Config, options: LlemOptions, cli: dict[str, Any], ini: dict[str, Any]
+) -> None:
+    """Before any case runs, check that the run can write what it will write at the end: the
+    report folder (record, HTML page, journal), the CSV's folder and, when saving, the storage
+    folder. Not on xdist workers (the controller writes) nor for ``--help``/``--collect-only``.
+    """
+    if hasattr(config, "workerinput") or any(
+        getattr(config.option, name, False) for name in ("help", "collectonly")
+    ):
+        return
+    folders = [
+        (options.report_dir, option_origin(cli, ini, "report_dir")[1]),
+        (options.report_dir / RUNS_DIRNAME, option_origin(cli, ini, "report_dir")[1]),
+    ]
+    store = options.store
+    if store is not None and store.csv is not None:
+        folders.append((store.csv.parent, "--llem-csv"))
+    if store is not None and store.save:
+        folders.append((store.storage, option_origin(cli, ini, "storage")[1]))
+    for folder, origin in folders:
+        try:
+            check_writable(folder)
+        except ResultStoreError as e:
+            raise ConfigurationError(f"{origin}: {e}") from e
 
 
 def _dist_given(config: pytest.Config) -> bool:
@@ -560,6 +590,8 @@ class RunRecorder:
 
     def _journal(self, cases: list[CaseRecord]) -> None:
         llem_session = self.session
+        if llem_session.journal_error is not None:
+            return  # a journal with a hole in it would pass for the whole run
         try:
             if llem_session.journal is None:
                 path = journal_path(
@@ -574,7 +606,9 @@ class RunRecorder:
             for case in cases:
                 llem_session.journal.append(case)
         except OSError as e:
-            logger.warning("cannot write the llem journal: %s", e)
+            where = llem_session.journal.path if llem_session.journal is not None else "?"
+            llem_session.journal_error = f"cannot write the journal {where}: {e}"
+            logger.warning("llem: %s", llem_session.journal_error)
 
     def _mark_interrupted(self, session: pytest.Session) -> None:
         running = self.running
@@ -623,7 +657,7 @@ class RunRecorder:
         """The summary table, one row per case, and where the run record is."""
         llem_session = self.session
         record = llem_session.record
-        if record is None and llem_session.store_error is None:
+        if record is None and llem_session.store_error is None and not llem_session.journal_error:
             return
         terminalreporter.write_sep("-", "llem benchmark summary")
         if record is not None:
@@ -631,13 +665,19 @@ class RunRecorder:
                 terminalreporter.write_line(line)
         if llem_session.store_error is not None:
             terminalreporter.write_line(f"llem: {llem_session.store_error}", red=True)
+        if llem_session.journal_error is not None:
+            terminalreporter.write_line(
+                f"llem: {llem_session.journal_error} (no case journalled after it: a killed "
+                "run could not be rebuilt)",
+                red=True,
+            )
         finish = llem_session.finish
         if finish is None:
             return
         for kind, path in finish.paths.items():
             label = "run record" if kind == "record" else kind
             terminalreporter.write_line(f"llem {label}: {_shown(path)}")
-        if llem_session.journal is not None:
+        if llem_session.journal is not None and llem_session.journal_error is None:
             terminalreporter.write_line(f"llem journal: {_shown(llem_session.journal.path)}")
         if finish.lines:
             terminalreporter.write_sep("-", "llem comparison")

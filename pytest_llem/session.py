@@ -6,6 +6,7 @@ the session-finish hook turns the recorded cases into the run record.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import random
@@ -54,6 +55,7 @@ __all__ = [
     "build_options",
     "load_compare_baseline",
     "meter_record",
+    "option_origin",
 ]
 
 logger = logging.getLogger("pytest_llem")
@@ -100,6 +102,21 @@ class StoreOptions:
     compare_baseline: CompareBaseline | None = None
 
 
+def _refuse_report_path(csv_path: Path, report_dir: Path) -> None:
+    """``--llem-csv`` must not name the run record or the HTML page the run writes."""
+    from pytest_llem.results.store import REPORT_FILENAME, same_file
+
+    for what, written in (
+        ("run record", report_dir / REPORT_FILENAME),
+        ("HTML report", report_dir / "llem-report.html"),
+    ):
+        if same_file(csv_path, written):
+            raise ConfigurationError(
+                f"--llem-csv: {csv_path} is where the run writes its {what}; "
+                "refusing to overwrite it, give another path"
+            )
+
+
 def _store_options(
     cli: dict[str, Any], ini: dict[str, Any], invocation_dir: Path, report_dir: Path
 ) -> StoreOptions:
@@ -124,6 +141,7 @@ def _store_options(
         csv_path = Path(csv) if csv else report_dir / "llem-report.csv"
         if not csv_path.is_absolute():
             csv_path = invocation_dir / csv_path
+        _refuse_report_path(csv_path, report_dir)
     save = cli.get("save")
     return StoreOptions(
         storage=storage,
@@ -138,6 +156,8 @@ def _store_options(
     )
 
 
+#: The longest any seconds option may be (a week).
+MAX_SECONDS = 7 * 24 * 3600.0
 #: Default length of the idle baseline, seconds (``--llem-baseline-s``).
 DEFAULT_BASELINE_S = 5.0
 #: Default shortest measurement window, seconds (``--llem-min-window-s``): none of its own, so
@@ -153,20 +173,20 @@ class CooldownSpec:
     seconds: float = 0.0
 
     @classmethod
-    def parse(cls, text: str | None) -> CooldownSpec:
-        """Parse the option's value; raises ConfigurationError naming the accepted forms."""
+    def parse(cls, text: str | None, option: str = "--llem-cooldown") -> CooldownSpec:
+        """Parse the option's value; raises ConfigurationError naming ``option`` (the flag or
+        the ini key it came from) and the accepted forms."""
         raw = (text or "off").strip().lower()
         if raw in ("off", "temperature"):
             return cls(raw)
         if raw.startswith("seconds:"):
-            try:
-                seconds = float(raw.split(":", 1)[1])
-            except ValueError:
-                seconds = -1.0
-            if seconds >= 0:
-                return cls("seconds", seconds)
+            with contextlib.suppress(ConfigurationError):
+                seconds = _seconds(raw.split(":", 1)[1], option, default=-1.0)
+                if seconds >= 0:
+                    return cls("seconds", seconds)
         raise ConfigurationError(
-            f"--llem-cooldown: expected off, temperature or seconds:N (N >= 0), got {text!r}"
+            f"{option}: expected off, temperature or seconds:N "
+            f"(0 <= N <= {MAX_SECONDS:g}), got {text!r}"
         )
 
 
@@ -185,40 +205,55 @@ class EnergyOptions:
     country_iso_code: str | None = None
 
 
+def option_origin(cli: dict[str, Any], ini: dict[str, Any], name: str) -> tuple[Any, str]:
+    """The raw value of option ``name`` and how a message names where it came from.
+
+    Returns:
+        The command line's value and ``--llem-NAME`` when one was given there, else the ini
+        file's and ``ini option llem_NAME``, else None and ``the default of --llem-NAME``.
+    """
+    flag = f"--llem-{name.replace('_', '-')}"
+    for raw, origin in ((cli.get(name), flag), (ini.get(name), f"ini option llem_{name}")):
+        if raw is not None and str(raw).strip() != "":
+            return raw, origin
+    return None, f"the default of {flag}"
+
+
 def _seconds(raw: Any, option: str, default: float) -> float:
+    """A seconds option: a finite number from 0 to :data:`MAX_SECONDS`.
+
+    Infinity would overflow the timers a timeout arms and ``sleep``; beyond a week a value is
+    a typo (milliseconds given as seconds, say), not a measurement plan.
+    """
     if raw is None or str(raw).strip() == "":
         return default
+    expected = f"{option}: expected seconds, 0 <= N <= {MAX_SECONDS:g} (7 days), got {raw!r}"
     try:
         value = float(str(raw).strip())
     except ValueError as e:
-        raise ConfigurationError(f"{option}: expected seconds (a number >= 0), got {raw!r}") from e
-    if value < 0 or value != value:
-        raise ConfigurationError(f"{option}: expected seconds (a number >= 0), got {raw!r}")
+        raise ConfigurationError(expected) from e
+    if not (0 <= value <= MAX_SECONDS):  # also false for nan
+        raise ConfigurationError(expected)
     return value
 
 
 def _energy_options(cli: dict[str, Any], ini: dict[str, Any]) -> EnergyOptions:
-    baseline_cli = cli.get("baseline_s")
-    baseline = _seconds(
-        baseline_cli if baseline_cli not in (None, "") else ini.get("baseline_s"),
-        "--llem-baseline-s",
-        DEFAULT_BASELINE_S,
-    )
-    min_window = _seconds(
-        cli.get("min_window_s") or ini.get("min_window_s"),
-        "--llem-min-window-s",
-        DEFAULT_MIN_WINDOW_S,
-    )
-    country = str(cli.get("country") or ini.get("country") or "").strip().upper() or None
+    baseline_raw, baseline_origin = option_origin(cli, ini, "baseline_s")
+    baseline = _seconds(baseline_raw, baseline_origin, DEFAULT_BASELINE_S)
+    min_window = _seconds(*option_origin(cli, ini, "min_window_s"), DEFAULT_MIN_WINDOW_S)
+    country_raw, country_origin = option_origin(cli, ini, "country")
+    country = str(country_raw or "").strip().upper() or None
     if country is not None and not (len(country) == 3 and country.isalpha()):
         raise ConfigurationError(
-            f"--llem-country: expected a three-letter ISO code such as USA or FRA, got {country!r}"
+            f"{country_origin}: expected a three-letter ISO code such as USA or FRA, "
+            f"got {country!r}"
         )
+    cooldown_raw, cooldown_origin = option_origin(cli, ini, "cooldown")
     return EnergyOptions(
         baseline_s=baseline,
-        baseline_forced=baseline_cli not in (None, ""),
+        baseline_forced=baseline_origin.startswith("--"),
         min_window_s=min_window,
-        cooldown=CooldownSpec.parse(cli.get("cooldown") or ini.get("cooldown")),
+        cooldown=CooldownSpec.parse(cooldown_raw, cooldown_origin),
         country_iso_code=country,
     )
 
@@ -314,22 +349,24 @@ def build_options(
         _endpoint_selects_backend(ini_layer, backend_names)
     from pytest_llem.meters.registry import parse_meter_list
 
-    meter_text = str(cli.get("meter") or ini.get("meter") or "auto")
+    meter_raw, meter_origin = option_origin(cli, ini, "meter")
     try:
-        meter = ",".join(parse_meter_list(meter_text, meter_names))
+        meter = ",".join(parse_meter_list(str(meter_raw or "auto"), meter_names))
     except ConfigurationError as e:
-        raise ConfigurationError(f"--llem-meter: {e}") from e
+        raise ConfigurationError(f"{meter_origin}: {e}") from e
     energy = _energy_options(cli, ini)
     from pytest_llem.harness.isolation import ISOLATION_MODES
     from pytest_llem.workers import parse_gpu_groups
 
-    gpu_groups = parse_gpu_groups(cli.get("gpus") or ini.get("gpus"))
-    isolation = str(cli.get("isolation") or ini.get("isolation") or "warn").strip().lower()
+    gpus_raw, gpus_origin = option_origin(cli, ini, "gpus")
+    gpu_groups = parse_gpu_groups(gpus_raw, option=gpus_origin)
+    isolation_raw, isolation_origin = option_origin(cli, ini, "isolation")
+    isolation = str(isolation_raw or "warn").strip().lower()
     if isolation not in ISOLATION_MODES:
         raise ConfigurationError(
-            f"--llem-isolation: expected one of {', '.join(ISOLATION_MODES)}, got {isolation!r}"
+            f"{isolation_origin}: expected one of {', '.join(ISOLATION_MODES)}, got {isolation!r}"
         )
-    timeout_s = _seconds(cli.get("timeout_s") or ini.get("timeout_s"), "--llem-timeout-s", 0.0)
+    timeout_s = _seconds(*option_origin(cli, ini, "timeout_s"), 0.0)
     report_dir = Path(cli.get("report_dir") or ini.get("report_dir") or DEFAULT_REPORT_DIR)
     if not report_dir.is_absolute():
         report_dir = invocation_dir / report_dir
@@ -672,6 +709,7 @@ class LlemSession:
     journal: Any = None
     llem_items: set[str] = field(default_factory=set)
     store_error: str | None = None
+    journal_error: str | None = None
     baseline: BaselineState | None = None
 
     def close(self) -> None:

@@ -32,39 +32,42 @@ __all__ = [
 SHARED_DOMAINS: tuple[str, ...] = ("cpu", "dram")
 
 
-def _span(text: str) -> list[int]:
+def _span(text: str, option: str) -> list[int]:
     first, sep, last = text.partition("-")
     try:
         start = int(first)
         end = int(last) if sep else start
     except ValueError as e:
         raise ConfigurationError(
-            f"--llem-gpus: {text!r} is not a GPU index or range (e.g. 0,1 or 0-1,2-3)"
+            f"{option}: {text!r} is not a GPU index or range (e.g. 0,1 or 0-1,2-3)"
         ) from e
     if start < 0 or end < start:
-        raise ConfigurationError(f"--llem-gpus: {text!r} is not an increasing range of indices")
+        raise ConfigurationError(f"{option}: {text!r} is not an increasing range of indices")
     return list(range(start, end + 1))
 
 
-def parse_gpu_groups(text: str | None) -> tuple[tuple[int, ...], ...] | None:
+def parse_gpu_groups(
+    text: str | None, *, option: str = "--llem-gpus"
+) -> tuple[tuple[int, ...], ...] | None:
     """``--llem-gpus``: one group of GPU indices per worker.
 
     ``0,1,2,3`` is four groups of one; ``0-1,2-3`` two groups of two. Indices are those the
     controller sees (positions in its own ``CUDA_VISIBLE_DEVICES`` when that is set).
+    ``option`` is how messages name the setting (the ini key when the value came from there).
 
     Raises:
         ConfigurationError: A malformed entry, or a GPU in two groups.
     """
     if text is None or not text.strip():
         return None
-    groups = tuple(tuple(_span(part.strip())) for part in text.split(",") if part.strip())
+    groups = tuple(tuple(_span(part.strip(), option)) for part in text.split(",") if part.strip())
     if not groups:
-        raise ConfigurationError("--llem-gpus: no GPU given")
+        raise ConfigurationError(f"{option}: no GPU given")
     seen: set[int] = set()
     for group in groups:
         twice = seen.intersection(group)
         if twice:
-            raise ConfigurationError(f"--llem-gpus: GPU {min(twice)} is given to two workers")
+            raise ConfigurationError(f"{option}: GPU {min(twice)} is given to two workers")
         seen.update(group)
     return groups
 

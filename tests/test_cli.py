@@ -51,9 +51,9 @@ def test_version(capsys):
     assert __version__ in capsys.readouterr().out
 
 
-def test_no_command_prints_help(capsys):
-    assert main([]) == 2
-    assert "schema" in capsys.readouterr().out
+def test_no_command_is_a_usage_error_with_the_help(capsys):
+    assert main([]) == 4
+    assert "schema" in capsys.readouterr().err
 
 
 def test_console_script_is_installed():
@@ -78,7 +78,7 @@ def test_params_json_lists_every_parameter_with_sweep_values(capsys):
 
 
 def test_params_table_and_backend_filter(capsys):
-    assert main(["params", "--backend", "other"]) == 0
+    assert main(["params", "--backend", "endpoint"]) == 0
     out = capsys.readouterr().out
     assert out.splitlines()[0].split()[:3] == ["parameter", "type", "default"]
     assert "batch_size" in out
@@ -136,5 +136,142 @@ def test_report_export_and_merge_commands(tmp_path: Path, capsys):
 
 
 def test_missing_record_is_a_clear_error(tmp_path: Path, capsys):
-    assert main(["report", str(tmp_path / "nope.json")]) == 1
+    assert main(["report", str(tmp_path / "nope.json")]) == 2
     assert "cannot read run record" in capsys.readouterr().err
+
+
+def _one_line_error(capsys: pytest.CaptureFixture[str], *fragments: str) -> str:
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert err.count("\n") == 1, err
+    for fragment in fragments:
+        assert fragment in err
+    return err
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["nosuch"],
+        ["compare", "only-one.json"],
+        ["export"],
+        ["params", "--format", "yaml"],
+        ["merge", "a.json"],
+    ],
+)
+def test_argparse_errors_are_usage_errors(argv: list[str], capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 4
+    assert "error:" in capsys.readouterr().err
+
+
+def test_params_of_an_unknown_backend_lists_the_backends(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["params", "--backend", "nosuch"])
+    assert exit_info.value.code == 4
+    err = capsys.readouterr().err
+    assert "'nosuch'" in err
+    assert "transformers" in err
+    assert "vllm" in err
+
+
+def test_report_needs_exactly_one_source(tmp_path: Path, capsys):
+    assert main(["report"]) == 4
+    _one_line_error(capsys, "give RUN.json or --from-journal PATH")
+    a = _write_record(tmp_path / "a.json", "node1")
+    assert main(["report", str(a), "--from-journal", str(a)]) == 4
+    _one_line_error(capsys, "give RUN.json or --from-journal PATH")
+
+
+@pytest.mark.parametrize(
+    ("command", "output"),
+    [
+        (["export", "{a}", "--csv", "{a}"], "{a}"),
+        (["report", "{a}", "--html", "{a}"], "{a}"),
+        (["merge", "{a}", "{b}", "-o", "{a}"], "{a}"),
+        (["merge", "{a}", "{b}", "-o", "{link}"], "{link}"),
+        (["report", "--from-journal", "{a}"], "{a}"),
+    ],
+)
+def test_no_command_overwrites_its_input(tmp_path: Path, capsys, command: list[str], output: str):
+    a = _write_record(tmp_path / "a.json", "node1")
+    b = _write_record(tmp_path / "b.json", "node2")
+    link = tmp_path / "link.json"
+    link.symlink_to(a)
+    before = a.read_bytes()
+    names = {"a": str(a), "b": str(b), "link": str(link)}
+    argv = [part.format(**names) for part in command]
+    assert main(argv) == 2
+    _one_line_error(capsys, "refusing to overwrite", output.format(**names))
+    assert a.read_bytes() == before
+
+
+def test_unsupported_schema_version_is_refused_by_every_reader(tmp_path: Path, capsys):
+    a = _write_record(tmp_path / "a.json", "node1")
+    data = json.loads(a.read_text())
+    data["schema_version"] = "9.0"
+    data["a_field_from_the_future"] = 1
+    a.write_text(json.dumps(data))
+    for argv in (
+        ["report", str(a)],
+        ["export", str(a)],
+        ["merge", str(a), "-o", str(tmp_path / "m.json")],
+        ["compare", str(a), str(a)],
+    ):
+        assert main(argv) == 2, argv
+        _one_line_error(capsys, "unsupported schema_version '9.0'", "reads 1.0")
+
+
+def test_io_and_decoding_errors_are_one_line(tmp_path: Path, capsys):
+    a = _write_record(tmp_path / "a.json", "node1")
+    folder = tmp_path / "folder.csv"
+    folder.mkdir()
+    assert main(["export", str(a), "--csv", str(folder)]) == 2
+    _one_line_error(capsys, str(folder), "Is a directory")
+    assert folder.is_dir()
+
+    binary = tmp_path / "binary.json"
+    binary.write_bytes(b"\xff\xfe\x00garbage")
+    assert main(["export", str(binary)]) == 2
+    _one_line_error(capsys, "cannot read run record", str(binary))
+
+    wrong = tmp_path / "wrong.json"
+    wrong.write_text('{"run_id": 1, "cases": "none"}')
+    assert main(["report", str(wrong)]) == 2
+    _one_line_error(capsys, "is not a valid run record")
+
+
+def test_journal_problems_are_one_line(tmp_path: Path, capsys):
+    binary = tmp_path / "binary.jsonl"
+    binary.write_bytes(b"\xff\xfe\x00\x01 not text at all\n")
+    assert main(["report", "--from-journal", str(binary)]) == 2
+    _one_line_error(capsys, "no run header line")
+
+    headless = tmp_path / "headless.jsonl"
+    headless.write_text('{"type": "run", "created_at": "2026-11-26T10:00:00+00:00"}\n')
+    assert main(["report", "--from-journal", str(headless)]) == 2
+    _one_line_error(capsys, "has no run_id")
+    assert not headless.with_suffix(".json").exists()
+
+    future = tmp_path / "future.jsonl"
+    future.write_text(
+        '{"type": "run", "schema_version": "9.0", "run_id": "r", '
+        '"created_at": "2026-11-26T10:00:00+00:00"}\n'
+    )
+    assert main(["report", "--from-journal", str(future)]) == 2
+    _one_line_error(capsys, "unsupported schema_version '9.0'")
+
+
+def test_a_journal_line_that_is_not_utf8_is_skipped_with_a_warning(tmp_path: Path, capsys):
+    journal = tmp_path / "run.jsonl"
+    journal.write_bytes(
+        b'{"type": "run", "run_id": "r1", "created_at": "2026-11-26T10:00:00+00:00"}\n'
+        b'{"type": "case", "case": {"id": "t.py::test_a", "name": "test_a"}}\n'
+        b"\xff\xfe half a line from a crash\n"
+    )
+    assert main(["report", "--from-journal", str(journal)]) == 0
+    err = capsys.readouterr().err
+    assert "run.jsonl:3: damaged journal line skipped" in err
+    record = json.loads(journal.with_suffix(".json").read_text())
+    assert [case["id"] for case in record["cases"]] == ["t.py::test_a"]

@@ -12,7 +12,7 @@ import pytest
 
 from pytest_llem.exceptions import ResultStoreError
 from pytest_llem.results.journal import Journal, read_journal
-from pytest_llem.results.models import CaseRecord, MachineInfo
+from pytest_llem.results.models import SCHEMA_VERSION, CaseRecord, MachineInfo
 
 pytest_plugins = ["pytester"]
 
@@ -36,6 +36,37 @@ def test_journal_round_trip_and_damaged_last_line(tmp_path: Path):
     assert contents.record.options["meter"] == "none"
     assert len(contents.warnings) == 1
     assert ":4: damaged journal line skipped" in contents.warnings[0]
+
+
+def test_the_header_carries_the_schema_version_and_is_checked(tmp_path: Path):
+    path = tmp_path / "j.jsonl"
+    journal = Journal(path)
+    journal.start(run_id="abc123", created_at=START, options={})
+    journal.close()
+    header = json.loads(path.read_text().splitlines()[0])
+    assert header["schema_version"] == SCHEMA_VERSION
+    header["schema_version"] = "7.3"
+    path.write_text(json.dumps(header) + "\n")
+    with pytest.raises(ResultStoreError, match=r"unsupported schema_version '7.3'; .* reads 1.0"):
+        read_journal(path, machine=MACHINE)
+    del header["schema_version"]  # journals written before the header had one: schema 1.0
+    path.write_text(json.dumps(header) + "\n")
+    assert read_journal(path, machine=MACHINE).record.run_id == "abc123"
+
+
+@pytest.mark.parametrize(
+    ("header", "message"),
+    [
+        ({"created_at": "2026-11-26T10:00:00+00:00"}, "has no run_id"),
+        ({"run_id": "r", "created_at": "yesterday"}, "created_at is not a time"),
+        ({"run_id": "r", "created_at": "2026-11-26", "options": [1]}, "options are not"),
+    ],
+)
+def test_a_bad_header_is_a_store_error(tmp_path: Path, header: dict, message: str):
+    path = tmp_path / "j.jsonl"
+    path.write_text(json.dumps({"type": "run", **header}) + "\n")
+    with pytest.raises(ResultStoreError, match=message):
+        read_journal(path, machine=MACHINE)
 
 
 def test_a_file_without_header_is_not_a_journal(tmp_path: Path):

@@ -188,3 +188,62 @@ def test_no_llem_tests_no_record(pytester: pytest.Pytester):
     assert result.ret == 0
     assert not (pytester.path / "reports").exists()
     result.stdout.no_fnmatch_line("*llem benchmark summary*")
+
+
+@pytest.mark.parametrize("option", ["timeout-s", "baseline-s", "min-window-s"])
+@pytest.mark.parametrize("value", ["inf", "-inf", "nan", "1e9", "-1"])
+def test_seconds_options_refuse_infinite_and_absurd_values(
+    pytester: pytest.Pytester, option: str, value: str
+):
+    pytester.makepyfile(CONFIG_PROBE)
+    result = pytester.runpytest(f"--llem-{option}={value}")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines([f"*--llem-{option}: expected seconds, 0 <= N <= 604800 (7 days)*"])
+
+
+def test_a_week_is_the_longest_seconds_option(pytester: pytest.Pytester):
+    pytester.makepyfile(CONFIG_PROBE)
+    result = pytester.runpytest("-s", "--llem-timeout-s=604800", "--llem-meter=none")
+    assert result.ret != pytest.ExitCode.USAGE_ERROR
+    result = pytester.runpytest("--llem-cooldown=seconds:inf")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["*--llem-cooldown: expected off, temperature or seconds:N*"])
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("meter", "watts", "*ini option llem_meter: unknown meter 'watts'*"),
+        ("isolation", "maybe", "*ini option llem_isolation: expected one of warn, skip, fail*"),
+        ("cooldown", "lukewarm", "*ini option llem_cooldown: expected off, temperature*"),
+        ("country", "France", "*ini option llem_country: expected a three-letter ISO code*"),
+        ("gpus", "zero", "*ini option llem_gpus: 'zero' is not a GPU index*"),
+        ("timeout_s", "inf", "*ini option llem_timeout_s: expected seconds*"),
+        ("baseline_s", "-1", "*ini option llem_baseline_s: expected seconds*"),
+        ("min_window_s", "soon", "*ini option llem_min_window_s: expected seconds*"),
+        ("repeat", "0", "*ini option llem_repeat: *greater than or equal to 1*"),
+    ],
+)
+def test_a_bad_ini_value_names_the_ini_key(
+    pytester: pytest.Pytester, key: str, value: str, message: str
+):
+    pytester.makeini(f"[pytest]\nllem_{key} = {value}\n")
+    pytester.makepyfile(CONFIG_PROBE)
+    result = pytester.runpytest()
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines([message])
+    result.stderr.no_fnmatch_line(f"*--llem-{key.replace('_', '-')}*")
+
+
+def test_the_command_line_value_is_the_one_named(pytester: pytest.Pytester):
+    pytester.makeini("[pytest]\nllem_isolation = warn\n")
+    pytester.makepyfile(CONFIG_PROBE)
+    result = pytester.runpytest("--llem-isolation=maybe")
+    result.stderr.fnmatch_lines(["*--llem-isolation: expected one of*got 'maybe'*"])
+
+
+def test_unknown_parameter_hint_points_to_llem_params(pytester: pytest.Pytester):
+    pytester.makepyfile(CONFIG_PROBE)
+    result = pytester.runpytest("--llem-set", "batch_sz=8")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["*unknown parameter 'batch_sz'*(see `llem params`)*"])

@@ -88,6 +88,33 @@ def test_csv_has_one_row_per_case_and_round_trips_values(tmp_path: Path) -> None
     assert path.read_text(encoding="utf-8") == csv_text(record)
 
 
+def test_csv_neutralises_cells_a_spreadsheet_would_run(tmp_path: Path) -> None:
+    # OWASP CSV injection: text from the record (a test id, an error, a model name, a swept
+    # parameter) must not become a formula when the CSV is opened in a spreadsheet.
+    from pytest_llem.results.models import CaseError
+
+    case = make_case(0).model_copy(
+        update={
+            "name": '=HYPERLINK("http://evil","x")',
+            "model": "@SUM(A1:A9)",
+            "error": CaseError(type="+cmd", message="|calc"),
+            "params": {"prompt": "-2+3", "stop": "\tx", "note": "\rx", "batch_size": -4},
+        }
+    )
+    case.metrics["dynamic_energy_j"] = MetricSummary(n=3, median=-0.5, unit="J")
+    path = write_csv(make_record([case]), tmp_path / "run.csv")
+    (row,) = _read_csv(path)
+    assert row["name"] == '\'=HYPERLINK("http://evil","x")'
+    assert row["model"] == "'@SUM(A1:A9)"
+    assert row["error"] == "'+cmd: |calc"
+    assert row["param.prompt"] == "'-2+3"
+    assert row["param.stop"] == "'\tx"
+    assert row["param.note"] == "'\rx"
+    assert row["param.batch_size"] == "-4"  # numbers stay numbers
+    assert row["dynamic_energy_j.median"] == "-0.5"
+    assert case_rows(make_record([case]))[0]["name"].startswith("=")  # the DataFrame is data
+
+
 def test_a_metric_missing_from_one_case_is_an_empty_cell() -> None:
     cases = [make_case(0), make_case(1, server=True)]
     cases[0].metrics["energy_j"] = MetricSummary(n=0, unit="J", note="no energy meter")

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from pytest_llem.exceptions import ResultStoreError
+from pytest_llem.results import storage
 from pytest_llem.results.models import GpuInfo, MachineInfo, RunRecord
 from pytest_llem.results.storage import (
     list_saved_runs,
@@ -119,6 +120,27 @@ def test_time_is_written_in_utc(tmp_path: Path) -> None:
     assert save_run(record(created_at=naive), tmp_path, None).name.endswith(
         "_20240521T123005Z.json"
     )
+
+
+def test_two_saves_racing_for_one_counter_keep_both(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Two processes saving in the same second both list the folder before either has written:
+    # replay that by giving the second save the listing the first one saw.
+    stale = list_saved_runs(tmp_path, "vm-linux-x86_64-cpu")
+    first = save_run(record(run_id="first"), tmp_path, "ci")
+    monkeypatch.setattr(storage, "list_saved_runs", lambda *_: stale)
+    second = save_run(record(run_id="second"), tmp_path, "ci")
+    assert first.name == "0001_ci_nocommit_20240521T100000Z.json"
+    assert second.name == "0002_ci_nocommit_20240521T100000Z.json"
+    assert read_run_record(first).run_id == "first"
+    assert read_run_record(second).run_id == "second"
+
+
+def test_a_file_where_the_machine_folder_should_be_is_an_error(tmp_path: Path) -> None:
+    (tmp_path / "vm-linux-x86_64-cpu").write_text("")
+    with pytest.raises(ResultStoreError, match="cannot save the run under"):
+        save_run(record(), tmp_path, None)
 
 
 def test_save_error_is_a_result_store_error(tmp_path: Path) -> None:

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
+from collections.abc import Callable, Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -10,7 +13,10 @@ import pytest
 
 from pytest_llem.exceptions import ResultStoreError
 from pytest_llem.report.terminal import summary_lines
+from pytest_llem.results import models
 from pytest_llem.results.models import (
+    SCHEMA_VERSION,
+    SUPPORTED_SCHEMA_VERSIONS,
     CaseError,
     CaseRecord,
     MachineInfo,
@@ -18,7 +24,14 @@ from pytest_llem.results.models import (
     MetricSummary,
     RunRecord,
 )
-from pytest_llem.results.store import read_run_record, write_run_record
+from pytest_llem.results.store import (
+    atomic_write_text,
+    check_writable,
+    create_text_exclusively,
+    read_run_record,
+    refuse_overwriting,
+    write_run_record,
+)
 
 
 def _record(run_id: str = "0123456789abcdef") -> RunRecord:
@@ -102,3 +115,109 @@ def test_estimated_energy_is_marked_in_the_table():
     summary = record.cases[0].metrics["energy_per_output_token_j"]
     summary.source = "estimated"
     assert "0.25 (est.)" in summary_lines(record)[2]
+
+
+@pytest.fixture
+def umask() -> Iterator[Callable[[int], None]]:
+    old = os.umask(0o022)
+    try:
+        yield os.umask
+    finally:
+        os.umask(old)
+
+
+@pytest.mark.parametrize(("mask", "mode"), [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
+def test_files_get_the_mode_an_ordinary_open_gives(
+    tmp_path: Path, umask: Callable[[int], None], mask: int, mode: int
+):
+    umask(mask)
+    latest, copy = write_run_record(_record(), tmp_path / "reports")
+    atomic_write_text(tmp_path / "page.html", "<html></html>")
+    create_text_exclusively(tmp_path / "saved.json", "{}")
+    for path in (latest, copy, tmp_path / "page.html", tmp_path / "saved.json"):
+        assert stat.S_IMODE(path.stat().st_mode) == mode, path
+
+
+def test_writing_onto_a_folder_fails_and_keeps_the_folder(tmp_path: Path):
+    folder = tmp_path / "out.json"
+    (folder / "inside").mkdir(parents=True)
+    with pytest.raises(IsADirectoryError):
+        atomic_write_text(folder, "{}")
+    assert (folder / "inside").is_dir()
+    assert [p.name for p in tmp_path.iterdir()] == ["out.json"]  # no temporary file left
+
+
+def test_exclusive_creation_never_replaces_a_file(tmp_path: Path):
+    path = tmp_path / "a.json"
+    create_text_exclusively(path, "first")
+    with pytest.raises(FileExistsError):
+        create_text_exclusively(path, "second")
+    assert path.read_text() == "first"
+    assert [p.name for p in tmp_path.iterdir()] == ["a.json"]
+
+
+def test_an_unsupported_schema_version_is_refused_naming_both(tmp_path: Path):
+    data = json.loads(_record().model_dump_json())
+    data["schema_version"] = "2.0"
+    data["field_of_2_0"] = {}
+    path = tmp_path / "future.json"
+    path.write_text(json.dumps(data))
+    with pytest.raises(ResultStoreError) as error:
+        read_run_record(path)
+    assert str(error.value) == (
+        f"{path}: unsupported schema_version '2.0'; this pytest-llem reads "
+        f"{', '.join(SUPPORTED_SCHEMA_VERSIONS)}"
+    )
+
+
+def test_an_older_supported_schema_version_loads(tmp_path: Path, monkeypatch):
+    # Only 1.0 exists yet: pretend 0.9 records (same fields) are still supported.
+    monkeypatch.setattr(models, "SUPPORTED_SCHEMA_VERSIONS", ("0.9", SCHEMA_VERSION))
+    data = json.loads(_record().model_dump_json())
+    data["schema_version"] = "0.9"
+    path = tmp_path / "old.json"
+    path.write_text(json.dumps(data))
+    assert read_run_record(path).schema_version == "0.9"
+    monkeypatch.setattr(models, "SUPPORTED_SCHEMA_VERSIONS", (SCHEMA_VERSION,))
+    with pytest.raises(ResultStoreError, match=r"unsupported schema_version '0\.9'"):
+        read_run_record(path)
+
+
+def test_a_validation_error_is_one_line(tmp_path: Path):
+    path = tmp_path / "bad.json"
+    path.write_text('{"run_id": 1, "cases": 2}')
+    with pytest.raises(ResultStoreError) as error:
+        read_run_record(path)
+    assert "\n" not in str(error.value)
+    assert "run_id" in str(error.value)
+
+
+def test_check_writable_creates_nothing_it_leaves(tmp_path: Path):
+    check_writable(tmp_path / "a" / "b" / "c")
+    assert list(tmp_path.iterdir()) == []
+    (tmp_path / "kept").mkdir()
+    check_writable(tmp_path / "kept")
+    assert [p.name for p in tmp_path.iterdir()] == ["kept"]
+    assert list((tmp_path / "kept").iterdir()) == []
+
+
+def test_check_writable_fails_under_a_file_even_for_root(tmp_path: Path):
+    # A parent that is a regular file stops root too (root ignores mode bits).
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(ResultStoreError, match=r"cannot write in .*file/reports: Not a directory"):
+        check_writable(blocker / "reports")
+    with pytest.raises(ResultStoreError, match="it is a file, not a folder"):
+        check_writable(blocker)
+    assert blocker.read_text() == "x"
+
+
+def test_refuse_overwriting_by_path_and_by_link(tmp_path: Path):
+    source = tmp_path / "run.json"
+    source.write_text("{}")
+    link = tmp_path / "link.json"
+    link.symlink_to(source)
+    for output in (source, link, tmp_path / "." / "run.json"):
+        with pytest.raises(ResultStoreError, match="refusing to overwrite"):
+            refuse_overwriting(output, [tmp_path / "other.json", source], what="-o")
+    refuse_overwriting(tmp_path / "new.json", [source])

@@ -90,7 +90,7 @@ def parse_assignment(text: str) -> tuple[str, Any]:
         close = [p for p in paths if p.split(".")[-1] == key.split(".")[-1]]
         close = close or difflib.get_close_matches(key, paths, n=3)
         hint = f"; did you mean {', '.join(close)}?" if close else ""
-        raise ConfigurationError(f"unknown parameter {key!r}{hint} (see `llem schema`)")
+        raise ConfigurationError(f"unknown parameter {key!r}{hint} (see `llem params`)")
     return key, parse_value(raw)
 
 

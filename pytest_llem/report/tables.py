@@ -4,7 +4,8 @@ This is the table behind ``llem export --csv``, ``--llem-csv`` and ``Run.to_data
 reads only the run record. Columns: the case's identity (``id``, ``name``, ``outcome``,
 ``error``, ``backend``, ``model``, ``machine``, ``swept``), every resolved parameter as
 ``param.<path>``, then for every metric ``<name>.median``, ``.mean``, ``.stdev``, ``.min``,
-``.max``, ``.ci95_low``, ``.ci95_high``, ``.n``, ``.unit`` and ``.source``.
+``.max``, ``.ci95_low``, ``.ci95_high``, ``.n``, ``.unit`` and ``.source``. In the CSV text, a
+text cell that a spreadsheet would run as a formula is neutralised (see :func:`csv_text`).
 """
 
 from __future__ import annotations
@@ -141,13 +142,39 @@ def case_rows(record: RunRecord) -> list[dict[str, Any]]:
     return rows
 
 
+#: First characters that make a spreadsheet read a cell as a formula (OWASP, CSV injection).
+_FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def _neutralised(value: Any) -> Any:
+    """A text cell that starts like a formula, prefixed with ``'`` so it stays text; numbers
+    (a negative energy, say) are left as they are."""
+    if isinstance(value, str) and value.startswith(_FORMULA_STARTS):
+        return "'" + value
+    return value
+
+
 def csv_text(record: RunRecord) -> str:
-    """The table as CSV text: a header line, then one line per case; None is an empty cell."""
+    """The table as CSV text: a header line, then one line per case; None is an empty cell.
+
+    A record can hold text from anywhere (test ids, error messages, model names), so a text cell
+    starting with ``=``, ``+``, ``-``, ``@``, a tab or a carriage return gets a leading ``'``:
+    opened in a spreadsheet it shows as text instead of running as a formula.
+    """
+    columns = table_columns(record)
+    lines = [_csv_line([_neutralised(column) for column in columns])]
+    for row in case_rows(record):
+        lines.append(_csv_line([_neutralised(row[column]) for column in columns]))
+    return "".join(lines)
+
+
+def _csv_line(cells: list[Any]) -> str:
+    """One CSV line ending in ``\n``. The writer is told lines end in ``\r\n`` because it quotes
+    only cells holding a character of its line terminator: a lone ``\r`` in a cell would
+    otherwise split the row for every reader."""
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=table_columns(record), lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(case_rows(record))
-    return buffer.getvalue()
+    csv.writer(buffer, lineterminator="\r\n").writerow(cells)
+    return buffer.getvalue()[:-2] + "\n"
 
 
 def write_csv(record: RunRecord, path: Path) -> Path:

@@ -18,7 +18,13 @@ from typing import IO, Any
 from pydantic import ValidationError
 
 from pytest_llem.exceptions import ResultStoreError
-from pytest_llem.results.models import CaseRecord, MachineInfo, RunRecord
+from pytest_llem.results.models import (
+    SCHEMA_VERSION,
+    CaseRecord,
+    MachineInfo,
+    RunRecord,
+    unsupported_schema_version,
+)
 
 __all__ = ["Journal", "JournalContents", "journal_path", "read_journal"]
 
@@ -49,6 +55,7 @@ class Journal:
         self._write(
             {
                 "type": "run",
+                "schema_version": SCHEMA_VERSION,
                 "run_id": run_id,
                 "created_at": created_at.isoformat(),
                 "options": options,
@@ -74,24 +81,66 @@ class JournalContents:
     warnings: list[str] = field(default_factory=list)
 
 
+def _header_fields(header: dict[str, Any], path: Path) -> tuple[str, datetime, dict[str, Any]]:
+    """The run id, start time and options of a journal's header line.
+
+    A header without ``schema_version`` was written before journals carried one: its cases are
+    records of schema 1.0.
+    """
+    problem = unsupported_schema_version(header.get("schema_version", "1.0"))
+    if problem is not None:
+        raise ResultStoreError(f"{path}: {problem}")
+    run_id, created_at, options = (
+        header.get("run_id"),
+        header.get("created_at"),
+        header.get("options"),
+    )
+    if not isinstance(run_id, str) or not run_id:
+        raise ResultStoreError(f"{path}: the run header line has no run_id")
+    try:
+        started = datetime.fromisoformat(str(created_at))
+    except ValueError as e:
+        raise ResultStoreError(
+            f"{path}: the run header line's created_at is not a time: {created_at!r}"
+        ) from e
+    if options is not None and not isinstance(options, dict):
+        raise ResultStoreError(f"{path}: the run header line's options are not an object")
+    return run_id, started, dict(options or {})
+
+
+def _entries(path: Path) -> list[tuple[int, str | None]]:
+    """The journal's non-empty lines, numbered; None for a line that is not UTF-8 (a crash
+    mid-write can leave any bytes), so one bad line does not hide the others."""
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise ResultStoreError(f"cannot read journal {path}: {e}") from e
+    entries: list[tuple[int, str | None]] = []
+    for number, line in enumerate(raw.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            entries.append((number, line.decode("utf-8")))
+        except UnicodeDecodeError:
+            entries.append((number, None))
+    return entries
+
+
 def read_journal(path: Path, *, machine: MachineInfo) -> JournalContents:
     """Rebuild a run record from a journal; ``machine`` describes where it is rebuilt when the
     journal does not say (a journal records cases, not the machine).
 
     Raises:
-        ResultStoreError: the file is missing, or holds no readable run header.
+        ResultStoreError: the file is missing, holds no readable run header, or its header is
+            of an unsupported schema version.
     """
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except OSError as e:
-        raise ResultStoreError(f"cannot read journal {path}: {e}") from e
     header: dict[str, Any] | None = None
     cases: list[CaseRecord] = []
     warnings: list[str] = []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
+    for number, line in _entries(path):
         try:
+            if line is None:
+                raise ValueError("not UTF-8")
             entry = json.loads(line)
             if entry.get("type") == "run" and header is None:
                 header = entry
@@ -103,11 +152,12 @@ def read_journal(path: Path, *, machine: MachineInfo) -> JournalContents:
             warnings.append(f"{path}:{number}: damaged journal line skipped ({type(e).__name__})")
     if header is None:
         raise ResultStoreError(f"{path} has no run header line: not a pytest-llem journal")
+    run_id, created_at, options = _header_fields(header, path)
     record = RunRecord(
-        run_id=str(header["run_id"]),
-        created_at=datetime.fromisoformat(str(header["created_at"])),
+        run_id=run_id,
+        created_at=created_at,
         machine=machine,
-        options={**dict(header.get("options") or {}), "rebuilt_from_journal": str(path)},
+        options={**options, "rebuilt_from_journal": str(path)},
         cases=cases,
     )
     return JournalContents(record, warnings)

@@ -1,7 +1,8 @@
 """Pydantic models of results: a metric summary, a case, and the run record written to disk.
 
 The run record is the only thing reports read. Its JSON Schema (``llem schema``) is generated
-from :class:`RunRecord`; bump ``SCHEMA_VERSION`` on any incompatible change.
+from :class:`RunRecord`; bump ``SCHEMA_VERSION`` on any change to the record, and keep the
+versions this code still reads in ``SUPPORTED_SCHEMA_VERSIONS``.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 __all__ = [
     "SCHEMA_VERSION",
+    "SUPPORTED_SCHEMA_VERSIONS",
     "BaselineDomain",
     "BaselineRecord",
     "CaseError",
@@ -35,9 +37,31 @@ __all__ = [
     "RepetitionRecord",
     "RunRecord",
     "ServerLoadRecord",
+    "unsupported_schema_version",
 ]
 
 SCHEMA_VERSION = "1.0"
+#: Every ``schema_version`` this code reads: the current one and the older ones whose records
+#: still validate against :class:`RunRecord` (fields added since then have defaults).
+SUPPORTED_SCHEMA_VERSIONS: tuple[str, ...] = ("1.0",)
+
+
+def unsupported_schema_version(version: object) -> str | None:
+    """Why a record (or journal) of ``version`` cannot be read here, or None when it can.
+
+    Args:
+        version: The ``schema_version`` found in the document.
+
+    Returns:
+        None for a supported version, else one line naming the version and the supported ones.
+    """
+    if isinstance(version, str) and version in SUPPORTED_SCHEMA_VERSIONS:
+        return None
+    return (
+        f"unsupported schema_version {version!r}; this pytest-llem reads "
+        f"{', '.join(SUPPORTED_SCHEMA_VERSIONS)}"
+    )
+
 
 MetricSource = Literal["measured", "estimated", "attributed", "computed"]
 

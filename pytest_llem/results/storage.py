@@ -14,7 +14,7 @@ from pathlib import Path
 
 from pytest_llem.exceptions import ResultStoreError
 from pytest_llem.results.models import MachineInfo, RunRecord
-from pytest_llem.results.store import atomic_write_text
+from pytest_llem.results.store import create_text_exclusively
 
 __all__ = [
     "DEFAULT_STORAGE",
@@ -28,6 +28,9 @@ __all__ = [
 
 #: Storage folder when neither ``--llem-storage`` nor the ini key is given.
 DEFAULT_STORAGE = ".llem"
+
+#: Counters tried, one after the other, when concurrent saves take the next ones.
+_SAVE_ATTEMPTS = 1000
 
 _FILE = re.compile(r"^(\d{4,})_(.+)_([0-9a-f]{8}|nocommit)_(\d{8}T\d{6}Z)\.json$")
 _ARCHES = ("x86_64", "amd64", "aarch64", "arm64", "armv7l", "i686", "i386", "ppc64le", "s390x")
@@ -127,6 +130,9 @@ def _machines(storage: Path) -> list[str]:
 def save_run(record: RunRecord, storage: Path, name: str | None = None) -> Path:
     """Save a run record under its machine's folder with the next counter.
 
+    The file is created exclusively: when another process saved under the same counter in the
+    meantime, the next free counter is taken, so no saved run is ever overwritten.
+
     Args:
         record: The run to save.
         storage: The storage folder (created when missing).
@@ -148,12 +154,22 @@ def save_run(record: RunRecord, storage: Path, name: str | None = None) -> Path:
     created = record.created_at
     created = created.astimezone(timezone.utc) if created.tzinfo else created
     stamp = created.strftime("%Y%m%dT%H%M%SZ")
-    path = storage / machine / f"{counter:04d}_{safe_name(name)}_{commit}_{stamp}.json"
-    try:
-        atomic_write_text(path, record.model_dump_json(indent=2) + "\n")
-    except OSError as e:
-        raise ResultStoreError(f"cannot save the run under {storage}: {e}") from e
-    return path
+    text = record.model_dump_json(indent=2) + "\n"
+    for _ in range(_SAVE_ATTEMPTS):
+        path = storage / machine / f"{counter:04d}_{safe_name(name)}_{commit}_{stamp}.json"
+        try:
+            create_text_exclusively(path, text)
+        except FileExistsError as e:
+            if not path.exists():  # not the name: a file where a folder should be
+                raise ResultStoreError(f"cannot save the run under {storage}: {e}") from e
+            counter += 1
+            continue
+        except OSError as e:
+            raise ResultStoreError(f"cannot save the run under {storage}: {e}") from e
+        return path
+    raise ResultStoreError(
+        f"cannot save the run under {storage / machine}: {_SAVE_ATTEMPTS} counters in a row taken"
+    )
 
 
 def _available(storage: Path, machine: str) -> str:
