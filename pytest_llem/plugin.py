@@ -301,7 +301,9 @@ def pytest_configure(config: pytest.Config) -> None:
             meter_names=meter_names,
         )
         _scale_out(config, options.gpu_groups)
-        _check_outputs(config, options, cli, ini)
+        config.stash[_OUTPUTS] = _output_folders(options, cli, ini)
+        if _explicit_llem_run(config, options):
+            _check_outputs(config)
         if not hasattr(config, "workerinput"):  # the controller compares, after pinning
             options = _load_compare_baseline(config, options)
     except ConfigurationError as e:
@@ -352,31 +354,52 @@ def _load_compare_baseline(config: pytest.Config, options: LlemOptions) -> LlemO
     return load_compare_baseline(options, machine_id(_machine_info(config)))
 
 
-def _check_outputs(
-    config: pytest.Config, options: LlemOptions, cli: dict[str, Any], ini: dict[str, Any]
-) -> None:
-    """Before any case runs, check that the run can write what it will write at the end: the
+_OUTPUTS = pytest.StashKey[list[tuple[Path, str]]]()
+
+
+def _output_folders(
+    options: LlemOptions, cli: dict[str, Any], ini: dict[str, Any]
+) -> list[tuple[Path, str]]:
+    """The folders the run writes at its end, each with how a message names its option: the
     report folder (record, HTML page, journal), the CSV's folder and, when saving, the storage
-    folder. Not on xdist workers (the controller writes) nor for ``--help``/``--collect-only``.
-    """
-    if hasattr(config, "workerinput") or any(
-        getattr(config.option, name, False) for name in ("help", "collectonly")
-    ):
-        return
+    folder."""
+    report_origin = option_origin(cli, ini, "report_dir")[1]
     folders = [
-        (options.report_dir, option_origin(cli, ini, "report_dir")[1]),
-        (options.report_dir / RUNS_DIRNAME, option_origin(cli, ini, "report_dir")[1]),
+        (options.report_dir, report_origin),
+        (options.report_dir / RUNS_DIRNAME, report_origin),
     ]
     store = options.store
     if store is not None and store.csv is not None:
         folders.append((store.csv.parent, "--llem-csv"))
     if store is not None and store.save:
         folders.append((store.storage, option_origin(cli, ini, "storage")[1]))
-    for folder, origin in folders:
+    return folders
+
+
+def _explicit_llem_run(config: pytest.Config, options: LlemOptions) -> bool:
+    """Whether the session will write llem outputs whatever it collects: it saves or compares a
+    run, or it is an xdist controller (which never sees the items its workers collect)."""
+    store = options.store
+    saves_or_compares = store is not None and (store.save or store.compare is not None)
+    return saves_or_compares or bool(getattr(config.option, "numprocesses", None))
+
+
+def _check_outputs(config: pytest.Config) -> None:
+    """Before any case runs, check that the run can write what it will write at its end. Not on
+    xdist workers (the controller writes) nor for ``--help``/``--collect-only``.
+
+    Raises:
+        pytest.UsageError: a folder cannot be created or written, naming its option.
+    """
+    if hasattr(config, "workerinput") or any(
+        getattr(config.option, name, False) for name in ("help", "collectonly")
+    ):
+        return
+    for folder, origin in config.stash.get(_OUTPUTS, []):
         try:
             check_writable(folder)
         except ResultStoreError as e:
-            raise ConfigurationError(f"{origin}: {e}") from e
+            raise pytest.UsageError(f"pytest-llem: {origin}: {e}") from e
 
 
 def _dist_given(config: pytest.Config) -> bool:
@@ -558,6 +581,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
             write_groups(Path(groups_file), groups)
     session.llem_items = {i.nodeid for i in items if "llem" in getattr(i, "fixturenames", ())}
+    if session.llem_items:  # a session without llem cases writes nothing of ours
+        _check_outputs(config)
 
 
 class RunRecorder:

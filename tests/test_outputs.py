@@ -96,6 +96,16 @@ def test_unwritable_output_folder_is_a_usage_error_before_any_case(
     assert not (project.path / "case-ran").exists()
 
 
+def test_a_session_without_llem_cases_is_not_stopped_by_the_check(project: pytest.Pytester):
+    # The plugin is installed for every project in the environment: a read-only checkout whose
+    # tests use no llem case must run as if the plugin were not there.
+    _blocker(project)
+    project.makepyfile("def test_plain():\n    pass\n")
+    result = project.runpytest("-p", "no:cacheprovider", "--llem-report-dir=blocker/reports")
+    result.assert_outcomes(passed=1)
+    assert result.ret == pytest.ExitCode.OK
+
+
 def test_the_check_leaves_no_folder_behind(project: pytest.Pytester):
     project.makepyfile("def test_plain():\n    pass\n")
     result = project.runpytest(*QUICK, "--llem-report-dir=out/deep/reports", "--llem-save")
