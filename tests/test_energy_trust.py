@@ -18,7 +18,7 @@ from pytest_llem.harness.baseline import (
 )
 from pytest_llem.harness.runner import QUANTISATION_PERIODS, WindowPolicy, run_case
 from pytest_llem.harness.thermal import COOLDOWN_MARGIN_C, cool_down, measured_hot
-from pytest_llem.meters.base import DeviceState
+from pytest_llem.meters.base import DeviceState, DomainReading, EnergyReading, reading_between
 from pytest_llem.results.models import (
     BaselineDomain,
     BaselineRecord,
@@ -294,3 +294,42 @@ def test_measured_hot_compares_window_start_with_idle() -> None:
     assert not measured_hot([rep(39.0)], {"gpu0": 35.0})
     assert not measured_hot([rep(80.0)], {})
     assert math.isclose(COOLDOWN_MARGIN_C, 3.0)
+
+
+def _lap(seconds: float, **domains: DomainReading) -> EnergyReading:
+    return EnergyReading(meter="m", duration_s=seconds, domains=dict(domains))
+
+
+def test_a_counter_that_did_not_advance_between_laps_is_not_measured() -> None:
+    first = _lap(1.0, gpu=DomainReading("gpu", 50.0, "measured"))
+    same = _lap(1.25, gpu=DomainReading("gpu", 50.0, "measured"))
+    later = _lap(2.0, gpu=DomainReading("gpu", 80.0, "measured"))
+    still = reading_between(first, same).domains["gpu"]
+    assert still.energy_j is None  # never 0 J
+    assert "did not advance" in (still.reason or "")
+    assert "0.250 s" in (still.reason or "")
+    moved = reading_between(first, later)
+    assert moved.duration_s == pytest.approx(1.0)
+    assert moved.domains["gpu"].energy_j == pytest.approx(30.0)
+
+
+def _gpus(total: float | None, **devices: float) -> DomainReading:
+    return DomainReading("gpu", total, "measured", devices=devices)
+
+
+def test_laps_compare_device_by_device() -> None:
+    # gpu1 had not advanced at the first lap (0 J since start, not unknown); at the second
+    # both advanced. A device that then stands still makes the domain not measured.
+    early = DomainReading(
+        "gpu", None, "measured", reason="gpu1 still", devices={"gpu0": 4.0}, not_advanced=("gpu1",)
+    )
+    first = _lap(0.05, gpu=early)
+    second = _lap(1.0, gpu=_gpus(90.0, gpu0=50.0, gpu1=40.0))
+    third = _lap(1.05, gpu=_gpus(95.0, gpu0=55.0, gpu1=40.0))
+    between = reading_between(first, second).domains["gpu"]
+    assert between.energy_j == pytest.approx(86.0)
+    assert between.devices == pytest.approx({"gpu0": 46.0, "gpu1": 40.0})
+    stuck = reading_between(second, third).domains["gpu"]
+    assert stuck.energy_j is None
+    assert "gpu1" in (stuck.reason or "")
+    assert "did not advance" in (stuck.reason or "")

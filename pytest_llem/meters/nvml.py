@@ -1025,6 +1025,12 @@ class NvmlMeter:
         counter_j = math.fsum(energy[label] for label in counters)
         return {"gpu": (counter_j - power_j) / power_j}
 
+    @property
+    def reads_mid_window(self) -> bool:
+        """Whether ``lap()`` works: every measured GPU has an energy counter (power-integrated
+        energy is only known when the window closes)."""
+        return all(d.method == _COUNTER for d in self._devices)
+
     def lap(self) -> EnergyReading:
         """The energy since ``start()``, leaving the window open (a counter read per GPU).
 
@@ -1036,13 +1042,10 @@ class NvmlMeter:
         """
         if self._window_start is None:
             raise EnergyMeterError("nvml: lap() without start()")
-        if any(d.method != _COUNTER for d in self._devices):
+        if not self.reads_mid_window:
             raise EnergyMeterError("nvml: reading mid-window needs the energy counter on every GPU")
         duration_s = time.perf_counter() - self._window_start
-        now = self._read_counters()
-        energy = {
-            label: (now[label] - start) / 1000.0 for label, start in self._counters_mj.items()
-        }
+        energy = self._counter_energy(self._read_counters())
         return EnergyReading(
             meter=self.name,
             duration_s=duration_s,
@@ -1063,7 +1066,10 @@ class NvmlMeter:
             else f"{d.label}: reported 0 W over the window"
             for d in missing
         )
-        return DomainReading("gpu", None, "measured", reason=why, devices=devices)
+        still = tuple(d.label for d in missing if d.method == _COUNTER)
+        return DomainReading(
+            "gpu", None, "measured", reason=why, devices=devices, not_advanced=still
+        )
 
     def close(self) -> None:
         """Stop any sampling (joining its thread) and shut NVML down (once)."""

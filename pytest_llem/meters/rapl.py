@@ -620,7 +620,9 @@ class RaplMeter:
             f"window (shorter than its ~{self._resolution.update_period_s or 0:.2g} s update "
             "period?)"
         )
-        return DomainReading(domain, None, "measured", reason=reason, devices=devices)
+        return DomainReading(
+            domain, None, "measured", reason=reason, devices=devices, not_advanced=tuple(still)
+        )
 
     def close(self) -> None:
         """Stop the poller of any open window; the meter can no longer open one."""
