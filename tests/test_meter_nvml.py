@@ -382,19 +382,34 @@ def test_update_period_is_the_largest_over_the_gpus(monkeypatch: pytest.MonkeyPa
     assert info.resolution.update_period_measured
 
 
-def test_a_counter_that_never_changes_falls_back_to_the_nominal_period(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    install(monkeypatch, [FakeGpu(counter_step_s=3600.0)])
-    meter = NvmlMeter(update_period_probe_s=0.2)
+def test_a_slow_counter_is_probed_until_it_changes_twice(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A 0.6 s counter changes at most once in a 0.3 s probe: the probe goes on until it has an
+    # interval instead of assuming the nominal 0.1 s (which would make windows 6 x too short).
+    install(monkeypatch, [FakeGpu(counter_step_s=0.6)])
+    meter = NvmlMeter(update_period_probe_s=0.3)
     try:
         resolution = meter.info().resolution
     finally:
         meter.close()
-    assert resolution.update_period_s == pytest.approx(0.1)
+    assert resolution.update_period_s == pytest.approx(0.6, rel=0.15)
+    assert resolution.update_period_measured
+
+
+def test_a_counter_that_never_changes_is_assumed_as_slow_as_the_probe(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    install(monkeypatch, [FakeGpu(counter_step_s=3600.0)])
+    meter = NvmlMeter(update_period_probe_s=0.1, update_period_probe_max_s=0.3)
+    try:
+        resolution = meter.info().resolution
+    finally:
+        meter.close()
+    assert resolution.update_period_s is not None
+    assert resolution.update_period_s >= 0.3  # at least the probe's length, never 0.1 s
     assert not resolution.update_period_measured
     assert resolution.note is not None
     assert "gpu0 changed fewer than twice" in resolution.note
+    assert "assumed" in resolution.note
 
 
 # Power samples: timeline and cross-check ------------------------------------------------------
