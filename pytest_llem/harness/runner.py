@@ -415,6 +415,7 @@ def run_case(
     policy: WindowPolicy | None = None,
     baseline: BaselineRecord | None = None,
     assignment: Mapping[str, str] | None = None,
+    baseline_problem: str | None = None,
 ) -> CaseMeasurement:
     """Measure one case: ``config.warmup`` unmeasured runs, then ``config.repeat`` windows.
 
@@ -435,6 +436,7 @@ def run_case(
         policy: The shortest window (none by default).
         baseline: Idle power per domain, for dynamic energy (None: no dynamic figures).
         assignment: Domain -> the meter it is taken from (None: the first meter covering it).
+        baseline_problem: Why there is no baseline, for the dynamic figures' notes.
 
     Returns:
         The repetition records, pooled per-request latencies and their summaries.
@@ -467,7 +469,9 @@ def run_case(
     repetitions: list[RepetitionRecord] = []
     latencies: list[RequestLatency] = []
     extension_notes: list[str] = []
-    context = _Context(config, non_embedding_parameters, policy, baseline, assignment)
+    context = _Context(
+        config, non_embedding_parameters, policy, baseline, assignment, baseline_problem
+    )
     for index in range(config.repeat):
         window = measure_extended_window(backend, meters, workload, clock, rounds, policy)
         rounds = window.rounds
@@ -544,6 +548,7 @@ class _Context:
     policy: WindowPolicy
     baseline: BaselineRecord | None
     assignment: Mapping[str, str] | None
+    baseline_problem: str | None = None
 
 
 def _too_short(window: Window, policy: WindowPolicy, energy: WindowEnergy) -> WindowEnergy:
@@ -628,7 +633,7 @@ def _measured(
     config = context.config
     non_embedding_parameters = context.non_embedding_parameters
     energy = _too_short(window, context.policy, combine_energy(window.readings, context.assignment))
-    idle_w, no_idle = idle_power(context.baseline, energy.covered)
+    idle_w, no_idle = idle_power(context.baseline, energy.covered, problem=context.baseline_problem)
     latencies = [
         request_latency(g, arrival=a)
         for g, a in zip(window.generations, window.arrivals, strict=True)
