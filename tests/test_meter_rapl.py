@@ -412,3 +412,34 @@ def test_bad_settings_are_configuration_errors(
 ) -> None:
     with pytest.raises(ConfigurationError, match="positive"):
         RaplMeter(intel.root, **kwargs)  # type: ignore[arg-type]
+
+
+def test_microjoules_are_converted_exactly(tmp_path: Path) -> None:
+    # No writer: the counters move only by hand, so the expected joules are exact.
+    tree = FakeRaplTree(tmp_path / "powercap", intel_zones())
+    meter = RaplMeter(
+        tree.root, cpu_vendor=INTEL, update_period_probe_s=0.02, update_period_probe_max_s=0.02
+    )
+    try:
+        meter.start()
+        tree.add_energy("intel-rapl:0", 7_654_321)
+        tree.add_energy("intel-rapl:0:1", 1_234_567)  # dram
+        reading = meter.stop()
+    finally:
+        meter.close()
+    assert _energy(reading, "cpu") == pytest.approx(7.654321, rel=1e-12)
+    assert _energy(reading, "dram") == pytest.approx(1.234567, rel=1e-12)
+
+
+def test_update_period_is_the_median_interval_not_the_smallest(tmp_path: Path) -> None:
+    # The writer waits 4 ms, 30 ms, 30 ms, ...: two intervals in three are 30 ms or more
+    # (a late writer only lengthens them), the smallest about 4 ms.
+    pattern = (0.004, 0.03, 0.03)
+    with FakeRaplTree(tmp_path / "powercap", intel_zones(), update_pattern_s=pattern) as tree:
+        meter = RaplMeter(tree.root, cpu_vendor=INTEL)
+        try:
+            resolution = meter.info().resolution
+        finally:
+            meter.close()
+    assert resolution.update_period_s is not None
+    assert resolution.update_period_s >= 0.02
