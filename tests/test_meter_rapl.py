@@ -236,7 +236,8 @@ def test_a_slow_counter_is_not_taken_for_a_fast_one(tmp_path: Path) -> None:
         finally:
             meter.close()
     assert resolution.update_period_s is not None
-    assert resolution.update_period_s >= 0.1  # the writer only ever runs late
+    # the writer only ever runs late; a late poll of the probe may shorten one interval
+    assert resolution.update_period_s >= 0.075
 
 
 def test_window_shorter_than_an_update_is_never_zero_joules(tmp_path: Path) -> None:
