@@ -204,6 +204,7 @@ class LlemFixture:
             policy=policy,
             baseline=baseline,
             assignment=assignment.meters,
+            baseline_problem=session.baseline.problem if session.baseline is not None else None,
         )
         notes = list(measurement.notes)
         if baseline is None and session.baseline is not None and session.baseline.problem:

@@ -635,14 +635,28 @@ class MeterState:
 class BaselineState:
     """The session's idle baseline: measured (or taken from the cache) before the first case.
 
-    None when ``--llem-baseline-s=0``, when no meter covers a domain, or when measuring failed
-    (the warning says why; cases then report no dynamic energy, with the reason).
+    ``record`` is None when ``--llem-baseline-s=0``, when no meter covers a domain, or when
+    measuring failed; ``problem`` then says why, and every case without a baseline carries it.
+    A measurement that was interrupted (Ctrl-C, ``--llem-timeout-s``) is noted and re-raised,
+    and the next case measures it again (once: a second interruption leaves the session
+    without it, saying so).
     """
 
-    def __init__(self, options: EnergyOptions, progress: Callable[[str], None]) -> None:
+    #: Tries at an interrupted baseline before the session goes without one.
+    ATTEMPTS = 2
+
+    def __init__(
+        self,
+        options: EnergyOptions,
+        progress: Callable[[str], None],
+        *,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
         self.options = options
         self._progress = progress
+        self._sleep = sleep
         self._done = False
+        self._interrupted = 0
         self.record: BaselineRecord | None = None
         self.problem: str | None = None
 
@@ -652,45 +666,82 @@ class BaselineState:
         records: Sequence[MeterRecord],
         assignment: DomainAssignment,
     ) -> BaselineRecord | None:
-        """The baseline, measuring it on the first call."""
+        """The baseline, measuring it on the first call (again after an interruption).
+
+        Raises:
+            BaseException: Whatever interrupted the measurement (after noting it).
+        """
         if self._done:
             return self.record
-        self._done = True
-        if self.options.baseline_s <= 0:
-            self.problem = "idle baseline disabled (--llem-baseline-s=0)"
-            return None
-        if not assignment.meters:
-            self.problem = "no energy meter: no idle baseline"
+        if self.options.baseline_s <= 0 or not assignment.meters:
+            self._done = True
+            self.problem = (
+                "idle baseline disabled (--llem-baseline-s=0)"
+                if self.options.baseline_s <= 0
+                else "no energy meter: no idle baseline"
+            )
             return None
         from pytest_llem.harness.baseline import (
             baseline_cache_key,
             baseline_cache_path,
             load_cached_baseline,
-            measure_baseline,
             store_baseline,
         )
 
         key = baseline_cache_key(records)
         path = baseline_cache_path(key)
-        if not self.options.baseline_forced:
-            cached = load_cached_baseline(path)
-            if cached is not None:
-                self.record = cached
-                return cached
+        cached = None if self.options.baseline_forced else load_cached_baseline(path)
+        record = cached if cached is not None else self._measure(meters, records, assignment)
+        self._done = True
+        if record is None:
+            return None
+        self.problem = None
+        self.record = record if cached is not None else record.model_copy(update={"cache_key": key})
+        if cached is None:
+            store_baseline(path, self.record)
+        return self.record
+
+    def _measure(
+        self,
+        meters: Sequence[EnergyMeter],
+        records: Sequence[MeterRecord],
+        assignment: DomainAssignment,
+    ) -> BaselineRecord | None:
+        """Measure idle power; None (with ``problem`` set) when a meter failed."""
+        from pytest_llem.harness.baseline import measure_baseline
+        from pytest_llem.harness.runner import WindowPolicy
+
+        floor = WindowPolicy.for_meters(
+            min_window_s=0.0, update_periods=[r.update_period_s for r in records if r.used_for]
+        ).floor_s
         seconds = self.options.baseline_s
         self._progress(
-            f"measuring idle power for {seconds:g} s (baseline; cached for an hour; "
-            "--llem-baseline-s=0 skips it)"
+            f"measuring idle power for {max(seconds, floor):g} s or more (baseline; cached "
+            "for an hour; --llem-baseline-s=0 skips it)"
         )
         try:
-            record = measure_baseline(meters, seconds=seconds, assignment=assignment.meters)
+            return measure_baseline(
+                meters,
+                seconds=seconds,
+                assignment=assignment.meters,
+                sleep=self._sleep,
+                floor_s=floor,
+            )
         except EnergyMeterError as e:
             self.problem = f"the idle baseline could not be measured: {e}"
             logger.warning("llem: %s", self.problem)
             return None
-        self.record = record.model_copy(update={"cache_key": key})
-        store_baseline(path, self.record)
-        return self.record
+        except BaseException as e:
+            self._interrupted += 1
+            last = self._interrupted >= self.ATTEMPTS
+            then = (
+                "no dynamic energy in this session" if last else "the next case measures it again"
+            )
+            what = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+            self.problem = f"the idle baseline was interrupted ({what}); {then}"
+            self._done = last
+            logger.warning("llem: %s", self.problem)
+            raise
 
 
 @dataclass

@@ -288,3 +288,65 @@ def test_auto_picks_nvml_and_rapl_when_both_exist(
     (case,) = _record(pytester)["cases"]
     assert [m["name"] for m in case["meters"]] == ["nvml", "rapl"]
     assert "rapl: CPU energy counters readable" in case["meters"][0]["selected_because"]
+
+
+PACED_CONFTEST = """
+from tests.fakes.fake_backend import FakeBackend, WallClock
+
+
+def pytest_llem_backend_names():
+    return ["paced"]
+
+
+def pytest_llem_make_backend(name, case, progress):
+    if name == "paced":
+        # 20 ms to the first token, 5 ms per further token, on the wall clock
+        return FakeBackend(WallClock(), prefill_s=0.02, step_s=0.005)
+    return None
+"""
+
+SERVER_CASE = """
+import pytest
+
+@pytest.mark.llem(
+    scenario="server",
+    batch_size=1,
+    max_new_tokens=4,
+    min_new_tokens=4,
+    num_prompts=4,
+    traffic={"arrival": "constant", "rate": 8, "num_requests": 8, "steady_state": True},
+)
+def test_server(llem):
+    llem.run()
+"""
+
+
+def test_short_server_workload_reports_a_consistent_steady_state(
+    pytester: pytest.Pytester, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # One round lasts ~0.9 s (8 arrivals 125 ms apart), so --llem-min-window-s=2 makes each
+    # window hold several rounds; the power comes from the fake RAPL tree, not from the CPU.
+    pytester.makeconftest(PACED_CONFTEST)
+    pytester.makepyfile(SERVER_CASE)
+    with _rapl_tree(tmp_path, monkeypatch, package_w=12.0, dram_w=None, core_w=6.0):
+        result = pytester.runpytest(
+            "-p", "no:cacheprovider", "--llem-backend=paced", "--llem-meter=rapl",
+            "--llem-baseline-s=0", "--llem-min-window-s=2", "--llem-warmup=1",
+            "--llem-repeat=2",
+        )  # fmt: skip
+    result.assert_outcomes(passed=1)
+    (case,) = _record(pytester)["cases"]
+    metrics = case["metrics"]
+    for rep in case["repetitions"]:
+        assert rep["rounds"] > 1
+        values = rep["values"]
+        assert values["requests"] == 8  # per round
+        assert values["steady_state.requests"] <= values["requests"]
+        assert values["steady_state.requests"] == 7  # the ramp-up is ceil(0.1 x 8) = 1 request
+    steady = metrics["steady_state.avg_power_w"]
+    if steady["median"] is None:
+        assert steady["note"], "a null steady-state power says why"
+    else:
+        assert steady["median"] == pytest.approx(12.0, rel=0.15)
+        assert steady["source"] == "measured"
+    assert metrics["avg_power_w"]["median"] == pytest.approx(12.0, rel=0.15)

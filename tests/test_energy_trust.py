@@ -4,27 +4,32 @@ on the fake backend, fake meters and a fake clock (exact binary fractions, hand-
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
 
 from pytest_llem.config.models import CaseConfig
+from pytest_llem.exceptions import EnergyMeterError
 from pytest_llem.harness.baseline import (
     idle_power,
     load_cached_baseline,
     measure_baseline,
     store_baseline,
 )
+from pytest_llem.harness.deadline import CaseTimeoutError
 from pytest_llem.harness.runner import QUANTISATION_PERIODS, WindowPolicy, run_case
 from pytest_llem.harness.thermal import COOLDOWN_MARGIN_C, cool_down, measured_hot
-from pytest_llem.meters.base import DeviceState
+from pytest_llem.meters.base import DeviceState, DomainReading, EnergyReading, reading_between
+from pytest_llem.meters.registry import DomainAssignment
 from pytest_llem.results.models import (
     BaselineDomain,
     BaselineRecord,
     DeviceStateRecord,
     RepetitionRecord,
 )
+from pytest_llem.session import BaselineState, EnergyOptions, meter_record
 from tests.fakes.fake_backend import FakeBackend, FakeClock
 from tests.fakes.fake_meter import FakeMeter
 
@@ -294,3 +299,199 @@ def test_measured_hot_compares_window_start_with_idle() -> None:
     assert not measured_hot([rep(39.0)], {"gpu0": 35.0})
     assert not measured_hot([rep(80.0)], {})
     assert math.isclose(COOLDOWN_MARGIN_C, 3.0)
+
+
+def _lap(seconds: float, **domains: DomainReading) -> EnergyReading:
+    return EnergyReading(meter="m", duration_s=seconds, domains=dict(domains))
+
+
+def test_a_counter_that_did_not_advance_between_laps_is_not_measured() -> None:
+    first = _lap(1.0, gpu=DomainReading("gpu", 50.0, "measured"))
+    same = _lap(1.25, gpu=DomainReading("gpu", 50.0, "measured"))
+    later = _lap(2.0, gpu=DomainReading("gpu", 80.0, "measured"))
+    still = reading_between(first, same).domains["gpu"]
+    assert still.energy_j is None  # never 0 J
+    assert "did not advance" in (still.reason or "")
+    assert "0.250 s" in (still.reason or "")
+    moved = reading_between(first, later)
+    assert moved.duration_s == pytest.approx(1.0)
+    assert moved.domains["gpu"].energy_j == pytest.approx(30.0)
+
+
+def _gpus(total: float | None, **devices: float) -> DomainReading:
+    return DomainReading("gpu", total, "measured", devices=devices)
+
+
+def test_laps_compare_device_by_device() -> None:
+    # gpu1 had not advanced at the first lap (0 J since start, not unknown); at the second
+    # both advanced. A device that then stands still makes the domain not measured.
+    early = DomainReading(
+        "gpu", None, "measured", reason="gpu1 still", devices={"gpu0": 4.0}, not_advanced=("gpu1",)
+    )
+    first = _lap(0.05, gpu=early)
+    second = _lap(1.0, gpu=_gpus(90.0, gpu0=50.0, gpu1=40.0))
+    third = _lap(1.05, gpu=_gpus(95.0, gpu0=55.0, gpu1=40.0))
+    between = reading_between(first, second).domains["gpu"]
+    assert between.energy_j == pytest.approx(86.0)
+    assert between.devices == pytest.approx({"gpu0": 46.0, "gpu1": 40.0})
+    stuck = reading_between(second, third).domains["gpu"]
+    assert stuck.energy_j is None
+    assert "gpu1" in (stuck.reason or "")
+    assert "did not advance" in (stuck.reason or "")
+
+
+# The idle baseline's failures and floor ---------------------------------------------------------
+
+
+def test_baseline_on_a_gpu_without_energy_counter_integrates_power(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from pytest_llem.meters.nvml import NvmlMeter
+    from tests.fakes.fake_pynvml import FakeGpu, install
+
+    install(monkeypatch, [FakeGpu(power_w=80.0, energy_counter_supported=False)])
+    meter = NvmlMeter()
+    try:
+        record = measure_baseline([meter], seconds=0.5, assignment={"gpu": "nvml"})
+    finally:
+        meter.close()
+    gpu = record.domains["gpu"]
+    assert gpu.windows == 5  # separate windows, each of integrated power
+    assert gpu.idle_power_w == pytest.approx(80.0, rel=0.2)
+    assert record.notes == []
+
+
+@pytest.mark.parametrize("lapped", [True, False], ids=["lapped", "separate"])
+def test_a_meter_failing_at_the_end_of_the_baseline_leaves_no_window_open(lapped: bool) -> None:
+    clock = FakeClock()
+    kind = FakeMeter if lapped else _NoLap
+    gpu = kind("gpu-fake", clock, power_w={"gpu": 70.0})
+    cpu = kind("cpu-fake", clock, power_w={"cpu": 20.0}, fail_on=("stop", 1))
+    with pytest.raises(EnergyMeterError, match="scripted stop failure"):
+        measure_baseline(
+            [gpu, cpu],
+            seconds=5.0,
+            assignment={"gpu": "gpu-fake", "cpu": "cpu-fake"},
+            sleep=clock.advance,
+        )
+    assert not gpu.running
+    assert not cpu.running
+    backend = FakeBackend(clock, [], sync_s=SYNC_S)
+    case = CaseConfig.model_validate({"batch_size": 4, "max_new_tokens": 5, "warmup": 0})
+    measured = run_case(
+        backend=backend, meters=[gpu, cpu], config=case, prompts=PROMPTS, clock=clock
+    )  # later cases are measured: no "window already open"
+    assert measured.repetitions[0].gpu_energy_j == pytest.approx(70.0 * (ROUND_S + SYNC_S))
+
+
+def _baseline_state(
+    meters: list[FakeMeter], sleep: Callable[[float], None], seconds: float = 5.0
+) -> tuple[BaselineState, Callable[[], BaselineRecord | None]]:
+    state = BaselineState(
+        EnergyOptions(baseline_s=seconds, baseline_forced=True), lambda _: None, sleep=sleep
+    )
+    records = [meter_record(m.info()).model_copy(update={"used_for": ["gpu"]}) for m in meters]
+    assignment = DomainAssignment(meters={"gpu": meters[0].name})
+    return state, lambda: state.get(meters, records, assignment)
+
+
+def test_a_failed_baseline_says_why_in_every_later_case() -> None:
+    clock = FakeClock()
+    meter = FakeMeter("gpu-fake", clock, power_w={"gpu": 70.0}, fail_on=("stop", 1))
+    state, get = _baseline_state([meter], clock.advance)
+    assert get() is None
+    assert state.problem is not None
+    assert "scripted stop failure" in state.problem
+    assert not meter.running
+    case = CaseConfig.model_validate({"batch_size": 4, "max_new_tokens": 5, "warmup": 0})
+    measured = run_case(
+        backend=FakeBackend(clock, [], sync_s=SYNC_S),
+        meters=[meter],
+        config=case,
+        prompts=PROMPTS,
+        clock=clock,
+        baseline=get(),
+        baseline_problem=state.problem,
+    )
+    note = measured.metrics["dynamic_energy_j"].note or ""
+    assert "scripted stop failure" in note  # not "disabled with --llem-baseline-s=0"
+    assert measured.metrics["energy_j"].median is not None
+
+
+@pytest.mark.parametrize("interruption", [KeyboardInterrupt, CaseTimeoutError])
+def test_an_interrupted_baseline_is_noted_and_taken_again(
+    interruption: type[BaseException],
+) -> None:
+    clock = FakeClock()
+    meter = FakeMeter("gpu-fake", clock, power_w={"gpu": 70.0})
+    calls = 0
+
+    def sleep(seconds: float) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 2:
+            raise interruption("interrupted mid-baseline")
+        clock.advance(seconds)
+
+    state, get = _baseline_state([meter], sleep)
+    with pytest.raises(interruption):
+        get()
+    assert not meter.running
+    assert state.problem is not None
+    assert "interrupted" in state.problem
+    record = get()  # the next case measures it again instead of going without
+    assert record is not None
+    assert record.domains["gpu"].idle_power_w == pytest.approx(70.0)
+    assert state.problem is None
+
+
+def test_a_baseline_shorter_than_the_meter_floor_is_lengthened() -> None:
+    # 20 x a 0.5 s update period is 10 s: a 2 s baseline would be quantised to 25% per edge
+    clock = FakeClock()
+    meter = FakeMeter("gpu-fake", clock, power_w={"gpu": 70.0})
+    record = measure_baseline(
+        [meter], seconds=2.0, assignment={"gpu": "gpu-fake"}, sleep=clock.advance, floor_s=10.0
+    )
+    assert record.seconds == pytest.approx(10.0)
+    assert record.domains["gpu"].seconds == pytest.approx(10.0)
+    assert any("lengthened from 2 s to 10 s" in note for note in record.notes)
+    # meters that cannot lap measure separate windows, each of which needs the floor
+    separate = _NoLap("cc", clock, power_w={"gpu": 70.0})
+    record = measure_baseline(
+        [separate], seconds=2.0, assignment={"gpu": "cc"}, sleep=clock.advance, floor_s=10.0
+    )
+    assert record.domains["gpu"].seconds == pytest.approx(50.0)
+    assert any("each of its 5 windows" in note for note in record.notes)
+
+
+def test_the_session_baseline_gets_the_floor_of_the_slowest_meter() -> None:
+    clock = FakeClock()
+    meter = FakeMeter("gpu-fake", clock, power_w={"gpu": 70.0})
+    state = BaselineState(
+        EnergyOptions(baseline_s=1.0, baseline_forced=True), lambda _: None, sleep=clock.advance
+    )
+    record = meter_record(meter.info()).model_copy(
+        update={"used_for": ["gpu"], "update_period_s": 0.25}
+    )
+    got = state.get([meter], [record], DomainAssignment(meters={"gpu": "gpu-fake"}))
+    assert got is not None
+    assert got.seconds == pytest.approx(QUANTISATION_PERIODS * 0.25)
+
+
+def test_update_period_from_irregular_changes_is_their_median_interval() -> None:
+    from pytest_llem.meters.base import update_period_from_changes
+
+    # intervals 0.02, 0.12, 0.12, 0.02, 0.12: median 0.12 (the smallest would be 0.02)
+    changes = [0.0, 0.02, 0.14, 0.26, 0.28, 0.40]
+    assert update_period_from_changes(changes) == pytest.approx(0.12)
+    assert update_period_from_changes([0.0, 1.5]) == pytest.approx(1.5)
+    assert update_period_from_changes([3.0]) is None
+
+
+def test_a_window_between_half_the_floor_and_the_floor_has_no_energy() -> None:
+    # the 0.8125 s window clears half of a 1 s floor but not the floor itself
+    m = _run(WindowPolicy(target_s=0.5, floor_s=1.0, update_period_s=0.05), warmup=0)
+    assert m.repetitions[0].duration_s == pytest.approx(0.8125)
+    assert m.repetitions[0].energy_j is None
+    m = _run(WindowPolicy(target_s=0.5, floor_s=0.8, update_period_s=0.04), warmup=0)
+    assert m.repetitions[0].energy_j == pytest.approx(250.0 * 0.8125)

@@ -382,19 +382,34 @@ def test_update_period_is_the_largest_over_the_gpus(monkeypatch: pytest.MonkeyPa
     assert info.resolution.update_period_measured
 
 
-def test_a_counter_that_never_changes_falls_back_to_the_nominal_period(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    install(monkeypatch, [FakeGpu(counter_step_s=3600.0)])
-    meter = NvmlMeter(update_period_probe_s=0.2)
+def test_a_slow_counter_is_probed_until_it_changes_twice(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A 0.6 s counter changes at most once in a 0.3 s probe: the probe goes on until it has an
+    # interval instead of assuming the nominal 0.1 s (which would make windows 6 x too short).
+    install(monkeypatch, [FakeGpu(counter_step_s=0.6)])
+    meter = NvmlMeter(update_period_probe_s=0.3)
     try:
         resolution = meter.info().resolution
     finally:
         meter.close()
-    assert resolution.update_period_s == pytest.approx(0.1)
+    assert resolution.update_period_s == pytest.approx(0.6, rel=0.15)
+    assert resolution.update_period_measured
+
+
+def test_a_counter_that_never_changes_is_assumed_as_slow_as_the_probe(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    install(monkeypatch, [FakeGpu(counter_step_s=3600.0)])
+    meter = NvmlMeter(update_period_probe_s=0.1, update_period_probe_max_s=0.3)
+    try:
+        resolution = meter.info().resolution
+    finally:
+        meter.close()
+    assert resolution.update_period_s is not None
+    assert resolution.update_period_s >= 0.3  # at least the probe's length, never 0.1 s
     assert not resolution.update_period_measured
     assert resolution.note is not None
     assert "gpu0 changed fewer than twice" in resolution.note
+    assert "assumed" in resolution.note
 
 
 # Power samples: timeline and cross-check ------------------------------------------------------
@@ -818,3 +833,51 @@ def test_nvml_gpus_describes_the_parent_of_a_mig_instance(
     gpus, reason = nvml_gpus()
     assert reason is None
     assert [(g.index, g.uuid) for g in gpus] == [(0, UUIDS[1])]
+
+
+# Exact figures: unit conversion, cross-check, update period ---------------------------------
+
+
+def test_millijoules_are_converted_exactly(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The counter moves only by hand here, so the expected joules are exact.
+    fake = install(monkeypatch, [FakeGpu(counter_step_s=3600.0)])
+    meter = NvmlMeter(update_period_probe_s=0.02, update_period_probe_max_s=0.02)
+    try:
+        meter.start()
+        fake.add_energy(0, 123_456)
+        lap = meter.lap()
+        fake.add_energy(0, 1_000)
+        reading = meter.stop()
+    finally:
+        meter.close()
+    assert lap.domains["gpu"].energy_j == pytest.approx(123.456, rel=1e-12)
+    assert reading.domains["gpu"].energy_j == pytest.approx(124.456, rel=1e-12)
+    assert reading.domains["gpu"].devices == pytest.approx({"gpu0": 124.456}, rel=1e-12)
+
+
+def test_cross_check_is_counter_minus_power_over_power(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The counter counts 300 W, the power sensor reads 200 W: (300 - 200) / 200 = +0.5.
+    # A flipped sign gives -0.5; dividing by the counter's energy gives +0.33.
+    gpu = FakeGpu(power_w=300.0, power_reading_w=200.0, counter_step_s=0.01)
+    install(monkeypatch, [gpu])
+    meter = NvmlMeter()
+    try:
+        reading = _timed_window(meter, 1.0)
+    finally:
+        meter.close()
+    assert reading.cross_check["gpu"] == pytest.approx(0.5, abs=0.06)
+
+
+def test_update_period_is_the_median_interval_not_the_smallest(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Irregular updates 20 ms, 120 ms, 120 ms, ...: any three consecutive intervals have the
+    # median 120 ms and the minimum 20 ms.
+    install(monkeypatch, [FakeGpu(counter_steps_s=(0.02, 0.12, 0.12))])
+    meter = NvmlMeter()
+    try:
+        resolution = meter.info().resolution
+    finally:
+        meter.close()
+    assert resolution.update_period_s is not None
+    assert 0.08 < resolution.update_period_s < 0.2

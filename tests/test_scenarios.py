@@ -11,7 +11,7 @@ import pytest
 
 from pytest_llem.config.models import CaseConfig, TrafficConfig
 from pytest_llem.exceptions import ConfigurationError
-from pytest_llem.harness.runner import run_case
+from pytest_llem.harness.runner import WindowPolicy, run_case
 from pytest_llem.harness.traffic import arrival_offsets
 from tests.fakes.fake_backend import FakeBackend, FakeClock
 from tests.fakes.fake_meter import FakeMeter
@@ -19,7 +19,7 @@ from tests.fakes.fake_meter import FakeMeter
 PROMPTS = ["one two three"] * 8
 
 
-def _run(**config: object):
+def _run(policy: WindowPolicy | None = None, **config: object):
     clock = FakeClock()
     backend = FakeBackend(clock, sync_s=0.0625)
     meter = FakeMeter("gpu", clock, power_w={"gpu": 200.0})
@@ -33,6 +33,7 @@ def _run(**config: object):
         prompts=PROMPTS,
         clock=clock,
         sleep=clock.advance,
+        policy=policy,
     )
     return measured, backend
 
@@ -209,20 +210,19 @@ def test_server_needs_requests():
         arrival_offsets(TrafficConfig(), count=0)
 
 
+STEADY_TRAFFIC = {
+    "arrival": "constant",
+    "rate": 16.0,
+    "num_requests": 8,
+    "steady_state": True,
+    "ramp_up_fraction": 0.25,
+}
+
+
 def test_steady_state_excludes_ramp_up_and_drain():
     # 8 requests every 0.0625 s, one at a time, ramp-up 25 %: the steady state runs from the
     # issue of request 2 (2 * 0.1875 = 0.375 s) to the issue of request 7 (1.3125 s)
-    measured, _ = _run(
-        scenario="server",
-        batch_size=1,
-        traffic={
-            "arrival": "constant",
-            "rate": 16.0,
-            "num_requests": 8,
-            "steady_state": True,
-            "ramp_up_fraction": 0.25,
-        },
-    )
+    measured, _ = _run(scenario="server", batch_size=1, traffic=STEADY_TRAFFIC)
     values = measured.repetitions[0].values
     assert values["steady_state.duration_s"] == pytest.approx(0.9375)
     assert values["steady_state.energy_j"] == pytest.approx(200.0 * 0.9375)  # read mid-window
@@ -235,6 +235,44 @@ def test_steady_state_excludes_ramp_up_and_drain():
     # the whole run is still reported beside it
     assert values["energy_j"] == pytest.approx(200.0 * 1.5625)
     assert measured.metrics["steady_state.energy_j"].unit == "J"
+
+
+def test_steady_state_is_per_round_when_the_window_repeats_the_workload():
+    # A 3 s target makes the window hold 3 rounds (ceil(1.2 * 3 / 1.5625)); each round has its
+    # own steady span, identical to the single round above, so the per-round figures are too.
+    measured, _ = _run(
+        WindowPolicy(target_s=3.0), scenario="server", batch_size=1, traffic=STEADY_TRAFFIC
+    )
+    rep = measured.repetitions[0]
+    assert rep.rounds == 3
+    values = rep.values
+    assert values["requests"] == 8  # per round
+    assert values["steady_state.requests"] == 6  # requests 2..7 of each round, per round
+    assert values["steady_state.duration_s"] == pytest.approx(0.9375)
+    assert values["steady_state.output_tokens"] == 15
+    assert values["steady_state.energy_j"] == pytest.approx(187.5)
+    assert values["steady_state.avg_power_w"] == pytest.approx(200.0)
+    assert values["steady_state.energy_per_output_token_j"] == pytest.approx(187.5 / 15)
+    assert values["steady_state.output_tokens_per_s"] == pytest.approx(16.0)
+    # latency statistics pool every round's steady requests, like the whole window's
+    assert values["steady_state.ttft_ms.mean"] == pytest.approx(687.5)
+
+
+def test_steady_span_shorter_than_the_meter_floor_has_no_energy():
+    # The whole window (1.5625 s) clears a 1 s floor; its 0.9375 s steady span does not.
+    policy = WindowPolicy(target_s=0.0, floor_s=1.0, update_period_s=0.05)
+    measured, _ = _run(policy, scenario="server", batch_size=1, traffic=STEADY_TRAFFIC)
+    values = measured.repetitions[0].values
+    assert values["energy_j"] == pytest.approx(200.0 * 1.5625)
+    for name in ("energy_j", "avg_power_w", "energy_per_output_token_j"):
+        assert values[f"steady_state.{name}"] is None, name
+    assert values["steady_state.duration_s"] == pytest.approx(0.9375)  # time figures stay
+    note = measured.metrics["steady_state.energy_j"].note or ""
+    assert "steady span of 0.938 s per round is shorter than 20 x the meter's 0.05 s" in note
+    # just above the floor it is measured again
+    policy = WindowPolicy(target_s=0.0, floor_s=0.9, update_period_s=0.045)
+    measured, _ = _run(policy, scenario="server", batch_size=1, traffic=STEADY_TRAFFIC)
+    assert measured.repetitions[0].values["steady_state.energy_j"] == pytest.approx(187.5)
 
 
 def test_steady_state_without_a_mid_window_reading_says_why():

@@ -1,7 +1,8 @@
 """The idle baseline: power per domain with nothing running, so cases can report dynamic energy.
 
 Before the first case the session's meters measure the idle machine for ``--llem-baseline-s``
-seconds, split into sub-windows so the baseline carries its own spread. The result is cached
+seconds (at least the window floor: 20 update periods of the slowest meter), split into
+sub-windows so the baseline carries its own spread. The result is cached
 per machine, meters and devices in the cache folder for :data:`BASELINE_TTL_S` and reused while
 fresh; ``--llem-baseline-s`` given on the command line measures afresh. Dynamic energy is
 ``energy_j - idle_power_w * duration_s`` (METRICS.md), computed by the runner.
@@ -23,9 +24,9 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from pytest_llem.exceptions import EnergyMeterError
 from pytest_llem.harness.thermal import device_temperatures
-from pytest_llem.meters.base import EnergyMeter, EnergyReading, reading_between
+from pytest_llem.harness.windows import abandon_meters, start_meters, stop_meters
+from pytest_llem.meters.base import EnergyMeter, EnergyReading, reading_between, reads_mid_window
 from pytest_llem.results.models import BaselineDomain, BaselineRecord, MeterRecord
 
 __all__ = [
@@ -94,30 +95,19 @@ def store_baseline(path: Path, record: BaselineRecord) -> None:
         logger.warning("cannot cache the idle baseline at %s: %s", path, e)
 
 
-def _abandon(meters: Sequence[EnergyMeter]) -> None:
-    for meter in reversed(meters):
-        try:
-            meter.stop()
-        except EnergyMeterError:
-            logger.debug("stopping %s after a failed baseline window", meter.name)
-
-
 def _separate_windows(
     meters: Sequence[EnergyMeter], seconds: float, count: int, sleep: Callable[[float], None]
 ) -> list[list[EnergyReading]]:
     """``count`` windows one after the other (for meters that cannot read mid-window)."""
     windows = []
     for _ in range(count):
-        started: list[EnergyMeter] = []
+        start_meters(meters)
         try:
-            for meter in meters:
-                meter.start()
-                started.append(meter)
             sleep(seconds / count)
         except BaseException:
-            _abandon(started)
+            abandon_meters(meters)
             raise
-        windows.append([meter.stop() for meter in reversed(meters)][::-1])
+        windows.append(stop_meters(meters))
     return windows
 
 
@@ -126,12 +116,7 @@ def _lapped_window(
 ) -> list[list[EnergyReading]]:
     """One window read at ``count`` laps: sub-windows with no gap and a single pair of edges,
     so each sub-window's power is not quantised at edges of its own."""
-    for index, meter in enumerate(meters):
-        try:
-            meter.start()
-        except BaseException:
-            _abandon(meters[:index])
-            raise
+    start_meters(meters)
     try:
         previous: list[EnergyReading] | None = None
         windows = []
@@ -144,11 +129,23 @@ def _lapped_window(
                 windows.append([reading_between(a, b) for a, b in zip(previous, laps, strict=True)])
             previous = laps
     except BaseException:
-        _abandon(meters)
+        abandon_meters(meters)
         raise
-    for meter in reversed(meters):
-        meter.stop()
+    stop_meters(meters)
     return windows
+
+
+def _length(seconds: float, floor_s: float, count: int, lapped: bool) -> tuple[float, str | None]:
+    """The baseline's length: ``seconds``, lengthened so that each window with edges of its
+    own (the one lapped window, or each separate one) lasts at least ``floor_s``."""
+    needed = floor_s if lapped else count * floor_s
+    if seconds >= needed:
+        return seconds, None
+    what = "its window" if lapped else f"each of its {count} windows"
+    return needed, (
+        f"baseline lengthened from {seconds:g} s to {needed:g} s so that {what} lasts at least "
+        f"{floor_s:g} s (20 update periods of the slowest meter)"
+    )
 
 
 def measure_baseline(
@@ -159,19 +156,23 @@ def measure_baseline(
     subwindows: int = BASELINE_SUBWINDOWS,
     sleep: Callable[[float], None] = time.sleep,
     now: Callable[[], datetime] = lambda: datetime.now(timezone.utc),
+    floor_s: float = 0.0,
 ) -> BaselineRecord:
     """Measure idle power per domain over ``seconds``, as ``subwindows`` windows.
 
-    Meters that read mid-window (``lap``) measure one window read at each sub-window's end;
-    the others measure sub-windows one after the other.
+    Meters that all read mid-window (``lap``) measure one window read at each sub-window's
+    end; otherwise (CodeCarbon, NVML on a GPU without an energy counter) the sub-windows are
+    measured one after the other. Whatever fails, no meter's window is left open.
 
     Args:
         meters: The session's meters.
-        seconds: Total idle time.
+        seconds: Total idle time asked for.
         assignment: The meter each domain is taken from.
         subwindows: Windows the time is split into (their powers give the spread).
         sleep: How to wait while idle.
         now: Wall-clock time of the measurement.
+        floor_s: The shortest a window with edges of its own may last (20 update periods of
+            the slowest meter); ``seconds`` is lengthened to meet it, with a note.
 
     Returns:
         Idle power, its standard deviation and relative spread per domain a meter measured in
@@ -181,14 +182,34 @@ def measure_baseline(
         EnergyMeterError: A meter failed.
     """
     taken_at = now()
+    lapped = all(reads_mid_window(meter) for meter in meters)
+    length, lengthened = _length(seconds, floor_s, subwindows, lapped)
+    measure = _lapped_window if lapped else _separate_windows
+    windows = measure(meters, length, subwindows, sleep)
+    domains, missing = _idle_domains(windows, assignment)
+    notes = [f"{domain}: no idle power ({why})" for domain, why in missing.items()]
+    if lengthened is not None:
+        notes.append(lengthened)
+    return BaselineRecord(
+        domains=domains,
+        taken_at=taken_at,
+        seconds=length,
+        cached=False,
+        idle_temperature_c=device_temperatures(meters),
+        notes=notes,
+    )
+
+
+def _idle_domains(
+    windows: Sequence[Sequence[EnergyReading]], assignment: Mapping[str, str]
+) -> tuple[dict[str, BaselineDomain], dict[str, str]]:
+    """Idle power per domain over the sub-windows, and why the others have none."""
     powers: dict[str, list[float]] = {domain: [] for domain in assignment}
     energy: dict[str, float] = dict.fromkeys(assignment, 0.0)
     time_s: dict[str, float] = dict.fromkeys(assignment, 0.0)
     sources: dict[str, str] = {}
     missing: dict[str, str] = {}
-    lapped = all(getattr(meter, "lap", None) is not None for meter in meters)
-    measure = _lapped_window if lapped else _separate_windows
-    for readings in measure(meters, seconds, subwindows, sleep):
+    for readings in windows:
         by_meter = {reading.meter: reading for reading in readings}
         for domain, meter in assignment.items():
             reading = by_meter.get(meter)
@@ -216,27 +237,24 @@ def measure_baseline(
             source=sources[domain],
             meter=meter,
         )
-    notes = [f"{domain}: no idle power ({why})" for domain, why in missing.items()]
-    return BaselineRecord(
-        domains=domains,
-        taken_at=taken_at,
-        seconds=seconds,
-        cached=False,
-        idle_temperature_c=device_temperatures(meters),
-        notes=notes,
-    )
+    return domains, missing
 
 
 def idle_power(
-    baseline: BaselineRecord | None, domains: Sequence[str]
+    baseline: BaselineRecord | None, domains: Sequence[str], *, problem: str | None = None
 ) -> tuple[float | None, str | None]:
     """Total idle power of ``domains`` (the domains a window covered).
+
+    Args:
+        baseline: The session's idle baseline, if there is one.
+        domains: The domains the window covered.
+        problem: Why there is no baseline, where known (it failed, was interrupted...).
 
     Returns:
         The summed idle power and None, or None and why it is unknown.
     """
     if baseline is None:
-        return None, "no idle baseline (disabled with --llem-baseline-s=0, or no meter)"
+        return None, problem or "no idle baseline (disabled with --llem-baseline-s=0, or no meter)"
     if not domains:
         return None, "no energy domain measured"
     missing = [d for d in domains if d not in baseline.domains]

@@ -8,7 +8,6 @@ records and summaries with :mod:`pytest_llem.harness.metrics` and
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -45,6 +44,7 @@ from pytest_llem.harness.scenarios import (
     saturation,
 )
 from pytest_llem.harness.stats import distribution, percentile, summarise
+from pytest_llem.harness.windows import abandon_meters, start_meters, stop_meters
 from pytest_llem.meters.base import EnergyMeter, EnergyReading, reading_between
 from pytest_llem.results.models import (
     BaselineRecord,
@@ -125,6 +125,7 @@ class Window:
     """What one measurement window saw, before any metric is computed.
 
     ``arrivals[i]`` is the scheduled arrival of ``generations[i]`` (None: its issue time).
+    ``marks`` holds, per round, the meters read at the workload's named moments.
     """
 
     generations: list[Generation]
@@ -134,7 +135,7 @@ class Window:
     rounds: int = 1
     arrivals: list[float | None] = field(default_factory=list)
     loads: list[ServerLoad] = field(default_factory=list)
-    marks: dict[str, Lap] = field(default_factory=dict)
+    marks: list[dict[str, Lap]] = field(default_factory=list)
     steady_from: int | None = None
 
 
@@ -169,39 +170,6 @@ def _lap(meter: EnergyMeter) -> EnergyReading:
     return reading
 
 
-def _abandon(started: Sequence[EnergyMeter]) -> None:
-    """Close the windows of started meters while another error propagates (theirs are moot)."""
-    for meter in reversed(started):
-        with contextlib.suppress(EnergyMeterError):
-            meter.stop()
-
-
-def _start_meters(meters: Sequence[EnergyMeter]) -> None:
-    started: list[EnergyMeter] = []
-    try:
-        for meter in meters:
-            meter.start()
-            started.append(meter)
-    except BaseException:
-        _abandon(started)
-        raise
-
-
-def _stop_meters(meters: Sequence[EnergyMeter]) -> list[EnergyReading]:
-    """Stop every meter in reverse start order; re-raise the first failure once all stopped."""
-    readings: list[EnergyReading] = []
-    failure: EnergyMeterError | None = None
-    for meter in reversed(meters):
-        try:
-            readings.append(meter.stop())
-        except EnergyMeterError as error:
-            failure = failure or error
-    if failure is not None:
-        raise failure
-    readings.reverse()
-    return readings
-
-
 def measure_window(
     *,
     backend: Backend,
@@ -231,18 +199,17 @@ def measure_window(
     """
     backend.reset_peak_memory()
     backend.synchronize()
-    _start_meters(meters)
-    marks: dict[str, Lap] = {}
-    mark = _lapper(meters, clock, marks)
+    start_meters(meters)
+    marks: list[dict[str, Lap]] = [{} for _ in range(rounds)]
     try:
         t0 = clock()
-        runs = [workload(mark) for _ in range(rounds)]
+        runs = [workload(_lapper(meters, clock, round_marks)) for round_marks in marks]
         backend.synchronize()
         t1 = clock()
     except BaseException:
-        _abandon(meters)
+        abandon_meters(meters)
         raise
-    readings = _stop_meters(meters)
+    readings = stop_meters(meters)
     generations = [g for run in runs for g in run.generations]
     arrivals: list[float | None] = []
     for run in runs:
@@ -312,34 +279,105 @@ def _server_record(window: Window) -> ServerLoadRecord | None:
 STEADY = "steady_state."
 
 
-def _steady_values(window: Window, latencies: Sequence[RequestLatency]) -> dict[str, float | None]:
-    """Figures of the steady state alone (server scenario with ``traffic.steady_state``): from
-    the issue of the first batch holding a request at or past the ramp-up to the issue of the
-    last batch. Energy comes from the meters read at those two moments; latency from the
-    requests scheduled from the ramp-up's end on; tokens from those produced in between."""
-    start, end = window.marks.get("steady_start"), window.marks.get("steady_end")
-    if start is None or end is None or window.steady_from is None:
-        return {}
-    duration = end.time - start.time
-    tokens = sum(1 for g in window.generations for t in g.token_times if start.time < t <= end.time)
-    total: float | None = None
-    if start.readings is not None and end.readings is not None:
-        energy = combine_energy(
-            [reading_between(a, b) for a, b in zip(start.readings, end.readings, strict=True)]
-        )
-        total = energy.total_j
-    steady = [lat for lat in latencies if lat.request_index >= window.steady_from]
+@dataclass(frozen=True)
+class _Span:
+    """One round's steady span: its length, the tokens produced inside it, its requests (those
+    scheduled from the ramp-up's end on) and its energy (None: ``note`` or a lap error says
+    why)."""
+
+    duration_s: float
+    tokens: int
+    requests: list[RequestLatency]
+    energy_j: float | None
+    note: str | None = None
+
+
+def _steady_values(
+    window: Window, latencies: Sequence[RequestLatency], context: _Context
+) -> tuple[dict[str, float | None], list[str]]:
+    """Figures of the steady state alone (server scenario with ``traffic.steady_state``).
+
+    Each round has its own span, from the issue of the first batch holding a request at or
+    past the ramp-up to the issue of the last batch; energy comes from the meters read at those
+    two moments. Duration, requests, tokens and energy are summed over the rounds' spans and
+    divided by ``rounds`` (per round, as the whole window's figures are); ratios come from the
+    sums; latencies pool the rounds' steady requests.
+
+    Returns:
+        The ``steady_state.*`` values and notes (``steady_state: ...``) on missing energy.
+    """
+    spans = _steady_spans(window, latencies, context)
+    if not spans:
+        return {}, []
+    rounds = len(spans)
+    duration = math.fsum(span.duration_s for span in spans)
+    tokens = sum(span.tokens for span in spans)
+    energies = [span.energy_j for span in spans]
+    total = None if any(e is None for e in energies) else math.fsum(e or 0.0 for e in energies)
+    steady = [lat for span in spans for lat in span.requests]
     values: dict[str, float | None] = {
-        "duration_s": duration,
-        "requests": float(len(steady)),
-        "output_tokens": float(tokens),
-        "energy_j": total,
+        "duration_s": duration / rounds,
+        "requests": len(steady) / rounds,
+        "output_tokens": tokens / rounds,
+        "energy_j": None if total is None else total / rounds,
         "avg_power_w": total / duration if total is not None and duration > 0 else None,
         "energy_per_output_token_j": total / tokens if total is not None and tokens else None,
         "output_tokens_per_s": tokens / duration if duration > 0 else None,
         **latency_values(steady),
     }
-    return {f"{STEADY}{name}": value for name, value in values.items()}
+    notes = _unique([span.note for span in spans if span.note is not None])
+    return {f"{STEADY}{name}": value for name, value in values.items()}, notes
+
+
+def _steady_spans(
+    window: Window, latencies: Sequence[RequestLatency], context: _Context
+) -> list[_Span]:
+    """Every round's steady span; [] when the workload marked none (or not in every round)."""
+    if window.steady_from is None or not window.marks:
+        return []
+    per_round = len(window.generations) // len(window.marks)
+    covered = combine_energy(window.readings, context.assignment).covered
+    spans = []
+    for k, marks in enumerate(window.marks):
+        start, end = marks.get("steady_start"), marks.get("steady_end")
+        if start is None or end is None:
+            return []
+        generations = window.generations[k * per_round : (k + 1) * per_round]
+        requests = latencies[k * per_round : (k + 1) * per_round]
+        tokens = sum(1 for g in generations for t in g.token_times if start.time < t <= end.time)
+        energy, note = _span_energy(start, end, covered, context)
+        steady = [lat for lat in requests if lat.request_index >= window.steady_from]
+        spans.append(_Span(end.time - start.time, tokens, steady, energy, note))
+    return spans
+
+
+def _span_energy(
+    start: Lap, end: Lap, covered: Sequence[str], context: _Context
+) -> tuple[float | None, str | None]:
+    """The energy between two laps of a window and, where it is None, why.
+
+    The span has its own pair of edges, so it gets the whole window's rule: shorter than
+    ``policy.floor_s`` it is not measured. It must cover every domain the window covered, or
+    its figures would not be comparable with the window's.
+    """
+    if start.readings is None or end.readings is None:
+        return None, None  # the lap's own error is noted with the window
+    duration = end.time - start.time
+    policy = context.policy
+    if policy.floor_s > 0 and duration < policy.floor_s:
+        return None, (
+            f"steady_state: energy not measured (the steady span of {duration:.3f} s per round "
+            f"is shorter than {QUANTISATION_PERIODS} x the meter's {policy.update_period_s:g} s "
+            f"update period ({policy.floor_s:g} s); each round's span is read between two laps "
+            "of its own)"
+        )
+    readings = [reading_between(a, b) for a, b in zip(start.readings, end.readings, strict=True)]
+    energy = combine_energy(readings, context.assignment)
+    lost = [d for d in covered if energy.domains.get(d) is None]
+    if lost or energy.total_j is None:
+        why = "; ".join(n for n in energy.notes if n.split(":")[0] in (lost or covered))
+        return None, f"steady_state: energy not measured ({why or 'no domain measured'})"
+    return energy.total_j, None
 
 
 def _server_values(record: ServerLoadRecord | None, window: Window) -> dict[str, float | None]:
@@ -377,6 +415,7 @@ def run_case(
     policy: WindowPolicy | None = None,
     baseline: BaselineRecord | None = None,
     assignment: Mapping[str, str] | None = None,
+    baseline_problem: str | None = None,
 ) -> CaseMeasurement:
     """Measure one case: ``config.warmup`` unmeasured runs, then ``config.repeat`` windows.
 
@@ -397,6 +436,7 @@ def run_case(
         policy: The shortest window (none by default).
         baseline: Idle power per domain, for dynamic energy (None: no dynamic figures).
         assignment: Domain -> the meter it is taken from (None: the first meter covering it).
+        baseline_problem: Why there is no baseline, for the dynamic figures' notes.
 
     Returns:
         The repetition records, pooled per-request latencies and their summaries.
@@ -429,7 +469,9 @@ def run_case(
     repetitions: list[RepetitionRecord] = []
     latencies: list[RequestLatency] = []
     extension_notes: list[str] = []
-    context = _Context(config, non_embedding_parameters, policy, baseline, assignment)
+    context = _Context(
+        config, non_embedding_parameters, policy, baseline, assignment, baseline_problem
+    )
     for index in range(config.repeat):
         window = measure_extended_window(backend, meters, workload, clock, rounds, policy)
         rounds = window.rounds
@@ -506,6 +548,7 @@ class _Context:
     policy: WindowPolicy
     baseline: BaselineRecord | None
     assignment: Mapping[str, str] | None
+    baseline_problem: str | None = None
 
 
 def _too_short(window: Window, policy: WindowPolicy, energy: WindowEnergy) -> WindowEnergy:
@@ -590,7 +633,7 @@ def _measured(
     config = context.config
     non_embedding_parameters = context.non_embedding_parameters
     energy = _too_short(window, context.policy, combine_energy(window.readings, context.assignment))
-    idle_w, no_idle = idle_power(context.baseline, energy.covered)
+    idle_w, no_idle = idle_power(context.baseline, energy.covered, problem=context.baseline_problem)
     latencies = [
         request_latency(g, arrival=a)
         for g, a in zip(window.generations, window.arrivals, strict=True)
@@ -622,11 +665,16 @@ def _measured(
     )
     server = _server_record(window)
     values.update(_server_values(server, window))
-    values.update(_steady_values(window, latencies))
+    steady, steady_notes = _steady_values(window, latencies, context)
+    values.update(steady)
     repetition = _repetition(index, window, energy, values, server)
-    repetition.energy_notes.extend(
-        f"steady_state: {lap.error}" for lap in window.marks.values() if lap.error is not None
-    )
+    lap_errors = [
+        f"steady_state: {lap.error}"
+        for marks in window.marks
+        for lap in marks.values()
+        if lap.error is not None
+    ]
+    repetition.energy_notes.extend(_unique([*lap_errors, *steady_notes]))
     if no_idle is not None and energy.total_j is not None:
         repetition.energy_notes.append(f"dynamic: {no_idle}")
     dynamic = values.get("dynamic_energy_j")
@@ -679,8 +727,12 @@ def _merged_sources(repetitions: Sequence[RepetitionRecord]) -> dict[str, str]:
 
 def _missing_note(name: str, repetitions: Sequence[RepetitionRecord]) -> str | None:
     """Why a metric has no value in any repetition."""
-    name = name.removeprefix(STEADY)
     energy_notes = _unique([n for rep in repetitions for n in rep.energy_notes])
+    if name.startswith(STEADY):
+        steady = [n for n in energy_notes if n.startswith(STEADY.rstrip("."))]
+        name = name.removeprefix(STEADY)
+        if steady and (name in ENERGY_METRICS or name in DOMAIN_ENERGY_METRICS):
+            return "; ".join(steady)
     if name in DOMAIN_ENERGY_METRICS:
         domain = DOMAIN_ENERGY_METRICS[name]
         return "; ".join(n for n in energy_notes if n.startswith(f"{domain}:")) or None

@@ -8,6 +8,10 @@ measure a domain returns ``energy_j=None`` with a reason, never 0.
 
 from __future__ import annotations
 
+import itertools
+import math
+import statistics
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal, Protocol, runtime_checkable
 
@@ -23,6 +27,8 @@ __all__ = [
     "PowerTimeline",
     "Source",
     "reading_between",
+    "reads_mid_window",
+    "update_period_from_changes",
 ]
 
 Domain = Literal["gpu", "cpu", "dram"]
@@ -35,7 +41,9 @@ class DomainReading:
     """Energy of one domain over one window.
 
     ``energy_j`` is None when the meter could not measure it; ``reason`` then says why.
-    ``devices`` maps a device label (``gpu0``, ``package-0``) to its own joules where known.
+    ``devices`` maps a device label (``gpu0``, ``package-0``) to its own joules where known;
+    ``not_advanced`` names the devices whose energy counter did not move over the reading
+    (their energy is less than one counter step: known to be below it, not measured).
     """
 
     domain: Domain
@@ -43,6 +51,7 @@ class DomainReading:
     source: Source
     reason: str | None = None
     devices: dict[str, float] = field(default_factory=dict)
+    not_advanced: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -129,10 +138,12 @@ class EnergyMeter(Protocol):
     ``start()`` opens a window, ``stop()`` closes it and returns the energy per domain.
     Windows do not overlap. ``close()`` releases the meter at session end.
 
-    Optional methods, used where present (duck-typed):
+    Optional members, used where present (duck-typed):
 
     - ``lap() -> EnergyReading``: the energy since ``start()``, the window staying open; the
-      steady-state measurement uses it.
+      steady-state measurement and the idle baseline use it.
+    - ``reads_mid_window: bool``: False where this instance's ``lap()`` cannot work (NVML on a
+      GPU without an energy counter); see :func:`reads_mid_window`.
     - ``device_states() -> dict[str, DeviceState]``: each measured device's state now
       (temperature, clocks); cooldown and the idle baseline use it.
     - ``running_processes() -> dict[str, list[tuple[int, float | None]]]``: per device label,
@@ -158,18 +169,64 @@ class EnergyMeter(Protocol):
         ...
 
 
+def reads_mid_window(meter: object) -> bool:
+    """Whether ``meter`` can read its energy without closing the window (``lap()``)."""
+    return callable(getattr(meter, "lap", None)) and bool(getattr(meter, "reads_mid_window", True))
+
+
+def update_period_from_changes(change_times: Sequence[float]) -> float | None:
+    """A counter's update period: the median interval between consecutive changes.
+
+    The median, not the smallest interval: a change seen late (a delayed poll) makes one
+    interval long and the next one short, and the median of a few is robust to both.
+
+    Args:
+        change_times: When the counter was seen to change, ascending (seconds).
+
+    Returns:
+        The median interval, or None with fewer than two changes (no interval).
+    """
+    intervals = [b - a for a, b in itertools.pairwise(change_times)]
+    return statistics.median(intervals) if intervals else None
+
+
 def reading_between(start: EnergyReading, end: EnergyReading) -> EnergyReading:
     """The energy between two laps of one window (``end`` minus ``start``, per domain).
 
-    A domain missing at either lap has no energy between them (its reason is kept).
+    Where both laps give per-device figures the difference is taken device by device (a
+    device in ``not_advanced`` stood at 0 J since the window opened). A domain missing or not
+    measured at either lap has no energy between them (the reason is kept), and a counter that
+    did not advance between the laps makes its domain not measured, never 0 J.
     """
-    domains: dict[str, DomainReading] = {}
-    for name, last in end.domains.items():
-        first = start.domains.get(name)
-        energy = (
-            last.energy_j - first.energy_j
-            if first is not None and first.energy_j is not None and last.energy_j is not None
-            else None
+    span_s = end.duration_s - start.duration_s
+    domains = {
+        name: _between(start.domains.get(name), last, span_s) for name, last in end.domains.items()
+    }
+    return EnergyReading(end.meter, span_s, domains)
+
+
+def _device_values(reading: DomainReading) -> dict[str, float]:
+    return {**dict.fromkeys(reading.not_advanced, 0.0), **reading.devices}
+
+
+def _between(first: DomainReading | None, last: DomainReading, span_s: float) -> DomainReading:
+    if first is None:
+        why = last.reason or "not read at the first lap"
+        return DomainReading(last.domain, None, last.source, reason=why)
+    before, after = _device_values(first), _device_values(last)
+    if after and set(after) <= set(before):
+        deltas = {label: after[label] - before[label] for label in after}
+    elif first.energy_j is None or last.energy_j is None:
+        why = (last.reason if last.energy_j is None else first.reason) or "not measured"
+        return DomainReading(last.domain, None, last.source, reason=why)
+    else:
+        deltas = {"": last.energy_j - first.energy_j}
+    still = [label or last.domain for label, delta in deltas.items() if delta <= 0]
+    if still:
+        why = (
+            f"counter of {', '.join(still)} did not advance between two reads {span_s:.3f} s "
+            "apart (shorter than its update period?)"
         )
-        domains[name] = DomainReading(last.domain, energy, last.source, reason=last.reason)
-    return EnergyReading(end.meter, end.duration_s - start.duration_s, domains)
+        return DomainReading(last.domain, None, last.source, reason=why)
+    devices = {label: delta for label, delta in deltas.items() if label}
+    return DomainReading(last.domain, math.fsum(deltas.values()), last.source, devices=devices)

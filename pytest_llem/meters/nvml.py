@@ -33,6 +33,7 @@ from pytest_llem.meters.base import (
     MeterInfo,
     MeterResolution,
     PowerTimeline,
+    update_period_from_changes,
 )
 
 __all__ = [
@@ -41,6 +42,7 @@ __all__ = [
     "SAMPLE_PERIOD_MAX_S",
     "SAMPLE_PERIOD_MIN_S",
     "TIMELINE_MAX_POINTS",
+    "UPDATE_PERIOD_PROBE_MAX_S",
     "UPDATE_PERIOD_PROBE_S",
     "NvmlGpu",
     "NvmlMeter",
@@ -56,8 +58,10 @@ logger = logging.getLogger("pytest_llem")
 
 #: Nominal update period of the energy counter (seen on H100), used when it cannot be measured.
 COUNTER_UPDATE_PERIOD_S = 0.1
-#: The longest the meter polls the energy counters at construction to measure their period.
+#: How long the meter polls the energy counters at construction to measure their period.
 UPDATE_PERIOD_PROBE_S = 1.0
+#: The longest it goes on polling a counter that has not yet changed twice (a slow counter).
+UPDATE_PERIOD_PROBE_MAX_S = 5.0
 #: Bounds of the power sampler's period (before the bound on its own cost).
 SAMPLE_PERIOD_MIN_S = 0.005
 SAMPLE_PERIOD_MAX_S = 0.1
@@ -557,29 +561,35 @@ def nvml_gpus() -> tuple[list[NvmlGpu], str | None]:
 
 
 def _counter_change_times(
-    pynvml: Any, devices: Sequence[_Device], budget_s: float
+    pynvml: Any, devices: Sequence[_Device], budget_s: float, max_s: float
 ) -> dict[str, list[float]]:
-    """Poll the counters (every ~2 ms, at most ``budget_s``) and time each change per GPU.
+    """Poll the counters (every ~2 ms) and time each change per GPU.
 
-    A change is dated at the middle of the gap between the read that still showed the old
-    value and the read that showed the new one.
+    Polling stops once every GPU has shown ``_PROBE_INTERVALS`` intervals, or after
+    ``budget_s`` once every GPU has changed at least twice; a counter that has not goes on
+    being polled up to ``max_s`` (a slow counter must not be taken for a fast one). A change
+    is dated at the middle of the gap between the read that still showed the old value and the
+    read that showed the new one.
     """
     changes: dict[str, list[float]] = {d.label: [] for d in devices}
     last: dict[str, tuple[int, float]] = {}
-    deadline = time.perf_counter() + budget_s
+    began = time.perf_counter()
     while True:
         pending = [d for d in devices if len(changes[d.label]) <= _PROBE_INTERVALS]
-        if not pending or time.perf_counter() >= deadline:
+        elapsed = time.perf_counter() - began
+        if not pending or elapsed >= max_s:
+            return changes
+        if elapsed >= budget_s and all(len(changes[d.label]) >= 2 for d in devices):
             return changes
         for device in pending:
-            began = time.perf_counter()
+            began_read = time.perf_counter()
             try:
                 value = int(pynvml.nvmlDeviceGetTotalEnergyConsumption(device.handle))
             except pynvml.NVMLError as e:
                 raise MeterUnavailableError(
                     "nvml", f"{device.label}: reading the energy counter failed: {e}"
                 ) from e
-            now = 0.5 * (began + time.perf_counter())
+            now = 0.5 * (began_read + time.perf_counter())
             previous = last.get(device.label)
             if previous is not None and value != previous[0]:
                 changes[device.label].append(0.5 * (previous[1] + now))
@@ -588,9 +598,13 @@ def _counter_change_times(
 
 
 def _probe_update_periods(
-    pynvml: Any, devices: Sequence[_Device], budget_s: float
+    pynvml: Any, devices: Sequence[_Device], budget_s: float, max_s: float
 ) -> MeterResolution:
-    """Measure each counter's update period (median interval between changes)."""
+    """Measure each counter's update period (median interval between changes).
+
+    A counter that changed fewer than twice in the whole poll is at least about as slow as
+    the poll was long, so the poll's length is assumed for it (never the nominal 0.1 s).
+    """
     counters = [d for d in devices if d.method == _COUNTER]
     if not counters:
         return MeterResolution(
@@ -602,13 +616,12 @@ def _probe_update_periods(
             ),
         )
     began = time.perf_counter()
-    changes = _counter_change_times(pynvml, counters, budget_s)
+    changes = _counter_change_times(pynvml, counters, budget_s, max_s)
     spent = time.perf_counter() - began
     for device in counters:
         times = changes[device.label]
         device.update_intervals = [b - a for a, b in itertools.pairwise(times)]
-        if device.update_intervals:
-            device.update_period_s = statistics.median(device.update_intervals)
+        device.update_period_s = update_period_from_changes(times)
     unmeasured = [d.label for d in counters if d.update_period_s is None]
     measured = [d.update_period_s for d in counters if d.update_period_s is not None]
     how = (
@@ -616,12 +629,14 @@ def _probe_update_periods(
         f"~{_PROBE_POLL_S * 1000:g} ms for {spent:.2f} s at start-up"
     )
     if unmeasured:
+        period = max([spent, *measured])
         return MeterResolution(
-            update_period_s=max([COUNTER_UPDATE_PERIOD_S, *measured]),
+            update_period_s=period,
             energy_quantum_j=_COUNTER_QUANTUM_J,
             note=(
                 f"{how}; the counter of {', '.join(unmeasured)} changed fewer than twice, so "
-                f"the nominal {COUNTER_UPDATE_PERIOD_S:g} s period is assumed"
+                f"its update period is about as long as the poll or longer: {period:.3g} s "
+                "assumed"
             ),
         )
     return MeterResolution(
@@ -705,13 +720,16 @@ class NvmlMeter:
     """GPU energy from NVML: the driver's energy counter, or integrated power where it is absent.
 
     Construction measures the counters' update period (polling them for at most
-    ``update_period_probe_s``, typically ~0.35 s at a 0.1 s period) and the cost of a power read.
+    ``update_period_probe_s``, typically ~0.35 s at a 0.1 s period, and up to
+    ``update_period_probe_max_s`` for a counter that has not changed twice by then) and the cost
+    of a power read.
 
     Args:
         gpu_indices: GPUs to measure, as indices the process sees (after
             ``CUDA_VISIBLE_DEVICES``); None measures every visible GPU.
         poll_period_s: Power sampling period; None derives it (see ``sample_period_s``).
-        update_period_probe_s: The longest to poll the counters at construction.
+        update_period_probe_s: How long to poll the counters at construction.
+        update_period_probe_max_s: The longest to poll a counter that is slower than that.
 
     Raises:
         MeterUnavailableError: NVML or a GPU is missing, a GPU offers neither energy nor power,
@@ -727,6 +745,7 @@ class NvmlMeter:
         *,
         poll_period_s: float | None = None,
         update_period_probe_s: float = UPDATE_PERIOD_PROBE_S,
+        update_period_probe_max_s: float = UPDATE_PERIOD_PROBE_MAX_S,
     ) -> None:
         self._pynvml = _import_pynvml()
         try:
@@ -743,7 +762,10 @@ class NvmlMeter:
             self._driver = _driver_version(self._pynvml)
             self._devices = self._open_devices(gpu_indices)
             self._resolution = _probe_update_periods(
-                self._pynvml, self._devices, update_period_probe_s
+                self._pynvml,
+                self._devices,
+                update_period_probe_s,
+                max(update_period_probe_s, update_period_probe_max_s),
             )
             self._sampled = [d for d in self._devices if d.power_method is not None]
             self._sample_period_s = poll_period_s or sample_period_s(
@@ -1025,6 +1047,12 @@ class NvmlMeter:
         counter_j = math.fsum(energy[label] for label in counters)
         return {"gpu": (counter_j - power_j) / power_j}
 
+    @property
+    def reads_mid_window(self) -> bool:
+        """Whether ``lap()`` works: every measured GPU has an energy counter (power-integrated
+        energy is only known when the window closes)."""
+        return all(d.method == _COUNTER for d in self._devices)
+
     def lap(self) -> EnergyReading:
         """The energy since ``start()``, leaving the window open (a counter read per GPU).
 
@@ -1036,13 +1064,10 @@ class NvmlMeter:
         """
         if self._window_start is None:
             raise EnergyMeterError("nvml: lap() without start()")
-        if any(d.method != _COUNTER for d in self._devices):
+        if not self.reads_mid_window:
             raise EnergyMeterError("nvml: reading mid-window needs the energy counter on every GPU")
         duration_s = time.perf_counter() - self._window_start
-        now = self._read_counters()
-        energy = {
-            label: (now[label] - start) / 1000.0 for label, start in self._counters_mj.items()
-        }
+        energy = self._counter_energy(self._read_counters())
         return EnergyReading(
             meter=self.name,
             duration_s=duration_s,
@@ -1063,7 +1088,10 @@ class NvmlMeter:
             else f"{d.label}: reported 0 W over the window"
             for d in missing
         )
-        return DomainReading("gpu", None, "measured", reason=why, devices=devices)
+        still = tuple(d.label for d in missing if d.method == _COUNTER)
+        return DomainReading(
+            "gpu", None, "measured", reason=why, devices=devices, not_advanced=still
+        )
 
     def close(self) -> None:
         """Stop any sampling (joining its thread) and shut NVML down (once)."""

@@ -18,8 +18,10 @@ meter adds up the per-read deltas. A wrap that would imply more than ``max_power
 reported as an error (a counter reset looks the same as a wrap).
 
 Resolution: RAPL updates its counters about every millisecond; the meter measures the update
-period at construction by polling one package counter for at most 0.3 s. The file's unit is
-1 uJ; the hardware's own step is coarser (15.3 uJ on AMD, 61 uJ on most Intel parts).
+period at construction by polling one package counter for at most 0.3 s (up to 2 s while it has
+not changed twice: a slow counter, as in some virtual machines, must not be taken for a fast
+one). The file's unit is 1 uJ; the hardware's own step is coarser (15.3 uJ on AMD, 61 uJ on most
+Intel parts).
 
 Known errors: RAPL is a model-assisted estimate on some older Intel parts (before Haswell) and
 on AMD client parts, though it is reported as ``measured`` because it comes from the CPU's own
@@ -33,12 +35,10 @@ are retried a few times before failing.
 
 from __future__ import annotations
 
-import itertools
 import logging
 import math
 import os
 import re
-import statistics
 import threading
 import time
 from collections.abc import Sequence
@@ -52,6 +52,7 @@ from pytest_llem.meters.base import (
     EnergyReading,
     MeterInfo,
     MeterResolution,
+    update_period_from_changes,
 )
 
 __all__ = [
@@ -59,6 +60,8 @@ __all__ = [
     "DEFAULT_ROOT",
     "NOMINAL_UPDATE_PERIOD_S",
     "ROOT_ENV_VAR",
+    "UPDATE_PERIOD_PROBE_MAX_S",
+    "UPDATE_PERIOD_PROBE_S",
     "RaplMeter",
     "RaplZone",
     "rapl_root",
@@ -73,15 +76,18 @@ ROOT_ENV_VAR = "LLEM_RAPL_ROOT"
 DEFAULT_ROOT = Path("/sys/class/powercap")
 #: Upper bound of one zone's power used to pace the wrap-around reads.
 ASSUMED_MAX_POWER_W = 2000.0
-#: RAPL's documented update period, used when the probe at construction sees too few updates.
+#: RAPL's documented update period (the probe at construction measures the real one).
 NOMINAL_UPDATE_PERIOD_S = 0.001
+#: How long the meter polls a package counter at construction to measure its update period.
+UPDATE_PERIOD_PROBE_S = 0.3
+#: The longest it goes on polling a counter that has not yet changed twice.
+UPDATE_PERIOD_PROBE_MAX_S = 2.0
 
 _J_PER_UJ = 1e-6
 _MAX_POLL_S = 1.0
 _MIN_POLL_S = 0.001
 _READ_ATTEMPTS = 5
 _RETRY_DELAY_S = 0.001
-_PROBE_BUDGET_S = 0.3
 _PROBE_INTERVALS = 20
 _PROBE_SLEEP_S = 0.0001
 #: Slack added to a read interval before a wrap is judged impossible (scheduling jitter).
@@ -331,21 +337,23 @@ def _drop_repeated_dies(
     return kept, dropped
 
 
-def _probe_update_period(zone: RaplZone) -> float | None:
-    """Median time between counter changes, polled for at most ``_PROBE_BUDGET_S``."""
-    deadline = time.perf_counter() + _PROBE_BUDGET_S
+def _counter_change_times(zone: RaplZone, budget_s: float, max_s: float) -> list[float]:
+    """When the zone's counter changed: polled until ``_PROBE_INTERVALS`` intervals are seen,
+    or ``budget_s`` has passed with at least two changes, or ``max_s`` has passed."""
+    began = time.perf_counter()
     last = _read_uj(zone)
     changes: list[float] = []
-    while len(changes) <= _PROBE_INTERVALS and time.perf_counter() < deadline:
+    while len(changes) <= _PROBE_INTERVALS:
+        elapsed = time.perf_counter() - began
+        if elapsed >= max_s or (elapsed >= budget_s and len(changes) >= 2):
+            break
         value = _read_uj(zone)
         if value != last:
             changes.append(time.perf_counter())
             last = value
         else:
             time.sleep(_PROBE_SLEEP_S)
-    if len(changes) < 3:
-        return None
-    return statistics.median(b - a for a, b in itertools.pairwise(changes))
+    return changes
 
 
 class _Accumulator:
@@ -453,6 +461,8 @@ class RaplMeter:
             telling a wrap from a counter reset.
         cpu_vendor: The CPU vendor (``GenuineIntel``, ``AuthenticAMD``); None reads
             ``/proc/cpuinfo``. On AMD only one package zone per socket is counted.
+        update_period_probe_s: How long to poll a package counter at construction.
+        update_period_probe_max_s: The longest to poll a counter that has not changed twice.
 
     Raises:
         MeterUnavailableError: No powercap folder, no RAPL package zone, or a counter that this
@@ -469,9 +479,15 @@ class RaplMeter:
         poll_s: float | None = None,
         max_power_w: float = ASSUMED_MAX_POWER_W,
         cpu_vendor: str | None = None,
+        update_period_probe_s: float = UPDATE_PERIOD_PROBE_S,
+        update_period_probe_max_s: float = UPDATE_PERIOD_PROBE_MAX_S,
     ) -> None:
         if not max_power_w > 0 or (poll_s is not None and not poll_s > 0):
             raise ConfigurationError("rapl: poll_s and max_power_w must be positive")
+        self._probe_s = (
+            update_period_probe_s,
+            max(update_period_probe_s, update_period_probe_max_s),
+        )
         self._root = rapl_root(root)
         zones, self._skipped = rapl_zones(self._root)
         self._vendor = cpu_vendor if cpu_vendor is not None else _cpu_vendor()
@@ -488,17 +504,22 @@ class RaplMeter:
 
     def _measure_resolution(self) -> MeterResolution:
         package = next(zone for zone in self._zones if zone.domain == "cpu")
+        began = time.perf_counter()
         try:
-            period = _probe_update_period(package)
+            changes = _counter_change_times(package, *self._probe_s)
         except EnergyMeterError as e:
             raise MeterUnavailableError("rapl", str(e).removeprefix("rapl: ")) from e
+        spent = time.perf_counter() - began
+        period = update_period_from_changes(changes)
         if period is None:
+            # Fewer than two changes in the whole poll: the counter is about as slow as the
+            # poll was long, or slower; RAPL's nominal 1 ms would make windows far too short.
             return MeterResolution(
-                update_period_s=NOMINAL_UPDATE_PERIOD_S,
+                update_period_s=max(spent, NOMINAL_UPDATE_PERIOD_S),
                 energy_quantum_j=_J_PER_UJ,
                 note=(
-                    f"{package.label} changed fewer than 3 times in {_PROBE_BUDGET_S:g} s; "
-                    f"RAPL's nominal {NOMINAL_UPDATE_PERIOD_S * 1000:g} ms assumed"
+                    f"{package.label} changed fewer than twice in {spent:.2f} s of polling, so "
+                    f"its update period is about that long or longer: {spent:.3g} s assumed"
                 ),
             )
         return MeterResolution(
@@ -506,9 +527,8 @@ class RaplMeter:
             energy_quantum_j=_J_PER_UJ,
             update_period_measured=True,
             note=(
-                f"median interval between changes of {package.label}'s counter, polled for up "
-                f"to {_PROBE_BUDGET_S:g} s at start-up; the file counts 1 uJ, the hardware "
-                "steps 15.3-61 uJ"
+                f"median interval between changes of {package.label}'s counter, polled for "
+                f"{spent:.2f} s at start-up; the file counts 1 uJ, the hardware steps 15.3-61 uJ"
             ),
         )
 
@@ -620,7 +640,9 @@ class RaplMeter:
             f"window (shorter than its ~{self._resolution.update_period_s or 0:.2g} s update "
             "period?)"
         )
-        return DomainReading(domain, None, "measured", reason=reason, devices=devices)
+        return DomainReading(
+            domain, None, "measured", reason=reason, devices=devices, not_advanced=tuple(still)
+        )
 
     def close(self) -> None:
         """Stop the poller of any open window; the meter can no longer open one."""

@@ -10,6 +10,7 @@ call is recorded in an event log the tests assert on. A prompt's tokens are its 
 from __future__ import annotations
 
 import concurrent.futures
+import time
 from collections.abc import Mapping, Sequence
 
 from pytest_llem.backends.base import (
@@ -24,7 +25,7 @@ from pytest_llem.backends.base import (
 )
 from pytest_llem.exceptions import BackendInferenceError
 
-__all__ = ["FakeBackend", "FakeClock", "SchedulingFakeBackend"]
+__all__ = ["FakeBackend", "FakeClock", "SchedulingFakeBackend", "WallClock"]
 
 
 class FakeClock:
@@ -41,6 +42,27 @@ class FakeClock:
         if seconds < 0:
             raise ValueError("time does not go backwards")
         self.now += seconds
+
+
+class WallClock(FakeClock):
+    """The real clock (``time.perf_counter``), for a :class:`FakeBackend` whose pace the test
+    sets: ``advance`` waits until the scripted time has passed, so what the backend reports
+    matches the wall clock the runner and the meters see (never faster; later on a loaded
+    machine, as a real engine would be)."""
+
+    def __init__(self) -> None:
+        super().__init__(time.perf_counter())
+
+    def __call__(self) -> float:
+        return time.perf_counter()
+
+    def advance(self, seconds: float) -> None:
+        """Wait ``seconds`` of wall-clock time."""
+        if seconds < 0:
+            raise ValueError("time does not go backwards")
+        until = time.perf_counter() + seconds
+        while (left := until - time.perf_counter()) > 0:
+            time.sleep(left)
 
 
 class FakeBackend:

@@ -1,8 +1,11 @@
 """An honest fake of the ``pynvml`` module (nvidia-ml-py) for tests on machines without a GPU.
 
 Each fake GPU has an energy counter in millijoules that advances in steps of
-``counter_step_s`` (100 ms, as on an H100) at its configured power, on the real clock
-(``time.perf_counter``), so the energy of a window is power x elapsed time quantised to a step.
+``counter_step_s`` (100 ms, as on an H100; or irregular steps cycling through
+``counter_steps_s``) at its configured power, on the real clock (``time.perf_counter``), so the
+energy of a window is power x elapsed time quantised to a step. ``FakeNvml.add_energy`` moves a
+counter by hand (for exact expectations), and ``power_reading_w`` makes the power queries
+answer other than the power the counter counts (a sensor that reads low, say).
 Power (``nvmlDeviceGetPowerUsage`` and the ``NVML_FI_DEV_POWER_INSTANT`` field, returned in a
 ctypes structure shaped like pynvml's ``c_nvmlFieldValue_t``), temperature, clocks, clock event
 reasons, compute processes and MIG follow pynvml's names, units and return shapes. Any query can
@@ -219,7 +222,10 @@ class FakeProcessInfo:
 class FakeGpu:
     """One fake GPU.
 
-    ``power_w`` may be changed while a window is open (``FakeNvml.set_power``); ``lost`` makes
+    ``power_w`` may be changed while a window is open (``FakeNvml.set_power``); the power
+    queries answer ``power_reading_w`` where it is set, else ``power_w``. ``counter_steps_s``,
+    where given, are the counter's successive update intervals (cycled) instead of the regular
+    ``counter_step_s``; each update adds ``power_w`` x the interval that ended. ``lost`` makes
     every query on it fail with ``NVMLError_GpuIsLost``; ``unsupported`` names pynvml functions
     that answer ``NVMLError_NotSupported`` on this GPU (``"NVML_FI_DEV_POWER_INSTANT"`` makes
     that field answer not supported inside a successful ``nvmlDeviceGetFieldValues``).
@@ -245,19 +251,39 @@ class FakeGpu:
     mig_devices: list[str] = field(default_factory=list)
     power_field_value_type: int = NVML_VALUE_TYPE_UNSIGNED_INT
     unsupported: set[str] = field(default_factory=set)
+    counter_steps_s: tuple[float, ...] = ()
+    power_reading_w: float | None = None
     _next_tick: float = field(default=0.0, repr=False)
+    _ticks: int = field(default=0, repr=False)
+
+    @property
+    def reported_power_w(self) -> float:
+        """What the power queries answer, in watts."""
+        return self.power_w if self.power_reading_w is None else self.power_reading_w
+
+    def _step(self) -> float:
+        if not self.counter_steps_s:
+            return self.counter_step_s
+        return self.counter_steps_s[self._ticks % len(self.counter_steps_s)]
 
     def start_clock(self, now: float) -> None:
         """Start the counter's update ticks at ``now``."""
-        self._next_tick = now + self.counter_step_s
+        self._ticks = 0
+        self._next_tick = now + self._step()
 
     def advance(self, now: float) -> None:
         """Apply every counter update due by ``now`` at the current power."""
         if now < self._next_tick:
             return
-        ticks = math.floor((now - self._next_tick) / self.counter_step_s) + 1
-        self.counter_mj += round(ticks * self.power_w * self.counter_step_s * 1000.0)
-        self._next_tick += ticks * self.counter_step_s
+        if not self.counter_steps_s:
+            ticks = math.floor((now - self._next_tick) / self.counter_step_s) + 1
+            self.counter_mj += round(ticks * self.power_w * self.counter_step_s * 1000.0)
+            self._next_tick += ticks * self.counter_step_s
+            return
+        while now >= self._next_tick:
+            self.counter_mj += round(self.power_w * self._step() * 1000.0)
+            self._ticks += 1
+            self._next_tick += self._step()
 
 
 class _Handle:
@@ -310,6 +336,11 @@ class FakeNvml:
     def initialised(self) -> bool:
         """Whether nvmlInit was called more often than nvmlShutdown (pynvml's refcount)."""
         return self.init_count > self.shutdown_count
+
+    def add_energy(self, index: int, millijoules: int) -> None:
+        """Move a GPU's counter forward by hand, as the driver would after some work."""
+        with self._lock:
+            self.gpus[index].counter_mj += millijoules
 
     def set_power(self, index: int, watts: float) -> None:
         """Change a GPU's power from now on (updates already due use the old power)."""
@@ -392,7 +423,7 @@ class FakeNvml:
         """Power in milliwatts."""
         gpu = self._gpu(handle, "nvmlDeviceGetPowerUsage")
         self.power_calls += 1
-        return round(gpu.power_w * 1000)
+        return round(gpu.reported_power_w * 1000)
 
     def nvmlDeviceGetFieldValues(self, handle: _Handle, field_ids: list[Any]) -> Any:
         """Field values as a ctypes array; power fields in milliwatts."""
@@ -414,7 +445,7 @@ class FakeNvml:
             return
         value.nvmlReturn = NVML_SUCCESS
         value.valueType = gpu.power_field_value_type
-        milliwatts = gpu.power_w * 1000
+        milliwatts = gpu.reported_power_w * 1000
         if gpu.power_field_value_type == NVML_VALUE_TYPE_DOUBLE:
             value.value.dVal = milliwatts
         else:

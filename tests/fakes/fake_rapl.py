@@ -3,12 +3,15 @@
 ``FakeRaplTree`` lays out zone folders (``intel-rapl:N``, ``intel-rapl:N:M``) with ``name``,
 ``energy_uj`` and ``max_energy_range_uj`` files as ``/sys/class/powercap`` does, and a writer
 thread advances each zone's ``energy_uj`` at its power on the real clock every
-``update_period_s``, wrapping past ``max_energy_range_uj``. Every write is atomic (a temporary
-file, then ``os.replace``), as a sysfs read is. Use it as a context manager to run the writer.
+``update_period_s`` (or at irregular intervals cycling through ``update_pattern_s``), wrapping
+past ``max_energy_range_uj``. Every write is atomic (a temporary file, then ``os.replace``), as a
+sysfs read is. Use it as a context manager to run the writer; without it the counters move only
+when the test says (``add_energy``).
 """
 
 from __future__ import annotations
 
+import itertools
 import os
 import threading
 import time
@@ -53,8 +56,12 @@ class FakeZone:
         self._fraction_uj += self.power_w * seconds * 1e6
         whole = int(self._fraction_uj)
         self._fraction_uj -= whole
-        self.total_uj += whole
-        value = self.energy_uj + whole
+        self.add(whole)
+
+    def add(self, energy_uj: int) -> None:
+        """Add ``energy_uj`` whole microjoules to the counter, wrapping past its range."""
+        self.total_uj += energy_uj
+        value = self.energy_uj + energy_uj
         while value >= self.max_energy_range_uj:
             value -= self.max_energy_range_uj
             self.wraps += 1
@@ -116,6 +123,8 @@ class FakeRaplTree:
             ``/sys/class/powercap``, or inside their parent with ``nested=True``.
         update_period_s: How often the writer advances the counters.
         nested: Put subzones inside their parent's folder (``/sys/devices/virtual/powercap``).
+        update_pattern_s: The writer's successive intervals (cycled) instead of the regular
+            ``update_period_s``: a counter whose updates are not evenly spaced.
     """
 
     def __init__(
@@ -125,10 +134,12 @@ class FakeRaplTree:
         *,
         update_period_s: float = 0.002,
         nested: bool = False,
+        update_pattern_s: tuple[float, ...] = (),
     ) -> None:
         self.root = root
         self.zones = {zone.zone_id: zone for zone in zones}
         self.update_period_s = update_period_s
+        self.update_pattern_s = update_pattern_s or (update_period_s,)
         self.writes = 0
         self.max_tick_gap_s = 0.0
         self._lock = threading.Lock()
@@ -190,6 +201,13 @@ class FakeRaplTree:
             zone.energy_uj = energy_uj
             self._write_energy(zone)
 
+    def add_energy(self, zone_id: str, energy_uj: int) -> None:
+        """Advance a zone's counter by ``energy_uj`` now (wrapping), as the hardware would."""
+        with self._lock:
+            zone = self.zones[zone_id]
+            zone.add(energy_uj)
+            self._write_energy(zone)
+
     def write_raw(self, zone_id: str, text: str) -> None:
         """Write ``text`` as the zone's ``energy_uj`` (garbage, an empty file) and pause the
         writer so it stays there until :meth:`resume`."""
@@ -206,7 +224,8 @@ class FakeRaplTree:
                 self._write_energy(zone)
 
     def _run(self) -> None:
-        while not self._stop.wait(self.update_period_s):
+        intervals = itertools.cycle(self.update_pattern_s)
+        while not self._stop.wait(next(intervals)):
             self.tick()
 
     def start(self) -> None:
