@@ -20,8 +20,7 @@ CONFTEST = """
 import os
 
 from pytest_llem.exceptions import BackendNotAvailableError
-from tests.fakes.fake_backend import FakeBackend
-from tests.fakes.wall_clock import WallClock
+from tests.fakes.fake_backend import FakeBackend, WallClock
 
 
 def pytest_llem_backend_names():
