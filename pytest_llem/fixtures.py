@@ -99,15 +99,8 @@ class LlemFixture:
             sweep=self._sweep,
         )
         base = base.model_copy(update=self._placement())
-        timeout_s = self._session.options.timeout_s
         try:
-            with deadline(timeout_s) as armed:
-                if timeout_s and not armed:
-                    base.notes.append(
-                        f"--llem-timeout-s={timeout_s:g} cannot interrupt a case here "
-                        "(no SIGALRM on this thread)"
-                    )
-                result = self._measure(case, base)
+            result = self._measure(case, base)
         except GpuNotIsolatedError as e:
             outcome = "skipped" if self._session.options.isolation == "skip" else "failed"
             update = {"outcome": outcome, "isolation": e.isolation, "notes": [str(e)]}
@@ -195,17 +188,26 @@ class LlemFixture:
             min_window_s=energy.min_window_s,
             update_periods=[r.update_period_s for r in meter_records if r.used_for],
         )
-        measurement = run_case(
-            backend=backend,
-            meters=meters,
-            config=case,
-            requests=prompt_set.requests,
-            non_embedding_parameters=info.non_embedding_parameters,
-            policy=policy,
-            baseline=baseline,
-            assignment=assignment.meters,
-        )
+        timeout_s = session.options.timeout_s
+        # Only the case's own work counts against --llem-timeout-s: the idle baseline, the
+        # model load and the cooldown above are the session's, and may take any time.
+        with deadline(timeout_s) as armed:
+            measurement = run_case(
+                backend=backend,
+                meters=meters,
+                config=case,
+                requests=prompt_set.requests,
+                non_embedding_parameters=info.non_embedding_parameters,
+                policy=policy,
+                baseline=baseline,
+                assignment=assignment.meters,
+            )
         notes = list(measurement.notes)
+        if timeout_s and not armed:
+            notes.append(
+                f"--llem-timeout-s={timeout_s:g} cannot interrupt a case here "
+                "(no SIGALRM on this thread)"
+            )
         if baseline is None and session.baseline is not None and session.baseline.problem:
             notes.append(session.baseline.problem)
         metrics = measurement.metrics

@@ -97,7 +97,9 @@ _OPTIONS: tuple[tuple[str, str, str | None], ...] = (
     ),
     (
         "timeout_s",
-        "Fail a case that runs longer than this; the session goes on (default: no limit).",
+        "Fail a case whose warmup and measured windows run longer than this; model loading, "
+        "the idle baseline and the cooldown do not count. The session goes on (default: no "
+        "limit).",
         "SECONDS",
     ),
     (
