@@ -14,7 +14,14 @@ from typing import Any
 
 import pytest
 
-from pytest_llem.collection import budget_rules, case_node_id, resolve_for
+from pytest_llem.collection import (
+    budget_rules,
+    case_node_id,
+    overruled_overrides,
+    resolve_for,
+    sweep_case_of,
+    sweep_conflict,
+)
 from pytest_llem.config.models import CaseConfig
 from pytest_llem.data.workloads import PromptSet, build_prompt_set
 from pytest_llem.exceptions import (
@@ -44,6 +51,7 @@ from pytest_llem.results.models import (
     PromptsRecord,
 )
 from pytest_llem.session import LlemSession
+from pytest_llem.sweep import SweepCase
 from pytest_llem.workers import SHARED_DOMAINS, worker_info
 
 __all__ = ["CASE_PROPERTY", "SESSION_KEY", "LlemFixture", "llem", "llem_sweep_params"]
@@ -61,13 +69,13 @@ class LlemFixture:
         self,
         item: pytest.Item,
         session: LlemSession,
-        sweep: dict[str, Any] | None = None,
+        sweep: SweepCase | None = None,
         request: pytest.FixtureRequest | None = None,
     ) -> None:
         self._item = item
         self._request = request
         self._session = session
-        self._sweep = dict(sweep or {})
+        self._sweep = sweep
         self._runs = 0
 
     @property
@@ -78,17 +86,25 @@ class LlemFixture:
     def run(self, **overrides: Any) -> CaseResult:
         """Run the benchmark case and return its result.
 
-        Keyword arguments override the marker's parameters (the command line and ini still
-        win). The result is recorded for the run record automatically.
+        Keyword arguments override the ``llem`` markers and a marker sweep's values; the ini
+        keys and the command line (their sweeps included) still win, and an override that
+        contradicts a marker sweep's value in the test id fails the case. The result is
+        recorded for the run record automatically.
         """
         self._runs += 1
         node_id = case_node_id(self._item)
         case_id = node_id if self._runs == 1 else f"{node_id}#{self._runs}"
         name = self._item.name if self._runs == 1 else f"{self._item.name}#{self._runs}"
+        swept = dict(self._sweep.values) if self._sweep is not None else {}
         try:
+            conflict = sweep_conflict(overrides, self._sweep)
+            if conflict is not None:
+                raise ConfigurationError(conflict)
             case = resolve_for(self._item, self._session, overrides, self._sweep)
         except ConfigurationError as e:
-            self._record(CaseRecord(id=case_id, name=name, outcome="failed", error=_error(e)))
+            self._record(
+                CaseRecord(id=case_id, name=name, outcome="failed", error=_error(e), sweep=swept)
+            )
             pytest.fail(f"invalid llem parameters: {e}", pytrace=False)
         base = CaseRecord(
             id=case_id,
@@ -96,14 +112,15 @@ class LlemFixture:
             params=case.model_dump(mode="json"),
             backend=case.backend,
             model=case.model,
-            sweep=self._sweep,
+            sweep=swept,
+            notes=overruled_overrides(overrides, self._session, self._sweep),
         )
         base = base.model_copy(update=self._placement())
         try:
             result = self._measure(case, base)
         except GpuNotIsolatedError as e:
             outcome = "skipped" if self._session.options.isolation == "skip" else "failed"
-            update = {"outcome": outcome, "isolation": e.isolation, "notes": [str(e)]}
+            update = {"outcome": outcome, "isolation": e.isolation, "notes": [*base.notes, str(e)]}
             if outcome == "failed":
                 update["error"] = _error(e)
             self._record(base.model_copy(update=update))
@@ -112,7 +129,8 @@ class LlemFixture:
             pytest.fail(f"{type(e).__name__}: {e}", pytrace=False)
         except LlemError as e:
             if _is_missing_hardware_or_engine(e):
-                self._record(base.model_copy(update={"outcome": "skipped", "notes": [str(e)]}))
+                skipped = {"outcome": "skipped", "notes": [*base.notes, str(e)]}
+                self._record(base.model_copy(update=skipped))
                 pytest.skip(str(e))
             self._session.backends.close()  # a failed case leaves no half-used model behind
             self._record(base.model_copy(update={"outcome": "failed", "error": _error(e)}))
@@ -202,7 +220,7 @@ class LlemFixture:
                 baseline=baseline,
                 assignment=assignment.meters,
             )
-        notes = list(measurement.notes)
+        notes = [*base.notes, *measurement.notes]
         if timeout_s and not armed:
             notes.append(
                 f"--llem-timeout-s={timeout_s:g} cannot interrupt a case here "
@@ -368,13 +386,14 @@ def _error(error: BaseException) -> CaseError:
 
 
 @pytest.fixture
-def llem_sweep_params() -> dict[str, Any]:
+def llem_sweep_params(request: pytest.FixtureRequest) -> dict[str, Any]:
     """The values of this test's sweep combination, by parameter path (empty without a sweep).
 
-    ``@pytest.mark.llem_sweep`` and ``--llem-sweep`` parametrize it; the ``llem`` fixture
-    applies them.
+    ``@pytest.mark.llem_sweep``, ``--llem-sweep`` and the ``llem_sweep`` ini key parametrize
+    it; the ``llem`` fixture applies them.
     """
-    return {}
+    case = getattr(request, "param", None)
+    return dict(case.values) if isinstance(case, SweepCase) else {}
 
 
 @pytest.fixture
@@ -386,7 +405,8 @@ def llem(request: pytest.FixtureRequest, llem_sweep_params: dict[str, Any]) -> L
     ``result["energy_per_output_token_j"].median`` and friends give each metric's summary over
     the measured repetitions.
     """
+    del llem_sweep_params  # requested so a sweep parametrizes it; the item keeps the case
     session = request.config.stash[SESSION_KEY]
     item = request.node
     assert isinstance(item, pytest.Item)
-    return LlemFixture(item, session, llem_sweep_params, request)
+    return LlemFixture(item, session, sweep_case_of(item), request)

@@ -133,7 +133,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         default=[],
         metavar="KEY=VALUE",
         help="Set any case parameter, e.g. batch_size=8 or transformers.attn_implementation=sdpa "
-        "(repeatable; wins over markers and ini).",
+        "(repeatable; wins over ini, llem.run() overrides and markers, and replaces a marker's "
+        "or the ini's sweep axis of the same parameter).",
     )
     parser.addini("llem_set", "Case parameters as KEY=VALUE lines.", type="linelist", default=[])
     group.addoption(
@@ -143,7 +144,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         default=[],
         metavar="KEY=V1,V2",
         help="Sweep a parameter over values for every llem test (KEY=auto takes the values the "
-        "models define); repeatable, replaces a marker's axis of the same parameter.",
+        "models define); repeatable, replaces a marker's or the ini's axis of the same "
+        "parameter and wins over llem.run() overrides.",
     )
     parser.addini("llem_sweep", "Sweep axes as KEY=V1,V2 lines.", type="linelist", default=[])
     group.addoption(
@@ -490,12 +492,13 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
             SWEEP_FIXTURE,
             [
                 pytest.param(
-                    case.values,
+                    case,
                     id=case.id,
                     marks=[pytest.mark.skip(reason=case.skip_reason)] if case.skip_reason else [],
                 )
                 for case in cases
             ],
+            indirect=True,  # the fixture hands the test the values; the item keeps the case
         )
 
 

@@ -370,7 +370,9 @@ def test_the_timeout_covers_the_measurement(pytester: pytest.Pytester) -> None:
     # Ten generate calls of 0.5 s each: the measurement alone runs past the 2 s limit.
     pytester.makeconftest(SLOW_START_CONFTEST.format(load_s=0.0, call_s=0.5))
     pytester.makepyfile(PACED_CASE.format(prompts=20))
-    result = pytester.runpytest(*QUICK, "--llem-meter=steady", "--llem-baseline-s=0", "--llem-timeout-s=2")
+    result = pytester.runpytest(
+        *QUICK, "--llem-meter=steady", "--llem-baseline-s=0", "--llem-timeout-s=2"
+    )
     result.assert_outcomes(failed=1)
     (case,) = _record(pytester)["cases"]
     assert case["error"]["type"] == "CaseTimeoutError"
