@@ -38,6 +38,7 @@ __all__ = [
     "order_by_load",
     "overruled_overrides",
     "resolve_for",
+    "skipped_params",
     "sweep_case_of",
     "sweep_cases",
     "sweep_conflict",
@@ -105,9 +106,16 @@ def resolve_for(
     """Resolve a case. Precedence, lowest first: model defaults, ``llem`` markers (farthest
     first), the marker sweep's values, ``llem.run`` overrides, the ini keys and the ini sweep's
     values, the command line and the command-line sweep's values."""
+    layers = _settings_layers(node, session, overrides, sweep)
+    return resolve_case(layers, backends=session.options.backend_names)
+
+
+def _settings_layers(
+    node: Any, session: LlemSession, overrides: Mapping[str, Any], sweep: SweepCase | None
+) -> list[dict[str, Any]]:
     options = session.options
     sweep = sweep or SweepCase({}, "")
-    layers = [
+    return [
         *marker_layers(node),
         sweep.layer(MARKER_ORIGIN),
         dict(overrides),
@@ -116,7 +124,17 @@ def resolve_for(
         options.cli_layer,
         sweep.layer(CLI_ORIGIN),
     ]
-    return resolve_case(layers, backends=options.backend_names)
+
+
+def skipped_params(node: Any, session: LlemSession, sweep: SweepCase) -> dict[str, Any]:
+    """The parameters of a sweep combination that is skipped, as far as they resolve: the
+    resolved config, or (for a combination a rule forbids) the settings as given over the
+    model defaults, unvalidated."""
+    try:
+        return resolve_for(node, session, {}, sweep).model_dump(mode="json")
+    except LlemError:
+        defaults = CaseConfig().model_dump(mode="json")
+        return merge_layers([defaults, *_settings_layers(node, session, {}, sweep)])
 
 
 def _leaves(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -19,6 +19,7 @@ from pytest_llem.collection import (
     case_node_id,
     overruled_overrides,
     resolve_for,
+    skipped_params,
     sweep_case_of,
     sweep_conflict,
 )
@@ -54,7 +55,14 @@ from pytest_llem.session import LlemSession
 from pytest_llem.sweep import SweepCase
 from pytest_llem.workers import SHARED_DOMAINS, worker_info
 
-__all__ = ["CASE_PROPERTY", "SESSION_KEY", "LlemFixture", "llem", "llem_sweep_params"]
+__all__ = [
+    "CASE_PROPERTY",
+    "SESSION_KEY",
+    "LlemFixture",
+    "llem",
+    "llem_sweep_params",
+    "skipped_sweep_case",
+]
 
 logger = logging.getLogger("pytest_llem")
 
@@ -120,7 +128,7 @@ class LlemFixture:
             result = self._measure(case, base)
         except GpuNotIsolatedError as e:
             outcome = "skipped" if self._session.options.isolation == "skip" else "failed"
-            update = {"outcome": outcome, "isolation": e.isolation, "notes": [*base.notes, str(e)]}
+            update = {"outcome": outcome, "isolation": e.isolation, "notes": [str(e), *base.notes]}
             if outcome == "failed":
                 update["error"] = _error(e)
             self._record(base.model_copy(update=update))
@@ -129,7 +137,7 @@ class LlemFixture:
             pytest.fail(f"{type(e).__name__}: {e}", pytrace=False)
         except LlemError as e:
             if _is_missing_hardware_or_engine(e):
-                skipped = {"outcome": "skipped", "notes": [*base.notes, str(e)]}
+                skipped = {"outcome": "skipped", "notes": [str(e), *base.notes]}
                 self._record(base.model_copy(update=skipped))
                 pytest.skip(str(e))
             self._session.backends.close()  # a failed case leaves no half-used model behind
@@ -291,6 +299,29 @@ class LlemFixture:
 
     def _record(self, record: CaseRecord) -> None:
         self._item.user_properties.append((CASE_PROPERTY, record.model_dump(mode="json")))
+
+
+def skipped_sweep_case(item: pytest.Item, session: LlemSession) -> dict[str, Any] | None:
+    """The run-record entry of a sweep combination skipped at collection (a rule forbids it, or
+    it needs a GPU that is not there), or None when ``item`` is no such combination.
+
+    It never reaches ``llem.run``, so without this the grid would have a hole in every report.
+    """
+    sweep = sweep_case_of(item)
+    if sweep is None or sweep.skip_reason is None:
+        return None
+    params = skipped_params(item, session, sweep)
+    record = CaseRecord(
+        id=case_node_id(item),
+        name=item.name,
+        outcome="skipped",
+        params=params,
+        backend=str(params.get("backend") or ""),
+        model=str(params.get("model") or ""),
+        sweep=dict(sweep.values),
+        notes=[sweep.skip_reason],
+    )
+    return record.model_dump(mode="json")
 
 
 def gpus_needed(case: CaseConfig) -> int:

@@ -13,7 +13,7 @@ import dataclasses
 import logging
 import os
 import tempfile
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Generator, Iterable
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -34,7 +34,13 @@ from pytest_llem.collection import (
 from pytest_llem.config.models import BUILTIN_BACKENDS, CaseConfig
 from pytest_llem.exceptions import ConfigurationError, LlemError, ResultStoreError
 from pytest_llem.finish import finish_run
-from pytest_llem.fixtures import CASE_PROPERTY, SESSION_KEY, llem, llem_sweep_params
+from pytest_llem.fixtures import (
+    CASE_PROPERTY,
+    SESSION_KEY,
+    llem,
+    llem_sweep_params,
+    skipped_sweep_case,
+)
 from pytest_llem.meters.base import EnergyMeter
 from pytest_llem.report.terminal import summary_lines
 from pytest_llem.results.journal import Journal, journal_path
@@ -540,9 +546,22 @@ class RunRecorder:
         """The test finished: nothing to mark."""
         self.running = None
 
+    @pytest.hookimpl(wrapper=True)
+    def pytest_runtest_makereport(
+        self, item: pytest.Item, call: pytest.CallInfo[None]
+    ) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+        """Put what the record needs on the report, where the process that ran the test (an
+        xdist worker, say) hands it on: a skipped sweep combination's case."""
+        report = yield
+        if report.when == "setup" and report.skipped:
+            skipped = skipped_sweep_case(item, self.session)
+            if skipped is not None:
+                report.user_properties.append((CASE_PROPERTY, skipped))
+        return report
+
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
         """Take the cases a test recorded, with the test's outcome, and journal them."""
-        if report.when != "call":
+        if report.when != "call" and not (report.when == "setup" and report.skipped):
             return
         cases = _cases_from(report)
         self.session.cases.extend(cases)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 from pathlib import Path
 
@@ -63,11 +65,33 @@ def test_a_combination_a_rule_forbids_is_skipped_naming_it(
             llem.run()
         """
     )
-    result = pytester.runpytest(*QUICK, "-rs")
+    result = pytester.runpytest(*QUICK, "-rs", "--llem-csv")
     result.assert_outcomes(passed=1, skipped=1)
     result.stdout.fnmatch_lines(["SKIPPED*invalid combination: min_new_tokens must not exceed*"])
-    (case,) = _cases(pytester)
-    assert case["params"]["max_new_tokens"] == 8
+    cases = {case["outcome"]: case for case in _cases(pytester)}
+    assert sorted(cases) == ["passed", "skipped"]
+    assert cases["passed"]["params"]["max_new_tokens"] == 8
+    # The skipped combination is in the record too, so every report shows the whole grid.
+    skipped = cases["skipped"]
+    assert skipped["id"].endswith("test_lengths[out4-min8]")
+    assert skipped["sweep"] == {"max_new_tokens": 4, "min_new_tokens": 8}
+    assert skipped["params"]["max_new_tokens"] == 4
+    assert skipped["params"]["min_new_tokens"] == 8
+    assert skipped["params"]["num_prompts"] == 1
+    assert skipped["backend"] == "transformers"
+    assert skipped["error"] is None
+    assert skipped["notes"] == [
+        "invalid combination: min_new_tokens must not exceed max_new_tokens "
+        "(min_new_tokens=8, max_new_tokens=4)"
+    ]
+    result.stdout.fnmatch_lines(
+        ["*test_lengths?out4-min8?*skipped*", "*skipped test_lengths?out4-min8?: invalid comb*"]
+    )
+    text = (pytester.path / "reports" / "llem-report.csv").read_text()
+    rows = list(csv.DictReader(io.StringIO(text)))
+    assert {row["outcome"] for row in rows} == {"passed", "skipped"}
+    page = (pytester.path / "reports" / "llem-report.html").read_text()
+    assert "test_lengths[out4-min8]" in page
 
 
 def test_auto_takes_the_introspected_values(pytester: pytest.Pytester, tiny_model: Path):
@@ -105,6 +129,10 @@ def test_a_gpu_only_value_is_skipped_without_a_gpu(
     result = pytester.runpytest(*QUICK, "-rs")
     result.assert_outcomes(passed=1, skipped=1)
     result.stdout.fnmatch_lines(["SKIPPED*dtype=float16 runs only on a GPU*no GPU is visible*"])
+    skipped = {case["sweep"]["dtype"]: case for case in _cases(pytester)}["float16"]
+    assert skipped["outcome"] == "skipped"
+    assert skipped["params"]["dtype"] == "float16"
+    assert "no GPU is visible" in skipped["notes"][0]
 
 
 @pytest.mark.parametrize(
@@ -379,3 +407,25 @@ def test_a_value_and_a_sweep_of_one_parameter_from_one_source_is_a_usage_error(
     result = pytester.runpytest(*args)
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     result.stderr.fnmatch_lines([message])
+
+
+def test_skipped_combinations_reach_the_record_from_xdist_workers(
+    pytester: pytest.Pytester, tiny_model: Path
+):
+    pytest.importorskip("xdist", reason="pytest-xdist is not installed")
+    pytester.makepyfile(
+        """
+        import pytest
+
+        @pytest.mark.llem(num_prompts=1)
+        @pytest.mark.llem_sweep(max_new_tokens=[2, 4], min_new_tokens=[4])
+        def test_lengths(llem):
+            llem.run()
+        """
+    )
+    result = pytester.runpytest(*QUICK, "-n", "2")
+    result.assert_outcomes(passed=1, skipped=1)
+    cases = {case["outcome"]: case for case in _cases(pytester)}
+    assert sorted(cases) == ["passed", "skipped"]
+    assert cases["skipped"]["sweep"] == {"max_new_tokens": 2, "min_new_tokens": 4}
+    assert "invalid combination" in cases["skipped"]["notes"][0]
