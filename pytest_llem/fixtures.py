@@ -56,11 +56,13 @@ from pytest_llem.sweep import SweepCase
 from pytest_llem.workers import SHARED_DOMAINS, worker_info
 
 __all__ = [
+    "BUDGET_EXCEEDED",
     "CASE_PROPERTY",
     "SESSION_KEY",
     "LlemFixture",
     "llem",
     "llem_sweep_params",
+    "record_test_failure",
     "skipped_sweep_case",
 ]
 
@@ -68,6 +70,8 @@ logger = logging.getLogger("pytest_llem")
 
 CASE_PROPERTY = "llem_case"
 SESSION_KEY = pytest.StashKey[LlemSession]()
+#: ``error.type`` of a case whose ``@pytest.mark.llem_budget`` limits were breached.
+BUDGET_EXCEEDED = "BudgetExceeded"
 
 
 class LlemFixture:
@@ -147,10 +151,16 @@ class LlemFixture:
             self._session.backends.close()
             self._record(base.model_copy(update={"outcome": "failed", "error": _error(e)}))
             raise
-        self._record(CaseRecord(**{**result.model_dump(), "id": case_id, "name": name}))
+        breaches = self._budget_breaches(result)
+        record = CaseRecord(**{**result.model_dump(), "id": case_id, "name": name})
+        if breaches:
+            record.outcome = "failed"
+            record.error = CaseError(type=BUDGET_EXCEEDED, message="; ".join(breaches))
+        self._record(record)
         if self._request is not None and self._runs == 1:
             record_benchmark(self._request, result)
-        self._check_budget(result)
+        if breaches:
+            pytest.fail("llem budget exceeded:\n  " + "\n  ".join(breaches), pytrace=False)
         return result
 
     def _placement(self) -> dict[str, Any]:
@@ -163,15 +173,13 @@ class LlemFixture:
             "shared_domains": shared,
         }
 
-    def _check_budget(self, result: CaseResult) -> None:
+    def _budget_breaches(self, result: CaseResult) -> list[str]:
         from pytest_llem.results.gate import check_budget
 
         rules = budget_rules(self._item)
         store = self._session.options.store
         gate_estimated = store.gate_estimated if store is not None else False
-        breaches = check_budget(result, rules, gate_estimated=gate_estimated) if rules else []
-        if breaches:
-            pytest.fail("llem budget exceeded:\n  " + "\n  ".join(breaches), pytrace=False)
+        return check_budget(result, rules, gate_estimated=gate_estimated) if rules else []
 
     def _measure(self, case: CaseConfig, base: CaseRecord) -> CaseResult:
         """Measure the case; out of memory frees the model cache and tries once more."""
@@ -299,6 +307,22 @@ class LlemFixture:
 
     def _record(self, record: CaseRecord) -> None:
         self._item.user_properties.append((CASE_PROPERTY, record.model_dump(mode="json")))
+
+
+def record_test_failure(properties: list[tuple[str, object]], error: CaseError) -> None:
+    """Give the cases a test recorded as passed the error that then failed the test (an
+    ``assert`` after ``llem.run``, say): the record must not show a failed case without why.
+
+    Args:
+        properties: The test report's ``user_properties``; its case entries are updated.
+        error: The failure's type and one-line message.
+    """
+    for name, value in properties:
+        if name != CASE_PROPERTY or not isinstance(value, dict):
+            continue
+        if value.get("outcome") == "passed" and value.get("error") is None:
+            value["outcome"] = "failed"
+            value["error"] = error.model_dump(mode="json")
 
 
 def skipped_sweep_case(item: pytest.Item, session: LlemSession) -> dict[str, Any] | None:

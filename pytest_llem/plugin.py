@@ -39,6 +39,7 @@ from pytest_llem.fixtures import (
     SESSION_KEY,
     llem,
     llem_sweep_params,
+    record_test_failure,
     skipped_sweep_case,
 )
 from pytest_llem.meters.base import EnergyMeter
@@ -551,12 +552,15 @@ class RunRecorder:
         self, item: pytest.Item, call: pytest.CallInfo[None]
     ) -> Generator[None, pytest.TestReport, pytest.TestReport]:
         """Put what the record needs on the report, where the process that ran the test (an
-        xdist worker, say) hands it on: a skipped sweep combination's case."""
+        xdist worker, say) hands it on: a skipped sweep combination's case, and the error of a
+        test that failed after its cases were recorded."""
         report = yield
         if report.when == "setup" and report.skipped:
             skipped = skipped_sweep_case(item, self.session)
             if skipped is not None:
                 report.user_properties.append((CASE_PROPERTY, skipped))
+        elif report.when == "call" and report.failed and call.excinfo is not None:
+            record_test_failure(report.user_properties, _failure(report, call.excinfo))
         return report
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
@@ -689,6 +693,16 @@ def _run_record(config: pytest.Config, session: LlemSession) -> RunRecord:
         baseline=baseline,
         cases=session.cases,
     )
+
+
+def _failure(report: pytest.TestReport, excinfo: pytest.ExceptionInfo[BaseException]) -> CaseError:
+    """The exception that failed a test, as the report shows it: its type and the first line
+    of the crash message (``assert 8.3 < 0``)."""
+    kind = excinfo.typename
+    crash = getattr(report.longrepr, "reprcrash", None)
+    text = str(crash.message if crash is not None else excinfo.value).strip()
+    first = text.splitlines()[0] if text else ""
+    return CaseError(type=kind, message=first.removeprefix(f"{kind}: "))
 
 
 def _cases_from(report: pytest.TestReport) -> list[CaseRecord]:

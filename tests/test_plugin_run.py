@@ -175,6 +175,46 @@ def test_failed_assertion_is_recorded_as_failed(pytester: pytest.Pytester, tiny_
     (case,) = _record(pytester)["cases"]
     assert case["outcome"] == "failed"
     assert case["metrics"]["output_tokens_per_s"]["median"] > 0
+    assert case["error"]["type"] == "AssertionError"
+    median = case["metrics"]["output_tokens_per_s"]["median"]
+    assert case["error"]["message"] == f"assert {median!r} < 0"
+
+
+def test_a_budget_breach_is_recorded_with_its_error(pytester: pytest.Pytester, tiny_model):
+    pytester.makepyfile(
+        """
+        import pytest
+
+        @pytest.mark.llem(num_prompts=1, max_new_tokens=2)
+        @pytest.mark.llem_budget(output_tokens_per_s_min=1e9)
+        def test_budget(llem):
+            llem.run()
+        """
+    )
+    pytester.runpytest(*QUICK, "--llem-repeat=1").assert_outcomes(failed=1)
+    (case,) = _record(pytester)["cases"]
+    assert case["outcome"] == "failed"
+    assert case["error"]["type"] == "BudgetExceeded"
+    assert case["error"]["message"].startswith("output_tokens_per_s: median ")
+    assert "\n" not in case["error"]["message"]
+
+
+def test_a_later_failure_of_the_test_is_recorded_as_the_case_error(
+    pytester: pytest.Pytester, tiny_model
+):
+    pytester.makepyfile(
+        """
+        import pytest
+
+        @pytest.mark.llem(num_prompts=1, max_new_tokens=2)
+        def test_later(llem):
+            llem.run()
+            raise ValueError("the figures looked wrong\\nsecond line")
+        """
+    )
+    pytester.runpytest(*QUICK, "--llem-repeat=1").assert_outcomes(failed=1)
+    (case,) = _record(pytester)["cases"]
+    assert case["error"] == {"type": "ValueError", "message": "the figures looked wrong"}
 
 
 def test_report_dir_option(pytester: pytest.Pytester, tiny_model):
