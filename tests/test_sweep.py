@@ -409,7 +409,7 @@ def test_a_value_and_a_sweep_of_one_parameter_from_one_source_is_a_usage_error(
     result.stderr.fnmatch_lines([message])
 
 
-def test_skipped_combinations_reach_the_record_from_xdist_workers(
+def test_skipped_combinations_and_test_errors_reach_the_record_from_xdist_workers(
     pytester: pytest.Pytester, tiny_model: Path
 ):
     pytest.importorskip("xdist", reason="pytest-xdist is not installed")
@@ -421,11 +421,14 @@ def test_skipped_combinations_reach_the_record_from_xdist_workers(
         @pytest.mark.llem_sweep(max_new_tokens=[2, 4], min_new_tokens=[4])
         def test_lengths(llem):
             llem.run()
+            assert llem.config.max_new_tokens == 2, "not the one that runs"
         """
     )
     result = pytester.runpytest(*QUICK, "-n", "2")
-    result.assert_outcomes(passed=1, skipped=1)
+    result.assert_outcomes(failed=1, skipped=1)
     cases = {case["outcome"]: case for case in _cases(pytester)}
-    assert sorted(cases) == ["passed", "skipped"]
+    assert sorted(cases) == ["failed", "skipped"]
     assert cases["skipped"]["sweep"] == {"max_new_tokens": 2, "min_new_tokens": 4}
     assert "invalid combination" in cases["skipped"]["notes"][0]
+    assert cases["failed"]["error"]["type"] == "AssertionError"
+    assert cases["failed"]["error"]["message"].startswith("not the one that runs")
