@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from pytest_llem.backends.base import BackendInfo
 from pytest_llem.collection import (
     budget_rules,
     case_node_id,
@@ -24,6 +25,7 @@ from pytest_llem.collection import (
     sweep_conflict,
 )
 from pytest_llem.config.models import CaseConfig
+from pytest_llem.config.resolve import check_value
 from pytest_llem.data.workloads import PromptSet, build_prompt_set
 from pytest_llem.exceptions import (
     BackendConfigError,
@@ -209,6 +211,7 @@ class LlemFixture:
         _check_gpu_count(case)
         isolation = self._check_isolation(meters, assignment.meters)
         backend, info, load = session.backends.get(case)
+        params, asked = _as_ran(base.params, info)
         prompt_set = build_prompt_set(case, backend, count=_request_count(case))
         energy = session.options.energy
         idle_temperatures = baseline.idle_temperature_c if baseline is not None else {}
@@ -236,7 +239,7 @@ class LlemFixture:
                 baseline=baseline,
                 assignment=assignment.meters,
             )
-        notes = [*base.notes, *measurement.notes]
+        notes = [*base.notes, *asked, *measurement.notes]
         if timeout_s and not armed:
             notes.append(
                 f"--llem-timeout-s={timeout_s:g} cannot interrupt a case here "
@@ -268,7 +271,7 @@ class LlemFixture:
             )
         backend_info = {k: v for k, v in vars(info).items() if v is not None and v != {}}
         return CaseResult(
-            params=base.params,
+            params=params,
             backend=case.backend,
             model=case.model,
             backend_info=backend_info,
@@ -346,6 +349,32 @@ def skipped_sweep_case(item: pytest.Item, session: LlemSession) -> dict[str, Any
         notes=[sweep.skip_reason],
     )
     return record.model_dump(mode="json")
+
+
+#: Parameters a backend resolves when it loads (``auto``): the record keeps what it chose.
+RESOLVED_AT_LOAD = ("device", "dtype")
+
+
+def _as_ran(params: dict[str, Any], info: BackendInfo) -> tuple[dict[str, Any], list[str]]:
+    """The case's parameters with the device and dtype the backend loaded with, and a note
+    saying what was asked when that differs. A value the parameter cannot take (an endpoint's
+    ``server``: the plugin cannot know) leaves the asked one in place."""
+    ran = dict(params)
+    asked, chosen = [], []
+    for name in RESOLVED_AT_LOAD:
+        value = getattr(info, name, None)
+        if value is None or value == params.get(name):
+            continue
+        try:
+            check_value(name, value)
+        except ConfigurationError:
+            continue
+        ran[name] = value
+        asked.append(f"{name}={params.get(name)}")
+        chosen.append(f"{name}={value}")
+    if not asked:
+        return ran, []
+    return ran, [f"asked for {', '.join(asked)}; ran with {', '.join(chosen)}"]
 
 
 def gpus_needed(case: CaseConfig) -> int:

@@ -52,6 +52,32 @@ def test_marker_case_records_64_tokens_per_repetition(pytester: pytest.Pytester,
         assert name in case["metrics"], name
 
 
+def test_params_hold_the_device_and_dtype_that_ran(pytester: pytest.Pytester, tiny_model):
+    pytester.makepyfile(
+        """
+        import pytest
+
+        @pytest.mark.llem(num_prompts=1, max_new_tokens=2)
+        def test_auto(llem):
+            result = llem.run()
+            assert llem.config.device == "auto"  # the config keeps what was asked
+
+        @pytest.mark.llem(num_prompts=1, max_new_tokens=2, device="cpu", dtype="bfloat16")
+        def test_asked(llem):
+            llem.run()
+        """
+    )
+    pytester.runpytest(*QUICK, "--llem-repeat=1").assert_outcomes(passed=2)
+    cases = {case["name"]: case for case in _record(pytester)["cases"]}
+    auto = cases["test_auto"]
+    assert (auto["params"]["device"], auto["params"]["dtype"]) == ("cpu", "float32")
+    assert (auto["backend_info"]["device"], auto["backend_info"]["dtype"]) == ("cpu", "float32")
+    assert "asked for device=auto, dtype=auto; ran with device=cpu, dtype=float32" in auto["notes"]
+    asked = cases["test_asked"]
+    assert (asked["params"]["device"], asked["params"]["dtype"]) == ("cpu", "bfloat16")
+    assert not any(note.startswith("asked for") for note in asked["notes"])
+
+
 def test_record_validates_against_the_published_schema(pytester: pytest.Pytester, tiny_model):
     pytester.makepyfile(DONE_WHEN)
     pytester.runpytest(*QUICK, "--llem-repeat=3").assert_outcomes(passed=1)
