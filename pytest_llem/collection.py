@@ -43,6 +43,7 @@ __all__ = [
     "sweep_cases",
     "sweep_conflict",
     "sweep_layer",
+    "sweep_mismatch",
 ]
 
 MARKER = "llem"
@@ -158,11 +159,33 @@ def sweep_conflict(overrides: Mapping[str, Any], sweep: SweepCase | None) -> str
         return None
     given = merge_layers([overrides])
     for path, swept in sweep.values.items():
+        if sweep.origin(path) != MARKER_ORIGIN:
+            continue  # ini and command-line sweeps win over overrides
         found, value = lookup_path(given, path)
-        if found and sweep.origin(path) == MARKER_ORIGIN and value != swept:
+        # A group (``sampling={...}``) sets some fields only; sweep_mismatch catches the rest.
+        if found and not isinstance(value, Mapping) and value != swept:
             return (
                 f"llem.run({path}={value!r}) conflicts with the swept value {path}={swept!r} "
                 "named in the test id"
+            )
+    return None
+
+
+def sweep_mismatch(config: CaseConfig, sweep: SweepCase | None) -> str | None:
+    """Why a resolved case does not run the values its test id names, or None.
+
+    The last guard of the id: a sampling preset set above a swept sampling field, say, would
+    replace the swept value.
+    """
+    if sweep is None:
+        return None
+    resolved = config.model_dump(mode="json")
+    for path, swept in sweep.values.items():
+        found, value = lookup_path(resolved, path)
+        if found and not isinstance(value, Mapping) and value != swept:
+            return (
+                f"the test id names {path}={swept!r} but {path}={value!r} would run: a setting "
+                "above the sweep replaces it"
             )
     return None
 

@@ -23,6 +23,7 @@ from pytest_llem.collection import (
     skipped_params,
     sweep_case_of,
     sweep_conflict,
+    sweep_mismatch,
 )
 from pytest_llem.config.models import CaseConfig
 from pytest_llem.config.resolve import check_value
@@ -115,6 +116,9 @@ class LlemFixture:
             if conflict is not None:
                 raise ConfigurationError(conflict)
             case = resolve_for(self._item, self._session, overrides, self._sweep)
+            mismatch = sweep_mismatch(case, self._sweep)
+            if mismatch is not None:
+                raise ConfigurationError(mismatch)
         except ConfigurationError as e:
             self._record(
                 CaseRecord(id=case_id, name=name, outcome="failed", error=_error(e), sweep=swept)

@@ -188,3 +188,24 @@ def test_precedence_is_one_ordered_rule():
         _resolved(sweep, overrides={"seed": 4})
     with pytest.raises(ConfigurationError, match="--llem-set and --llem-sweep both set seed"):
         _resolved(cli={"set": ["seed=7"], "sweep": ["seed=8,9"]})
+
+
+def test_a_preset_over_a_swept_sampling_field_cannot_hide_behind_the_id():
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    from pytest_llem.collection import resolve_for, sweep_cases, sweep_conflict, sweep_mismatch
+    from pytest_llem.session import build_options
+
+    session: Any = SimpleNamespace(options=build_options(cli={}, ini={}, invocation_dir=Path()))
+    node = _Node(pytest.mark.llem_sweep(temperature=[0.5]))
+    (case,) = sweep_cases(node, session)  # type: ignore[arg-type]
+    plain = resolve_for(node, session, {}, case)
+    assert sweep_mismatch(plain, case) is None
+    overrides = {"sampling": "creative"}  # a preset replaces the sampling fields below it
+    assert sweep_conflict(overrides, case) is None
+    preset = resolve_for(node, session, overrides, case)
+    assert sweep_mismatch(preset, case) == (
+        f"the test id names sampling.temperature=0.5 but sampling.temperature="
+        f"{preset.sampling.temperature!r} would run: a setting above the sweep replaces it"
+    )
