@@ -110,30 +110,7 @@ class LlemFixture:
         node_id = case_node_id(self._item)
         case_id = node_id if self._runs == 1 else f"{node_id}#{self._runs}"
         name = self._item.name if self._runs == 1 else f"{self._item.name}#{self._runs}"
-        swept = dict(self._sweep.values) if self._sweep is not None else {}
-        try:
-            conflict = sweep_conflict(overrides, self._sweep)
-            if conflict is not None:
-                raise ConfigurationError(conflict)
-            case = resolve_for(self._item, self._session, overrides, self._sweep)
-            mismatch = sweep_mismatch(case, self._sweep)
-            if mismatch is not None:
-                raise ConfigurationError(mismatch)
-        except ConfigurationError as e:
-            self._record(
-                CaseRecord(id=case_id, name=name, outcome="failed", error=_error(e), sweep=swept)
-            )
-            pytest.fail(f"invalid llem parameters: {e}", pytrace=False)
-        base = CaseRecord(
-            id=case_id,
-            name=name,
-            params=case.model_dump(mode="json"),
-            backend=case.backend,
-            model=case.model,
-            sweep=swept,
-            notes=overruled_overrides(overrides, self._session, self._sweep),
-        )
-        base = base.model_copy(update=self._placement())
+        case, base = self._resolve(overrides, CaseRecord(id=case_id, name=name))
         try:
             result = self._measure(case, base)
         except GpuNotIsolatedError as e:
@@ -158,7 +135,7 @@ class LlemFixture:
             self._record(base.model_copy(update={"outcome": "failed", "error": _error(e)}))
             raise
         breaches = self._budget_breaches(result)
-        record = CaseRecord(**{**result.model_dump(), "id": case_id, "name": name})
+        record = CaseRecord(**{**result.model_dump(), "id": base.id, "name": base.name})
         if breaches:
             record.outcome = "failed"
             record.error = CaseError(type=BUDGET_EXCEEDED, message="; ".join(breaches))
@@ -168,6 +145,36 @@ class LlemFixture:
         if breaches:
             pytest.fail("llem budget exceeded:\n  " + "\n  ".join(breaches), pytrace=False)
         return result
+
+    def _resolve(
+        self, overrides: dict[str, Any], identity: CaseRecord
+    ) -> tuple[CaseConfig, CaseRecord]:
+        """The case's config and the start of its record; a config that cannot run under its
+        test id is recorded as failed and fails the test."""
+        swept = dict(self._sweep.values) if self._sweep is not None else {}
+        try:
+            conflict = sweep_conflict(overrides, self._sweep)
+            if conflict is not None:
+                raise ConfigurationError(conflict)
+            case = resolve_for(self._item, self._session, overrides, self._sweep)
+            mismatch = sweep_mismatch(case, self._sweep)
+            if mismatch is not None:
+                raise ConfigurationError(mismatch)
+        except ConfigurationError as e:
+            failed = {"outcome": "failed", "error": _error(e), "sweep": swept}
+            self._record(identity.model_copy(update=failed))
+            pytest.fail(f"invalid llem parameters: {e}", pytrace=False)
+        base = identity.model_copy(
+            update={
+                "params": case.model_dump(mode="json"),
+                "backend": case.backend,
+                "model": case.model,
+                "sweep": swept,
+                "notes": overruled_overrides(overrides, self._session, self._sweep),
+                **self._placement(),
+            }
+        )
+        return case, base
 
     def _placement(self) -> dict[str, Any]:
         """Where the case runs: its xdist worker, its GPUs, the domains it shares."""
