@@ -13,10 +13,17 @@ import pytest
 
 from pytest_llem.backends.base import load_key
 from pytest_llem.config.models import CaseConfig
-from pytest_llem.config.resolve import resolve_case, set_path
+from pytest_llem.config.resolve import lookup_path, merge_layers, resolve_case, set_path
 from pytest_llem.exceptions import ConfigurationError, LlemError
 from pytest_llem.session import LlemSession
-from pytest_llem.sweep import SweepCase, expand, merge_axes
+from pytest_llem.sweep import (
+    CLI_ORIGIN,
+    INI_ORIGIN,
+    MARKER_ORIGIN,
+    SweepCase,
+    expand,
+    merge_axes,
+)
 
 __all__ = [
     "BUDGET_MARKER",
@@ -29,9 +36,14 @@ __all__ = [
     "mark_load_groups",
     "marker_layers",
     "order_by_load",
+    "overruled_overrides",
     "resolve_for",
+    "skipped_params",
+    "sweep_case_of",
     "sweep_cases",
+    "sweep_conflict",
     "sweep_layer",
+    "sweep_mismatch",
 ]
 
 MARKER = "llem"
@@ -90,19 +102,119 @@ def resolve_for(
     node: Any,
     session: LlemSession,
     overrides: Mapping[str, Any],
-    sweep: Mapping[str, Any] | None = None,
+    sweep: SweepCase | None = None,
 ) -> CaseConfig:
-    """Resolve a case. Precedence, lowest first: model defaults, ``llem`` markers, the sweep
-    combination, ``llem.run`` overrides, ini keys, the command line."""
+    """Resolve a case. Precedence, lowest first: model defaults, ``llem`` markers (farthest
+    first), the marker sweep's values, ``llem.run`` overrides, the ini keys and the ini sweep's
+    values, the command line and the command-line sweep's values."""
+    layers = _settings_layers(node, session, overrides, sweep)
+    return resolve_case(layers, backends=session.options.backend_names)
+
+
+def _settings_layers(
+    node: Any, session: LlemSession, overrides: Mapping[str, Any], sweep: SweepCase | None
+) -> list[dict[str, Any]]:
     options = session.options
-    layers = [
+    sweep = sweep or SweepCase({}, "")
+    return [
         *marker_layers(node),
-        sweep_layer(sweep or {}),
+        sweep.layer(MARKER_ORIGIN),
         dict(overrides),
         options.ini_layer,
+        sweep.layer(INI_ORIGIN),
         options.cli_layer,
+        sweep.layer(CLI_ORIGIN),
     ]
-    return resolve_case(layers, backends=options.backend_names)
+
+
+def skipped_params(node: Any, session: LlemSession, sweep: SweepCase) -> dict[str, Any]:
+    """The parameters of a sweep combination that is skipped, as far as they resolve: the
+    resolved config, or (for a combination a rule forbids) the settings as given over the
+    model defaults, unvalidated."""
+    try:
+        return resolve_for(node, session, {}, sweep).model_dump(mode="json")
+    except LlemError:
+        defaults = CaseConfig().model_dump(mode="json")
+        return merge_layers([defaults, *_settings_layers(node, session, {}, sweep)])
+
+
+def _leaves(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, Mapping) and value:
+            flat.update(_leaves(value, f"{path}."))
+        else:
+            flat[path] = value
+    return flat
+
+
+def sweep_conflict(overrides: Mapping[str, Any], sweep: SweepCase | None) -> str | None:
+    """Why ``llem.run(**overrides)`` cannot run in this sweep combination, or None.
+
+    An override may not change a value the marker sweep put in the test id: the id would name
+    a value that did not run. (Ini and command-line sweeps simply win over overrides.)
+    """
+    if sweep is None or not overrides:
+        return None
+    given = merge_layers([overrides])
+    for path, swept in sweep.values.items():
+        if sweep.origin(path) != MARKER_ORIGIN:
+            continue  # ini and command-line sweeps win over overrides
+        found, value = lookup_path(given, path)
+        # A group (``sampling={...}``) sets some fields only; sweep_mismatch catches the rest.
+        if found and not isinstance(value, Mapping) and value != swept:
+            return (
+                f"llem.run({path}={value!r}) conflicts with the swept value {path}={swept!r} "
+                "named in the test id"
+            )
+    return None
+
+
+def sweep_mismatch(config: CaseConfig, sweep: SweepCase | None) -> str | None:
+    """Why a resolved case does not run the values its test id names, or None.
+
+    The last guard of the id: a sampling preset set above a swept sampling field, say, would
+    replace the swept value.
+    """
+    if sweep is None:
+        return None
+    resolved = config.model_dump(mode="json")
+    for path, swept in sweep.values.items():
+        found, value = lookup_path(resolved, path)
+        if found and not isinstance(value, Mapping) and value != swept:
+            return (
+                f"the test id names {path}={swept!r} but {path}={value!r} would run: a setting "
+                "above the sweep replaces it"
+            )
+    return None
+
+
+def overruled_overrides(
+    overrides: Mapping[str, Any], session: LlemSession, sweep: SweepCase | None
+) -> list[str]:
+    """Notes on the ``llem.run`` overrides that the ini file or the command line overruled."""
+    options = session.options
+    sweep = sweep or SweepCase({}, "")
+    higher = (
+        ("the command line", [sweep.layer(CLI_ORIGIN), options.cli_layer]),
+        ("the ini file", [sweep.layer(INI_ORIGIN), options.ini_layer]),
+    )
+    notes = []
+    for path, value in _leaves(merge_layers([overrides])).items():
+        for source, layers in higher:
+            found, winner = next(
+                (hit for hit in (lookup_path(layer, path) for layer in layers) if hit[0]),
+                (False, None),
+            )
+            if found and not isinstance(winner, Mapping):
+                if winner != value:
+                    notes.append(
+                        f"llem.run({path}={value!r}) was overruled by {source}: "
+                        f"{path}={winner!r} ran"
+                    )
+                break
+    return notes
 
 
 def gpu_visible(config: pytest.Config) -> bool:
@@ -122,22 +234,58 @@ def sweep_cases(definition: pytest.Function, session: LlemSession) -> list[Sweep
             (without a sweep) the test's parameters do not resolve.
     """
     budget_rules(definition)
-    axes = merge_axes([*_layers(definition, SWEEP_MARKER), session.options.sweep_axes])
+    axes, origins = _axes(definition, session)
     if not axes:
         resolve_for(definition, session, {})
         return []
     return expand(
         axes,
-        resolve=lambda values: resolve_for(definition, session, {}, values),
+        resolve=lambda case: resolve_for(definition, session, {}, case),
         gpu_available=lambda: gpu_visible(definition.config),
+        origins=origins,
     )
+
+
+_RANK = {MARKER_ORIGIN: 0, INI_ORIGIN: 1, CLI_ORIGIN: 2}
+
+
+def _axes(
+    definition: pytest.Function, session: LlemSession
+) -> tuple[dict[str, list[Any]], dict[str, str]]:
+    """The test's sweep axes and where each comes from. A parameter that a higher source sets
+    to one value has its axis replaced by that value, so the test id names the value that runs
+    (combinations that differ only there collapse into one)."""
+    options = session.options
+    axes = merge_axes(_layers(definition, SWEEP_MARKER))
+    origins = dict.fromkeys(axes, MARKER_ORIGIN)
+    for origin, more in (
+        (INI_ORIGIN, options.ini_sweep_axes),
+        (CLI_ORIGIN, options.cli_sweep_axes),
+    ):
+        for path, values in more.items():
+            axes[path] = list(values)  # a replaced axis keeps its place in the id
+            origins[path] = origin
+    for origin, layer in ((INI_ORIGIN, options.ini_layer), (CLI_ORIGIN, options.cli_layer)):
+        for path in axes:
+            found, value = lookup_path(layer, path)
+            # A group (``sampling={...}``) only sets some fields: it does not replace an axis.
+            if found and not isinstance(value, Mapping) and _RANK[origins[path]] < _RANK[origin]:
+                axes[path] = [value]
+                origins[path] = origin
+    return axes, origins
+
+
+def sweep_case_of(item: pytest.Item) -> SweepCase | None:
+    """The sweep combination an item runs (None for a test without a sweep)."""
+    callspec = getattr(item, "callspec", None)
+    case = callspec.params.get(SWEEP_FIXTURE) if callspec is not None else None
+    return case if isinstance(case, SweepCase) else None
 
 
 def _item_load_key(item: pytest.Item, session: LlemSession) -> object:
     if _LOAD_KEY in item.stash:
         return item.stash[_LOAD_KEY]
-    callspec = getattr(item, "callspec", None)
-    sweep = callspec.params.get(SWEEP_FIXTURE) if callspec is not None else None
+    sweep = sweep_case_of(item)
     try:
         key: object = load_key(resolve_for(item, session, {}, sweep))
     except LlemError:

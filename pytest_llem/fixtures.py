@@ -14,8 +14,19 @@ from typing import Any
 
 import pytest
 
-from pytest_llem.collection import budget_rules, case_node_id, resolve_for
+from pytest_llem.backends.base import BackendInfo
+from pytest_llem.collection import (
+    budget_rules,
+    case_node_id,
+    overruled_overrides,
+    resolve_for,
+    skipped_params,
+    sweep_case_of,
+    sweep_conflict,
+    sweep_mismatch,
+)
 from pytest_llem.config.models import CaseConfig
+from pytest_llem.config.resolve import check_value
 from pytest_llem.data.workloads import PromptSet, build_prompt_set
 from pytest_llem.exceptions import (
     BackendConfigError,
@@ -44,14 +55,26 @@ from pytest_llem.results.models import (
     PromptsRecord,
 )
 from pytest_llem.session import LlemSession
+from pytest_llem.sweep import SweepCase
 from pytest_llem.workers import SHARED_DOMAINS, worker_info
 
-__all__ = ["CASE_PROPERTY", "SESSION_KEY", "LlemFixture", "llem", "llem_sweep_params"]
+__all__ = [
+    "BUDGET_EXCEEDED",
+    "CASE_PROPERTY",
+    "SESSION_KEY",
+    "LlemFixture",
+    "llem",
+    "llem_sweep_params",
+    "record_test_failure",
+    "skipped_sweep_case",
+]
 
 logger = logging.getLogger("pytest_llem")
 
 CASE_PROPERTY = "llem_case"
 SESSION_KEY = pytest.StashKey[LlemSession]()
+#: ``error.type`` of a case whose ``@pytest.mark.llem_budget`` limits were breached.
+BUDGET_EXCEEDED = "BudgetExceeded"
 
 
 class LlemFixture:
@@ -61,13 +84,13 @@ class LlemFixture:
         self,
         item: pytest.Item,
         session: LlemSession,
-        sweep: dict[str, Any] | None = None,
+        sweep: SweepCase | None = None,
         request: pytest.FixtureRequest | None = None,
     ) -> None:
         self._item = item
         self._request = request
         self._session = session
-        self._sweep = dict(sweep or {})
+        self._sweep = sweep
         self._runs = 0
 
     @property
@@ -78,39 +101,21 @@ class LlemFixture:
     def run(self, **overrides: Any) -> CaseResult:
         """Run the benchmark case and return its result.
 
-        Keyword arguments override the marker's parameters (the command line and ini still
-        win). The result is recorded for the run record automatically.
+        Keyword arguments override the ``llem`` markers and a marker sweep's values; the ini
+        keys and the command line (their sweeps included) still win, and an override that
+        contradicts a marker sweep's value in the test id fails the case. The result is
+        recorded for the run record automatically.
         """
         self._runs += 1
         node_id = case_node_id(self._item)
         case_id = node_id if self._runs == 1 else f"{node_id}#{self._runs}"
         name = self._item.name if self._runs == 1 else f"{self._item.name}#{self._runs}"
+        case, base = self._resolve(overrides, CaseRecord(id=case_id, name=name))
         try:
-            case = resolve_for(self._item, self._session, overrides, self._sweep)
-        except ConfigurationError as e:
-            self._record(CaseRecord(id=case_id, name=name, outcome="failed", error=_error(e)))
-            pytest.fail(f"invalid llem parameters: {e}", pytrace=False)
-        base = CaseRecord(
-            id=case_id,
-            name=name,
-            params=case.model_dump(mode="json"),
-            backend=case.backend,
-            model=case.model,
-            sweep=self._sweep,
-        )
-        base = base.model_copy(update=self._placement())
-        timeout_s = self._session.options.timeout_s
-        try:
-            with deadline(timeout_s) as armed:
-                if timeout_s and not armed:
-                    base.notes.append(
-                        f"--llem-timeout-s={timeout_s:g} cannot interrupt a case here "
-                        "(no SIGALRM on this thread)"
-                    )
-                result = self._measure(case, base)
+            result = self._measure(case, base)
         except GpuNotIsolatedError as e:
             outcome = "skipped" if self._session.options.isolation == "skip" else "failed"
-            update = {"outcome": outcome, "isolation": e.isolation, "notes": [str(e)]}
+            update = {"outcome": outcome, "isolation": e.isolation, "notes": [str(e), *base.notes]}
             if outcome == "failed":
                 update["error"] = _error(e)
             self._record(base.model_copy(update=update))
@@ -119,7 +124,8 @@ class LlemFixture:
             pytest.fail(f"{type(e).__name__}: {e}", pytrace=False)
         except LlemError as e:
             if _is_missing_hardware_or_engine(e):
-                self._record(base.model_copy(update={"outcome": "skipped", "notes": [str(e)]}))
+                skipped = {"outcome": "skipped", "notes": [str(e), *base.notes]}
+                self._record(base.model_copy(update=skipped))
                 pytest.skip(str(e))
             self._session.backends.close()  # a failed case leaves no half-used model behind
             self._record(base.model_copy(update={"outcome": "failed", "error": _error(e)}))
@@ -128,11 +134,47 @@ class LlemFixture:
             self._session.backends.close()
             self._record(base.model_copy(update={"outcome": "failed", "error": _error(e)}))
             raise
-        self._record(CaseRecord(**{**result.model_dump(), "id": case_id, "name": name}))
+        breaches = self._budget_breaches(result)
+        record = CaseRecord(**{**result.model_dump(), "id": base.id, "name": base.name})
+        if breaches:
+            record.outcome = "failed"
+            record.error = CaseError(type=BUDGET_EXCEEDED, message="; ".join(breaches))
+        self._record(record)
         if self._request is not None and self._runs == 1:
             record_benchmark(self._request, result)
-        self._check_budget(result)
+        if breaches:
+            pytest.fail("llem budget exceeded:\n  " + "\n  ".join(breaches), pytrace=False)
         return result
+
+    def _resolve(
+        self, overrides: dict[str, Any], identity: CaseRecord
+    ) -> tuple[CaseConfig, CaseRecord]:
+        """The case's config and the start of its record; a config that cannot run under its
+        test id is recorded as failed and fails the test."""
+        swept = dict(self._sweep.values) if self._sweep is not None else {}
+        try:
+            conflict = sweep_conflict(overrides, self._sweep)
+            if conflict is not None:
+                raise ConfigurationError(conflict)
+            case = resolve_for(self._item, self._session, overrides, self._sweep)
+            mismatch = sweep_mismatch(case, self._sweep)
+            if mismatch is not None:
+                raise ConfigurationError(mismatch)
+        except ConfigurationError as e:
+            failed = {"outcome": "failed", "error": _error(e), "sweep": swept}
+            self._record(identity.model_copy(update=failed))
+            pytest.fail(f"invalid llem parameters: {e}", pytrace=False)
+        base = identity.model_copy(
+            update={
+                "params": case.model_dump(mode="json"),
+                "backend": case.backend,
+                "model": case.model,
+                "sweep": swept,
+                "notes": overruled_overrides(overrides, self._session, self._sweep),
+                **self._placement(),
+            }
+        )
+        return case, base
 
     def _placement(self) -> dict[str, Any]:
         """Where the case runs: its xdist worker, its GPUs, the domains it shares."""
@@ -144,15 +186,13 @@ class LlemFixture:
             "shared_domains": shared,
         }
 
-    def _check_budget(self, result: CaseResult) -> None:
+    def _budget_breaches(self, result: CaseResult) -> list[str]:
         from pytest_llem.results.gate import check_budget
 
         rules = budget_rules(self._item)
         store = self._session.options.store
         gate_estimated = store.gate_estimated if store is not None else False
-        breaches = check_budget(result, rules, gate_estimated=gate_estimated) if rules else []
-        if breaches:
-            pytest.fail("llem budget exceeded:\n  " + "\n  ".join(breaches), pytrace=False)
+        return check_budget(result, rules, gate_estimated=gate_estimated) if rules else []
 
     def _measure(self, case: CaseConfig, base: CaseRecord) -> CaseResult:
         """Measure the case; out of memory frees the model cache and tries once more."""
@@ -182,6 +222,7 @@ class LlemFixture:
         _check_gpu_count(case)
         isolation = self._check_isolation(meters, assignment.meters)
         backend, info, load = session.backends.get(case)
+        params, asked = _as_ran(base.params, info)
         prompt_set = build_prompt_set(case, backend, count=_request_count(case))
         energy = session.options.energy
         idle_temperatures = baseline.idle_temperature_c if baseline is not None else {}
@@ -195,18 +236,27 @@ class LlemFixture:
             min_window_s=energy.min_window_s,
             update_periods=[r.update_period_s for r in meter_records if r.used_for],
         )
-        measurement = run_case(
-            backend=backend,
-            meters=meters,
-            config=case,
-            requests=prompt_set.requests,
-            non_embedding_parameters=info.non_embedding_parameters,
-            policy=policy,
-            baseline=baseline,
-            assignment=assignment.meters,
-            baseline_problem=session.baseline.problem if session.baseline is not None else None,
-        )
-        notes = list(measurement.notes)
+        timeout_s = session.options.timeout_s
+        # Only the case's own work counts against --llem-timeout-s: the idle baseline, the
+        # model load and the cooldown above are the session's, and may take any time.
+        with deadline(timeout_s) as armed:
+            measurement = run_case(
+                backend=backend,
+                meters=meters,
+                config=case,
+                requests=prompt_set.requests,
+                non_embedding_parameters=info.non_embedding_parameters,
+                policy=policy,
+                baseline=baseline,
+                assignment=assignment.meters,
+                baseline_problem=session.baseline.problem if session.baseline is not None else None,
+            )
+        notes = [*base.notes, *asked, *measurement.notes]
+        if timeout_s and not armed:
+            notes.append(
+                f"--llem-timeout-s={timeout_s:g} cannot interrupt a case here "
+                "(no SIGALRM on this thread)"
+            )
         if baseline is None and session.baseline is not None and session.baseline.problem:
             notes.append(session.baseline.problem)
         metrics = measurement.metrics
@@ -233,7 +283,7 @@ class LlemFixture:
             )
         backend_info = {k: v for k, v in vars(info).items() if v is not None and v != {}}
         return CaseResult(
-            params=base.params,
+            params=params,
             backend=case.backend,
             model=case.model,
             backend_info=backend_info,
@@ -272,6 +322,71 @@ class LlemFixture:
 
     def _record(self, record: CaseRecord) -> None:
         self._item.user_properties.append((CASE_PROPERTY, record.model_dump(mode="json")))
+
+
+def record_test_failure(properties: list[tuple[str, object]], error: CaseError) -> None:
+    """Give the cases a test recorded as passed the error that then failed the test (an
+    ``assert`` after ``llem.run``, say): the record must not show a failed case without why.
+
+    Args:
+        properties: The test report's ``user_properties``; its case entries are updated.
+        error: The failure's type and one-line message.
+    """
+    for name, value in properties:
+        if name != CASE_PROPERTY or not isinstance(value, dict):
+            continue
+        if value.get("outcome") == "passed" and value.get("error") is None:
+            value["outcome"] = "failed"
+            value["error"] = error.model_dump(mode="json")
+
+
+def skipped_sweep_case(item: pytest.Item, session: LlemSession) -> dict[str, Any] | None:
+    """The run-record entry of a sweep combination skipped at collection (a rule forbids it, or
+    it needs a GPU that is not there), or None when ``item`` is no such combination.
+
+    It never reaches ``llem.run``, so without this the grid would have a hole in every report.
+    """
+    sweep = sweep_case_of(item)
+    if sweep is None or sweep.skip_reason is None:
+        return None
+    params = skipped_params(item, session, sweep)
+    record = CaseRecord(
+        id=case_node_id(item),
+        name=item.name,
+        outcome="skipped",
+        params=params,
+        backend=str(params.get("backend") or ""),
+        model=str(params.get("model") or ""),
+        sweep=dict(sweep.values),
+        notes=[sweep.skip_reason],
+    )
+    return record.model_dump(mode="json")
+
+
+#: Parameters a backend resolves when it loads (``auto``): the record keeps what it chose.
+RESOLVED_AT_LOAD = ("device", "dtype")
+
+
+def _as_ran(params: dict[str, Any], info: BackendInfo) -> tuple[dict[str, Any], list[str]]:
+    """The case's parameters with the device and dtype the backend loaded with, and a note
+    saying what was asked when that differs. A value the parameter cannot take (an endpoint's
+    ``server``: the plugin cannot know) leaves the asked one in place."""
+    ran = dict(params)
+    asked, chosen = [], []
+    for name in RESOLVED_AT_LOAD:
+        value = getattr(info, name, None)
+        if value is None or value == params.get(name):
+            continue
+        try:
+            check_value(name, value)
+        except ConfigurationError:
+            continue
+        ran[name] = value
+        asked.append(f"{name}={params.get(name)}")
+        chosen.append(f"{name}={value}")
+    if not asked:
+        return ran, []
+    return ran, [f"asked for {', '.join(asked)}; ran with {', '.join(chosen)}"]
 
 
 def gpus_needed(case: CaseConfig) -> int:
@@ -367,13 +482,14 @@ def _error(error: BaseException) -> CaseError:
 
 
 @pytest.fixture
-def llem_sweep_params() -> dict[str, Any]:
+def llem_sweep_params(request: pytest.FixtureRequest) -> dict[str, Any]:
     """The values of this test's sweep combination, by parameter path (empty without a sweep).
 
-    ``@pytest.mark.llem_sweep`` and ``--llem-sweep`` parametrize it; the ``llem`` fixture
-    applies them.
+    ``@pytest.mark.llem_sweep``, ``--llem-sweep`` and the ``llem_sweep`` ini key parametrize
+    it; the ``llem`` fixture applies them.
     """
-    return {}
+    case = getattr(request, "param", None)
+    return dict(case.values) if isinstance(case, SweepCase) else {}
 
 
 @pytest.fixture
@@ -385,7 +501,8 @@ def llem(request: pytest.FixtureRequest, llem_sweep_params: dict[str, Any]) -> L
     ``result["energy_per_output_token_j"].median`` and friends give each metric's summary over
     the measured repetitions.
     """
+    del llem_sweep_params  # requested so a sweep parametrizes it; the item keeps the case
     session = request.config.stash[SESSION_KEY]
     item = request.node
     assert isinstance(item, pytest.Item)
-    return LlemFixture(item, session, llem_sweep_params, request)
+    return LlemFixture(item, session, sweep_case_of(item), request)

@@ -13,7 +13,7 @@ import dataclasses
 import logging
 import os
 import tempfile
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Generator, Iterable
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -34,7 +34,14 @@ from pytest_llem.collection import (
 from pytest_llem.config.models import BUILTIN_BACKENDS, CaseConfig
 from pytest_llem.exceptions import ConfigurationError, LlemError, ResultStoreError
 from pytest_llem.finish import finish_run
-from pytest_llem.fixtures import CASE_PROPERTY, SESSION_KEY, llem, llem_sweep_params
+from pytest_llem.fixtures import (
+    CASE_PROPERTY,
+    SESSION_KEY,
+    llem,
+    llem_sweep_params,
+    record_test_failure,
+    skipped_sweep_case,
+)
 from pytest_llem.meters.base import EnergyMeter
 from pytest_llem.report.terminal import summary_lines
 from pytest_llem.results.journal import Journal, journal_path
@@ -101,7 +108,9 @@ _OPTIONS: tuple[tuple[str, str, str | None], ...] = (
     ),
     (
         "timeout_s",
-        "Fail a case that runs longer than this; the session goes on (default: no limit).",
+        "Fail a case whose warmup and measured windows run longer than this; model loading, "
+        "the idle baseline and the cooldown do not count. The session goes on (default: no "
+        "limit).",
         "SECONDS",
     ),
     (
@@ -135,7 +144,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         default=[],
         metavar="KEY=VALUE",
         help="Set any case parameter, e.g. batch_size=8 or transformers.attn_implementation=sdpa "
-        "(repeatable; wins over markers and ini).",
+        "(repeatable; wins over ini, llem.run() overrides and markers, and replaces a marker's "
+        "or the ini's sweep axis of the same parameter).",
     )
     parser.addini("llem_set", "Case parameters as KEY=VALUE lines.", type="linelist", default=[])
     group.addoption(
@@ -145,7 +155,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         default=[],
         metavar="KEY=V1,V2",
         help="Sweep a parameter over values for every llem test (KEY=auto takes the values the "
-        "models define); repeatable, replaces a marker's axis of the same parameter.",
+        "models define); repeatable, replaces a marker's or the ini's axis of the same "
+        "parameter and wins over llem.run() overrides.",
     )
     parser.addini("llem_sweep", "Sweep axes as KEY=V1,V2 lines.", type="linelist", default=[])
     group.addoption(
@@ -555,12 +566,13 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
             SWEEP_FIXTURE,
             [
                 pytest.param(
-                    case.values,
+                    case,
                     id=case.id,
                     marks=[pytest.mark.skip(reason=case.skip_reason)] if case.skip_reason else [],
                 )
                 for case in cases
             ],
+            indirect=True,  # the fixture hands the test the values; the item keeps the case
         )
 
 
@@ -604,9 +616,25 @@ class RunRecorder:
         """The test finished: nothing to mark."""
         self.running = None
 
+    @pytest.hookimpl(wrapper=True)
+    def pytest_runtest_makereport(
+        self, item: pytest.Item, call: pytest.CallInfo[None]
+    ) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+        """Put what the record needs on the report, where the process that ran the test (an
+        xdist worker, say) hands it on: a skipped sweep combination's case, and the error of a
+        test that failed after its cases were recorded."""
+        report = yield
+        if report.when == "setup" and report.skipped:
+            skipped = skipped_sweep_case(item, self.session)
+            if skipped is not None:
+                report.user_properties.append((CASE_PROPERTY, skipped))
+        elif report.when == "call" and report.failed and call.excinfo is not None:
+            record_test_failure(report.user_properties, _failure(report, call.excinfo))
+        return report
+
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
         """Take the cases a test recorded, with the test's outcome, and journal them."""
-        if report.when != "call":
+        if report.when != "call" and not (report.when == "setup" and report.skipped):
             return
         cases = _cases_from(report)
         self.session.cases.extend(cases)
@@ -751,6 +779,16 @@ def _run_record(config: pytest.Config, session: LlemSession) -> RunRecord:
         baseline=baseline,
         cases=session.cases,
     )
+
+
+def _failure(report: pytest.TestReport, excinfo: pytest.ExceptionInfo[BaseException]) -> CaseError:
+    """The exception that failed a test, as the report shows it: its type and the first line
+    of the crash message (``assert 8.3 < 0``)."""
+    kind = excinfo.typename
+    crash = getattr(report.longrepr, "reprcrash", None)
+    text = str(crash.message if crash is not None else excinfo.value).strip()
+    first = text.splitlines()[0] if text else ""
+    return CaseError(type=kind, message=first.removeprefix(f"{kind}: "))
 
 
 def _cases_from(report: pytest.TestReport) -> list[CaseRecord]:

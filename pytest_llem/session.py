@@ -268,7 +268,8 @@ class LlemOptions:
     report_dir: Path
     backend_names: tuple[str, ...] = BUILTIN_BACKENDS
     meter_names: tuple[str, ...] = METER_NAMES
-    sweep_axes: dict[str, list[Any]] = field(default_factory=dict)
+    ini_sweep_axes: dict[str, list[Any]] = field(default_factory=dict)
+    cli_sweep_axes: dict[str, list[Any]] = field(default_factory=dict)
     shuffle_seed: int | None = None
     store: StoreOptions | None = None
     given: dict[str, Any] = field(default_factory=dict)
@@ -276,6 +277,11 @@ class LlemOptions:
     gpu_groups: tuple[tuple[int, ...], ...] | None = None
     isolation: str = "warn"
     timeout_s: float | None = None
+
+    @property
+    def sweep_axes(self) -> dict[str, list[Any]]:
+        """The ini and command-line sweep axes together (the command line replaces an axis)."""
+        return {**self.ini_sweep_axes, **self.cli_sweep_axes}
 
 
 def _layer(
@@ -329,7 +335,8 @@ def build_options(
         ConfigurationError: naming the option, the problem and, for choices, the allowed values.
     """
     cli = dict(cli)
-    axes = _sweep_axes(cli, ini, backend_names)
+    ini_axes, cli_axes = _sweep_axes(cli, ini, backend_names)
+    axes = {**ini_axes, **cli_axes}
     if "backend" in axes:
         cli["backend"] = None  # several engines: a sweep axis, not one setting
     cli_layer = _layer(
@@ -347,6 +354,8 @@ def build_options(
     if "backend" not in axes:
         _endpoint_selects_backend(cli_layer, backend_names)
         _endpoint_selects_backend(ini_layer, backend_names)
+    _check_one_source(cli_layer, cli_axes, cli, origin=lambda n: f"--llem-{n.replace('_', '-')}")
+    _check_one_source(ini_layer, ini_axes, ini, origin=lambda n: f"llem_{n}", ini=True)
     from pytest_llem.meters.registry import parse_meter_list
 
     meter_raw, meter_origin = option_origin(cli, ini, "meter")
@@ -392,7 +401,8 @@ def build_options(
         report_dir=report_dir,
         backend_names=tuple(backend_names),
         meter_names=tuple(meter_names),
-        sweep_axes=axes,
+        ini_sweep_axes=ini_axes,
+        cli_sweep_axes=cli_axes,
         shuffle_seed=shuffle_seed,
         store=store,
         given=given,
@@ -445,34 +455,67 @@ def _endpoint_selects_backend(layer: dict[str, Any], backend_names: Sequence[str
         layer["backend"] = "endpoint"
 
 
-def _sweep_axes(
-    cli: dict[str, Any], ini: dict[str, Any], backend_names: Sequence[str]
-) -> dict[str, list[Any]]:
-    """Sweep axes from ini ``llem_sweep`` lines, then ``--llem-sweep``, then a comma-separated
-    ``--llem-backend`` (later sources replace an axis)."""
+def _axes_from(origin: str, lines: Sequence[str] | None) -> list[dict[str, Any]]:
     from pytest_llem.sweep import merge_axes, parse_sweep_option
 
     layers: list[dict[str, Any]] = []
-    for origin, lines in (
-        ("ini option llem_sweep", ini.get("sweep")),
-        ("--llem-sweep", cli.get("sweep")),
-    ):
-        for text in lines or []:
-            try:
-                key, values = parse_sweep_option(text)
-                layers.append(merge_axes([{key: values}]))
-            except ConfigurationError as e:
-                raise ConfigurationError(f"{origin} {text}: {e}") from e
+    for text in lines or []:
+        try:
+            key, values = parse_sweep_option(text)
+            layers.append(merge_axes([{key: values}]))
+        except ConfigurationError as e:
+            raise ConfigurationError(f"{origin} {text}: {e}") from e
+    return layers
+
+
+def _sweep_axes(
+    cli: dict[str, Any], ini: dict[str, Any], backend_names: Sequence[str]
+) -> tuple[dict[str, list[Any]], dict[str, list[Any]]]:
+    """Sweep axes of the ini file (``llem_sweep`` lines) and of the command line
+    (``--llem-sweep``, then a comma-separated ``--llem-backend``), kept apart because each
+    takes the precedence of its source."""
+    from pytest_llem.sweep import merge_axes
+
+    ini_axes = merge_axes(_axes_from("ini option llem_sweep", ini.get("sweep")))
+    layers = _axes_from("--llem-sweep", cli.get("sweep"))
     engines = str(cli.get("backend") or "")
     if "," in engines:
         layers.append({"backend": [name.strip() for name in engines.split(",") if name.strip()]})
-    axes = merge_axes(layers)
-    unknown = [name for name in axes.get("backend", []) if name not in backend_names]
-    if unknown:
-        raise ConfigurationError(
-            f"--llem-backend: unknown backend {unknown[0]!r}; choose from: {', '.join(backend_names)}"
-        )
-    return axes
+    cli_axes = merge_axes(layers)
+    for axes in (ini_axes, cli_axes):
+        unknown = [name for name in axes.get("backend", []) if name not in backend_names]
+        if unknown:
+            raise ConfigurationError(
+                f"--llem-backend: unknown backend {unknown[0]!r}; "
+                f"choose from: {', '.join(backend_names)}"
+            )
+    return ini_axes, cli_axes
+
+
+def _check_one_source(
+    layer: dict[str, Any],
+    axes: dict[str, list[Any]],
+    raw: dict[str, Any],
+    *,
+    origin: Callable[[str], str],
+    ini: bool = False,
+) -> None:
+    """One source may set a parameter or sweep it, not both: which should win is not said.
+
+    Raises:
+        ConfigurationError: naming both options and the parameter.
+    """
+    from pytest_llem.config.resolve import lookup_path
+
+    for path in axes:
+        found, value = lookup_path(layer, path)
+        if not found or isinstance(value, dict):
+            continue
+        named = [name for name, at in OPTION_PATHS.items() if at == path and raw.get(name)]
+        setter = origin(named[0] if named else "set")
+        sweeper = origin("sweep")
+        both = f"ini options {setter} and {sweeper}" if ini else f"{setter} and {sweeper}"
+        raise ConfigurationError(f"{both} both set {path}; give one of them")
 
 
 def _shuffle_seed(raw: Any) -> int | None:

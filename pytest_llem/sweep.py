@@ -4,13 +4,17 @@ Axes are parameter paths with a list of values (or ``"auto"`` for the values int
 derives from the models). Each value is checked on its own first (a bad one is an error naming
 it); then every combination of the cartesian product is resolved as a whole, and one that a
 declared constraint rules out becomes a skipped case whose reason names the rule.
+
+Every axis keeps its origin (the marker, the ini file or the command line), because a sweep value
+takes its place in the precedence of its source: an ini sweep beats ``llem.run`` overrides, a
+marker sweep does not.
 """
 
 from __future__ import annotations
 
 import itertools
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from pytest_llem.config.introspection import case_id, constraints, parameter
@@ -20,6 +24,9 @@ from pytest_llem.exceptions import ConfigurationError
 
 __all__ = [
     "AUTO",
+    "CLI_ORIGIN",
+    "INI_ORIGIN",
+    "MARKER_ORIGIN",
     "SweepCase",
     "expand",
     "merge_axes",
@@ -28,21 +35,33 @@ __all__ = [
 
 AUTO = "auto"
 
+#: Where an axis comes from, lowest precedence first.
+MARKER_ORIGIN = "marker"
+INI_ORIGIN = "ini"
+CLI_ORIGIN = "command line"
+
 
 @dataclass(frozen=True)
 class SweepCase:
-    """One combination of a sweep: its values by parameter path, its test id, and why it is
-    skipped (None when it runs)."""
+    """One combination of a sweep: its values by parameter path, its test id, why it is
+    skipped (None when it runs) and where each axis comes from (``MARKER_ORIGIN``,
+    ``INI_ORIGIN`` or ``CLI_ORIGIN``; a path not listed is a marker's)."""
 
     values: dict[str, Any]
     id: str
     skip_reason: str | None = None
+    origins: dict[str, str] = field(default_factory=dict)
 
-    def layer(self) -> dict[str, Any]:
-        """The combination as a nested settings layer."""
+    def origin(self, path: str) -> str:
+        """Where the axis of ``path`` comes from."""
+        return self.origins.get(path, MARKER_ORIGIN)
+
+    def layer(self, origin: str | None = None) -> dict[str, Any]:
+        """The combination as a nested settings layer: the values of one origin, or all."""
         tree: dict[str, Any] = {}
         for path, value in self.values.items():
-            set_path(tree, path, value)
+            if origin is None or self.origin(path) == origin:
+                set_path(tree, path, value)
         return tree
 
 
@@ -113,34 +132,42 @@ def merge_axes(layers: Sequence[Mapping[str, Any]]) -> dict[str, list[Any]]:
 def expand(
     axes: Mapping[str, Sequence[Any]],
     *,
-    resolve: Callable[[dict[str, Any]], CaseConfig],
+    resolve: Callable[[SweepCase], CaseConfig],
     gpu_available: Callable[[], bool],
+    origins: Mapping[str, str] | None = None,
 ) -> list[SweepCase]:
-    """Every combination of ``axes``, each resolved with ``resolve`` (given the combination's
-    values by path; it adds the markers, ini and command line around them).
+    """Every combination of ``axes``, each resolved with ``resolve`` (given the combination;
+    it adds the markers, ini and command line around its values).
 
     A combination the models reject becomes a skipped case whose reason is the rule it breaks;
     one that needs a GPU on a machine without one is skipped likewise.
+
+    Args:
+        axes: Values per parameter path, in id order.
+        resolve: Resolves one combination into its config.
+        gpu_available: Whether a GPU is visible (asked only when a combination needs one).
+        origins: Where each axis comes from (a path not listed is a marker's).
     """
     paths = list(axes)
+    from_where = {path: origin for path, origin in (origins or {}).items() if path in axes}
     cases = []
     for combination in itertools.product(*(axes[path] for path in paths)):
         values = dict(zip(paths, combination, strict=True))
-        case = SweepCase(values=values, id=case_id(values, paths))
+        case = SweepCase(values=values, id=case_id(values, paths), origins=from_where)
         cases.append(_with_skip(case, resolve, gpu_available))
     return cases
 
 
 def _with_skip(
     case: SweepCase,
-    resolve: Callable[[dict[str, Any]], CaseConfig],
+    resolve: Callable[[SweepCase], CaseConfig],
     gpu_available: Callable[[], bool],
 ) -> SweepCase:
     try:
-        config = resolve(case.values)
+        config = resolve(case)
     except ConfigurationError as e:
-        return SweepCase(case.values, case.id, f"invalid combination: {e}")
+        return replace(case, skip_reason=f"invalid combination: {e}")
     for rule in constraints(needs="gpu"):
         if not rule.check(config) and not gpu_available():
-            return SweepCase(case.values, case.id, f"{rule.explain(config)}; no GPU is visible")
+            return replace(case, skip_reason=f"{rule.explain(config)}; no GPU is visible")
     return case

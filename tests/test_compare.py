@@ -428,6 +428,22 @@ def test_added_or_removed_parameter_is_a_change() -> None:
     assert parameter_changes(matched.pairs)[0].note == "parameters changed: seed '(unset)' -> 1"
 
 
+def test_auto_device_and_dtype_compare_as_what_they_resolved_to() -> None:
+    values = {EPT: [1.0, 1.0]}
+    auto = {**PARAMS, "device": "auto", "dtype": "auto"}
+    ran_cpu = {"device": "cpu", "dtype": "float32"}
+    base = case("t.py::test_a", values, params=auto).model_copy(update={"backend_info": ran_cpu})
+    # A baseline from before params held what ran still matches a record that says cpu/float32.
+    same = case("t.py::test_a", values, params={**PARAMS, **ran_cpu})
+    assert parameter_changes(match_cases(run(base), run(same)).pairs) == []
+    # What auto became is a change when it differs.
+    cuda = case("t.py::test_a", values, params={**PARAMS, "device": "cuda", "dtype": "bfloat16"})
+    (changed,) = parameter_changes(match_cases(run(base), run(cuda)).pairs)
+    assert changed.note == (
+        "parameters changed: device 'cpu' -> 'cuda', dtype 'float32' -> 'bfloat16'"
+    )
+
+
 # --- environment -----------------------------------------------------------------------------
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from pytest_llem.config.models import CaseConfig, load_fields
@@ -134,3 +136,76 @@ def test_load_fields_are_the_ones_that_need_a_new_model():
 def test_merge_layers_dotted_keys():
     merged = merge_layers([{"transformers.torch_compile": True}])
     assert merged == {"transformers": {"torch_compile": True}}
+
+
+class _Node:
+    """A test function's markers, closest first, as ``iter_markers`` gives them."""
+
+    def __init__(self, *marks: pytest.MarkDecorator) -> None:
+        self._marks = [m.mark for m in marks]
+
+    def iter_markers(self, name: str) -> list[pytest.Mark]:
+        return [m for m in self._marks if m.name == name]
+
+
+def _resolved(
+    *marks: pytest.MarkDecorator,
+    overrides: dict[str, object] | None = None,
+    ini: dict[str, object] | None = None,
+    cli: dict[str, object] | None = None,
+) -> tuple[int, str | None]:
+    """The seed a case runs with, and its test id, from each source of settings."""
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    from pytest_llem.collection import resolve_for, sweep_cases, sweep_conflict
+    from pytest_llem.session import build_options
+
+    options = build_options(cli=cli or {}, ini=ini or {}, invocation_dir=Path.cwd())
+    session: Any = SimpleNamespace(options=options)
+    node = _Node(*marks)
+    cases = sweep_cases(node, session)  # type: ignore[arg-type]
+    case = cases[0] if cases else None
+    conflict = sweep_conflict(overrides or {}, case)
+    if conflict is not None:
+        raise ConfigurationError(conflict)
+    config = resolve_for(node, session, overrides or {}, case)
+    return config.seed, case.id if case is not None else None
+
+
+def test_precedence_is_one_ordered_rule():
+    closer, farther = pytest.mark.llem(seed=2), pytest.mark.llem(seed=1)
+    sweep = pytest.mark.llem_sweep(seed=[3])
+    assert _resolved(closer, farther) == (2, None)
+    assert _resolved(closer, sweep) == (3, "seed3")
+    assert _resolved(closer, overrides={"seed": 4}) == (4, None)
+    assert _resolved(overrides={"seed": 4}, ini={"set": ["seed=5"]}) == (5, None)
+    assert _resolved(sweep, ini={"set": ["seed=5"]}) == (5, "seed5")
+    assert _resolved(overrides={"seed": 4}, ini={"sweep": ["seed=6"]}) == (6, "seed6")
+    assert _resolved(sweep, ini={"sweep": ["seed=6"]}, cli={"set": ["seed=7"]}) == (7, "seed7")
+    assert _resolved(sweep, ini={"set": ["seed=5"]}, cli={"sweep": ["seed=8"]}) == (8, "seed8")
+    with pytest.raises(ConfigurationError, match=r"llem.run\(seed=4\) conflicts with the swept"):
+        _resolved(sweep, overrides={"seed": 4})
+    with pytest.raises(ConfigurationError, match="--llem-set and --llem-sweep both set seed"):
+        _resolved(cli={"set": ["seed=7"], "sweep": ["seed=8,9"]})
+
+
+def test_a_preset_over_a_swept_sampling_field_cannot_hide_behind_the_id():
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    from pytest_llem.collection import resolve_for, sweep_cases, sweep_conflict, sweep_mismatch
+    from pytest_llem.session import build_options
+
+    session: Any = SimpleNamespace(options=build_options(cli={}, ini={}, invocation_dir=Path()))
+    node = _Node(pytest.mark.llem_sweep(temperature=[0.5]))
+    (case,) = sweep_cases(node, session)  # type: ignore[arg-type]
+    plain = resolve_for(node, session, {}, case)
+    assert sweep_mismatch(plain, case) is None
+    overrides = {"sampling": "creative"}  # a preset replaces the sampling fields below it
+    assert sweep_conflict(overrides, case) is None
+    preset = resolve_for(node, session, overrides, case)
+    assert sweep_mismatch(preset, case) == (
+        f"the test id names sampling.temperature=0.5 but sampling.temperature="
+        f"{preset.sampling.temperature!r} would run: a setting above the sweep replaces it"
+    )

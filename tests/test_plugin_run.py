@@ -52,6 +52,32 @@ def test_marker_case_records_64_tokens_per_repetition(pytester: pytest.Pytester,
         assert name in case["metrics"], name
 
 
+def test_params_hold_the_device_and_dtype_that_ran(pytester: pytest.Pytester, tiny_model):
+    pytester.makepyfile(
+        """
+        import pytest
+
+        @pytest.mark.llem(num_prompts=1, max_new_tokens=2)
+        def test_auto(llem):
+            result = llem.run()
+            assert llem.config.device == "auto"  # the config keeps what was asked
+
+        @pytest.mark.llem(num_prompts=1, max_new_tokens=2, device="cpu", dtype="bfloat16")
+        def test_asked(llem):
+            llem.run()
+        """
+    )
+    pytester.runpytest(*QUICK, "--llem-repeat=1").assert_outcomes(passed=2)
+    cases = {case["name"]: case for case in _record(pytester)["cases"]}
+    auto = cases["test_auto"]
+    assert (auto["params"]["device"], auto["params"]["dtype"]) == ("cpu", "float32")
+    assert (auto["backend_info"]["device"], auto["backend_info"]["dtype"]) == ("cpu", "float32")
+    assert "asked for device=auto, dtype=auto; ran with device=cpu, dtype=float32" in auto["notes"]
+    asked = cases["test_asked"]
+    assert (asked["params"]["device"], asked["params"]["dtype"]) == ("cpu", "bfloat16")
+    assert not any(note.startswith("asked for") for note in asked["notes"])
+
+
 def test_record_validates_against_the_published_schema(pytester: pytest.Pytester, tiny_model):
     pytester.makepyfile(DONE_WHEN)
     pytester.runpytest(*QUICK, "--llem-repeat=3").assert_outcomes(passed=1)
@@ -175,6 +201,46 @@ def test_failed_assertion_is_recorded_as_failed(pytester: pytest.Pytester, tiny_
     (case,) = _record(pytester)["cases"]
     assert case["outcome"] == "failed"
     assert case["metrics"]["output_tokens_per_s"]["median"] > 0
+    assert case["error"]["type"] == "AssertionError"
+    median = case["metrics"]["output_tokens_per_s"]["median"]
+    assert case["error"]["message"] == f"assert {median!r} < 0"
+
+
+def test_a_budget_breach_is_recorded_with_its_error(pytester: pytest.Pytester, tiny_model):
+    pytester.makepyfile(
+        """
+        import pytest
+
+        @pytest.mark.llem(num_prompts=1, max_new_tokens=2)
+        @pytest.mark.llem_budget(output_tokens_per_s_min=1e9)
+        def test_budget(llem):
+            llem.run()
+        """
+    )
+    pytester.runpytest(*QUICK, "--llem-repeat=1").assert_outcomes(failed=1)
+    (case,) = _record(pytester)["cases"]
+    assert case["outcome"] == "failed"
+    assert case["error"]["type"] == "BudgetExceeded"
+    assert case["error"]["message"].startswith("output_tokens_per_s: median ")
+    assert "\n" not in case["error"]["message"]
+
+
+def test_a_later_failure_of_the_test_is_recorded_as_the_case_error(
+    pytester: pytest.Pytester, tiny_model
+):
+    pytester.makepyfile(
+        """
+        import pytest
+
+        @pytest.mark.llem(num_prompts=1, max_new_tokens=2)
+        def test_later(llem):
+            llem.run()
+            raise ValueError("the figures looked wrong\\nsecond line")
+        """
+    )
+    pytester.runpytest(*QUICK, "--llem-repeat=1").assert_outcomes(failed=1)
+    (case,) = _record(pytester)["cases"]
+    assert case["error"] == {"type": "ValueError", "message": "the figures looked wrong"}
 
 
 def test_report_dir_option(pytester: pytest.Pytester, tiny_model):

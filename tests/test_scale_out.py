@@ -301,6 +301,139 @@ def test_a_case_past_the_timeout_fails_and_the_session_goes_on(
     assert cases["test_c_quick"]["load"]["reused"] is False  # the cache was cleaned up
 
 
+SLOW_START_CONFTEST = """
+import time
+
+from tests.fakes.fake_backend import FakeBackend, FakeClock
+from tests.fakes.fake_meter import FakeMeter
+
+#: The levers: how long loading takes, and how long one generate call takes (real time).
+LOAD_S = {load_s}
+CALL_S = {call_s}
+
+
+class Paced(FakeBackend):
+    def load(self):
+        time.sleep(LOAD_S)
+        return super().load()
+
+    def generate(self, requests, **kwargs):
+        time.sleep(CALL_S)
+        return super().generate(requests, **kwargs)
+
+
+def pytest_llem_backend_names():
+    return ["paced"]
+
+
+def pytest_llem_meter_names():
+    return ["steady"]
+
+
+def pytest_llem_make_backend(name, case, progress):
+    return Paced(FakeClock()) if name == "paced" else None
+
+
+def pytest_llem_make_meter(name, config, options):
+    return FakeMeter("steady", time.perf_counter, power_w={{"cpu": 10.0}}) if name == "steady" else None
+"""
+
+PACED_CASE = """
+import pytest
+
+@pytest.mark.llem(backend="paced", batch_size=2, max_new_tokens=2, num_prompts={prompts})
+def test_paced(llem):
+    llem.run()
+"""
+
+
+@pytest.mark.slow
+def test_loading_and_the_idle_baseline_do_not_count_against_the_timeout(
+    pytester: pytest.Pytester,
+) -> None:
+    # Loading and the baseline each take longer than the limit; the measurement itself does
+    # one quick generate call per window, far inside it.
+    pytester.makeconftest(SLOW_START_CONFTEST.format(load_s=3.0, call_s=0.0))
+    pytester.makepyfile(PACED_CASE.format(prompts=2))
+    result = pytester.runpytest(
+        *QUICK, "--llem-meter=steady", "--llem-baseline-s=3", "--llem-timeout-s=2"
+    )
+    result.assert_outcomes(passed=1)
+    (case,) = _record(pytester)["cases"]
+    assert case["outcome"] == "passed"
+    assert case["load"]["seconds"] >= 3.0
+    assert case["baseline"]["seconds"] >= 3.0
+
+
+@pytest.mark.slow
+def test_the_timeout_covers_the_measurement(pytester: pytest.Pytester) -> None:
+    # Ten generate calls of 0.5 s each: the measurement alone runs past the 2 s limit.
+    pytester.makeconftest(SLOW_START_CONFTEST.format(load_s=0.0, call_s=0.5))
+    pytester.makepyfile(PACED_CASE.format(prompts=20))
+    result = pytester.runpytest(
+        *QUICK, "--llem-meter=steady", "--llem-baseline-s=0", "--llem-timeout-s=2"
+    )
+    result.assert_outcomes(failed=1)
+    (case,) = _record(pytester)["cases"]
+    assert case["error"]["type"] == "CaseTimeoutError"
+
+
+def _expire(*args: Any, **kwargs: Any) -> Any:
+    from pytest_llem.harness.deadline import CaseTimeoutError
+
+    raise CaseTimeoutError("the case ran longer than --llem-timeout-s=1 s")
+
+
+@pytest.mark.parametrize("part", ["AutoTokenizer", "AutoModelForCausalLM"])
+def test_a_timeout_while_loading_transformers_is_not_a_model_load_error(
+    tiny_model: Path, monkeypatch: pytest.MonkeyPatch, part: str
+) -> None:
+    transformers = pytest.importorskip("transformers")
+    from pytest_llem.backends.transformers import TransformersBackend
+    from pytest_llem.config.models import CaseConfig
+    from pytest_llem.harness.deadline import CaseTimeoutError
+
+    monkeypatch.setattr(getattr(transformers, part), "from_pretrained", _expire)
+    backend = TransformersBackend(CaseConfig(model=str(tiny_model), device="cpu"))
+    with pytest.raises(CaseTimeoutError, match="--llem-timeout-s"):
+        backend.load()
+
+
+def test_a_timeout_while_looking_up_a_hub_model_is_not_a_model_load_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    hub = pytest.importorskip("huggingface_hub")
+    pytest.importorskip("transformers")
+    from pytest_llem.backends.transformers import TransformersBackend
+    from pytest_llem.config.models import CaseConfig
+    from pytest_llem.harness.deadline import CaseTimeoutError
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(hub, "snapshot_download", _expire)
+    backend = TransformersBackend(CaseConfig(model="someorg/some-model", device="cpu"))
+    with pytest.raises(CaseTimeoutError):
+        backend.load()
+
+
+def test_a_timeout_while_starting_vllm_or_tensorrt_is_not_a_model_load_error(
+    tiny_model: Path,
+) -> None:
+    from types import SimpleNamespace
+
+    from pytest_llem.backends.tensorrt import TensorRTBackend
+    from pytest_llem.backends.vllm import VllmBackend
+    from pytest_llem.config.models import CaseConfig
+    from pytest_llem.harness.deadline import CaseTimeoutError
+
+    engine = SimpleNamespace(LLM=_expire)
+    vllm = VllmBackend(CaseConfig(model=str(tiny_model), backend="vllm"))
+    with pytest.raises(CaseTimeoutError):
+        vllm._start_engine(engine, str(tiny_model), {})
+    tensorrt = TensorRTBackend(CaseConfig(model=str(tiny_model), backend="tensorrt"))
+    with pytest.raises(CaseTimeoutError):
+        tensorrt._start_engine(engine, str(tiny_model), {})
+
+
 def test_bad_scale_out_options_are_usage_errors(pytester: pytest.Pytester) -> None:
     pytester.makepyfile(ISOLATION_CASE)
     for args, message in (

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 from pathlib import Path
 
@@ -63,11 +65,33 @@ def test_a_combination_a_rule_forbids_is_skipped_naming_it(
             llem.run()
         """
     )
-    result = pytester.runpytest(*QUICK, "-rs")
+    result = pytester.runpytest(*QUICK, "-rs", "--llem-csv")
     result.assert_outcomes(passed=1, skipped=1)
     result.stdout.fnmatch_lines(["SKIPPED*invalid combination: min_new_tokens must not exceed*"])
-    (case,) = _cases(pytester)
-    assert case["params"]["max_new_tokens"] == 8
+    cases = {case["outcome"]: case for case in _cases(pytester)}
+    assert sorted(cases) == ["passed", "skipped"]
+    assert cases["passed"]["params"]["max_new_tokens"] == 8
+    # The skipped combination is in the record too, so every report shows the whole grid.
+    skipped = cases["skipped"]
+    assert skipped["id"].endswith("test_lengths[out4-min8]")
+    assert skipped["sweep"] == {"max_new_tokens": 4, "min_new_tokens": 8}
+    assert skipped["params"]["max_new_tokens"] == 4
+    assert skipped["params"]["min_new_tokens"] == 8
+    assert skipped["params"]["num_prompts"] == 1
+    assert skipped["backend"] == "transformers"
+    assert skipped["error"] is None
+    assert skipped["notes"] == [
+        "invalid combination: min_new_tokens must not exceed max_new_tokens "
+        "(min_new_tokens=8, max_new_tokens=4)"
+    ]
+    result.stdout.fnmatch_lines(
+        ["*test_lengths?out4-min8?*skipped*", "*skipped test_lengths?out4-min8?: invalid comb*"]
+    )
+    text = (pytester.path / "reports" / "llem-report.csv").read_text()
+    rows = list(csv.DictReader(io.StringIO(text)))
+    assert {row["outcome"] for row in rows} == {"passed", "skipped"}
+    page = (pytester.path / "reports" / "llem-report.html").read_text()
+    assert "test_lengths[out4-min8]" in page
 
 
 def test_auto_takes_the_introspected_values(pytester: pytest.Pytester, tiny_model: Path):
@@ -105,6 +129,10 @@ def test_a_gpu_only_value_is_skipped_without_a_gpu(
     result = pytester.runpytest(*QUICK, "-rs")
     result.assert_outcomes(passed=1, skipped=1)
     result.stdout.fnmatch_lines(["SKIPPED*dtype=float16 runs only on a GPU*no GPU is visible*"])
+    skipped = {case["sweep"]["dtype"]: case for case in _cases(pytester)}["float16"]
+    assert skipped["outcome"] == "skipped"
+    assert skipped["params"]["dtype"] == "float16"
+    assert "no GPU is visible" in skipped["notes"][0]
 
 
 @pytest.mark.parametrize(
@@ -258,3 +286,149 @@ def test_shuffle_is_seeded_recorded_and_stays_within_load_groups(
     pytester.runpytest(*QUICK, "test_run.py", "--llem-shuffle").assert_outcomes(passed=1)
     record = json.loads((pytester.path / "reports" / "llem-report.json").read_text())
     assert isinstance(record["options"]["shuffle_seed"], int)
+
+
+RUN_OVERRIDE = """
+import pytest
+
+@pytest.mark.llem(num_prompts=2, max_new_tokens=1)
+def test_override(llem):
+    result = llem.run(batch_size=1)
+    assert result.params["batch_size"] == llem.config.batch_size
+"""
+
+
+def test_a_command_line_sweep_beats_run_overrides(pytester: pytest.Pytester, tiny_model: Path):
+    pytester.makepyfile(RUN_OVERRIDE)
+    result = pytester.runpytest(*QUICK, "-v", "--llem-sweep=batch_size=2")
+    result.assert_outcomes(passed=1)
+    result.stdout.fnmatch_lines(["*test_override?bs2? PASSED*"])
+    (case,) = _cases(pytester)
+    assert case["params"]["batch_size"] == 2
+    assert case["sweep"] == {"batch_size": 2}
+    assert any("llem.run(batch_size=1)" in note for note in case["notes"])
+
+
+def test_an_ini_sweep_beats_run_overrides(pytester: pytest.Pytester, tiny_model: Path):
+    pytester.makeini("[pytest]\nllem_sweep =\n    batch_size=2,3\n")
+    pytester.makepyfile(RUN_OVERRIDE)
+    result = pytester.runpytest(*QUICK, "-v")
+    result.assert_outcomes(passed=2)
+    assert [c["params"]["batch_size"] for c in _cases(pytester)] == [2, 3]
+
+
+MARKER_SWEEP = """
+import pytest
+
+@pytest.mark.llem(num_prompts=2, max_new_tokens=1)
+@pytest.mark.llem_sweep(batch_size=[1, 8], seed=[0, 1])
+def test_swept(llem):
+    llem.run()
+"""
+
+
+def _collected(pytester: pytest.Pytester, *args: str) -> list[str]:
+    result = pytester.runpytest("--collect-only", "-q", "-p", "no:cacheprovider", *args)
+    return [line.split("::", 1)[1] for line in result.outlines if "::" in line]
+
+
+@pytest.mark.parametrize(
+    ("ini", "args"),
+    [
+        ("", ["--llem-set=batch_size=2"]),
+        ("llem_set =\n    batch_size=2\n", []),
+        ("llem_sweep =\n    batch_size=1,8\n", ["--llem-set=batch_size=2"]),
+    ],
+    ids=["cli-set-over-marker-sweep", "ini-set-over-marker-sweep", "cli-set-over-ini-sweep"],
+)
+def test_a_single_value_from_a_higher_source_replaces_the_axis(
+    pytester: pytest.Pytester, tiny_model: Path, ini: str, args: list[str]
+):
+    pytester.makeini(f"[pytest]\n{ini}")
+    pytester.makepyfile(MARKER_SWEEP)
+    # The ids name the value that runs; the two batch sizes collapse into one.
+    assert _collected(pytester, *args) == ["test_swept[bs2-seed0]", "test_swept[bs2-seed1]"]
+    pytester.runpytest(*QUICK, *args).assert_outcomes(passed=2)
+    cases = _cases(pytester)
+    assert [(c["params"]["batch_size"], c["params"]["seed"]) for c in cases] == [(2, 0), (2, 1)]
+    assert [c["sweep"] for c in cases] == [
+        {"batch_size": 2, "seed": 0},
+        {"batch_size": 2, "seed": 1},
+    ]
+
+
+def test_a_run_override_that_contradicts_the_marker_sweep_fails_that_case(
+    pytester: pytest.Pytester, tiny_model: Path
+):
+    pytester.makepyfile(
+        """
+        import pytest
+
+        @pytest.mark.llem(num_prompts=2, max_new_tokens=1)
+        @pytest.mark.llem_sweep(batch_size=[1, 8])
+        def test_conflict(llem):
+            llem.run(batch_size=1)
+        """
+    )
+    result = pytester.runpytest(*QUICK, "-v")
+    result.assert_outcomes(passed=1, failed=1)
+    result.stdout.fnmatch_lines(
+        [
+            "*test_conflict?bs1? PASSED*",
+            "*llem.run(batch_size=1) conflicts with the swept value batch_size=8 named in the "
+            "test id*",
+        ]
+    )
+    failed = [c for c in _cases(pytester) if c["outcome"] == "failed"]
+    assert [c["error"]["type"] for c in failed] == ["ConfigurationError"]
+    assert failed[0]["sweep"] == {"batch_size": 8}
+
+
+@pytest.mark.parametrize(
+    ("ini", "args", "message"),
+    [
+        (
+            "",
+            ["--llem-set=batch_size=2", "--llem-sweep=batch_size=1,8"],
+            "*--llem-set and --llem-sweep both set batch_size*",
+        ),
+        (
+            "llem_set =\n    seed=1\nllem_sweep =\n    seed=1,2\n",
+            [],
+            "*ini options llem_set and llem_sweep both set seed*",
+        ),
+    ],
+)
+def test_a_value_and_a_sweep_of_one_parameter_from_one_source_is_a_usage_error(
+    pytester: pytest.Pytester, ini: str, args: list[str], message: str
+):
+    pytester.makeini(f"[pytest]\n{ini}")
+    pytester.makepyfile(MARKER_SWEEP)
+    result = pytester.runpytest(*args)
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines([message])
+
+
+def test_skipped_combinations_and_test_errors_reach_the_record_from_xdist_workers(
+    pytester: pytest.Pytester, tiny_model: Path
+):
+    pytest.importorskip("xdist", reason="pytest-xdist is not installed")
+    pytester.makepyfile(
+        """
+        import pytest
+
+        @pytest.mark.llem(num_prompts=1)
+        @pytest.mark.llem_sweep(max_new_tokens=[2, 4], min_new_tokens=[4])
+        def test_lengths(llem):
+            llem.run()
+            assert llem.config.max_new_tokens == 2, "not the one that runs"
+        """
+    )
+    result = pytester.runpytest(*QUICK, "-n", "2")
+    result.assert_outcomes(failed=1, skipped=1)
+    cases = {case["outcome"]: case for case in _cases(pytester)}
+    assert sorted(cases) == ["failed", "skipped"]
+    assert cases["skipped"]["sweep"] == {"max_new_tokens": 2, "min_new_tokens": 4}
+    assert "invalid combination" in cases["skipped"]["notes"][0]
+    assert cases["failed"]["error"]["type"] == "AssertionError"
+    assert cases["failed"]["error"]["message"].startswith("not the one that runs")

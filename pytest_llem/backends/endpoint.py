@@ -857,6 +857,8 @@ class EndpointBackend:
             try:
                 self._tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
                 return self._tokenizer
+            except LlemError:
+                raise  # a CaseTimeoutError is not a missing tokenizer
             except Exception as e:
                 failures.append(f"{source}: {type(e).__name__}")
         tried = "; ".join(failures) or "no candidate"

@@ -235,6 +235,8 @@ class TensorRTBackend:
         llm_class = _llm_class(trtllm, self._config.tensorrt.backend)
         try:
             return llm_class(source, **kwargs)
+        except LlemError:
+            raise  # a CaseTimeoutError says nothing about the model
         except Exception as e:
             if _is_out_of_memory(e):
                 raise RetryableError(

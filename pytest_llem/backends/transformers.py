@@ -203,6 +203,8 @@ class TransformersBackend:
             ) from e
         try:
             return str(snapshot_download(repo_id, local_files_only=True, allow_patterns=_HUB_FILES))
+        except LlemError:
+            raise  # --llem-timeout-s or the like: not a missing model
         except Exception as e:
             cached_error = e
         if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
@@ -213,6 +215,8 @@ class TransformersBackend:
         self._report(f"downloading {repo_id} from the Hugging Face hub (not measured)")
         try:
             return str(snapshot_download(repo_id, allow_patterns=_HUB_FILES))
+        except LlemError:
+            raise
         except Exception as e:
             raise ModelLoadError(
                 f"model {repo_id!r} is not a folder, not in the local Hugging Face cache, and "
@@ -226,6 +230,8 @@ class TransformersBackend:
                 local_files_only=True,
                 trust_remote_code=self._config.transformers.trust_remote_code,
             )
+        except LlemError:
+            raise  # a CaseTimeoutError says nothing about the model folder
         except Exception as e:
             raise ModelLoadError(_load_failure(self._config.model, source, "tokenizer", e)) from e
         tokenizer.padding_side = "left"
@@ -263,6 +269,8 @@ class TransformersBackend:
                 model = transformers.AutoModelForCausalLM.from_pretrained(source, **kwargs)
             if quantization is None:
                 model.to(device)  # a bitsandbytes model refuses .to() and is already there
+        except LlemError:
+            raise  # a CaseTimeoutError says nothing about the model folder
         except Exception as e:
             if _is_out_of_memory(e):
                 raise RetryableError(

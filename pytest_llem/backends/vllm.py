@@ -282,6 +282,8 @@ class VllmBackend:
         try:
             with _engine_resource_warnings_quiet():
                 return vllm.LLM(source, **kwargs)
+        except LlemError:
+            raise  # a CaseTimeoutError says nothing about the model
         except Exception as e:
             if _is_out_of_memory(e):
                 raise RetryableError(

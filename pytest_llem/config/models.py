@@ -521,7 +521,9 @@ class SloConfig(_Strict):
 class CaseConfig(_Strict):
     """Everything that defines one benchmark case.
 
-    Precedence when a case is resolved: command line > ini/pyproject > marker > these defaults.
+    Precedence when a case is resolved, highest first: command line (its sweep included) >
+    ini/pyproject (its sweep included) > ``llem.run`` overrides > the ``llem_sweep`` marker >
+    ``llem`` markers > these defaults.
     Sampling fields may also be given at the top level (``temperature=0.7``); they are moved into
     ``sampling``.
     """

@@ -1,8 +1,9 @@
 """Turning options, ini keys, markers and ``--llem-set KEY=VALUE`` into a validated CaseConfig.
 
-Layers are plain nested dicts merged in order of precedence (command line > ini > marker >
-model default); validation happens once, on the merged result, so an error names the
-parameter path whatever layer it came from.
+Layers are plain nested dicts merged in order of precedence (command line > ini >
+``llem.run`` overrides > marker sweep > markers > model default; ``collection.resolve_for``
+stacks them); validation happens once, on the merged result, so an error names the parameter
+path whatever layer it came from.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ __all__ = [
     "check_value",
     "format_validation_error",
     "known_paths",
+    "lookup_path",
     "merge_layers",
     "parse_assignment",
     "parse_value",
@@ -107,6 +109,17 @@ def set_path(tree: dict[str, Any], path: str, value: Any) -> None:
         node[part] = child
         node = child
     node[parts[-1]] = value
+
+
+def lookup_path(tree: Mapping[str, Any], path: str) -> tuple[bool, Any]:
+    """The value at dotted ``path`` inside a nested dict: ``(True, value)``, or ``(False, None)``
+    when the path, or a group on the way to it, is not set there."""
+    node: Any = tree
+    for part in path.split("."):
+        if not isinstance(node, Mapping) or part not in node:
+            return False, None
+        node = node[part]
+    return True, node
 
 
 def merge_layers(layers: Iterable[Mapping[str, Any]]) -> dict[str, Any]:

@@ -1,4 +1,9 @@
-"""The terminal summary: one row per case, built from the run record alone."""
+"""The terminal summary: one row per case, built from the run record alone.
+
+A case's name carries a mark for what makes its figures need a second look (``hot``,
+``saturated``, ``dynamic<0``); the lines after the table say what each mark means and name the
+cases, and give the reason of every skipped case.
+"""
 
 from __future__ import annotations
 
@@ -40,6 +45,30 @@ def _metric(case: CaseRecord, name: str) -> str:
     return f"{text} (est.)" if summary.source == "estimated" else text
 
 
+#: Longest line the summary writes for a skipped case's reason.
+REASON_WIDTH = 120
+
+
+def _saturated(case: CaseRecord) -> int:
+    return sum(1 for rep in case.repetitions if rep.server is not None and rep.server.saturated)
+
+
+def _below_idle(case: CaseRecord) -> int:
+    return sum(1 for rep in case.repetitions if rep.dynamic_energy_negative)
+
+
+def _flags(case: CaseRecord) -> list[str]:
+    """The marks after a case's name: figures that need a second look."""
+    flags = []
+    if case.measured_hot:
+        flags.append("hot")
+    if _saturated(case):
+        flags.append("saturated")
+    if _below_idle(case):
+        flags.append("dynamic<0")
+    return flags
+
+
 def summary_rows(record: RunRecord) -> list[list[str]]:
     """One row of COLUMNS per case."""
     rows = []
@@ -50,9 +79,10 @@ def summary_rows(record: RunRecord) -> list[list[str]]:
             rows.append([case.name, case.backend or "-", meter, status, "", "", ""])
             continue
         name = case.name if case.outcome == "passed" else f"{case.name} [{case.outcome}]"
+        flags = _flags(case)
         rows.append(
             [
-                f"{name} (hot)" if case.measured_hot else name,
+                f"{name} ({', '.join(flags)})" if flags else name,
                 case.backend,
                 meter,
                 _metric(case, "energy_per_output_token_j"),
@@ -96,16 +126,69 @@ def _baseline_line(record: RunRecord) -> str | None:
     return f"idle baseline ({origin}): {', '.join(parts) or 'no domain'}"
 
 
-def summary_lines(record: RunRecord) -> list[str]:
-    """The whole table, header first, then the idle baseline and cases measured hot."""
-    lines = format_table(COLUMNS, summary_rows(record))
-    baseline = _baseline_line(record)
-    if baseline is not None:
-        lines.append(baseline)
+def _shortened(text: str, width: int) -> str:
+    line = " ".join(text.split())
+    return line if len(line) <= width else line[: width - 3].rstrip() + "..."
+
+
+def _flag_lines(record: RunRecord) -> list[str]:
+    """What each mark in the table means, and which cases carry it."""
+    lines = []
     hot = [case.name for case in record.cases if case.measured_hot]
     if hot:
         lines.append(
             f"measured hot (a window started well above idle temperature; try "
             f"--llem-cooldown=temperature): {', '.join(hot)}"
         )
+    saturated = [
+        f"{case.name} ({_saturated(case)} of {len(case.repetitions)} windows{_rates(case)})"
+        for case in record.cases
+        if _saturated(case)
+    ]
+    if saturated:
+        lines.append(
+            "saturated (the server fell behind the target arrival rate: its figures are for "
+            f"the load it reached): {', '.join(saturated)}"
+        )
+    below = [
+        f"{case.name} ({_below_idle(case)} of {len(case.repetitions)} windows)"
+        for case in record.cases
+        if _below_idle(case)
+    ]
+    if below:
+        lines.append(
+            "negative dynamic energy (energy below idle power x duration, reported unclamped: "
+            f"the idle baseline may be stale): {', '.join(below)}"
+        )
     return lines
+
+
+def _rates(case: CaseRecord) -> str:
+    """The achieved and target rate of a case's first saturated window (the reason is in the
+    case's notes)."""
+    for rep in case.repetitions:
+        server = rep.server
+        if server is not None and server.saturated and server.achieved_rate_rps is not None:
+            return (
+                f", first {server.achieved_rate_rps:.3g} of {server.target_rate_rps:.3g} requests/s"
+            )
+    return ""
+
+
+def _skip_lines(record: RunRecord) -> list[str]:
+    """Each skipped case with its reason (its first note), shortened to one line."""
+    return [
+        _shortened(f"skipped {case.name}: {case.notes[0]}", REASON_WIDTH)
+        for case in record.cases
+        if case.outcome == "skipped" and case.notes
+    ]
+
+
+def summary_lines(record: RunRecord) -> list[str]:
+    """The whole table, header first, then the idle baseline, what the marks in the table
+    mean and why cases were skipped."""
+    lines = format_table(COLUMNS, summary_rows(record))
+    baseline = _baseline_line(record)
+    if baseline is not None:
+        lines.append(baseline)
+    return [*lines, *_flag_lines(record), *_skip_lines(record)]

@@ -194,7 +194,13 @@ def _flatten(params: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def _relevant(params: dict[str, Any]) -> dict[str, Any]:
+def _relevant(case: CaseRecord) -> dict[str, Any]:
+    params = dict(case.params)
+    for name in ("device", "dtype"):
+        # Records before params held what ran say "auto": compare what it resolved to.
+        ran = case.backend_info.get(name)
+        if params.get(name) == "auto" and isinstance(ran, str):
+            params[name] = ran
     return {k: v for k, v in _flatten(params).items() if k not in IGNORED_PARAMS}
 
 
@@ -239,7 +245,7 @@ def parameter_changes(pairs: list[tuple[CaseRecord, CaseRecord]]) -> list[Unmatc
     """The matched cases whose resolved parameters differ, each with a note naming them."""
     changed = []
     for base, case in pairs:
-        base_params, cur_params = _relevant(base.params), _relevant(case.params)
+        base_params, cur_params = _relevant(base), _relevant(case)
         if base_params != cur_params:
             changed.append(UnmatchedCase(case, _param_changes(base_params, cur_params)))
     return changed
