@@ -92,7 +92,8 @@ class BackendConfigError(BackendError, ConfigurationError):
 
 
 class GpuNotIsolatedError(EnergyMeterError):
-    """Other processes run on a measured GPU and ``--llem-isolation`` says skip or fail.
+    """Other processes run on a measured GPU, or its processes cannot be listed, and
+    ``--llem-isolation`` says skip or fail.
 
     ``isolation`` is the :class:`~pytest_llem.results.models.IsolationRecord` of what was seen.
     """

@@ -39,7 +39,7 @@ from pytest_llem.exceptions import (
     RetryableError,
 )
 from pytest_llem.harness.deadline import deadline
-from pytest_llem.harness.isolation import check_isolation
+from pytest_llem.harness.isolation import check_isolation, unchecked_note
 from pytest_llem.harness.runner import WindowPolicy, run_case
 from pytest_llem.harness.stats import distribution
 from pytest_llem.harness.thermal import HOT_MARGIN_C, cool_down, measured_hot
@@ -269,8 +269,8 @@ class LlemFixture:
                     metrics[f"{domain}_energy_j"] = summary.model_copy(
                         update={"note": _shared_note([domain])}
                     )
-        if isolation is not None and isolation.foreign:
-            notes.append(_foreign_note(isolation))
+        if isolation is not None:
+            notes.extend(_isolation_notes(isolation))
         extra_gpus = _unused_gpus_note(case, info.device, meter_records, assignment.meters)
         if extra_gpus is not None:
             notes.append(extra_gpus)
@@ -308,16 +308,21 @@ class LlemFixture:
     def _check_isolation(
         self, meters: list[EnergyMeter], assignment: dict[str, str]
     ) -> IsolationRecord | None:
-        """Look for foreign processes on the measured GPUs; raise when told to skip or fail."""
+        """Look for foreign processes on the measured GPUs; raise when told to skip or fail.
+
+        A GPU that could not be checked counts as not isolated: isolation is not established.
+        """
         if "gpu" not in assignment:
             return None
         mode = self._session.options.isolation
         isolation = check_isolation(meters, mode=mode)
-        if isolation is None or not isolation.foreign:
+        problems = _isolation_notes(isolation) if isolation is not None else []
+        if not problems:
             return isolation
         if mode != "warn":
-            raise GpuNotIsolatedError(_foreign_note(isolation), isolation=isolation)
-        logger.warning("llem: %s", _foreign_note(isolation))
+            raise GpuNotIsolatedError("; ".join(problems), isolation=isolation)
+        for problem in problems:
+            logger.warning("llem: %s", problem)
         return isolation
 
     def _record(self, record: CaseRecord) -> None:
@@ -439,6 +444,13 @@ def _shared_note(domains: list[str]) -> str:
         f"{', '.join(domains)}: shared by every xdist worker on this machine, so the figure "
         "includes the other workers' load; not attributable to this case"
     )
+
+
+def _isolation_notes(isolation: IsolationRecord) -> list[str]:
+    """What stands against the GPU being this case's alone: foreign processes, unchecked GPUs."""
+    notes = [_foreign_note(isolation)] if isolation.foreign else []
+    unchecked = unchecked_note(isolation)
+    return [*notes, unchecked] if unchecked else notes
 
 
 def _foreign_note(isolation: IsolationRecord) -> str:

@@ -8,7 +8,7 @@ import time
 import pytest
 
 from pytest_llem.exceptions import ConfigurationError, EnergyMeterError, MeterUnavailableError
-from pytest_llem.meters.base import DeviceState, EnergyMeter, EnergyReading
+from pytest_llem.meters.base import DeviceState, EnergyMeter, EnergyReading, ProcessesUnknown
 from pytest_llem.meters.nvml import (
     NvmlMeter,
     decode_clock_event_reasons,
@@ -730,7 +730,11 @@ def test_unsupported_state_queries_give_none(monkeypatch: pytest.MonkeyPatch) ->
     finally:
         meter.close()
     assert reading.start_states == reading.end_states == {"gpu0": DeviceState()}
-    assert processes == {}
+    assert processes == {
+        "gpu0": ProcessesUnknown(
+            "cannot list its compute processes: nvmlDeviceGetComputeRunningProcesses: Not Supported"
+        )
+    }
 
 
 def test_old_pynvml_reads_throttle_reasons(monkeypatch: pytest.MonkeyPatch) -> None:

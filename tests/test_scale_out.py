@@ -263,7 +263,13 @@ def test_an_isolated_gpu_is_recorded_as_such(
     )
     result.assert_outcomes(passed=1)
     (case,) = _record(pytester)["cases"]
-    assert case["isolation"] == {"mode": "fail", "checked": True, "foreign": [], "note": None}
+    assert case["isolation"] == {
+        "mode": "fail",
+        "checked": True,
+        "foreign": [],
+        "unchecked": [],
+        "note": None,
+    }
 
 
 TIMEOUT_CASES = """

@@ -46,7 +46,7 @@ from pytest_llem.exceptions import (
     RetryableError,
 )
 
-__all__ = ["QUANT_ALGOS", "TensorRTBackend"]
+__all__ = ["ENGINE_CACHE_SUBDIR", "QUANT_ALGOS", "TensorRTBackend", "engine_cache_root"]
 
 logger = logging.getLogger("pytest_llem")
 
@@ -67,6 +67,11 @@ QUANT_ALGOS: dict[str, str] = {
     "w8a8_sq": "W8A8_SQ_PER_CHANNEL",
     "nvfp4": "NVFP4",
 }
+
+#: The folder under ``tensorrt.engine_cache_dir`` that the plugin hands to TensorRT-LLM's build
+#: cache. That cache deletes every entry of its root that is not one of its records, and all but
+#: its newest 10 records, whenever it writes an engine: it must have a folder to itself.
+ENGINE_CACHE_SUBDIR = "pytest-llem-trt-engines"
 
 # Names of input-embedding tensors in Hugging Face checkpoints (Llama, GPT-2, BLOOM, NeoX).
 _EMBEDDING_NAMES = (
@@ -227,7 +232,7 @@ class TensorRTBackend:
                 quant_algo=_quant_algo(llmapi, options.quantization)
             )
         if options.engine_cache_dir is not None:
-            root = Path(options.engine_cache_dir).expanduser().resolve()
+            root = engine_cache_root(options.engine_cache_dir)
             kwargs["enable_build_cache"] = llmapi.BuildCacheConfig(cache_root=root)
         return kwargs
 
@@ -264,7 +269,7 @@ class TensorRTBackend:
                 options.kv_cache_free_gpu_memory_fraction
             )
         if options.engine_cache_dir is not None:
-            extra["engine_cache_dir"] = options.engine_cache_dir
+            extra["engine_cache_dir"] = str(_cache_folder(options.engine_cache_dir))
         return BackendInfo(
             name=_NAME,
             version=str(getattr(trtllm, "__version__", "unknown")),
@@ -371,6 +376,7 @@ class TensorRTBackend:
             raise _request_failure(request.index, e) from e
         ids: list[int] = []
         times: list[float] = []
+        now = issued_at
         try:
             async for step in output:
                 now = time.perf_counter()
@@ -393,6 +399,13 @@ class TensorRTBackend:
                 f"{_NAME}: the final token ids of request {request.index} differ from the "
                 f"streamed ones ({len(completion.token_ids)} final, {len(ids)} streamed)"
             )
+        end = _unreturned_end_token(completion, sampling, ids)
+        if end is not None:
+            # The step that generated it ran: it counts (docs/metrics.md), when its response came.
+            ids.append(end)
+            times.append(now)
+            if on_token is not None:
+                on_token(request.index, end, now)
         text = getattr(completion, "text", None)
         return Generation(
             request_index=request.index,
@@ -625,13 +638,79 @@ def _world_size(options: TensorRTConfig) -> int:
     return options.tensor_parallel_size * options.pipeline_parallel_size
 
 
+def engine_cache_root(engine_cache_dir: str) -> Path:
+    """The folder given to TensorRT-LLM's build cache: a subfolder of ``engine_cache_dir`` that
+    holds nothing but the cache's own records.
+
+    TensorRT-LLM prunes its cache root before it writes an engine (every entry without a valid
+    ``metadata.json`` and ``content/`` is deleted, and all but the newest 10 records), so the
+    user's folder is never handed to it; the subfolder is created here, and one that holds
+    anything else is refused rather than pruned.
+
+    Raises:
+        BackendConfigError: The subfolder cannot be created, or holds other entries.
+    """
+    root = _cache_folder(engine_cache_dir)
+    param = "tensorrt.engine_cache_dir"
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        foreign = sorted(entry.name for entry in root.iterdir() if not _is_cache_entry(entry))
+    except OSError as e:
+        raise BackendConfigError(_NAME, param, f"cannot use {root} for engines: {e}") from e
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (
+            f" and {len(foreign) - 5} more" if len(foreign) > 5 else ""
+        )
+        raise BackendConfigError(
+            _NAME,
+            param,
+            f"{root} holds entries that are not TensorRT-LLM engines ({shown}); TensorRT-LLM's "
+            "build cache would delete them, so the plugin keeps this folder for engines only: "
+            "move them elsewhere",
+        )
+    return root
+
+
+def _cache_folder(engine_cache_dir: str) -> Path:
+    return Path(engine_cache_dir).expanduser().resolve() / ENGINE_CACHE_SUBDIR
+
+
+def _is_cache_entry(entry: Path) -> bool:
+    """A build-cache record (``metadata.json`` and ``content/``) or one being written
+    (``<record>.dummy``, which TensorRT-LLM itself cleans up)."""
+    if not entry.is_dir():
+        return False
+    if entry.name.endswith(".dummy"):
+        return True
+    return (entry / "metadata.json").is_file() and (entry / "content").exists()
+
+
 def _engine_build_note(options: TensorRTConfig) -> str:
     if options.engine_cache_dir is None:
         return (
             "the trt runtime compiles a TensorRT engine before it runs (not measured); set "
             "tensorrt.engine_cache_dir to keep it for later runs"
         )
-    return f"TensorRT engines are cached in {options.engine_cache_dir} (built once, not measured)"
+    return (
+        f"TensorRT engines are cached in {_cache_folder(options.engine_cache_dir)} (built once, "
+        "not measured; TensorRT-LLM keeps the newest 10)"
+    )
+
+
+def _unreturned_end_token(completion: Any, sampling: Any, ids: list[int]) -> int | None:
+    """The end token when the request stopped on it but ``token_ids`` does not end with it.
+
+    TensorRT-LLM reports a stop on the end token as ``finish_reason == "stop"`` with no
+    ``stop_reason`` (stop words set one; the backend sends none). Whether ``token_ids`` then
+    holds the end token is not settled from its sources, so the backend counts it once either
+    way, as every backend counts a request's end-of-sequence token.
+    """
+    end = getattr(sampling, "end_id", None)
+    if getattr(completion, "finish_reason", None) != "stop" or end is None:
+        return None
+    if getattr(completion, "stop_reason", None) is not None:
+        return None
+    return None if ids and ids[-1] == int(end) else int(end)
 
 
 def _request_failure(index: int, error: BaseException) -> LlemError:

@@ -331,7 +331,9 @@ class TensorRTConfig(_Strict):
         default=None,
         min_length=1,
         description="Folder where built TensorRT engines are kept and reused by later runs "
-        "(TensorRT-LLM's build cache; backend=trt only). Unset: every load builds anew.",
+        "(TensorRT-LLM's build cache; backend=trt only), in its subfolder "
+        "pytest-llem-trt-engines, which must hold nothing else: TensorRT-LLM keeps only the "
+        "newest 10 engines there and deletes any other entry. Unset: every load builds anew.",
         json_schema_extra=_meta(load=True, short="trt_cache"),
     )
 

@@ -2,8 +2,9 @@
 
 Before a case is measured, the meters that can list compute processes (NVML) are asked who runs
 on the measured GPUs; this process and its descendants (engine workers such as vLLM's) are
-ours, anything else is foreign. ``--llem-isolation=warn|skip|fail`` decides what happens, and
-the run record keeps what was seen.
+ours, anything else is foreign. A GPU whose processes cannot be listed is not checked, with the
+reason: its isolation is unknown, never assumed. ``--llem-isolation=warn|skip|fail`` decides
+what happens, and the run record keeps what was seen.
 """
 
 from __future__ import annotations
@@ -14,10 +15,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from pytest_llem.exceptions import EnergyMeterError
-from pytest_llem.meters.base import EnergyMeter
-from pytest_llem.results.models import ForeignProcess, IsolationRecord
+from pytest_llem.meters.base import EnergyMeter, ProcessesUnknown
+from pytest_llem.results.models import ForeignProcess, IsolationRecord, UncheckedDevice
 
-__all__ = ["ISOLATION_MODES", "check_isolation", "own_processes"]
+__all__ = ["ISOLATION_MODES", "check_isolation", "own_processes", "unchecked_note"]
 
 logger = logging.getLogger("pytest_llem")
 
@@ -68,13 +69,15 @@ def check_isolation(
         ours: Process ids counted as this run's own (default: this process and descendants).
 
     Returns:
-        What was seen, or None when no meter can list GPU processes.
+        What was seen (``checked`` is False when a GPU or a meter could not be checked), or None
+        when no meter can list GPU processes.
     """
     listers = [m for m in meters if getattr(m, "running_processes", None) is not None]
     if not listers:
         return None
     ours = own_processes() if ours is None else ours
     foreign: list[ForeignProcess] = []
+    unchecked: list[UncheckedDevice] = []
     problems: list[str] = []
     for meter in listers:
         try:
@@ -83,10 +86,31 @@ def check_isolation(
             problems.append(f"{meter.name}: {e}")
             continue
         for device, processes in listed.items():
+            if isinstance(processes, ProcessesUnknown):
+                unchecked.append(UncheckedDevice(device=device, reason=processes.reason))
+                continue
             foreign.extend(
                 ForeignProcess(device=device, pid=pid, memory_mb=memory)
                 for pid, memory in processes
                 if pid not in ours
             )
-    note = "; ".join(problems) or None
-    return IsolationRecord(mode=mode, checked=not problems, foreign=foreign, note=note)
+    return IsolationRecord(
+        mode=mode,
+        checked=not problems and not unchecked,
+        foreign=foreign,
+        unchecked=unchecked,
+        note="; ".join(problems) or None,
+    )
+
+
+def unchecked_note(isolation: IsolationRecord) -> str | None:
+    """Why isolation could not be established on some measured GPU, or None when it was."""
+    if isolation.checked:
+        return None
+    why = [f"{u.device}: {u.reason}" for u in isolation.unchecked]
+    if isolation.note:
+        why.append(isolation.note)
+    return (
+        "isolation of the measured GPU could not be checked, so other processes' load may be "
+        f"in its energy: {'; '.join(why)} (--llem-isolation={isolation.mode})"
+    )

@@ -16,6 +16,7 @@ from pytest_llem.meters.base import (
     MeterInfo,
     MeterResolution,
     PowerTimeline,
+    ProcessesUnknown,
     Source,
 )
 from pytest_llem.meters.codecarbon import CodeCarbonMeter
@@ -51,6 +52,7 @@ __all__ = [
     "NvmlGpu",
     "NvmlMeter",
     "PowerTimeline",
+    "ProcessesUnknown",
     "RaplMeter",
     "Source",
     "ZeusMeter",

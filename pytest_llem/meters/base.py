@@ -25,6 +25,7 @@ __all__ = [
     "MeterInfo",
     "MeterResolution",
     "PowerTimeline",
+    "ProcessesUnknown",
     "Source",
     "reading_between",
     "reads_mid_window",
@@ -70,6 +71,16 @@ class PowerTimeline:
     method: str
     period_s: float
     samples: int
+
+
+@dataclass(frozen=True)
+class ProcessesUnknown:
+    """A device whose compute processes cannot be listed, and why (in ``running_processes()``).
+
+    An empty list means "nothing else runs here"; this means "nobody can tell".
+    """
+
+    reason: str
 
 
 @dataclass(frozen=True)
@@ -146,8 +157,10 @@ class EnergyMeter(Protocol):
       GPU without an energy counter); see :func:`reads_mid_window`.
     - ``device_states() -> dict[str, DeviceState]``: each measured device's state now
       (temperature, clocks); cooldown and the idle baseline use it.
-    - ``running_processes() -> dict[str, list[tuple[int, float | None]]]``: per device label,
-      the (pid, used memory in MiB) of compute processes on it; isolation checks use it.
+    - ``running_processes() -> dict[str, list[tuple[int, float | None]] | ProcessesUnknown]``:
+      per measured device label, the (pid, used memory in MiB) of compute processes on it, or
+      :class:`ProcessesUnknown` with the reason where they cannot be listed; isolation checks
+      use it.
     """
 
     name: str

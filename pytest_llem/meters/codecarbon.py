@@ -105,6 +105,39 @@ def _cpu_coverage(hardware: Any) -> _Coverage:
     return _Coverage("measured", "Raspberry Pi PMIC")
 
 
+def _monitored_gpus(hardware: Any) -> list[tuple[int, str]]:
+    """The ``(index, name)`` of the GPUs a CodeCarbon ``GPU`` measures.
+
+    ``num_gpus`` counts every device on the machine; ``gpu_ids`` (set from the tracker's
+    ``gpu_ids`` or ``CUDA_VISIBLE_DEVICES``, resolved to indices) are those it adds up.
+    """
+    try:
+        details = list(hardware.devices.get_gpu_static_info())
+    except Exception:  # a courtesy for the label: the indices alone still say which
+        logger.debug("codecarbon: cannot read its GPU details", exc_info=True)
+        details = []
+    names = {int(d["gpu_index"]): str(d.get("name", "?")) for d in details if "gpu_index" in d}
+    ids = getattr(hardware, "gpu_ids", None)
+    if ids is None:
+        ids = range(int(getattr(hardware, "num_gpus", 0) or 0))
+    indices = sorted({int(i) for i in ids if isinstance(i, int) or str(i).isdigit()})
+    return [(i, names.get(i, "?")) for i in indices]
+
+
+def _gpu_coverage(hardware: Any) -> _Coverage:
+    monitored = _monitored_gpus(hardware)
+    total = getattr(hardware, "num_gpus", "?")
+    if not monitored:
+        return _Coverage(
+            "measured", None, f"codecarbon monitors none of the machine's {total} GPU(s)"
+        )
+    listed = ", ".join(f"{index}: {name}" for index, name in monitored)
+    return _Coverage(
+        "measured",
+        f"{len(monitored)} of {total} GPU(s) via NVML or AMD SMI (indices {listed})",
+    )
+
+
 def _coverage(tracker: Any) -> dict[Domain, _Coverage]:
     """Which domains the tracker sees and whether it measures or estimates each."""
     found: dict[Domain, _Coverage] = {}
@@ -114,8 +147,7 @@ def _coverage(tracker: Any) -> dict[Domain, _Coverage]:
         if kind == "CPU" or (kind in ("AppleSiliconChip", "Raspberry") and part == "CPU"):
             found["cpu"] = _cpu_coverage(hardware)
         elif kind == "GPU":
-            count = getattr(hardware, "num_gpus", "?")
-            found["gpu"] = _Coverage("measured", f"{count} GPU(s) via NVML or AMD SMI")
+            found["gpu"] = _gpu_coverage(hardware)
         elif kind == "AppleSiliconChip" and part == "GPU":
             found["gpu"] = _Coverage("measured", "powermetrics (apple silicon)")
         elif kind == "RAM":
@@ -223,15 +255,21 @@ class CodeCarbonMeter:
                 f"{self._country} (kg CO2eq; --llem-country sets the country)"
             ),
         )
-        gpu_model = self._hardware.get("gpu_model")
         return MeterInfo(
             name=self.name,
             domains=tuple(covered),
             sources={d: self._coverage[d].source for d in covered},
             resolution=self._resolution(),
-            devices=(f"gpu: {gpu_model}",) if gpu_model else (),
+            devices=self._gpu_devices(),
             details=details,
         )
+
+    def _gpu_devices(self) -> tuple[str, ...]:
+        """The GPUs CodeCarbon adds up (its ``gpu_model`` names every GPU on the machine)."""
+        for hardware in getattr(self._tracker, "_hardware", []):
+            if type(hardware).__name__ == "GPU":
+                return tuple(f"gpu{index}: {name}" for index, name in _monitored_gpus(hardware))
+        return ()
 
     def _resolution(self) -> MeterResolution:
         """CodeCarbon reads every source at the task's edges: estimates scale with the window's

@@ -5,19 +5,21 @@ At construction the meter measures how often each GPU's energy counter
 window reads the counters at its edges while a thread samples power (the
 ``NVML_FI_DEV_POWER_INSTANT`` field, else ``nvmlDeviceGetPowerUsage``, milliwatts): the samples
 give the window's power timeline, a cross-check of the counter, and the energy of a GPU that has
-no counter. Each window edge also records every GPU's temperature, clocks and clock event
-reasons. NVML's units are converted here and nowhere else.
+no counter. Where the samples are ``nvmlDeviceGetPowerUsage``'s one-second average (Ampere and
+newer), their integral is corrected for the average's lag. Each window edge also records every
+GPU's temperature, clocks and clock event reasons, and ``running_processes()`` lists who else
+computes on the GPUs (or why it cannot). NVML's units are converted here and nowhere else.
 """
 
 from __future__ import annotations
 
 import bisect
-import functools
 import importlib
 import itertools
 import logging
 import math
 import os
+import re
 import statistics
 import threading
 import time
@@ -33,11 +35,13 @@ from pytest_llem.meters.base import (
     MeterInfo,
     MeterResolution,
     PowerTimeline,
+    ProcessesUnknown,
     update_period_from_changes,
 )
 
 __all__ = [
     "COUNTER_UPDATE_PERIOD_S",
+    "POWER_USAGE_AVERAGE_S",
     "SAMPLER_COST_FACTOR",
     "SAMPLE_PERIOD_MAX_S",
     "SAMPLE_PERIOD_MIN_S",
@@ -46,6 +50,7 @@ __all__ = [
     "UPDATE_PERIOD_PROBE_S",
     "NvmlGpu",
     "NvmlMeter",
+    "averaged_power_energy",
     "decode_clock_event_reasons",
     "downsample_power",
     "integrate_power",
@@ -69,6 +74,9 @@ SAMPLE_PERIOD_MAX_S = 0.1
 SAMPLER_COST_FACTOR = 50.0
 #: A window's power timeline keeps at most this many points (bucket means beyond that).
 TIMELINE_MAX_POINTS = 200
+#: ``nvmlDeviceGetPowerUsage`` is a trailing mean over this many seconds on Ampere (but GA100)
+#: and newer GPUs (``nvml.h``); the instant-power field is not averaged.
+POWER_USAGE_AVERAGE_S = 1.0
 
 #: The counter counts millijoules.
 _COUNTER_QUANTUM_J = 0.001
@@ -81,6 +89,12 @@ _COUNTER = "energy counter"
 _POWER = "power integration"
 _FIELD_METHOD = "NVML_FI_DEV_POWER_INSTANT"
 _USAGE_METHOD = "nvmlDeviceGetPowerUsage"
+#: ``nvmlDeviceGetArchitecture`` values: Ampere is 7; 0xFFFFFFFF is "unknown".
+_ARCH_AMPERE = 7
+_ARCH_UNKNOWN = 0xFFFFFFFF
+#: GA100 boards (A100, A30, A800 and their X and PG506 variants): Ampere, yet their
+#: ``nvmlDeviceGetPowerUsage`` is instantaneous (``nvml.h``).
+_GA100_NAMES = re.compile(r"\b(A100X?|A30X?|A800|AX800|PG506)\b")
 #: Members of NVML's value union, by ``NVML_VALUE_TYPE_*`` (double, uint, ulong, ulonglong,
 #: longlong, int, ushort), so a field is read whatever type the driver answers in.
 _VALUE_MEMBERS = ("dVal", "uiVal", "ulVal", "ullVal", "sllVal", "siVal", "usVal")
@@ -139,6 +153,8 @@ class _Device:
     why_power: str | None = None
     power_method: str | None = None
     why_no_power: str | None = None
+    power_average_s: float | None = None
+    power_average_note: str | None = None
     power_cost_s: float = 0.0
     update_period_s: float | None = None
     update_intervals: list[float] = field(default_factory=list)
@@ -164,6 +180,29 @@ def integrate_power(times_s: Sequence[float], watts: Sequence[float]) -> float:
         0.5 * (watts[k] + watts[k - 1]) * (times_s[k] - times_s[k - 1])
         for k in range(1, len(times_s))
     )
+
+
+def averaged_power_energy(
+    times_s: Sequence[float], watts: Sequence[float], *, average_s: float
+) -> float:
+    """Energy in joules over the samples' span when each sample is a trailing mean of power.
+
+    A trailing mean over ``average_s`` seconds lags the power: its integral over a window misses
+    ``average_s / 2`` times the change of the mean across the window (exact when the power is
+    steady over ``average_s`` before each edge, the error otherwise second order in the change),
+    so that term is added back to the trapezoid integral.
+
+    Args:
+        times_s: Sample times in seconds, ascending.
+        watts: The averaged power at each time.
+        average_s: The length of the trailing mean.
+
+    Returns:
+        The corrected integral; 0.0 for fewer than two samples.
+    """
+    if len(times_s) < 2:
+        return 0.0
+    return integrate_power(times_s, watts) + 0.5 * average_s * (watts[-1] - watts[0])
 
 
 def downsample_power(
@@ -350,13 +389,64 @@ def _is_unsupported(pynvml: Any, error: Exception) -> bool:
     return isinstance(error, AttributeError) or (bool(kinds) and isinstance(error, kinds))
 
 
+def _query_errors(pynvml: Any) -> tuple[type[BaseException], ...]:
+    """What an NVML query may raise for "cannot answer": ``NVMLError``, a function this pynvml
+    lacks (``AttributeError``), and ``NVMLLibraryMismatchError``, a plain ``Exception`` that
+    nvidia-ml-py raises from unversioned calls (the process listings) on older drivers."""
+    mismatch = getattr(pynvml, "NVMLLibraryMismatchError", None)
+    kinds: tuple[type[BaseException], ...] = (pynvml.NVMLError, AttributeError)
+    return (*kinds, mismatch) if isinstance(mismatch, type) else kinds
+
+
 def _optional(pynvml: Any, query: Callable[[], Any]) -> Any | None:
     """The query's answer, or None where NVML or this pynvml cannot give it."""
     try:
         return query()
-    except (pynvml.NVMLError, AttributeError) as e:
+    except _query_errors(pynvml) as e:
         logger.debug("nvml: optional query failed: %s", e)
         return None
+
+
+def _compute_processes(pynvml: Any, handle: Any) -> list[Any] | ProcessesUnknown:
+    """A GPU's compute processes, or why they cannot be listed.
+
+    The unversioned ``nvmlDeviceGetComputeRunningProcesses`` calls the newest struct version,
+    which an older driver lacks (nvidia-ml-py then raises ``NVMLLibraryMismatchError``): the
+    ``_v2`` call is tried next. A MIG-enabled GPU answers ``NVML_ERROR_NO_PERMISSION`` to an
+    unprivileged process.
+    """
+    reasons: list[str] = []
+    for function in (
+        "nvmlDeviceGetComputeRunningProcesses",
+        "nvmlDeviceGetComputeRunningProcesses_v2",
+    ):
+        query = getattr(pynvml, function, None)
+        if query is None:
+            reasons.append(f"{function} is not in this nvidia-ml-py")
+            continue
+        try:
+            return list(query(handle))
+        except _query_errors(pynvml) as e:
+            reasons.append(f"{function}: {_process_error(pynvml, e)}")
+            if not _is_version_mismatch(pynvml, e):
+                break
+    return ProcessesUnknown("cannot list its compute processes: " + "; ".join(reasons))
+
+
+def _is_version_mismatch(pynvml: Any, error: BaseException) -> bool:
+    mismatch = getattr(pynvml, "NVMLLibraryMismatchError", None)
+    return isinstance(error, AttributeError) or (
+        isinstance(mismatch, type) and isinstance(error, mismatch)
+    )
+
+
+def _process_error(pynvml: Any, error: BaseException) -> str:
+    permission = getattr(pynvml, "NVMLError_NoPermission", None)
+    if isinstance(permission, type) and isinstance(error, permission):
+        return f"{error} (a MIG-enabled GPU lists its processes to privileged users only)"
+    if _is_version_mismatch(pynvml, error):
+        return f"the driver's NVML lacks this call ({type(error).__name__})"
+    return str(error) or type(error).__name__
 
 
 def _mig_parent_index(pynvml: Any, entry: str, uuids: Sequence[str]) -> int:
@@ -499,8 +589,31 @@ def _choose_power_method(pynvml: Any, device: _Device) -> None:
             reasons.append(f"{method}: {e}")
             continue
         device.power_cost_s = _read_cost_s(pynvml, device)
+        if method == _USAGE_METHOD:
+            device.power_average_s, device.power_average_note = _usage_averaging(pynvml, device)
         return
     device.power_method, device.why_no_power = None, "; ".join(reasons)
+
+
+def _usage_averaging(pynvml: Any, device: _Device) -> tuple[float | None, str | None]:
+    """Whether ``nvmlDeviceGetPowerUsage`` is a trailing average on this GPU, and a note.
+
+    ``nvml.h``: on Ampere (except GA100) and newer it is power averaged over one second; on
+    GA100 and older architectures it is instantaneous.
+    """
+    arch = _optional(pynvml, lambda: pynvml.nvmlDeviceGetArchitecture(device.handle))
+    if arch is None or int(arch) == _ARCH_UNKNOWN:
+        return None, (
+            f"{_USAGE_METHOD} may be a {POWER_USAGE_AVERAGE_S:g} s average (Ampere and newer) "
+            "but this GPU's architecture is unknown: samples are taken as instantaneous"
+        )
+    if int(arch) < _ARCH_AMPERE or _GA100_NAMES.search(device.name):
+        return None, None
+    return POWER_USAGE_AVERAGE_S, (
+        f"{_USAGE_METHOD} is a {POWER_USAGE_AVERAGE_S:g} s trailing average on this GPU: the "
+        "timeline lags the power by about half of that, and the integrated energy is "
+        "corrected at the window's edges"
+    )
 
 
 def _read_cost_s(pynvml: Any, device: _Device) -> float:
@@ -659,6 +772,12 @@ class _Samples:
     times: list[float] = field(default_factory=list)
     watts: list[list[float]] = field(default_factory=list)
     error: BaseException | None = None
+
+
+def _sampled_energy(device: _Device, times_s: Sequence[float], watts: Sequence[float]) -> float:
+    if device.power_average_s is None:
+        return integrate_power(times_s, watts)
+    return averaged_power_energy(times_s, watts, average_s=device.power_average_s)
 
 
 class _PowerSampler:
@@ -847,6 +966,8 @@ class NvmlMeter:
         for d in self._devices:
             details[f"{d.label}.method"] = d.method + (f" ({d.why_power})" if d.why_power else "")
             details[f"{d.label}.power_samples"] = d.power_method or f"none ({d.why_no_power})"
+            if d.power_average_note:
+                details[f"{d.label}.power_average"] = d.power_average_note
             if d.update_period_s is not None:
                 details[f"{d.label}.update_period_s"] = f"{d.update_period_s:.4f}"
                 details[f"{d.label}.update_intervals_s"] = ", ".join(
@@ -884,20 +1005,23 @@ class NvmlMeter:
             raise EnergyMeterError("nvml: the meter is closed")
         return {d.label: _device_state(self._pynvml, d.handle) for d in self._devices}
 
-    def running_processes(self) -> dict[str, list[tuple[int, float | None]]]:
+    def running_processes(
+        self,
+    ) -> dict[str, list[tuple[int, float | None]] | ProcessesUnknown]:
         """Per GPU label, the ``(pid, used GPU memory in MiB or None)`` of its compute processes.
 
-        A GPU that cannot list its processes is left out (an empty list means none run).
+        A GPU that cannot list its processes (an old driver, a MIG-enabled GPU asked by an
+        unprivileged user) gets :class:`ProcessesUnknown` with the reason; an empty list means
+        none run.
         """
         if self._closed:
             raise EnergyMeterError("nvml: the meter is closed")
-        running: dict[str, list[tuple[int, float | None]]] = {}
-        list_processes = getattr(self._pynvml, "nvmlDeviceGetComputeRunningProcesses", None)
-        if list_processes is None:
-            return running
+        running: dict[str, list[tuple[int, float | None]] | ProcessesUnknown] = {}
         for device in self._devices:
-            processes = _optional(self._pynvml, functools.partial(list_processes, device.handle))
-            if processes is None:
+            processes = _compute_processes(self._pynvml, device.handle)
+            if isinstance(processes, ProcessesUnknown):
+                logger.info("nvml: %s %s", device.label, processes.reason)
+                running[device.label] = processes
                 continue
             running[device.label] = [
                 (int(p.pid), None if p.usedGpuMemory is None else float(p.usedGpuMemory) / 2**20)
@@ -1004,9 +1128,12 @@ class NvmlMeter:
             notes.append(f"no power timeline: reading power failed mid-window ({samples.error})")
             return {}
         integrated = {
-            d.label: integrate_power(samples.times, [row[i] for row in samples.watts])
+            d.label: _sampled_energy(d, samples.times, [row[i] for row in samples.watts])
             for i, d in enumerate(self._sampled)
         }
+        notes.extend(
+            f"{d.label}: {d.power_average_note}" for d in self._sampled if d.power_average_note
+        )
         if power_only:
             notes.append(
                 f"{', '.join(power_only)}: energy is power integration ({len(samples.times)} "

@@ -138,12 +138,18 @@ def _zone_key(zone_id: str) -> tuple[int, int]:
 
 
 def _zone_dirs(root: Path) -> dict[str, Path]:
-    """Every ``intel-rapl:N`` and ``intel-rapl:N:M`` folder, flat (class folder) or nested."""
+    """Every ``intel-rapl:N`` and ``intel-rapl:N:M`` folder, flat or nested.
+
+    ``/sys/class/powercap`` lists every zone at its top level; the kernel's own tree,
+    ``/sys/devices/virtual/powercap``, nests them: ``intel-rapl/intel-rapl:N/intel-rapl:N:M``.
+    Zones are looked for at the top and in the ``intel-rapl`` folder, subzones inside each zone.
+    """
     found: dict[str, Path] = {}
-    for pattern in ("intel-rapl:*", "intel-rapl:*/intel-rapl:*", "intel-rapl/intel-rapl:*"):
-        for path in root.glob(pattern):
-            if _ZONE_DIR.match(path.name) and path.is_dir():
-                found.setdefault(path.name, path)
+    for folder in (root, root / "intel-rapl"):
+        for zone in folder.glob("intel-rapl:*"):
+            for path in (zone, *zone.glob("intel-rapl:*")):
+                if _ZONE_DIR.match(path.name) and path.is_dir():
+                    found.setdefault(path.name, path)
     return dict(sorted(found.items(), key=lambda item: _zone_key(item[0])))
 
 

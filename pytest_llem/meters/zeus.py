@@ -23,9 +23,12 @@ is root-only (the ``rapl`` meter says how to grant access). Zeus takes every top
 figure also counts the platform; the ``rapl`` meter leaves ``psys`` out. On first use Zeus
 spawns one wrap-around tracker process per RAPL file (importing Zeus again, about a second of
 CPU): the meter runs one warm-up window at construction so that this happens before the first
-real window. Zeus errors are reported as ``EnergyMeterError`` (while measuring) or
-``MeterUnavailableError`` (at start-up). Checked against Zeus 0.16.0 (API unchanged since 0.11,
-when the package was renamed from ``zeus-ml``).
+real window. Zeus reads ``CUDA_VISIBLE_DEVICES`` as integer indices only: a GPU UUID makes it
+fail with "invalid literal for int()", and a MIG instance makes it drop every GPU without a
+word, so the meter refuses such a selection at start-up with the reason. Zeus errors are
+reported as ``EnergyMeterError`` (while measuring) or ``MeterUnavailableError`` (at start-up).
+Checked against Zeus 0.16.0 (API unchanged since 0.11, when the package was renamed from
+``zeus-ml``).
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ import importlib.util
 import itertools
 import logging
 import math
+import os
 import sys
 import time
 import warnings
@@ -87,6 +91,26 @@ def _zeus_version() -> str:
     return str(getattr(module, "__version__", "unknown"))
 
 
+def _visible_devices_problem(value: str | None) -> str | None:
+    """Why Zeus cannot measure the GPUs ``CUDA_VISIBLE_DEVICES`` selects, or None when it can.
+
+    Zeus 0.16 takes each entry through ``int()``: a ``GPU-...`` UUID fails, and a value that
+    starts with ``MIG`` leaves it with no GPU at all (it measures the CPU only, without saying
+    so). An empty value hides every GPU from CUDA too, so it is no problem of Zeus's.
+    """
+    if not value:
+        return None
+    names = [entry.strip() for entry in value.split(",") if not entry.strip().isdigit()]
+    if not names:
+        return None
+    return (
+        f"Zeus cannot measure the GPUs CUDA_VISIBLE_DEVICES={value!r} selects: it reads only "
+        f"integer indices, and {', '.join(names)} is a GPU UUID or MIG instance (Zeus fails on "
+        "a UUID and silently drops every GPU for a MIG name); set CUDA_VISIBLE_DEVICES to "
+        "integer indices, or use the nvml meter"
+    )
+
+
 def _dram_supported(monitor: Any, cpu_indices: Sequence[int]) -> bool | None:
     """Whether Zeus reads DRAM for any measured package; None when this Zeus cannot say."""
     cpus = getattr(monitor, "cpus", None)
@@ -112,8 +136,9 @@ class ZeusMeter:
             none.
 
     Raises:
-        MeterUnavailableError: Zeus is not installed, its monitor fails to start, or it finds
-            neither a GPU nor a readable CPU package.
+        MeterUnavailableError: Zeus is not installed, its monitor fails to start, it finds
+            neither a GPU nor a readable CPU package, or ``CUDA_VISIBLE_DEVICES`` names GPUs by
+            UUID or MIG instance (which Zeus cannot read).
         ConfigurationError: ``gpu_indices`` is empty.
     """
 
@@ -127,6 +152,9 @@ class ZeusMeter:
     ) -> None:
         if gpu_indices is not None and not list(gpu_indices):
             raise ConfigurationError("zeus: gpu_indices is empty; give None to measure every GPU")
+        problem = _visible_devices_problem(os.environ.get("CUDA_VISIBLE_DEVICES"))
+        if problem is not None:
+            raise MeterUnavailableError("zeus", problem)
         monitor_module = _import_monitor_module()
         self._version = _zeus_version()
         try:

@@ -37,6 +37,7 @@ __all__ = [
     "RepetitionRecord",
     "RunRecord",
     "ServerLoadRecord",
+    "UncheckedDevice",
     "unsupported_schema_version",
 ]
 
@@ -277,12 +278,29 @@ class ForeignProcess(_Record):
     memory_mb: float | None = None
 
 
+class UncheckedDevice(_Record):
+    """A measured GPU whose processes could not be listed, so its isolation is unknown."""
+
+    device: str
+    reason: str
+
+
 class IsolationRecord(_Record):
     """Who else ran on the measured GPUs before the case (``--llem-isolation``)."""
 
-    mode: str = Field(description="warn, skip or fail: what foreign processes lead to.")
-    checked: bool = Field(description="False when listing the processes failed (see note).")
+    mode: str = Field(
+        description="warn, skip or fail: what foreign processes, or GPUs that cannot be "
+        "checked, lead to."
+    )
+    checked: bool = Field(
+        description="True only when every measured GPU's processes were listed; False when a "
+        "GPU could not be checked (see unchecked) or listing failed (see note)."
+    )
     foreign: list[ForeignProcess] = Field(default_factory=list)
+    unchecked: list[UncheckedDevice] = Field(
+        default_factory=list,
+        description="GPUs whose processes could not be listed, each with the reason.",
+    )
     note: str | None = None
 
 

@@ -12,12 +12,21 @@ reasons, compute processes and MIG follow pynvml's names, units and return shape
 be made unsupported per GPU (``FakeGpu.unsupported``) or missing from the module
 (``install(..., missing=...)``, as in an old nvidia-ml-py). ``install(monkeypatch, ...)`` puts
 the fake into ``sys.modules["pynvml"]``.
+
+As in nvidia-ml-py and ``nvml.h``: on Ampere (but GA100) and newer GPUs
+``nvmlDeviceGetPowerUsage`` (and the ``NVML_FI_DEV_POWER_AVERAGE`` field) answer the power
+averaged over the last second, the instant field the power now; a function the driver's NVML
+lacks (``install(..., driver_lacks=...)``) raises ``NVMLError_FunctionNotFound``, which the
+unversioned process listing turns into ``NVMLLibraryMismatchError`` (a plain ``Exception``);
+an unprivileged process (the default) asking a MIG-enabled GPU for its processes gets
+``NVMLError_NoPermission``.
 """
 
 from __future__ import annotations
 
 import ctypes
 import math
+import re
 import sys
 import threading
 import time
@@ -31,6 +40,9 @@ import pytest
 __all__ = [
     "NVML_CLOCK_MEM",
     "NVML_CLOCK_SM",
+    "NVML_DEVICE_ARCH_AMPERE",
+    "NVML_DEVICE_ARCH_HOPPER",
+    "NVML_DEVICE_ARCH_VOLTA",
     "NVML_FI_DEV_POWER_AVERAGE",
     "NVML_FI_DEV_POWER_INSTANT",
     "NVML_TEMPERATURE_GPU",
@@ -47,9 +59,11 @@ __all__ = [
     "NVMLError_GpuIsLost",
     "NVMLError_InvalidArgument",
     "NVMLError_LibraryNotFound",
+    "NVMLError_NoPermission",
     "NVMLError_NotFound",
     "NVMLError_NotSupported",
     "NVMLError_Uninitialized",
+    "NVMLLibraryMismatchError",
     "install",
 ]
 
@@ -57,6 +71,7 @@ NVML_SUCCESS = 0
 NVML_ERROR_UNINITIALIZED = 1
 NVML_ERROR_INVALID_ARGUMENT = 2
 NVML_ERROR_NOT_SUPPORTED = 3
+NVML_ERROR_NO_PERMISSION = 4
 NVML_ERROR_NOT_FOUND = 6
 NVML_ERROR_DRIVER_NOT_LOADED = 9
 NVML_ERROR_LIBRARY_NOT_FOUND = 12
@@ -68,6 +83,13 @@ NVML_CLOCK_SM = 1
 NVML_CLOCK_MEM = 2
 NVML_DEVICE_MIG_DISABLE = 0
 NVML_DEVICE_MIG_ENABLE = 1
+NVML_DEVICE_ARCH_VOLTA = 5
+NVML_DEVICE_ARCH_TURING = 6
+NVML_DEVICE_ARCH_AMPERE = 7
+NVML_DEVICE_ARCH_ADA = 8
+NVML_DEVICE_ARCH_HOPPER = 9
+NVML_DEVICE_ARCH_BLACKWELL = 10
+NVML_DEVICE_ARCH_UNKNOWN = 0xFFFFFFFF
 NVML_FI_DEV_POWER_AVERAGE = 185
 NVML_FI_DEV_POWER_INSTANT = 186
 
@@ -96,6 +118,14 @@ _POWER_FIELDS = {
     NVML_FI_DEV_POWER_AVERAGE: "NVML_FI_DEV_POWER_AVERAGE",
     NVML_FI_DEV_POWER_INSTANT: "NVML_FI_DEV_POWER_INSTANT",
 }
+#: The window of the power average on Ampere and newer (``nvml.h``: "averaged over 1 sec").
+POWER_AVERAGE_S = 1.0
+#: GA100 boards: Ampere, yet ``nvmlDeviceGetPowerUsage`` answers instant power there.
+_GA100 = re.compile(r"\b(A100X?|A30X?|A800|AX800|PG506)\b")
+
+
+class NVMLLibraryMismatchError(Exception):
+    """nvidia-ml-py's error for an unversioned call the driver's NVML lacks (not an NVMLError)."""
 
 
 class NVMLError(Exception):
@@ -127,6 +157,13 @@ class NVMLError_NotSupported(NVMLError):
 
     value = NVML_ERROR_NOT_SUPPORTED
     text = "Not Supported"
+
+
+class NVMLError_NoPermission(NVMLError):
+    """The caller lacks the privileges (a MIG-enabled GPU's processes, for a user)."""
+
+    value = NVML_ERROR_NO_PERMISSION
+    text = "Insufficient Permissions"
 
 
 class NVMLError_NotFound(NVMLError):
@@ -230,7 +267,10 @@ class FakeGpu:
     that answer ``NVMLError_NotSupported`` on this GPU (``"NVML_FI_DEV_POWER_INSTANT"`` makes
     that field answer not supported inside a successful ``nvmlDeviceGetFieldValues``).
     ``processes`` are ``(pid, used bytes or None)``; ``mig_devices`` are the UUIDs of the MIG
-    instances on this GPU (meaningful with ``mig_mode=1``).
+    instances on this GPU (meaningful with ``mig_mode=1``). ``architecture`` is an
+    ``NVML_DEVICE_ARCH_*`` value; on Ampere and newer (but GA100, told by its name) power usage
+    is the mean over the last :data:`POWER_AVERAGE_S`, following changes made with
+    ``FakeNvml.set_power``.
     """
 
     name: str = "NVIDIA H100 80GB HBM3"
@@ -250,11 +290,13 @@ class FakeGpu:
     mig_mode: int = NVML_DEVICE_MIG_DISABLE
     mig_devices: list[str] = field(default_factory=list)
     power_field_value_type: int = NVML_VALUE_TYPE_UNSIGNED_INT
+    architecture: int = NVML_DEVICE_ARCH_HOPPER
     unsupported: set[str] = field(default_factory=set)
     counter_steps_s: tuple[float, ...] = ()
     power_reading_w: float | None = None
     _next_tick: float = field(default=0.0, repr=False)
     _ticks: int = field(default=0, repr=False)
+    _power_history: list[tuple[float, float]] = field(default_factory=list, repr=False)
 
     @property
     def reported_power_w(self) -> float:
@@ -270,6 +312,32 @@ class FakeGpu:
         """Start the counter's update ticks at ``now``."""
         self._ticks = 0
         self._next_tick = now + self._step()
+        self._power_history = [(-math.inf, self.reported_power_w)]
+
+    @property
+    def averages_power_usage(self) -> bool:
+        """Whether ``nvmlDeviceGetPowerUsage`` is a 1 s mean here (Ampere and newer, not GA100)."""
+        return (
+            NVML_DEVICE_ARCH_AMPERE <= self.architecture < NVML_DEVICE_ARCH_UNKNOWN
+            and not _GA100.search(self.name)
+        )
+
+    def record_power(self, now: float) -> None:
+        """Note the current ``power_w`` as in force from ``now`` (for the average)."""
+        if not self._power_history:
+            self._power_history = [(-math.inf, self.reported_power_w)]
+        elif self._power_history[-1][1] != self.reported_power_w:
+            self._power_history.append((now, self.reported_power_w))
+
+    def average_power_w(self, now: float, window_s: float = POWER_AVERAGE_S) -> float:
+        """The mean power over ``[now - window_s, now]``."""
+        self.record_power(now)  # a power_w set directly counts from now
+        start, joules = now - window_s, 0.0
+        changes = self._power_history
+        for k, (since, watts) in enumerate(changes):
+            until = changes[k + 1][0] if k + 1 < len(changes) else now
+            joules += watts * max(0.0, min(until, now) - max(since, start))
+        return joules / window_s
 
     def advance(self, now: float) -> None:
         """Apply every counter update due by ``now`` at the current power."""
@@ -317,11 +385,15 @@ class FakeNvml:
         driver: str = "580.159.04",
         library_found: bool = True,
         missing: Iterable[str] = (),
+        driver_lacks: Iterable[str] = (),
+        privileged: bool = False,
     ) -> None:
         self.gpus = gpus
         self.driver = driver
         self.library_found = library_found
         self.missing = frozenset(missing)
+        self.driver_lacks = frozenset(driver_lacks)
+        self.privileged = privileged
         self.init_count = 0
         self.shutdown_count = 0
         self.power_calls = 0
@@ -346,8 +418,11 @@ class FakeNvml:
         """Change a GPU's power from now on (updates already due use the old power)."""
         with self._lock:
             gpu = self.gpus[index]
-            gpu.advance(time.perf_counter())
+            now = time.perf_counter()
+            gpu.advance(now)
+            gpu.record_power(now)
             gpu.power_w = watts
+            gpu.record_power(now)
 
     # The pynvml API -----------------------------------------------------------------------
 
@@ -420,10 +495,17 @@ class FakeNvml:
         return FakeMemoryInfo(total=total, free=total, used=0)
 
     def nvmlDeviceGetPowerUsage(self, handle: _Handle) -> int:
-        """Power in milliwatts."""
+        """Power in milliwatts: the last second's mean on Ampere and newer (but GA100)."""
         gpu = self._gpu(handle, "nvmlDeviceGetPowerUsage")
         self.power_calls += 1
+        if gpu.averages_power_usage:
+            with self._lock:
+                return round(gpu.average_power_w(time.perf_counter()) * 1000)
         return round(gpu.reported_power_w * 1000)
+
+    def nvmlDeviceGetArchitecture(self, handle: _Handle) -> int:
+        """An ``NVML_DEVICE_ARCH_*`` value."""
+        return self._gpu(handle, "nvmlDeviceGetArchitecture").architecture
 
     def nvmlDeviceGetFieldValues(self, handle: _Handle, field_ids: list[Any]) -> Any:
         """Field values as a ctypes array; power fields in milliwatts."""
@@ -440,12 +522,21 @@ class FakeNvml:
 
     def _fill_field(self, gpu: FakeGpu, value: FakeFieldValue) -> None:
         name = _POWER_FIELDS.get(value.fieldId)
-        if name is None or name in gpu.unsupported:
+        averaged = value.fieldId == NVML_FI_DEV_POWER_AVERAGE
+        if (
+            name is None
+            or name in gpu.unsupported
+            or (averaged and gpu.architecture < NVML_DEVICE_ARCH_AMPERE)
+        ):
             value.nvmlReturn = NVML_ERROR_NOT_SUPPORTED
             return
         value.nvmlReturn = NVML_SUCCESS
         value.valueType = gpu.power_field_value_type
-        milliwatts = gpu.reported_power_w * 1000
+        if averaged:
+            with self._lock:
+                milliwatts = gpu.average_power_w(time.perf_counter()) * 1000
+        else:
+            milliwatts = gpu.reported_power_w * 1000
         if gpu.power_field_value_type == NVML_VALUE_TYPE_DOUBLE:
             value.value.dVal = milliwatts
         else:
@@ -483,8 +574,31 @@ class FakeNvml:
     def nvmlDeviceGetCurrentClocksThrottleReasons(self, handle: _Handle) -> int:
         return self._gpu(handle, "nvmlDeviceGetCurrentClocksThrottleReasons").clock_reasons
 
+    def nvmlDeviceGetComputeRunningProcesses_v3(self, handle: _Handle) -> list[FakeProcessInfo]:
+        return self._processes(handle, "nvmlDeviceGetComputeRunningProcesses_v3")
+
+    def nvmlDeviceGetComputeRunningProcesses_v2(self, handle: _Handle) -> list[FakeProcessInfo]:
+        return self._processes(handle, "nvmlDeviceGetComputeRunningProcesses_v2")
+
     def nvmlDeviceGetComputeRunningProcesses(self, handle: _Handle) -> list[FakeProcessInfo]:
-        gpu = self._gpu(handle, "nvmlDeviceGetComputeRunningProcesses")
+        """The ``_v3`` call; a driver without it raises ``NVMLLibraryMismatchError``."""
+        try:
+            return self.nvmlDeviceGetComputeRunningProcesses_v3(handle)
+        except NVMLError_FunctionNotFound:
+            raise NVMLLibraryMismatchError(
+                "the unversioned call needs a newer NVML than the driver's; call a versioned "
+                "one, such as nvmlDeviceGetComputeRunningProcesses_v2"
+            ) from None
+
+    def _processes(self, handle: _Handle, function: str) -> list[FakeProcessInfo]:
+        self._check()
+        if function in self.driver_lacks:
+            raise NVMLError_FunctionNotFound()
+        gpu = self._gpu(handle, function)
+        if "nvmlDeviceGetComputeRunningProcesses" in gpu.unsupported:
+            raise NVMLError_NotSupported()
+        if gpu.mig_mode == NVML_DEVICE_MIG_ENABLE and not self.privileged:
+            raise NVMLError_NoPermission()
         return [FakeProcessInfo(pid, used) for pid, used in gpu.processes]
 
     def _check(self) -> None:
@@ -513,7 +627,7 @@ class FakeNvml:
         constants: dict[str, Any] = {
             name: value
             for name, value in globals().items()
-            if name.startswith(("NVML_", "NVMLError"))
+            if name.startswith(("NVML_", "NVMLError", "NVMLLibrary"))
         }
         for reason, bit in _REASON_BITS.items():
             constants[f"nvmlClocksEventReason{reason}"] = bit
@@ -533,6 +647,8 @@ def install(
     *,
     library_found: bool = True,
     missing: Iterable[str] = (),
+    driver_lacks: Iterable[str] = (),
+    privileged: bool = False,
 ) -> FakeNvml:
     """Install a fake pynvml into ``sys.modules`` for the test; one H100 at 200 W by default.
 
@@ -541,12 +657,19 @@ def install(
         gpus: The fake GPUs; ``[]`` makes a driver with no device.
         library_found: False makes ``nvmlInit`` raise ``NVMLError_LibraryNotFound``.
         missing: Names (functions or constants) the module lacks, as in an old nvidia-ml-py.
+        driver_lacks: Versioned functions the driver's NVML lacks (an older driver than the
+            nvidia-ml-py), such as ``"nvmlDeviceGetComputeRunningProcesses_v3"``.
+        privileged: Whether this process may list a MIG-enabled GPU's processes (root).
 
     Returns:
         The fake's state, to change power or switches and to count calls.
     """
     fake = FakeNvml(
-        [FakeGpu()] if gpus is None else gpus, library_found=library_found, missing=missing
+        [FakeGpu()] if gpus is None else gpus,
+        library_found=library_found,
+        missing=missing,
+        driver_lacks=driver_lacks,
+        privileged=privileged,
     )
     monkeypatch.setitem(sys.modules, "pynvml", fake.module())
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)

@@ -1,7 +1,9 @@
 """An honest fake of the Linux powercap RAPL tree for tests on machines without RAPL.
 
 ``FakeRaplTree`` lays out zone folders (``intel-rapl:N``, ``intel-rapl:N:M``) with ``name``,
-``energy_uj`` and ``max_energy_range_uj`` files as ``/sys/class/powercap`` does, and a writer
+``energy_uj`` and ``max_energy_range_uj`` files as ``/sys/class/powercap`` does (every zone at
+the top level), or nested as the kernel's ``/sys/devices/virtual/powercap`` does
+(``intel-rapl/intel-rapl:N/intel-rapl:N:M``), and a writer
 thread advances each zone's ``energy_uj`` at its power on the real clock every
 ``update_period_s`` (or at irregular intervals cycling through ``update_pattern_s``), wrapping
 past ``max_energy_range_uj``. Every write is atomic (a temporary file, then ``os.replace``), as a
@@ -119,10 +121,11 @@ class FakeRaplTree:
 
     Args:
         root: The folder to fill (it is created); point ``LLEM_RAPL_ROOT`` or the meter there.
-        zones: The zones; subzones (``intel-rapl:N:M``) go at the top level, as in
-            ``/sys/class/powercap``, or inside their parent with ``nested=True``.
+        zones: The zones; all at the top level, as in ``/sys/class/powercap`` (whose entries
+            link into the nested tree), or nested with ``nested=True``.
         update_period_s: How often the writer advances the counters.
-        nested: Put subzones inside their parent's folder (``/sys/devices/virtual/powercap``).
+        nested: Lay the zones out as ``/sys/devices/virtual/powercap`` does: packages in the
+            ``intel-rapl`` control-type folder, subzones inside their package's folder.
         update_pattern_s: The writer's successive intervals (cycled) instead of the regular
             ``update_period_s``: a counter whose updates are not evenly spaced.
     """
@@ -159,10 +162,13 @@ class FakeRaplTree:
         self._last = time.perf_counter()
 
     def _zone_path(self, zone_id: str, nested: bool) -> Path:
+        if not nested:
+            return self.root / zone_id
         parts = zone_id.split(":")
-        if nested and len(parts) == 3:
-            return self.root / ":".join(parts[:2]) / zone_id
-        return self.root / zone_id
+        parent = self.root / "intel-rapl"
+        if len(parts) == 3:
+            parent /= ":".join(parts[:2])
+        return parent / zone_id
 
     def path(self, zone_id: str) -> Path:
         """The folder of a zone."""

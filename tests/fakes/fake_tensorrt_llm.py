@@ -6,9 +6,17 @@ What it keeps from the real package, as read from its documentation and sources:
   TensorRT-engine one; both take ``model`` and keyword arguments, reject an argument they do not
   know with ``ValueError("... got invalid argument: ...")``, and the PyTorch one rejects
   TensorRT-only arguments (``quant_config``, ``enable_build_cache``, ...) by name.
-- ``SamplingParams`` is a keyword-only slotted dataclass (an unknown field is a ``TypeError``);
-  ``end_id`` left unset is filled from the tokenizer; ``top_k`` and ``top_p`` unset or
-  ``top_k=1`` is greedy decoding; ``min_tokens`` masks the end token, ``ignore_eos`` ignores it.
+- ``SamplingParams`` is a keyword-only slotted dataclass (an unknown field is a ``TypeError``)
+  that validates its ranges (``top_p`` in [0, 1], ``top_k`` and ``temperature`` >= 0, else
+  ``ValueError``); ``end_id`` left unset is filled from the tokenizer; greedy decoding is what
+  ``params_imply_greedy_decoding`` says: temperature, top-k and top-p all unset, or ``top_k=1``,
+  ``top_p=0`` or ``temperature=0``; ``min_tokens`` masks the end token, ``ignore_eos`` ignores
+  it.
+- The TensorRT runtime's build cache (``BuildCacheConfig(cache_root=...)``) prunes its root
+  before it writes an engine, as ``BuildCache.prune_caches`` does: every entry that is not a
+  valid record (a folder with ``metadata.json`` of version 0 and ``content/``), file or folder,
+  is deleted, then all but the newest ``max_records - 1`` records, to leave room for the new
+  one (10 records in all by default).
 - ``generate_async(inputs, sampling_params, streaming=True)`` returns a ``RequestOutput`` at
   once. An in-flight batching scheduler thread runs steps in real time (a step takes
   ``step_s``, plus ``prefill_s`` when it admits new requests; at most ``max_batch_size`` run
@@ -23,14 +31,15 @@ What it keeps from the real package, as read from its documentation and sources:
 The "model" is a hash: each token comes from the prompt ids, the tokens so far and, when
 sampling, the seed and sampling settings, so runs repeat exactly. The tokenizer is the
 checkpoint's own Hugging Face tokenizer, loaded the way TensorRT-LLM loads it (left padding and
-truncation). An assumption the sources did not settle: a request that stops on its end token
-does not get that token in ``token_ids``.
+truncation). What the sources did not settle, a switch decides: whether a request that stops
+on its end token gets that token in ``token_ids`` (``FakeTensorRT.eos_in_token_ids``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
 import enum
 import hashlib
 import json
@@ -91,6 +100,8 @@ class FakeTensorRT:
         prefill_s: Extra time of a step that admits new requests.
         build_s: Time to build a TensorRT engine (``_tensorrt_engine.LLM`` without a cached one).
         eos_probability: Chance that a step's token is the end token.
+        eos_in_token_ids: Whether a request that stops on its end token gets it in
+            ``token_ids`` (unsettled for the real engine; the backend must count it either way).
         fail_on_load: Raised by the next ``LLM(...)``.
         fail_next_step: When set, the next step fails every running request with a
             ``RequestError`` carrying this message (then it is cleared).
@@ -102,6 +113,7 @@ class FakeTensorRT:
     prefill_s: float = 0.003
     build_s: float = 0.02
     eos_probability: float = 0.0
+    eos_in_token_ids: bool = False
     fail_on_load: BaseException | None = None
     fail_next_step: str | None = None
     engines: list[Any] = field(default_factory=list)
@@ -191,6 +203,16 @@ class SamplingParams:
         if self.pad_id is None:
             self.pad_id = self.end_id
         self.best_of = self.best_of or self.n
+        self._validate()
+
+    def _validate(self) -> None:
+        if self.top_p is not None and not 0 <= self.top_p <= 1:
+            raise ValueError(f"top_p must lie in [0, 1], not {self.top_p}")
+        if self.top_k is not None and self.top_k < 0:
+            raise ValueError(f"top_k must be at least 0, not {self.top_k}")
+        if self.temperature is not None and self.temperature < 0:
+            raise ValueError(f"temperature must be at least 0, not {self.temperature}")
+        assert self.best_of is not None
         if self.best_of < self.n:
             raise ValueError(f"best_of ({self.best_of}) cannot be less than n ({self.n})")
         if self.best_of > 1 and self._greedy_decoding:
@@ -198,12 +220,21 @@ class SamplingParams:
         if self.truncate_prompt_tokens is not None and self.truncate_prompt_tokens < 1:
             raise ValueError("truncate_prompt_tokens must be >= 1")
 
+    @staticmethod
+    def params_imply_greedy_decoding(
+        *, temperature: float | None, top_p: float | None, top_k: int | None
+    ) -> bool:
+        return (
+            (temperature is None and top_p is None and top_k is None)
+            or top_k == 1
+            or top_p == 0.0
+            or temperature == 0
+        )
+
     @property
     def _greedy_decoding(self) -> bool:
-        return (
-            not self.use_beam_search
-            and (self.top_k is None or self.top_k == 1)
-            and (self.top_p is None or self.top_p == 0.0)
+        return not self.use_beam_search and self.params_imply_greedy_decoding(
+            temperature=self.temperature, top_p=self.top_p, top_k=self.top_k
         )
 
     def _setup(self, tokenizer: Any) -> None:
@@ -471,7 +502,10 @@ class _Scheduler:
         token = self._pick(sequence)
         end = sampling.end_id
         if token == end and not sampling.ignore_eos:
-            return "stop"  # the end token is not returned
+            if self.fake.eos_in_token_ids:
+                sequence.generated.append(token)
+                sequence.unsent.append(token)
+            return "stop"
         sequence.generated.append(token)
         sequence.unsent.append(token)
         if len(sequence.generated) >= sampling.max_tokens:
@@ -687,13 +721,25 @@ class _TrtLLM(_FakeLLM):
         settings = {k: repr(v) for k, v in self.kwargs.items() if k != "enable_build_cache"}
         inputs = json.dumps({"model": self.model, **settings}, sort_keys=True)
         key = hashlib.md5(inputs.encode()).hexdigest()  # a cache key, as there
-        target = Path(cache.cache_root) / f"engine-{key}"
-        if (target / "metadata.json").is_file():
+        root = Path(cache.cache_root)
+        target = root / f"engine-{key}"
+        if _valid_record(target):
             return "cached"
+        _prune(root, max_records=cache.max_records - 1)  # room for the incoming record
+        staging = root / f"{target.name}.dummy"
+        staging.mkdir(parents=True, exist_ok=True)
+        metadata = {
+            "version": 0,
+            "datetime": datetime.datetime.now().isoformat(),
+            "kind": "Engine",
+        }
+        (staging / "metadata.json").write_text(json.dumps(metadata))
         time.sleep(self._fake.build_s)
-        (target / "content").mkdir(parents=True, exist_ok=True)
-        (target / "content" / "rank0.engine").write_bytes(b"fake engine")
-        (target / "metadata.json").write_text(json.dumps({"version": 0, "kind": "Engine"}))
+        (staging / "content").mkdir(exist_ok=True)
+        (staging / "content" / "rank0.engine").write_bytes(b"fake engine")
+        if target.exists():
+            shutil.rmtree(target)
+        shutil.move(staging, target)
         return "built"
 
     def _check_request(self, prompt_len: int, sampling: SamplingParams) -> None:
@@ -709,6 +755,35 @@ class _TrtLLM(_FakeLLM):
         if workspace is not None:
             shutil.rmtree(workspace, ignore_errors=True)
             self._workspace = None
+
+
+def _valid_record(entry: Path) -> bool:
+    """A build-cache record: a folder with ``metadata.json`` of version 0 and ``content``."""
+    try:
+        metadata = json.loads((entry / "metadata.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return metadata.get("version") == 0 and (entry / "content").exists()
+
+
+def _prune(root: Path, *, max_records: int) -> None:
+    """What the real build cache does to its root before writing: everything that is not a
+    valid record is deleted, then the oldest records beyond ``max_records``."""
+    if not root.exists():
+        return
+    for entry in root.iterdir():
+        if not _valid_record(entry):
+            if entry.is_dir():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+    records = sorted(
+        root.iterdir(),
+        key=lambda entry: json.loads((entry / "metadata.json").read_text())["datetime"],
+        reverse=True,
+    )
+    for entry in records[max_records:]:
+        shutil.rmtree(entry)
 
 
 def install(monkeypatch: pytest.MonkeyPatch, **settings: Any) -> FakeTensorRT:

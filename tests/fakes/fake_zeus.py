@@ -5,13 +5,16 @@ It has the shape of the real package (``zeus``, ``zeus.monitor``, ``zeus.monitor
 to 0.16: named, concurrent windows; each fake GPU has a millijoule energy counter that advances
 in steps of ``counter_step_s`` on the real clock (so a short window reads 0 J, and Zeus warns);
 each fake CPU package's RAPL energy is power x elapsed time; ``sync_execution=True`` needs CUDA
-(which the fake does not have unless told). ``install(monkeypatch, ...)`` puts it into
-``sys.modules``.
+(which the fake does not have unless told). ``CUDA_VISIBLE_DEVICES`` is read as Zeus 0.16 reads
+it: ``int()`` of each entry (a UUID raises ``ValueError``), and a value that is empty or starts
+with ``MIG`` leaves Zeus with no GPU at all, silently. ``install(monkeypatch, ...)`` puts it
+into ``sys.modules`` (and clears ``CUDA_VISIBLE_DEVICES``; set it afterwards).
 """
 
 from __future__ import annotations
 
 import math
+import os
 import sys
 import threading
 import time
@@ -29,6 +32,7 @@ __all__ = [
     "Measurement",
     "ZeusBaseError",
     "ZeusBaseGPUError",
+    "ZeusGPUInitError",
     "ZeusGPULostError",
     "install",
 ]
@@ -56,6 +60,22 @@ class ZeusBaseGPUError(ZeusBaseError):
 
 class ZeusGPULostError(ZeusBaseGPUError):
     """The GPU fell off the bus."""
+
+
+class ZeusGPUInitError(ZeusBaseGPUError):
+    """GPU management could not start (``ZeusMonitor`` then carries on without GPUs)."""
+
+
+def _visible_gpus(gpus: list[FakeZeusGpu]) -> list[FakeZeusGpu]:
+    """The GPUs Zeus tracks under ``CUDA_VISIBLE_DEVICES`` (``NVIDIAGPUs._init_gpus``)."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is None:
+        return list(gpus)
+    if not visible:
+        raise ZeusGPUInitError("CUDA_VISIBLE_DEVICES is set to an empty string.")
+    if visible.startswith("MIG"):
+        raise ZeusGPUInitError("CUDA_VISIBLE_DEVICES contains MIG devices.")
+    return [gpus[int(index)] for index in visible.split(",")]
 
 
 @dataclass
@@ -217,7 +237,11 @@ class ZeusMonitorBase:
                 )
             cpu_count = 0
         self.cpus = _FakeCpus(fake.cpus[:cpu_count])
-        self.gpu_indices = gpu_indices if gpu_indices is not None else list(range(len(fake.gpus)))
+        try:
+            self.gpus = _visible_gpus(fake.gpus)
+        except ZeusGPUInitError:
+            self.gpus = []  # Zeus's EmptyGPUs: no GPU, and no word of why
+        self.gpu_indices = gpu_indices if gpu_indices is not None else list(range(len(self.gpus)))
         self.cpu_indices = cpu_indices if cpu_indices is not None else list(range(cpu_count))
         self.sync_with = sync_execution_with
         self.measurement_states: dict[str, _State] = {}
@@ -233,7 +257,7 @@ class ZeusMonitorBase:
         fake = self.fake
         with fake.lock:
             now = time.perf_counter()
-            gpu = {i: fake.gpus[i].read_mj(now) for i in self.gpu_indices}
+            gpu = {i: self.gpus[i].read_mj(now) for i in self.gpu_indices}
             cpu: dict[int, float] = {}
             dram: dict[int, float] = {}
             for i in self.cpu_indices:
@@ -302,4 +326,5 @@ def install(
     )
     for name, module in fake.module().items():
         monkeypatch.setitem(sys.modules, name, module)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     return fake
