@@ -219,7 +219,7 @@ def test_nvml_run_records_timeline_states_and_heat(
     assert case["measured_hot"] is True
     assert case["cooldown"]["mode"] == "seconds"
     assert case["cooldown"]["waited_s"] >= 0.1
-    result.stdout.fnmatch_lines(["*test_tiny (hot)*", "*measured hot*test_tiny*"])
+    result.stdout.fnmatch_lines(["*test_tiny (hot*", "*measured hot*test_tiny*"])
 
 
 def _rapl_tree(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, **zones: Any) -> Any:
