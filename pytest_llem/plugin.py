@@ -741,7 +741,7 @@ class RunRecorder:
         for line in finish.errors:
             terminalreporter.write_line(line, red=True)
         if finish.breaches:
-            terminalreporter.write_sep("-", "llem regressions", red=True)
+            terminalreporter.write_sep("-", "llem gate failed", red=True)
             for line in finish.breaches:
                 terminalreporter.write_line(line, red=True)
 

@@ -93,7 +93,7 @@ def test_save_names_the_file_and_compare_finds_a_regression(
     result = _run(project, monkeypatch, SLOW, "--llem-repeat=3", "--llem-compare=fast", GATE)
     assert result.ret == 1
     result.stdout.fnmatch_lines(
-        ["*llem regressions*", "*test_throughput*output_tokens_per_s regressed (limit -5%)*"]
+        ["*llem gate failed*", "*test_throughput*output_tokens_per_s regressed (limit -5%)*"]
     )
     result.stdout.no_fnmatch_line("*Traceback*")
     record = json.loads((project.path / "reports" / "llem-report.json").read_text())
@@ -187,8 +187,10 @@ def test_unloadable_baseline_is_a_usage_error_before_any_case_runs(
 
     (project.path / "broken.json").write_text("{not json", encoding="utf-8")
     (project.path / "other.json").write_text('{"cases": []}', encoding="utf-8")
+    (project.path / "future.json").write_text('{"schema_version": "9.0"}', encoding="utf-8")
     for spec, message in (
         ("broken.json", "cannot read run record broken.json: *"),
+        ("future.json", "*unsupported schema_version '9.0'; this pytest-llem reads 1.0*"),
         ("other.json", "other.json is not a valid run record: *"),
         ("missing.json", f"no such run record: missing.json; saved runs of * in {storage}: *"),
     ):
@@ -215,7 +217,7 @@ def test_baseline_whose_cases_were_all_skipped_says_so(
     )
     gated = _run(project, monkeypatch, FAST, "--llem-repeat=3", "--llem-compare=skipped", GATE)
     assert gated.ret == 1
-    gated.stdout.fnmatch_lines(["*llem regressions*", problem])
+    gated.stdout.fnmatch_lines(["*llem gate failed*", problem])
 
 
 def test_bad_gate_expression_is_a_usage_error(project: pytest.Pytester) -> None:
