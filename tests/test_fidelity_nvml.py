@@ -21,6 +21,7 @@ from tests.fakes.fake_pynvml import (
     NVMLLibraryMismatchError,
     install,
 )
+from tests.test_scale_out import ISOLATION_CASE
 
 pytest_plugins = ["pytester"]
 
@@ -118,15 +119,6 @@ def test_mig_gpu_lists_its_processes_to_root(monkeypatch: pytest.MonkeyPatch) ->
     assert isolation is not None
     assert isolation.checked
     assert [p.pid for p in isolation.foreign] == [OTHER_PID]
-
-
-ISOLATION_CASE = """
-import pytest
-
-@pytest.mark.llem(batch_size=2, max_new_tokens=2, num_prompts=2)
-def test_busy(llem):
-    llem.run()
-"""
 
 
 @pytest.mark.slow
