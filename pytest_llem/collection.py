@@ -13,7 +13,13 @@ import pytest
 
 from pytest_llem.backends.base import load_key
 from pytest_llem.config.models import CaseConfig
-from pytest_llem.config.resolve import lookup_path, merge_layers, resolve_case, set_path
+from pytest_llem.config.resolve import (
+    flatten_paths,
+    lookup_path,
+    merge_layers,
+    resolve_case,
+    set_path,
+)
 from pytest_llem.exceptions import ConfigurationError, LlemError
 from pytest_llem.session import LlemSession
 from pytest_llem.sweep import (
@@ -138,17 +144,6 @@ def skipped_params(node: Any, session: LlemSession, sweep: SweepCase) -> dict[st
         return merge_layers([defaults, *_settings_layers(node, session, {}, sweep)])
 
 
-def _leaves(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in tree.items():
-        path = f"{prefix}{key}"
-        if isinstance(value, Mapping) and value:
-            flat.update(_leaves(value, f"{path}."))
-        else:
-            flat[path] = value
-    return flat
-
-
 def sweep_conflict(overrides: Mapping[str, Any], sweep: SweepCase | None) -> str | None:
     """Why ``llem.run(**overrides)`` cannot run in this sweep combination, or None.
 
@@ -201,7 +196,7 @@ def overruled_overrides(
         ("the ini file", [sweep.layer(INI_ORIGIN), options.ini_layer]),
     )
     notes = []
-    for path, value in _leaves(merge_layers([overrides])).items():
+    for path, value in flatten_paths(merge_layers([overrides])).items():
         for source, layers in higher:
             found, winner = next(
                 (hit for hit in (lookup_path(layer, path) for layer in layers) if hit[0]),

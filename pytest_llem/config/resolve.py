@@ -21,6 +21,7 @@ from pytest_llem.exceptions import ConfigurationError
 __all__ = [
     "SAMPLING_ALIASES",
     "check_value",
+    "flatten_paths",
     "format_validation_error",
     "known_paths",
     "lookup_path",
@@ -120,6 +121,19 @@ def lookup_path(tree: Mapping[str, Any], path: str) -> tuple[bool, Any]:
             return False, None
         node = node[part]
     return True, node
+
+
+def flatten_paths(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Every leaf of a nested dict by dotted path (``{"sampling.temperature": 0.7}``); an empty
+    group is a leaf of its own."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, Mapping) and value:
+            flat.update(flatten_paths(value, f"{path}."))
+        else:
+            flat[path] = value
+    return flat
 
 
 def merge_layers(layers: Iterable[Mapping[str, Any]]) -> dict[str, Any]:

@@ -19,6 +19,7 @@ from typing import Any, Literal, NamedTuple
 import numpy as np
 import numpy.typing as npt
 
+from pytest_llem.config.resolve import flatten_paths
 from pytest_llem.harness.stats import BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED
 from pytest_llem.results.gate import ENERGY_METRICS, GateRule
 from pytest_llem.results.models import CaseRecord, MachineInfo, RunRecord
@@ -183,17 +184,6 @@ class CaseMatch(NamedTuple):
     gone: list[UnmatchedCase]
 
 
-def _flatten(params: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in params.items():
-        path = f"{prefix}{key}"
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{path}."))
-        else:
-            flat[path] = value
-    return flat
-
-
 def _relevant(case: CaseRecord) -> dict[str, Any]:
     params = dict(case.params)
     for name in ("device", "dtype"):
@@ -201,7 +191,7 @@ def _relevant(case: CaseRecord) -> dict[str, Any]:
         ran = case.backend_info.get(name)
         if params.get(name) == "auto" and isinstance(ran, str):
             params[name] = ran
-    return {k: v for k, v in _flatten(params).items() if k not in IGNORED_PARAMS}
+    return {k: v for k, v in flatten_paths(params).items() if k not in IGNORED_PARAMS}
 
 
 def _param_changes(base: dict[str, Any], cur: dict[str, Any]) -> str:
