@@ -52,6 +52,7 @@ from pytest_llem.results.models import (
     CaseResult,
     IsolationRecord,
     MeterRecord,
+    MetricSummary,
     PromptsRecord,
 )
 from pytest_llem.session import LlemSession
@@ -259,16 +260,8 @@ class LlemFixture:
             )
         if baseline is None and session.baseline is not None and session.baseline.problem:
             notes.append(session.baseline.problem)
-        metrics = measurement.metrics
         shared = [d for d in base.shared_domains if d in assignment.meters]
-        if shared:
-            notes.append(_shared_note(shared))
-            for domain in shared:
-                summary = metrics.get(f"{domain}_energy_j")
-                if summary is not None:
-                    metrics[f"{domain}_energy_j"] = summary.model_copy(
-                        update={"note": _shared_note([domain])}
-                    )
+        notes.extend(_flag_shared(measurement.metrics, shared))
         if isolation is not None:
             notes.extend(_isolation_notes(isolation))
         extra_gpus = _unused_gpus_note(case, info.device, meter_records, assignment.meters)
@@ -437,6 +430,19 @@ def _unused_gpus_note(
         "power is in gpu_energy_j (dynamic energy subtracts their idle power); set "
         "CUDA_VISIBLE_DEVICES or --llem-gpus to measure only the GPUs in use"
     )
+
+
+def _flag_shared(metrics: dict[str, MetricSummary], shared: list[str]) -> list[str]:
+    """Note the domains every xdist worker shares, on the case and on their energy figures."""
+    if not shared:
+        return []
+    for domain in shared:
+        summary = metrics.get(f"{domain}_energy_j")
+        if summary is not None:
+            metrics[f"{domain}_energy_j"] = summary.model_copy(
+                update={"note": _shared_note([domain])}
+            )
+    return [_shared_note(shared)]
 
 
 def _shared_note(domains: list[str]) -> str:
