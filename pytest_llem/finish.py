@@ -1,25 +1,43 @@
-"""What happens to a run record when a session ends: compare it with a baseline and gate, save
-it, and write the HTML page and the CSV table beside it.
+"""What happens when a session ends: the recorded cases become the run record, which is compared
+with a baseline and gated, written, saved, rendered as the HTML page and the CSV table, and
+summed up in the terminal.
 
-Called by the plugin's session-finish hook with the record already written to disk; it returns
-what to print and whether the session must fail, and never raises for a gate breach.
+Called by the run recorder's session-finish and terminal-summary hooks (see ``recorder``);
+``finish_run`` returns what to print and whether the session must fail, and never raises for a
+gate breach. The ``--llem-compare`` baseline is read at start-up (``with_compare_baseline``) so a
+missing one stops the session before any case runs.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pytest_llem.exceptions import LlemError
+from pytest_llem.machine import this_machine
 from pytest_llem.results.models import RunRecord
 from pytest_llem.results.store import write_run_record
-from pytest_llem.session import CompareBaseline, LlemOptions, StoreOptions
+from pytest_llem.session import (
+    CompareBaseline,
+    LlemOptions,
+    LlemSession,
+    StoreOptions,
+    load_compare_baseline,
+)
 
 if TYPE_CHECKING:
     from pytest_llem.results.compare import Comparison
 
-__all__ = ["Finish", "comparison_rows", "finish_run"]
+__all__ = [
+    "Finish",
+    "comparison_rows",
+    "finish_run",
+    "run_record",
+    "with_compare_baseline",
+    "write_summary",
+]
 
 
 @dataclass
@@ -149,3 +167,98 @@ def finish_run(record: RunRecord, options: LlemOptions) -> Finish:
             finish.errors.append(f"llem: cannot write the CSV table: {e}")
             finish.failed = True  # asked for and missing: as for a failed save
     return finish
+
+
+def with_compare_baseline(options: LlemOptions, *, root: Path) -> LlemOptions:
+    """Read the ``--llem-compare`` baseline now, looked up under this machine's id as the run
+    record will carry it (same hostname, platform and visible GPUs).
+
+    Args:
+        options: The session's options; returned unchanged when they compare with nothing.
+        root: The project's root folder (for the machine description).
+
+    Raises:
+        ConfigurationError: the baseline cannot be found or read.
+    """
+    if options.store is None or options.store.compare is None:
+        return options
+    from pytest_llem.results.storage import machine_id
+
+    return load_compare_baseline(options, machine_id(this_machine(root)))
+
+
+def run_record(session: LlemSession, *, root: Path) -> RunRecord:
+    """The run record of the session's recorded cases, with this machine and the idle baseline.
+
+    Args:
+        session: The session state holding the cases and options.
+        root: The project's root folder (for the machine description).
+    """
+    baseline = session.baseline.record if session.baseline is not None else None
+    if baseline is None:  # measured on xdist workers: each case carries its own
+        baseline = next((case.baseline for case in session.cases if case.baseline), None)
+    return RunRecord(
+        run_id=session.run_id,
+        created_at=session.started_at,
+        finished_at=datetime.now(timezone.utc),
+        machine=this_machine(root),
+        options=session.options.given,
+        baseline=baseline,
+        cases=session.cases,
+    )
+
+
+def _shown(path: Path) -> str:
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
+def write_summary(reporter: Any, session: LlemSession) -> None:
+    """Write the end-of-session summary: one row per case, where the record, journal and reports
+    are, the comparison, and what went wrong writing them or failed the gate.
+
+    Args:
+        reporter: pytest's terminal reporter (``write_sep``, ``write_line``).
+        session: The finished session's state.
+    """
+    record = session.record
+    if record is None and session.store_error is None and not session.journal_error:
+        return
+    reporter.write_sep("-", "llem benchmark summary")
+    if record is not None:
+        from pytest_llem.report.terminal import summary_lines
+
+        for line in summary_lines(record):
+            reporter.write_line(line)
+    if session.store_error is not None:
+        reporter.write_line(f"llem: {session.store_error}", red=True)
+    if session.journal_error is not None:
+        reporter.write_line(
+            f"llem: {session.journal_error} (no case journalled after it: a killed "
+            "run could not be rebuilt)",
+            red=True,
+        )
+    if session.finish is not None:
+        _write_finish(reporter, session.finish, session)
+
+
+def _write_finish(reporter: Any, finish: Finish, session: LlemSession) -> None:
+    for kind, path in finish.paths.items():
+        label = "run record" if kind == "record" else kind
+        reporter.write_line(f"llem {label}: {_shown(path)}")
+    if session.journal is not None and session.journal_error is None:
+        reporter.write_line(f"llem journal: {_shown(session.journal.path)}")
+    if finish.lines:
+        reporter.write_sep("-", "llem comparison")
+        for line in finish.lines:
+            reporter.write_line(line)
+    for line in finish.warnings:
+        reporter.write_line(line, yellow=True)
+    for line in finish.errors:
+        reporter.write_line(line, red=True)
+    if finish.breaches:
+        reporter.write_sep("-", "llem gate failed", red=True)
+        for line in finish.breaches:
+            reporter.write_line(line, red=True)

@@ -6,6 +6,7 @@ read is left out (None) rather than guessed.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import platform
 import socket
@@ -16,7 +17,7 @@ from pathlib import Path
 
 from pytest_llem.results.models import GpuInfo, MachineInfo
 
-__all__ = ["LIBRARIES", "collect_machine_info", "git_state", "library_versions"]
+__all__ = ["LIBRARIES", "collect_machine_info", "git_state", "library_versions", "this_machine"]
 
 #: Distributions whose versions go into the record (None when not installed).
 LIBRARIES = (
@@ -105,4 +106,20 @@ def collect_machine_info(
         libraries=library_versions(),
         git_commit=commit,
         git_dirty=dirty,
+    )
+
+
+def this_machine(root: Path) -> MachineInfo:
+    """Describe this machine with the GPUs NVML lists (none, with the reason, where it cannot).
+
+    Args:
+        root: The project's root folder, whose git commit the record names.
+    """
+    from pytest_llem.meters.nvml import nvml_gpus
+
+    gpus, gpu_note = nvml_gpus()
+    return collect_machine_info(
+        root=root,
+        gpus=[GpuInfo(**dataclasses.asdict(gpu)) for gpu in gpus],
+        gpu_note=gpu_note,
     )

@@ -1,10 +1,12 @@
-"""An xdist scheduler that keeps each model-load group on one worker.
+"""How a session spreads over pytest-xdist workers: each worker pinned to its GPU group, and each
+model-load group scheduled onto one worker, so a model is loaded once per run.
 
-xdist's own ``loadgroup`` scheduling reads the group from a ``@group`` suffix that workers add to
-node ids, which pytest 9.2 no longer lets them change. So each worker writes the group of every
-llem case (node id -> group) to a file the controller named, and this scheduler reads it: the
-cases of one load configuration form one unit of work, and other tests are spread one by one.
-Imported only when pytest-xdist is installed.
+The work behind the plugin's xdist hooks lives here; the hooks themselves stay in ``plugin`` as
+one-line delegations (xdist calls ``pytest_xdist_auto_num_workers`` before ``pytest_configure``,
+so they must be module-level hooks of the plugin). The controller picks ``loadgroup`` scheduling
+and names a scratch file; each worker writes the group of every llem case into it; the
+controller's scheduler (``load_group_scheduler``, which imports xdist) reads it. Nothing here
+imports xdist, so the plugin loads without it.
 """
 
 from __future__ import annotations
@@ -12,16 +14,118 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
+import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import pytest
-from xdist.scheduler import LoadGroupScheduling
 
-__all__ = ["ModelGroupScheduling", "write_groups"]
+from pytest_llem.collection import mark_load_groups
+from pytest_llem.exceptions import ConfigurationError
+from pytest_llem.session import LlemSession
+from pytest_llem.workers import WorkerInfo, parse_gpu_groups, pin_worker, worker_info
+
+__all__ = [
+    "GROUPS_FILE",
+    "auto_num_workers",
+    "configure_node",
+    "dist_given",
+    "make_scheduler",
+    "remove_groups_file",
+    "scale_out",
+    "share_load_groups",
+    "write_groups",
+]
 
 logger = logging.getLogger("pytest_llem")
+
+#: The controller's scratch file of ``node id -> load group`` (set only when it chose loadgroup).
+GROUPS_FILE = pytest.StashKey[Path]()
+
+
+def dist_given(config: pytest.Config) -> bool:
+    """Whether the command line chose an xdist distribution mode (``--dist``, ``-d``)."""
+    args = [str(a) for a in config.invocation_params.args]
+    return any(a == "--dist" or a.startswith(("--dist=", "-d")) for a in args)
+
+
+def scale_out(config: pytest.Config, groups: tuple[tuple[int, ...], ...] | None) -> None:
+    """Pin this process to its GPU group, and keep model-load groups on one xdist worker.
+
+    Raises:
+        ConfigurationError: more xdist workers than GPU groups, or a group beyond the GPUs the
+            controller sees.
+    """
+    workerinput = getattr(config, "workerinput", None)
+    worker = worker_info(workerinput)
+    if workerinput and workerinput.get("llem_loadgroup"):
+        config.option.loadgroup = True  # a worker parses the command line, not our choice
+    workers = getattr(config.option, "numprocesses", None)
+    controller = worker.id is None and bool(workers)
+    if controller and getattr(config.option, "dist", "no") == "load" and not dist_given(config):
+        # Each load group goes to one worker, which loads its model once.
+        config.option.dist = "loadgroup"
+        folder = Path(tempfile.mkdtemp(prefix="llem-xdist-"))
+        config.stash[GROUPS_FILE] = folder / "groups.json"
+    if groups is None:
+        return
+    if controller:
+        if isinstance(workers, int) and workers > len(groups):
+            raise ConfigurationError(
+                f"--llem-gpus gives {len(groups)} GPU group(s) for {workers} xdist workers"
+            )
+        return
+    _pin(groups, worker)
+
+
+def _pin(groups: tuple[tuple[int, ...], ...], worker: WorkerInfo) -> None:
+    if worker.id is None and len(groups) > 1:
+        logger.warning("--llem-gpus: without xdist (-n) only the first group is used")
+    pinned = pin_worker(groups, worker)
+    logger.info("llem: %s pinned to CUDA_VISIBLE_DEVICES=%s", worker.id or "this process", pinned)
+
+
+def configure_node(node: Any) -> None:
+    """Tell an xdist worker whether, and through which file, load groups are scheduled."""
+    node.workerinput["llem_loadgroup"] = node.config.option.dist == "loadgroup"
+    groups_file = node.config.stash.get(GROUPS_FILE, None)
+    if groups_file is not None:
+        node.workerinput["llem_groups_file"] = str(groups_file)
+
+
+def make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """The controller's scheduler when pytest-llem chose loadgroup, else None (xdist's own)."""
+    groups_file = config.stash.get(GROUPS_FILE, None)
+    if groups_file is None:
+        return None
+    from pytest_llem.load_group_scheduler import ModelGroupScheduling
+
+    return ModelGroupScheduling(config, log, groups_file)
+
+
+def auto_num_workers(config: pytest.Config) -> int | None:
+    """``-n auto`` with ``--llem-gpus``: one worker per GPU group (None: xdist decides)."""
+    try:
+        groups = parse_gpu_groups(config.getoption("llem_gpus") or config.getini("llem_gpus"))
+    except ConfigurationError:
+        return None  # reported as a usage error in pytest_configure
+    return len(groups) if groups else None
+
+
+def share_load_groups(
+    config: pytest.Config, items: list[pytest.Item], session: LlemSession
+) -> None:
+    """Under loadgroup scheduling, mark each item with its load group and, on a worker, write
+    the groups where the controller's scheduler reads them."""
+    # xdist resets a worker's ``dist`` to "no" and keeps the choice in ``loadgroup``.
+    if not getattr(config.option, "loadgroup", False):
+        return
+    groups = mark_load_groups(items, session)
+    groups_file = getattr(config, "workerinput", {}).get("llem_groups_file")
+    if groups_file:
+        write_groups(Path(groups_file), groups)
 
 
 def write_groups(path: Path, groups: Mapping[str, str]) -> None:
@@ -31,23 +135,8 @@ def write_groups(path: Path, groups: Mapping[str, str]) -> None:
     os.replace(temporary, path)
 
 
-class ModelGroupScheduling(LoadGroupScheduling):  # type: ignore[misc]
-    """``loadgroup`` scheduling with the groups read from the workers' file."""
-
-    def __init__(self, config: pytest.Config, log: Any, groups_file: Path) -> None:
-        super().__init__(config, log)
-        self._groups_file = groups_file
-        self._groups: dict[str, str] | None = None
-
-    def _group_of(self, nodeid: str) -> str | None:
-        if self._groups is None:
-            try:
-                self._groups = json.loads(self._groups_file.read_text(encoding="utf-8"))
-            except (OSError, ValueError):
-                logger.warning("llem: no model-load groups from the workers; scheduling per test")
-                self._groups = {}
-        return self._groups.get(nodeid)
-
-    def _split_scope(self, nodeid: str) -> str:
-        group = self._group_of(nodeid)
-        return group if group is not None else str(super()._split_scope(nodeid))
+def remove_groups_file(config: pytest.Config) -> None:
+    """Remove the controller's scratch folder of load groups, if it made one."""
+    groups_file = config.stash.get(GROUPS_FILE, None)
+    if groups_file is not None:
+        shutil.rmtree(groups_file.parent, ignore_errors=True)

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+
+_PRELOADED = pytest.StashKey[bool]()
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -25,6 +28,23 @@ def tiny_model(llem_cache: Path) -> Path:
     from pytest_llem.data.tiny_model import ensure_tiny_model
 
     return ensure_tiny_model()
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_fixture_setup(
+    fixturedef: pytest.FixtureDef[Any], request: pytest.FixtureRequest
+) -> None:
+    """Before the first ``pytester`` fixture, load the engine once: in-process pytester runs drop
+    the modules they imported, and torch cannot be imported twice into one process (see
+    ``pytest_llem.pytester_preload``)."""
+    if fixturedef.argname not in ("pytester", "testdir"):
+        return
+    config = request.config
+    if not config.stash.get(_PRELOADED, False):
+        config.stash[_PRELOADED] = True
+        from pytest_llem.pytester_preload import preload_engine
+
+        preload_engine()
 
 
 def _gpu_missing_reason() -> str | None:

@@ -285,7 +285,8 @@ def test_in_process_runs_that_build_and_load_the_model_repeat_safely(
     pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, attempt: int
 ):
     # Each in-process run builds llem-tiny into a fresh cache and loads it; pytester drops the
-    # modules an inner run imported, so this only works because the plugin preloads the engine.
+    # modules an inner run imported, so this only works because tests/conftest.py preloads the
+    # engine.
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / f"cache{attempt}"))
     pytester.makepyfile(DONE_WHEN)
     pytester.runpytest(*QUICK, "--llem-repeat=1").assert_outcomes(passed=1)

@@ -1,12 +1,15 @@
-"""Keeping in-process pytester runs of llem tests working.
+"""Keeping in-process pytester runs of llem tests working: load the engine once, up front.
 
 ``pytester.runpytest()`` runs pytest inside the current process and, afterwards, drops every
 module the inner run imported. torch (and the tokenizers extension) cannot be imported a second
-time into one process, so a second inner run that loads a model would crash. When a test first
-asks for ``pytester``, the plugin therefore builds, loads and runs a throw-away copy of the
-built-in model once, so the engine's modules are imported by the outer process and survive the
-inner runs. CodeCarbon (through pandas and pyarrow) breaks the same way when imported twice, so
-its modules are imported once here as well. Set ``LLEM_PYTESTER_PRELOAD=0`` to turn this off.
+time into one process, so a second inner run that loads a model would crash. ``preload_engine``
+therefore builds, loads and runs a throw-away copy of the built-in model once, so the engine's
+modules are imported by the outer process and survive the inner runs. CodeCarbon (through pandas
+and pyarrow) breaks the same way when imported twice, so its modules are imported once here as
+well. Set ``LLEM_PYTESTER_PRELOAD=0`` to turn this off.
+
+The plugin does not call it: pytest-llem's own tests do, from ``tests/conftest.py``, when a test
+first asks for ``pytester``; a project that tests llem code in-process can do the same.
 """
 
 from __future__ import annotations
