@@ -9,8 +9,12 @@ import os
 import stat
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
+
+from pytest_llem.outputs import OUTPUTS, check_outputs, explicit_llem_run
 
 pytest_plugins = ["pytester"]
 
@@ -195,3 +199,40 @@ def test_an_unwritable_default_folder_names_the_option_to_change(project: pytest
     result.stderr.fnmatch_lines(
         ["*the default of --llem-report-dir: cannot write in *reports: it is a file*"]
     )
+
+
+def _stand_in_config(**option: object) -> Any:
+    return SimpleNamespace(option=SimpleNamespace(**option), stash=pytest.Stash())
+
+
+@pytest.mark.parametrize(
+    ("store", "workers", "explicit"),
+    [
+        (None, None, False),
+        (SimpleNamespace(save=False, compare=None), None, False),
+        (SimpleNamespace(save=True, compare=None), None, True),
+        (SimpleNamespace(save=False, compare="latest"), None, True),
+        (None, 2, True),  # an xdist controller never sees its workers' items
+    ],
+)
+def test_an_explicit_llem_run_is_checked_at_once(store: Any, workers: Any, explicit: bool):
+    config = _stand_in_config(numprocesses=workers)
+    assert explicit_llem_run(config, SimpleNamespace(store=store)) is explicit  # type: ignore[arg-type]
+
+
+def test_the_check_names_the_option_and_skips_workers_help_and_collect_only(tmp_path: Path):
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a file, not a folder")
+    folders = [(tmp_path / "fine", "--llem-report-dir"), (blocker / "store", "--llem-storage")]
+    config = _stand_in_config()
+    config.stash[OUTPUTS] = folders
+    with pytest.raises(pytest.UsageError, match=r"pytest-llem: --llem-storage: cannot write"):
+        check_outputs(config)
+    for skipped in (_stand_in_config(help=True), _stand_in_config(collectonly=True)):
+        skipped.stash[OUTPUTS] = folders
+        check_outputs(skipped)
+    worker = _stand_in_config()
+    worker.workerinput = {"workerid": "gw0"}
+    worker.stash[OUTPUTS] = folders
+    check_outputs(worker)
+    check_outputs(_stand_in_config())  # nothing recorded: nothing to check
