@@ -29,7 +29,7 @@ def _report(outcome: str, *properties: tuple[str, object], longrepr: Any = None)
 
 
 def _case(case_id: str, outcome: str = "passed") -> dict[str, Any]:
-    return CaseRecord(id=case_id, name=case_id, outcome=outcome).model_dump(mode="json")  # type: ignore[arg-type]
+    return CaseRecord(id=case_id, name=case_id, outcome=outcome).model_dump(mode="json")
 
 
 @pytest.mark.parametrize(
