@@ -552,7 +552,7 @@ def test_out_of_memory_is_retried_once_then_fails_locally(
 
 def test_measuring_more_gpus_than_the_case_uses_is_noted() -> None:
     from pytest_llem.config.models import CaseConfig
-    from pytest_llem.fixtures import _unused_gpus_note
+    from pytest_llem.harness.resources import unused_gpus_note as _unused_gpus_note
     from pytest_llem.results.models import MeterRecord
 
     nvml = MeterRecord(

@@ -27,7 +27,7 @@ from pytest_llem.exceptions import (
     ModelLoadError,
     RetryableError,
 )
-from pytest_llem.fixtures import _is_missing_hardware_or_engine
+from pytest_llem.harness.case import is_skip_error as _is_missing_hardware_or_engine
 from tests.fakes.fake_tensorrt_llm import FakeTensorRT, install
 
 torch = pytest.importorskip("torch")

@@ -20,7 +20,7 @@ from pytest_llem.config.introspection import parameter
 from pytest_llem.config.models import CaseConfig, TransformersConfig
 from pytest_llem.config.resolve import check_value, resolve_case
 from pytest_llem.exceptions import BackendConfigError, BackendNotAvailableError, ConfigurationError
-from pytest_llem.fixtures import _is_missing_hardware_or_engine
+from pytest_llem.harness.case import is_skip_error as _is_missing_hardware_or_engine
 
 pytest_plugins = ["pytester"]
 
