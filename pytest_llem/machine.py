@@ -91,7 +91,7 @@ def git_state(root: Path) -> tuple[str | None, bool | None]:
 def collect_machine_info(
     *, root: Path, gpus: list[GpuInfo], gpu_note: str | None = None
 ) -> MachineInfo:
-    """Describe this machine; ``gpus`` come from NVML (see ``meters.nvml``)."""
+    """Describe this machine; ``gpus`` come from NVML (see ``meters.inventory``)."""
     commit, dirty = git_state(root)
     return MachineInfo(
         hostname=socket.gethostname(),

@@ -9,7 +9,6 @@ plugin's own hooks, so a conftest can replace them.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 import os
 import tempfile
@@ -45,7 +44,7 @@ from pytest_llem.fixtures import (
 from pytest_llem.meters.base import EnergyMeter
 from pytest_llem.report.terminal import summary_lines
 from pytest_llem.results.journal import Journal, journal_path
-from pytest_llem.results.models import CaseError, CaseRecord, GpuInfo, MachineInfo, RunRecord
+from pytest_llem.results.models import CaseError, CaseRecord, MachineInfo, RunRecord
 from pytest_llem.results.store import RUNS_DIRNAME, check_writable
 from pytest_llem.session import (
     METER_NAMES,
@@ -755,14 +754,10 @@ def _shown(path: Path) -> str:
 
 def _machine_info(config: pytest.Config) -> MachineInfo:
     from pytest_llem.machine import collect_machine_info
-    from pytest_llem.meters.nvml import nvml_gpus
+    from pytest_llem.meters.inventory import gpu_inventory
 
-    gpus, gpu_note = nvml_gpus()
-    return collect_machine_info(
-        root=config.rootpath,
-        gpus=[GpuInfo(**dataclasses.asdict(gpu)) for gpu in gpus],
-        gpu_note=gpu_note,
-    )
+    gpus, gpu_note = gpu_inventory()
+    return collect_machine_info(root=config.rootpath, gpus=gpus, gpu_note=gpu_note)
 
 
 def _run_record(config: pytest.Config, session: LlemSession) -> RunRecord:

@@ -54,6 +54,7 @@ from pytest_llem.meters.base import (
     MeterResolution,
     update_period_from_changes,
 )
+from pytest_llem.meters.window import WindowedMeter
 
 __all__ = [
     "ASSUMED_MAX_POWER_W",
@@ -450,13 +451,21 @@ def _sample(accumulator: _Accumulator) -> None:
         raise EnergyMeterError(f"rapl: {e}") from e
 
 
+@dataclass(frozen=True)
+class _OpenRapl:
+    """What an open window keeps: the running energy sums and the thread feeding them."""
+
+    accumulator: _Accumulator
+    poller: _Poller
+
+
 def _safe_poll_s(zones: Sequence[RaplZone], max_power_w: float) -> float:
     """The longest poll period in which no counter can wrap twice, capped at one second."""
     shortest_j = min(zone.max_energy_range_uj for zone in zones) * _J_PER_UJ
     return min(_MAX_POLL_S, max(_MIN_POLL_S, shortest_j / max_power_w / 4.0))
 
 
-class RaplMeter:
+class RaplMeter(WindowedMeter["_OpenRapl"]):
     """CPU package and DRAM energy from the Linux powercap RAPL counters.
 
     Args:
@@ -488,6 +497,7 @@ class RaplMeter:
         update_period_probe_s: float = UPDATE_PERIOD_PROBE_S,
         update_period_probe_max_s: float = UPDATE_PERIOD_PROBE_MAX_S,
     ) -> None:
+        super().__init__()
         if not max_power_w > 0 or (poll_s is not None and not poll_s > 0):
             raise ConfigurationError("rapl: poll_s and max_power_w must be positive")
         self._probe_s = (
@@ -503,10 +513,6 @@ class RaplMeter:
         self._max_power_w = max_power_w
         self._poll_s = poll_s if poll_s is not None else _safe_poll_s(self._zones, max_power_w)
         self._resolution = self._measure_resolution()
-        self._window_start: float | None = None
-        self._accumulator: _Accumulator | None = None
-        self._poller: _Poller | None = None
-        self._closed = False
 
     def _measure_resolution(self) -> MeterResolution:
         package = next(zone for zone in self._zones if zone.domain == "cpu")
@@ -579,16 +585,12 @@ class RaplMeter:
         Raises:
             EnergyMeterError: The meter is closed, a window is open, or a read failed.
         """
-        if self._closed:
-            raise EnergyMeterError("rapl: the meter is closed")
-        if self._window_start is not None:
-            raise EnergyMeterError("rapl: a window is already open")
+        self._check_can_start()
         try:
-            self._accumulator = _Accumulator(self._zones, self._max_power_w)
+            accumulator = _Accumulator(self._zones, self._max_power_w)
         except PermissionError as e:
             raise EnergyMeterError(f"rapl: {e}") from e
-        self._poller = _Poller(self._accumulator, self._poll_s)
-        self._window_start = time.perf_counter()
+        self._opened(_OpenRapl(accumulator, _Poller(accumulator, self._poll_s)))
 
     def lap(self) -> EnergyReading:
         """The energy since ``start()``, leaving the window open (one read per zone).
@@ -596,12 +598,11 @@ class RaplMeter:
         Raises:
             EnergyMeterError: No window is open, or a read failed.
         """
-        if self._window_start is None or self._accumulator is None or self._poller is None:
-            raise EnergyMeterError("rapl: lap() without start()")
-        duration_s = time.perf_counter() - self._window_start
-        _raise_poller_error(self._poller)
-        _sample(self._accumulator)
-        return self._reading(self._accumulator, duration_s)
+        window = self._current_window("lap")
+        duration_s = window.elapsed_s()
+        _raise_poller_error(window.state.poller)
+        _sample(window.state.accumulator)
+        return self._reading(window.state.accumulator, duration_s)
 
     def stop(self) -> EnergyReading:
         """Close the window and return the CPU and DRAM energy over it.
@@ -609,11 +610,9 @@ class RaplMeter:
         Raises:
             EnergyMeterError: No window is open, a read failed, or a counter reset.
         """
-        if self._window_start is None or self._accumulator is None or self._poller is None:
-            raise EnergyMeterError("rapl: stop() without start()")
-        duration_s = time.perf_counter() - self._window_start
-        accumulator, poller = self._accumulator, self._poller
-        self._window_start, self._accumulator, self._poller = None, None, None
+        window = self._take_window()
+        duration_s = window.elapsed_s()
+        accumulator, poller = window.state.accumulator, window.state.poller
         poller.stop()
         _raise_poller_error(poller)
         _sample(accumulator)
@@ -652,9 +651,6 @@ class RaplMeter:
 
     def close(self) -> None:
         """Stop the poller of any open window; the meter can no longer open one."""
-        self._closed = True
-        self._window_start = None
-        self._accumulator = None
-        poller, self._poller = self._poller, None
-        if poller is not None:
-            poller.stop()
+        window = self._shut()
+        if window is not None:
+            window.state.poller.stop()
