@@ -140,9 +140,9 @@ def test_each_built_in_meter_states_its_capabilities(
     meter: type[object], laps: bool, states: bool, processes: bool
 ) -> None:
     assert issubclass(meter, WindowedMeter)
-    assert hasattr(meter, "lap") is laps
-    assert hasattr(meter, "device_states") is states
-    assert hasattr(meter, "running_processes") is processes
+    assert issubclass(meter, LapsMidWindow) is laps
+    assert issubclass(meter, ReportsDeviceStates) is states
+    assert issubclass(meter, ListsProcesses) is processes
 
 
 # The window-guard base -------------------------------------------------------------------------

@@ -8,7 +8,10 @@ give the window's power timeline, a cross-check of the counter, and the energy o
 no counter. Where the samples are ``nvmlDeviceGetPowerUsage``'s one-second average (Ampere and
 newer), their integral is corrected for the average's lag. Each window edge also records every
 GPU's temperature, clocks and clock event reasons, and ``running_processes()`` lists who else
-computes on the GPUs (or why it cannot). NVML's units are converted here and nowhere else.
+computes on the GPUs (or why it cannot). NVML's units are converted here and in the modules
+beside it, and nowhere else: :mod:`~pytest_llem.meters.nvml_devices` finds the GPUs and asks
+them, :mod:`~pytest_llem.meters.nvml_power` reads and samples their power and probes the
+counters' update period, :mod:`~pytest_llem.meters.power` integrates power series.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from pytest_llem.meters.base import (
     PowerTimeline,
     ProcessesUnknown,
 )
+from pytest_llem.meters.capabilities import DeviceProcesses
 from pytest_llem.meters.nvml_devices import (
     VisibleGpu,
     compute_processes,
@@ -283,9 +287,7 @@ class NvmlMeter(WindowedMeter[_NvmlWindow]):
         self._check_usable()
         return {d.label: device_state(self._pynvml, d.handle) for d in self._devices}
 
-    def running_processes(
-        self,
-    ) -> dict[str, list[tuple[int, float | None]] | ProcessesUnknown]:
+    def running_processes(self) -> DeviceProcesses:
         """Per GPU label, the ``(pid, used GPU memory in MiB or None)`` of its compute processes.
 
         A GPU that cannot list its processes (an old driver, a MIG-enabled GPU asked by an
@@ -293,7 +295,7 @@ class NvmlMeter(WindowedMeter[_NvmlWindow]):
         none run.
         """
         self._check_usable()
-        running: dict[str, list[tuple[int, float | None]] | ProcessesUnknown] = {}
+        running: DeviceProcesses = {}
         for device in self._devices:
             processes = compute_processes(self._pynvml, device.handle)
             if isinstance(processes, ProcessesUnknown):
