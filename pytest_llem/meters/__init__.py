@@ -40,6 +40,7 @@ from pytest_llem.meters.registry import (
     parse_meter_list,
     select_auto,
 )
+from pytest_llem.meters.window import WindowedMeter
 from pytest_llem.meters.zeus import ZeusMeter, zeus_unavailable_reason
 
 __all__ = [
@@ -64,6 +65,7 @@ __all__ = [
     "RaplMeter",
     "ReportsDeviceStates",
     "Source",
+    "WindowedMeter",
     "ZeusMeter",
     "assign_domains",
     "create_auto_meter",
