@@ -243,17 +243,12 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 
 def _from_journal(path: Path) -> Any:
-    import dataclasses
-
     from pytest_llem.machine import collect_machine_info
-    from pytest_llem.meters.nvml import nvml_gpus
+    from pytest_llem.meters.inventory import gpu_inventory
     from pytest_llem.results.journal import read_journal
-    from pytest_llem.results.models import GpuInfo
 
-    gpus, note = nvml_gpus()
-    machine = collect_machine_info(
-        root=Path.cwd(), gpus=[GpuInfo(**dataclasses.asdict(g)) for g in gpus], gpu_note=note
-    )
+    gpus, note = gpu_inventory()
+    machine = collect_machine_info(root=Path.cwd(), gpus=gpus, gpu_note=note)
     contents = read_journal(path, machine=machine)
     for warning in contents.warnings:
         print(f"llem report: warning: {warning}", file=sys.stderr)

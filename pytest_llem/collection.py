@@ -215,9 +215,9 @@ def overruled_overrides(
 def gpu_visible(config: pytest.Config) -> bool:
     """Whether NVML sees a GPU (asked once per session, only when a sweep needs to know)."""
     if _GPU not in config.stash:
-        from pytest_llem.meters.nvml import nvml_gpus
+        from pytest_llem.meters.inventory import gpu_inventory
 
-        config.stash[_GPU] = bool(nvml_gpus()[0])
+        config.stash[_GPU] = bool(gpu_inventory()[0])
     return config.stash[_GPU]
 
 

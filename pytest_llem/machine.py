@@ -6,7 +6,6 @@ read is left out (None) rather than guessed.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import platform
 import socket
@@ -92,7 +91,7 @@ def git_state(root: Path) -> tuple[str | None, bool | None]:
 def collect_machine_info(
     *, root: Path, gpus: list[GpuInfo], gpu_note: str | None = None
 ) -> MachineInfo:
-    """Describe this machine; ``gpus`` come from NVML (see ``meters.nvml``)."""
+    """Describe this machine; ``gpus`` come from NVML (see ``meters.inventory``)."""
     commit, dirty = git_state(root)
     return MachineInfo(
         hostname=socket.gethostname(),
@@ -115,11 +114,7 @@ def this_machine(root: Path) -> MachineInfo:
     Args:
         root: The project's root folder, whose git commit the record names.
     """
-    from pytest_llem.meters.nvml import nvml_gpus
+    from pytest_llem.meters.inventory import gpu_inventory
 
-    gpus, gpu_note = nvml_gpus()
-    return collect_machine_info(
-        root=root,
-        gpus=[GpuInfo(**dataclasses.asdict(gpu)) for gpu in gpus],
-        gpu_note=gpu_note,
-    )
+    gpus, gpu_note = gpu_inventory()
+    return collect_machine_info(root=root, gpus=gpus, gpu_note=gpu_note)

@@ -49,9 +49,9 @@ def pytest_fixture_setup(
 
 def _gpu_missing_reason() -> str | None:
     """Why the ``gpu``-marked tests cannot run here, or None when a CUDA GPU is usable."""
-    from pytest_llem.meters.nvml import nvml_gpus
+    from pytest_llem.meters.inventory import gpu_inventory
 
-    gpus, why = nvml_gpus()
+    gpus, why = gpu_inventory()
     if not gpus:
         return f"needs an NVIDIA GPU: {why or 'NVML lists none'}"
     try:

@@ -9,12 +9,12 @@ import pytest
 
 from pytest_llem.exceptions import ConfigurationError, EnergyMeterError, MeterUnavailableError
 from pytest_llem.meters.base import DeviceState, EnergyMeter, EnergyReading, ProcessesUnknown
+from pytest_llem.meters.inventory import gpu_inventory as nvml_gpus
 from pytest_llem.meters.nvml import (
     NvmlMeter,
     decode_clock_event_reasons,
     downsample_power,
     integrate_power,
-    nvml_gpus,
     parse_cuda_visible_devices,
     sample_period_s,
 )

@@ -24,9 +24,11 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
+from pytest_llem.exceptions import EnergyMeterError
 from pytest_llem.harness.thermal import device_temperatures
 from pytest_llem.harness.windows import abandon_meters, start_meters, stop_meters
-from pytest_llem.meters.base import EnergyMeter, EnergyReading, reading_between, reads_mid_window
+from pytest_llem.meters.base import EnergyMeter, EnergyReading, reading_between
+from pytest_llem.meters.capabilities import LapsMidWindow, reads_mid_window
 from pytest_llem.results.models import BaselineDomain, BaselineRecord, MeterRecord
 
 __all__ = [
@@ -116,13 +118,16 @@ def _lapped_window(
 ) -> list[list[EnergyReading]]:
     """One window read at ``count`` laps: sub-windows with no gap and a single pair of edges,
     so each sub-window's power is not quantised at edges of its own."""
+    lappers = [meter for meter in meters if isinstance(meter, LapsMidWindow)]
+    if len(lappers) != len(meters):
+        raise EnergyMeterError("a meter of a lapped baseline window cannot read mid-window")
     start_meters(meters)
     try:
         previous: list[EnergyReading] | None = None
         windows = []
         for _ in range(count):
             sleep(seconds / count)
-            laps = [meter.lap() for meter in meters]  # type: ignore[attr-defined]
+            laps = [meter.lap() for meter in lappers]
             if previous is None:
                 windows.append(laps)
             else:

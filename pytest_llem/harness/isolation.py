@@ -16,6 +16,7 @@ from pathlib import Path
 
 from pytest_llem.exceptions import EnergyMeterError
 from pytest_llem.meters.base import EnergyMeter, ProcessesUnknown
+from pytest_llem.meters.capabilities import ListsProcesses
 from pytest_llem.results.models import ForeignProcess, IsolationRecord, UncheckedDevice
 
 __all__ = ["ISOLATION_MODES", "check_isolation", "own_processes", "unchecked_note"]
@@ -72,7 +73,7 @@ def check_isolation(
         What was seen (``checked`` is False when a GPU or a meter could not be checked), or None
         when no meter can list GPU processes.
     """
-    listers = [m for m in meters if getattr(m, "running_processes", None) is not None]
+    listers = [m for m in meters if isinstance(m, ListsProcesses)]
     if not listers:
         return None
     ours = own_processes() if ours is None else ours
@@ -81,7 +82,7 @@ def check_isolation(
     problems: list[str] = []
     for meter in listers:
         try:
-            listed = meter.running_processes()  # type: ignore[attr-defined]
+            listed = meter.running_processes()
         except EnergyMeterError as e:
             problems.append(f"{meter.name}: {e}")
             continue

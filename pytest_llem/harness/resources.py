@@ -48,9 +48,9 @@ def check_gpu_count(case: CaseConfig) -> None:
     needed = gpus_needed(case)
     if needed <= 1 or case.device == "cpu":
         return
-    from pytest_llem.meters.nvml import nvml_gpus
+    from pytest_llem.meters.inventory import gpu_inventory
 
-    gpus, why = nvml_gpus()
+    gpus, why = gpu_inventory()
     if len(gpus) < needed:
         seen = f"{len(gpus)} GPU(s)" if gpus else f"no GPU ({why})"
         raise NotEnoughGpusError(

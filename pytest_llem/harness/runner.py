@@ -46,6 +46,7 @@ from pytest_llem.harness.scenarios import (
 from pytest_llem.harness.stats import distribution, percentile, summarise
 from pytest_llem.harness.windows import abandon_meters, start_meters, stop_meters
 from pytest_llem.meters.base import EnergyMeter, EnergyReading, reading_between
+from pytest_llem.meters.capabilities import LapsMidWindow
 from pytest_llem.results.models import (
     BaselineRecord,
     DeviceStateRecord,
@@ -163,11 +164,9 @@ def _lapper(meters: Sequence[EnergyMeter], clock: Clock, marks: dict[str, Lap]) 
 
 
 def _lap(meter: EnergyMeter) -> EnergyReading:
-    lap = getattr(meter, "lap", None)
-    if lap is None:
+    if not isinstance(meter, LapsMidWindow):
         raise EnergyMeterError(f"{meter.name}: cannot read energy mid-window")
-    reading: EnergyReading = lap()
-    return reading
+    return meter.lap()
 
 
 def measure_window(

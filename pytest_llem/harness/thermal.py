@@ -15,6 +15,7 @@ from collections.abc import Callable, Mapping, Sequence
 
 from pytest_llem.exceptions import EnergyMeterError
 from pytest_llem.meters.base import EnergyMeter
+from pytest_llem.meters.capabilities import ReportsDeviceStates
 from pytest_llem.results.models import CooldownRecord, RepetitionRecord
 
 __all__ = [
@@ -43,11 +44,10 @@ def device_temperatures(meters: Sequence[EnergyMeter]) -> dict[str, float]:
     """The temperature of every device a meter reports, now (device label -> degrees C)."""
     found: dict[str, float] = {}
     for meter in meters:
-        states = getattr(meter, "device_states", None)
-        if states is None:
+        if not isinstance(meter, ReportsDeviceStates):
             continue
         try:
-            for label, state in states().items():
+            for label, state in meter.device_states().items():
                 if state.temperature_c is not None:
                     found[label] = float(state.temperature_c)
         except EnergyMeterError as e:

@@ -19,9 +19,16 @@ from pytest_llem.meters.base import (
     ProcessesUnknown,
     Source,
 )
+from pytest_llem.meters.capabilities import (
+    LapsMidWindow,
+    ListsProcesses,
+    ReportsDeviceStates,
+    reads_mid_window,
+)
 from pytest_llem.meters.codecarbon import CodeCarbonMeter
+from pytest_llem.meters.inventory import gpu_inventory
 from pytest_llem.meters.none import NoneMeter
-from pytest_llem.meters.nvml import NvmlGpu, NvmlMeter, nvml_gpus
+from pytest_llem.meters.nvml import NvmlMeter
 from pytest_llem.meters.rapl import RaplMeter, rapl_unavailable_reason
 from pytest_llem.meters.registry import (
     DOMAIN_PREFERENCE,
@@ -33,6 +40,7 @@ from pytest_llem.meters.registry import (
     parse_meter_list,
     select_auto,
 )
+from pytest_llem.meters.window import WindowedMeter
 from pytest_llem.meters.zeus import ZeusMeter, zeus_unavailable_reason
 
 __all__ = [
@@ -46,22 +54,26 @@ __all__ = [
     "DomainReading",
     "EnergyMeter",
     "EnergyReading",
+    "LapsMidWindow",
+    "ListsProcesses",
     "MeterInfo",
     "MeterResolution",
     "NoneMeter",
-    "NvmlGpu",
     "NvmlMeter",
     "PowerTimeline",
     "ProcessesUnknown",
     "RaplMeter",
+    "ReportsDeviceStates",
     "Source",
+    "WindowedMeter",
     "ZeusMeter",
     "assign_domains",
     "create_auto_meter",
     "create_meter",
-    "nvml_gpus",
+    "gpu_inventory",
     "parse_meter_list",
     "rapl_unavailable_reason",
+    "reads_mid_window",
     "select_auto",
     "zeus_unavailable_reason",
 ]

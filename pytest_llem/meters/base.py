@@ -28,7 +28,6 @@ __all__ = [
     "ProcessesUnknown",
     "Source",
     "reading_between",
-    "reads_mid_window",
     "update_period_from_changes",
 ]
 
@@ -149,18 +148,9 @@ class EnergyMeter(Protocol):
     ``start()`` opens a window, ``stop()`` closes it and returns the energy per domain.
     Windows do not overlap. ``close()`` releases the meter at session end.
 
-    Optional members, used where present (duck-typed):
-
-    - ``lap() -> EnergyReading``: the energy since ``start()``, the window staying open; the
-      steady-state measurement and the idle baseline use it.
-    - ``reads_mid_window: bool``: False where this instance's ``lap()`` cannot work (NVML on a
-      GPU without an energy counter); see :func:`reads_mid_window`.
-    - ``device_states() -> dict[str, DeviceState]``: each measured device's state now
-      (temperature, clocks); cooldown and the idle baseline use it.
-    - ``running_processes() -> dict[str, list[tuple[int, float | None]] | ProcessesUnknown]``:
-      per measured device label, the (pid, used memory in MiB) of compute processes on it, or
-      :class:`ProcessesUnknown` with the reason where they cannot be listed; isolation checks
-      use it.
+    What some meters can do beyond this (read mid-window, report device states, list the
+    processes on their devices) is stated by the Protocols in
+    :mod:`pytest_llem.meters.capabilities` and checked with ``isinstance``.
     """
 
     name: str
@@ -180,11 +170,6 @@ class EnergyMeter(Protocol):
     def close(self) -> None:
         """Release the meter's resources."""
         ...
-
-
-def reads_mid_window(meter: object) -> bool:
-    """Whether ``meter`` can read its energy without closing the window (``lap()``)."""
-    return callable(getattr(meter, "lap", None)) and bool(getattr(meter, "reads_mid_window", True))
 
 
 def update_period_from_changes(change_times: Sequence[float]) -> float | None:

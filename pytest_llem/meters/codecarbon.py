@@ -12,7 +12,6 @@ import importlib.util
 import itertools
 import logging
 import tempfile
-import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,6 +25,7 @@ from pytest_llem.meters.base import (
     MeterResolution,
     Source,
 )
+from pytest_llem.meters.window import WindowedMeter
 
 __all__ = ["INSTALL_HINT", "CodeCarbonMeter", "codecarbon_unavailable_reason"]
 
@@ -172,7 +172,7 @@ def _coverage(tracker: Any) -> dict[Domain, _Coverage]:
     return {domain: found[domain] for domain in DOMAINS}
 
 
-class CodeCarbonMeter:
+class CodeCarbonMeter(WindowedMeter[str]):
     """CPU, GPU and DRAM energy from one CodeCarbon ``OfflineEmissionsTracker``.
 
     Nothing is written to disk and nothing is sent over the network. Creating the meter takes
@@ -198,6 +198,7 @@ class CodeCarbonMeter:
         measure_power_secs: float = 1.0,
         log_level: str = "error",
     ) -> None:
+        super().__init__()
         codecarbon = _import_codecarbon()
         # CodeCarbon logs on its own handler (propagate=False) from import on; quiet it first.
         logging.getLogger("codecarbon").setLevel(log_level.upper())
@@ -206,9 +207,6 @@ class CodeCarbonMeter:
         self._measure_power_secs = measure_power_secs
         self._version = str(getattr(codecarbon, "__version__", "unknown"))
         self._names = itertools.count()
-        self._task: str | None = None
-        self._window_start = 0.0
-        self._closed = False
         try:
             self._tracker: Any = codecarbon.OfflineEmissionsTracker(
                 country_iso_code=country_iso_code,
@@ -286,10 +284,7 @@ class CodeCarbonMeter:
 
     def start(self) -> None:
         """Open a window: start a CodeCarbon task."""
-        if self._closed:
-            raise EnergyMeterError("codecarbon: the meter is closed")
-        if self._task is not None:
-            raise EnergyMeterError("codecarbon: a window is already open")
+        self._check_can_start()
         task = f"pytest-llem-{next(self._names)}"
         try:
             self._tracker.start_task(task)
@@ -300,8 +295,7 @@ class CodeCarbonMeter:
             raise EnergyMeterError(
                 f"codecarbon: start_task did not start the task (active task: {active!r})"
             )
-        self._task = task
-        self._window_start = time.perf_counter()
+        self._opened(task)
 
     def stop(self) -> EnergyReading:
         """Close the window and return CodeCarbon's energy per domain in joules.
@@ -309,10 +303,8 @@ class CodeCarbonMeter:
         Raises:
             EnergyMeterError: No window is open, or CodeCarbon returned no data or failed.
         """
-        if self._task is None:
-            raise EnergyMeterError("codecarbon: stop() without start()")
-        duration_s = time.perf_counter() - self._window_start
-        task, self._task = self._task, None
+        window = self._take_window()
+        duration_s, task = window.elapsed_s(), window.state
         try:
             data = self._tracker.stop_task(task)
         except Exception as e:
@@ -356,12 +348,11 @@ class CodeCarbonMeter:
 
     def close(self) -> None:
         """End any open task and release the tracker."""
-        if self._closed:
+        if self.closed:
             return
-        self._closed = True
-        if self._task is not None:
-            task, self._task = self._task, None
+        window = self._shut()
+        if window is not None:
             try:
-                self._tracker.stop_task(task)
+                self._tracker.stop_task(window.state)
             except Exception:
                 logger.debug("codecarbon: stop_task failed while closing", exc_info=True)

@@ -6,23 +6,21 @@ reports throughput and latency, and says plainly that it has no energy figures.
 
 from __future__ import annotations
 
-import time
-
-from pytest_llem.exceptions import EnergyMeterError
 from pytest_llem.meters.base import EnergyReading, MeterInfo, MeterResolution
+from pytest_llem.meters.window import WindowedMeter
 
 __all__ = ["NO_ENERGY_NOTE", "NoneMeter"]
 
 NO_ENERGY_NOTE = "no energy meter: time only"
 
 
-class NoneMeter:
-    """A meter that covers no domain: its readings carry the window's duration only."""
+class NoneMeter(WindowedMeter[None]):
+    """A meter that covers no domain: its readings carry the window's duration only.
+
+    Closing it only drops an open window: it is never unusable.
+    """
 
     name = "none"
-
-    def __init__(self) -> None:
-        self._window_start: float | None = None
 
     def info(self) -> MeterInfo:
         """No domains, no sources, no resolution."""
@@ -36,31 +34,25 @@ class NoneMeter:
 
     def start(self) -> None:
         """Open a window."""
-        if self._window_start is not None:
-            raise EnergyMeterError("none: a window is already open")
-        self._window_start = time.perf_counter()
+        self._check_can_start()
+        self._opened(None)
 
     def stop(self) -> EnergyReading:
         """Close the window; the reading has no domains and says so in its notes."""
-        if self._window_start is None:
-            raise EnergyMeterError("none: stop() without start()")
-        duration_s = time.perf_counter() - self._window_start
-        self._window_start = None
+        duration_s = self._take_window().elapsed_s()
         return EnergyReading(
             meter=self.name, duration_s=duration_s, domains={}, notes=(NO_ENERGY_NOTE,)
         )
 
     def lap(self) -> EnergyReading:
         """Time since ``start()``; no domains, as at ``stop()``."""
-        if self._window_start is None:
-            raise EnergyMeterError("none: lap() without start()")
         return EnergyReading(
             meter=self.name,
-            duration_s=time.perf_counter() - self._window_start,
+            duration_s=self._current_window("lap").elapsed_s(),
             domains={},
             notes=(NO_ENERGY_NOTE,),
         )
 
     def close(self) -> None:
-        """Nothing to release."""
-        self._window_start = None
+        """Nothing to release; a window left open is dropped."""
+        self._abandon_window()

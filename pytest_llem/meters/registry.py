@@ -16,8 +16,9 @@ from dataclasses import dataclass, field
 from pytest_llem.exceptions import ConfigurationError, MeterUnavailableError
 from pytest_llem.meters.base import DOMAINS, EnergyMeter, MeterInfo
 from pytest_llem.meters.codecarbon import CodeCarbonMeter, codecarbon_unavailable_reason
+from pytest_llem.meters.inventory import gpu_inventory
 from pytest_llem.meters.none import NoneMeter
-from pytest_llem.meters.nvml import NvmlMeter, nvml_gpus
+from pytest_llem.meters.nvml import NvmlMeter
 
 __all__ = [
     "DOMAIN_PREFERENCE",
@@ -143,7 +144,7 @@ def select_auto() -> tuple[str, str]:
     Returns:
         The meter names joined with commas (``"nvml,rapl"``) and the reason in words.
     """
-    gpus, why_no_gpu = nvml_gpus()
+    gpus, why_no_gpu = gpu_inventory()
     rapl_missing = _rapl_reason()
     chosen: list[str] = []
     reasons: list[str] = []

@@ -40,7 +40,6 @@ import logging
 import math
 import os
 import sys
-import time
 import warnings
 from collections.abc import Sequence
 from typing import Any
@@ -53,6 +52,7 @@ from pytest_llem.meters.base import (
     MeterInfo,
     MeterResolution,
 )
+from pytest_llem.meters.window import WindowedMeter
 
 __all__ = ["INSTALL_HINT", "ZeusMeter", "zeus_unavailable_reason"]
 
@@ -126,7 +126,7 @@ def _dram_supported(monitor: Any, cpu_indices: Sequence[int]) -> bool | None:
     return None
 
 
-class ZeusMeter:
+class ZeusMeter(WindowedMeter[list[Any]]):
     """GPU, CPU and DRAM energy from one Zeus ``ZeusMonitor``.
 
     Args:
@@ -150,6 +150,7 @@ class ZeusMeter:
         *,
         cpu_indices: Sequence[int] | None = None,
     ) -> None:
+        super().__init__()
         if gpu_indices is not None and not list(gpu_indices):
             raise ConfigurationError("zeus: gpu_indices is empty; give None to measure every GPU")
         problem = _visible_devices_problem(os.environ.get("CUDA_VISIBLE_DEVICES"))
@@ -174,9 +175,6 @@ class ZeusMeter:
         self._dram = _dram_supported(self._monitor, self._cpus) if self._cpus else False
         self._keys = (f"pytest-llem-{n}" for n in itertools.count())
         self._key: str | None = None
-        self._parts: list[Any] = []
-        self._window_start: float | None = None
-        self._closed = False
         try:  # a window read at once: bad GPU indices and driver faults show up here
             self._begin()
             self._end(cancel=True)
@@ -248,13 +246,9 @@ class ZeusMeter:
         Raises:
             EnergyMeterError: The meter is closed, a window is open, or Zeus failed.
         """
-        if self._closed:
-            raise EnergyMeterError("zeus: the meter is closed")
-        if self._window_start is not None:
-            raise EnergyMeterError("zeus: a window is already open")
-        self._parts = []
+        self._check_can_start()
         self._begin()
-        self._window_start = time.perf_counter()
+        self._opened([])
 
     def lap(self) -> EnergyReading:
         """The energy since ``start()``: ends the Zeus window and begins the next at once.
@@ -262,12 +256,11 @@ class ZeusMeter:
         Raises:
             EnergyMeterError: No window is open, or Zeus failed.
         """
-        if self._window_start is None:
-            raise EnergyMeterError("zeus: lap() without start()")
-        duration_s = time.perf_counter() - self._window_start
-        self._parts.append(self._end())
+        window = self._current_window("lap")
+        duration_s = window.elapsed_s()
+        window.state.append(self._end())
         self._begin()
-        return self._reading(self._parts, duration_s)
+        return self._reading(window.state, duration_s)
 
     def stop(self) -> EnergyReading:
         """Close the window and return Zeus's energy per domain.
@@ -275,11 +268,8 @@ class ZeusMeter:
         Raises:
             EnergyMeterError: No window is open, Zeus failed, or a counter went backwards.
         """
-        if self._window_start is None:
-            raise EnergyMeterError("zeus: stop() without start()")
-        duration_s = time.perf_counter() - self._window_start
-        self._window_start = None
-        parts, self._parts = self._parts, []
+        window = self._take_window()
+        duration_s, parts = window.elapsed_s(), window.state
         parts.append(self._end())
         return self._reading(parts, duration_s)
 
@@ -337,11 +327,9 @@ class ZeusMeter:
 
     def close(self) -> None:
         """Cancel any open Zeus window; the meter can no longer open one."""
-        if self._closed:
+        if self.closed:
             return
-        self._closed = True
-        self._window_start = None
-        self._parts = []
+        self._shut()
         if self._key is not None:
             try:
                 self._end(cancel=True)
