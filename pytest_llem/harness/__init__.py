@@ -17,7 +17,7 @@ from pytest_llem.harness.metrics import (
 )
 from pytest_llem.harness.runner import CaseMeasurement, measure_window, run_case, summarise_case
 from pytest_llem.harness.scenarios import SCENARIOS, build_workload, offline, split_batches
-from pytest_llem.harness.stats import BOOTSTRAP_RESAMPLES, distribution, percentile, summarise
+from pytest_llem.results.stats import BOOTSTRAP_RESAMPLES, distribution, percentile, summarise
 
 __all__ = [
     "BOOTSTRAP_RESAMPLES",
