@@ -190,3 +190,18 @@ def test_comparison_and_reports_load_no_harness_backend_or_meter(module: str) ->
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120
     )
     assert done.stdout.strip() == ""
+
+
+def test_render_doc_rewrites_a_stale_table_and_keeps_the_prose() -> None:
+    from pytest_llem.results.catalogue_doc import END_MARK, render_doc, section_markdown
+
+    stale = f"prose before\n<!-- llem metrics: window -->\n| old | table |\n{END_MARK}\nafter\n"
+    page = render_doc(stale)
+    assert page == (
+        f"prose before\n<!-- llem metrics: window -->\n{section_markdown('window')}{END_MARK}\n"
+        "after\n"
+    )
+    assert "`duration_s` | s |" in page
+    assert render_doc(page) == page
+    with pytest.raises(KeyError, match="nope"):
+        render_doc(f"<!-- llem metrics: nope -->\n{END_MARK}")

@@ -283,7 +283,7 @@ def _steady(metric: Metric) -> Metric:
         name=f"{STEADY_PREFIX}{metric.name}",
         section="steady",
         gated=False,
-        description=f"`{metric.name}` over the steady span alone",
+        description=f"`{metric.family}` over the steady span alone",
     )
 
 
