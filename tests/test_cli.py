@@ -23,6 +23,16 @@ def test_schema_is_json_schema_of_the_run_record(capsys: pytest.CaptureFixture[s
     assert "MetricSummary" in schema["$defs"]
 
 
+def test_schema_names_every_catalogue_metric_with_its_unit(capsys: pytest.CaptureFixture[str]):
+    from pytest_llem.results.catalogue import CATALOGUE
+
+    assert main(["schema"]) == 0
+    metrics = json.loads(capsys.readouterr().out)["x-llem-metrics"]
+    assert set(metrics) == set(CATALOGUE)
+    assert metrics["energy_per_output_token_j"]["unit"] == "J/token"
+    assert metrics["goodput_rps"]["better"] == "higher"
+
+
 def test_tiny_model_path_builds_and_prints_the_folder(llem_cache: Path):
     run = subprocess.run(
         [sys.executable, "-m", "pytest_llem.cli", "tiny-model", "--path"],

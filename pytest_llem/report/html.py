@@ -24,6 +24,8 @@ from markupsafe import Markup
 
 from pytest_llem.report import svg
 from pytest_llem.report.tables import case_machine, flatten_params
+from pytest_llem.results.catalogue import LATENCY_STATISTICS, unit_of
+from pytest_llem.results.catalogue import metric as catalogue_metric
 from pytest_llem.results.models import CaseRecord, MachineInfo, MetricSummary, RunRecord
 from pytest_llem.results.store import atomic_write_text
 
@@ -37,20 +39,23 @@ __all__ = [
 HTML_FILENAME = "llem-report.html"
 
 #: Columns of the case table: metric name, header, unit used when no case has the metric.
-HEADLINE_METRICS: tuple[tuple[str, str, str], ...] = (
-    ("energy_per_output_token_j", "Energy / out token", "J/token"),
-    ("output_tokens_per_s", "Out throughput", "tokens/s"),
-    ("ttft_ms.p50", "TTFT p50", "ms"),
-    ("tpot_ms.p50", "TPOT p50", "ms"),
-    ("e2e_ms.p50", "E2E p50", "ms"),
-    ("avg_power_w", "Avg power", "W"),
+HEADLINE_METRICS: tuple[tuple[str, str, str], ...] = tuple(
+    (name, label, catalogue_metric(name).unit)
+    for name, label in (
+        ("energy_per_output_token_j", "Energy / out token"),
+        ("output_tokens_per_s", "Out throughput"),
+        ("ttft_ms.p50", "TTFT p50"),
+        ("tpot_ms.p50", "TPOT p50"),
+        ("e2e_ms.p50", "E2E p50"),
+        ("avg_power_w", "Avg power"),
+    )
 )
 
 _ENERGY = "energy_per_output_token_j"
 _THROUGHPUT = "output_tokens_per_s"
 _PARETO_LATENCIES = ("ttft_ms.p50", "e2e_ms.p50")
 _VERDICTS = ("regressed", "improved", "unchanged", "inconclusive")
-_FAMILY_STATS = ("mean", "p50", "p90", "p95", "p99", "max")
+_FAMILY_STATS = LATENCY_STATISTICS
 
 
 @lru_cache(maxsize=1)
@@ -101,7 +106,7 @@ def _unit(record: RunRecord, name: str, default: str) -> str:
     for case in record.cases:
         if name in case.metrics:
             return case.metrics[name].unit
-    return default
+    return unit_of(name, default)
 
 
 def _median(case: CaseRecord, name: str) -> float | None:
