@@ -41,7 +41,6 @@ from pytest_llem.exceptions import (
 from pytest_llem.harness.deadline import deadline
 from pytest_llem.harness.isolation import check_isolation, unchecked_note
 from pytest_llem.harness.runner import WindowPolicy, run_case
-from pytest_llem.harness.stats import distribution
 from pytest_llem.harness.thermal import HOT_MARGIN_C, cool_down, measured_hot
 from pytest_llem.harness.traffic import request_count
 from pytest_llem.interop import record_benchmark
@@ -55,6 +54,7 @@ from pytest_llem.results.models import (
     MetricSummary,
     PromptsRecord,
 )
+from pytest_llem.results.stats import distribution
 from pytest_llem.session import LlemSession
 from pytest_llem.sweep import SweepCase
 from pytest_llem.workers import SHARED_DOMAINS, worker_info

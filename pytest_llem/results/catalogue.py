@@ -31,9 +31,10 @@ __all__ = [
     "unit_of",
 ]
 
+Domain = Literal["gpu", "cpu", "dram"]
 #: Energy domains, in canonical order (the meters' ``DOMAINS``, repeated here so results and
 #: reports need not import the meters).
-DOMAINS: tuple[str, ...] = ("gpu", "cpu", "dram")
+DOMAINS: tuple[Domain, ...] = ("gpu", "cpu", "dram")
 #: Per-request latencies; each is summarised per window with :data:`LATENCY_STATISTICS`.
 LATENCY_METRICS: tuple[str, ...] = ("ttft_ms", "tpot_ms", "itl_ms", "e2e_ms")
 #: Suffixes of the per-window latency statistics (``ttft_ms.p99``).

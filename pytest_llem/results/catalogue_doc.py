@@ -56,7 +56,7 @@ def table_rows(section: str) -> list[tuple[str, ...]]:
         Rows of name, unit, better (``lower``, ``higher`` or ``-``), gated (``yes`` or empty),
         source and definition.
     """
-    rows = []
+    rows: list[tuple[str, ...]] = []
     for group in _groups(section):
         first = group[0]
         definition = first.description
