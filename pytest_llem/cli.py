@@ -330,6 +330,25 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
 
 
+def _add_metrics_command(commands: Any) -> None:
+    """``llem metrics``: the metric catalogue, and docs/metrics.md's generated tables."""
+    metrics = commands.add_parser(
+        "metrics", help="list every metric a run record can hold, with unit and direction"
+    )
+    metrics.add_argument(
+        "--format", choices=("table", "json", "markdown"), default="table", help="output format"
+    )
+    metrics.add_argument(
+        "--doc",
+        type=Path,
+        default=None,
+        metavar="PAGE",
+        help="print PAGE (docs/metrics.md) with its generated metric tables brought up to date",
+    )
+    metrics.add_argument("--write", action="store_true", help="with --doc: rewrite PAGE in place")
+    metrics.set_defaults(func=_cmd_metrics)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command line of ``llem``."""
     parser = _Parser(
@@ -361,21 +380,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--format", choices=("table", "json", "markdown"), default="table", help="output format"
     )
     params.set_defaults(func=_cmd_params)
-    metrics = commands.add_parser(
-        "metrics", help="list every metric a run record can hold, with unit and direction"
-    )
-    metrics.add_argument(
-        "--format", choices=("table", "json", "markdown"), default="table", help="output format"
-    )
-    metrics.add_argument(
-        "--doc",
-        type=Path,
-        default=None,
-        metavar="PAGE",
-        help="print PAGE (docs/metrics.md) with its generated metric tables brought up to date",
-    )
-    metrics.add_argument("--write", action="store_true", help="with --doc: rewrite PAGE in place")
-    metrics.set_defaults(func=_cmd_metrics)
+    _add_metrics_command(commands)
     compare = commands.add_parser(
         "compare", help="compare two run records and gate on regressions (exit 1 on a breach)"
     )

@@ -219,15 +219,9 @@ def run_case(
         sleep=sleep,
     )
     policy = policy or WindowPolicy()
-    per_round: float | None = None
-    for _ in range(config.warmup):
-        started = clock()
-        workload()
-        per_round = clock() - started
-    rounds = _rounds_for(policy.target_s, per_round, 1)
+    rounds = _rounds_for(policy.target_s, _warm_up(workload, config.warmup, clock), 1)
     repetitions: list[RepetitionRecord] = []
     latencies: list[RequestLatency] = []
-    extension_notes: list[str] = []
     context = CaseContext(
         config, non_embedding_parameters, policy, baseline, assignment, baseline_problem
     )
@@ -238,17 +232,10 @@ def run_case(
         repetition, window_latencies = record_window(index, window, context)
         repetitions.append(repetition)
         latencies.extend(window_latencies)
-    if policy.target_s > 0 and any(rep.rounds > 1 for rep in repetitions):
-        extension_notes.append(
-            f"short windows: the workload ran {'/'.join(str(r.rounds) for r in repetitions)} "
-            f"times per window to last at least {policy.target_s:g} s "
-            f"(max(--llem-min-window-s, {QUANTISATION_PERIODS} x update period)); "
-            "figures are per round"
-        )
     metrics, latency = summarise_case(repetitions, latencies)
     notes = [
         *workload.notes,
-        *extension_notes,
+        *_extension_notes(repetitions, policy),
         *case_notes(
             repetitions, metered=bool(meters), non_embedding_parameters=non_embedding_parameters
         ),
@@ -261,6 +248,28 @@ def run_case(
         warmup=config.warmup,
         notes=notes,
     )
+
+
+def _warm_up(workload: Workload, warmup: int, clock: Clock) -> float | None:
+    """Run the unmeasured warmup; the last run's duration (None without warmup)."""
+    per_round: float | None = None
+    for _ in range(warmup):
+        started = clock()
+        workload()
+        per_round = clock() - started
+    return per_round
+
+
+def _extension_notes(repetitions: Sequence[RepetitionRecord], policy: WindowPolicy) -> list[str]:
+    """The note on windows that repeated the workload to last long enough (none otherwise)."""
+    if policy.target_s <= 0 or not any(rep.rounds > 1 for rep in repetitions):
+        return []
+    return [
+        f"short windows: the workload ran {'/'.join(str(r.rounds) for r in repetitions)} "
+        f"times per window to last at least {policy.target_s:g} s "
+        f"(max(--llem-min-window-s, {QUANTISATION_PERIODS} x update period)); "
+        "figures are per round"
+    ]
 
 
 def _rounds_for(target_s: float, per_round_s: float | None, current: int) -> int:

@@ -24,8 +24,7 @@ from markupsafe import Markup
 
 from pytest_llem.report import svg
 from pytest_llem.report.tables import case_machine, flatten_params
-from pytest_llem.results.catalogue import LATENCY_STATISTICS, unit_of
-from pytest_llem.results.catalogue import metric as catalogue_metric
+from pytest_llem.results import catalogue
 from pytest_llem.results.models import CaseRecord, MachineInfo, MetricSummary, RunRecord
 from pytest_llem.results.store import atomic_write_text
 
@@ -38,9 +37,9 @@ __all__ = [
 
 HTML_FILENAME = "llem-report.html"
 
-#: Columns of the case table: metric name, header, unit used when no case has the metric.
+#: Columns of the case table: metric name, header and its unit (from the metric catalogue).
 HEADLINE_METRICS: tuple[tuple[str, str, str], ...] = tuple(
-    (name, label, catalogue_metric(name).unit)
+    (name, label, catalogue.metric(name).unit)
     for name, label in (
         ("energy_per_output_token_j", "Energy / out token"),
         ("output_tokens_per_s", "Out throughput"),
@@ -55,7 +54,6 @@ _ENERGY = "energy_per_output_token_j"
 _THROUGHPUT = "output_tokens_per_s"
 _PARETO_LATENCIES = ("ttft_ms.p50", "e2e_ms.p50")
 _VERDICTS = ("regressed", "improved", "unchanged", "inconclusive")
-_FAMILY_STATS = LATENCY_STATISTICS
 
 
 @lru_cache(maxsize=1)
@@ -106,7 +104,7 @@ def _unit(record: RunRecord, name: str, default: str) -> str:
     for case in record.cases:
         if name in case.metrics:
             return case.metrics[name].unit
-    return unit_of(name, default)
+    return catalogue.unit_of(name, default)
 
 
 def _median(case: CaseRecord, name: str) -> float | None:
@@ -187,7 +185,7 @@ def _metric_tables(case: CaseRecord) -> tuple[list[dict[str, str]], dict[str, An
     families: dict[str, dict[str, MetricSummary]] = {}
     for name, summary in case.metrics.items():
         base, _, stat = name.rpartition(".")
-        if base and stat in _FAMILY_STATS:
+        if base and stat in catalogue.LATENCY_STATISTICS:
             families.setdefault(base, {})[stat] = summary
     families = {base: stats for base, stats in families.items() if len(stats) > 1}
     in_family = {f"{base}.{stat}" for base, stats in families.items() for stat in stats}
@@ -196,7 +194,9 @@ def _metric_tables(case: CaseRecord) -> tuple[list[dict[str, str]], dict[str, An
         for name, summary in case.metrics.items()
         if name not in in_family
     ]
-    columns = [s for s in _FAMILY_STATS if any(s in stats for stats in families.values())]
+    columns = [
+        s for s in catalogue.LATENCY_STATISTICS if any(s in stats for stats in families.values())
+    ]
     rows = [
         {
             "name": base,
