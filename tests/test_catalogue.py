@@ -23,8 +23,15 @@ from pytest_llem.meters.base import DOMAINS as METER_DOMAINS
 from pytest_llem.meters.base import DeviceState, EnergyReading
 from pytest_llem.results import catalogue
 from pytest_llem.results.catalogue import CATALOGUE, LATENCY_METRICS, STEADY_PREFIX, lookup
-from pytest_llem.results.gate import ENERGY_METRICS, GATE_METRICS, HIGHER_IS_BETTER
-from pytest_llem.results.models import BaselineDomain, BaselineRecord
+from pytest_llem.results.compare import compare_runs
+from pytest_llem.results.gate import ENERGY_METRICS, GATE_METRICS, HIGHER_IS_BETTER, parse_fail_on
+from pytest_llem.results.models import (
+    BaselineDomain,
+    BaselineRecord,
+    CaseRecord,
+    MachineInfo,
+    RunRecord,
+)
 from tests.fakes.fake_backend import FakeBackend, FakeClock
 from tests.fakes.fake_meter import FakeMeter
 
@@ -205,3 +212,29 @@ def test_render_doc_rewrites_a_stale_table_and_keeps_the_prose() -> None:
     assert render_doc(page) == page
     with pytest.raises(KeyError, match="nope"):
         render_doc(f"<!-- llem metrics: nope -->\n{END_MARK}")
+
+
+def _record(measured: CaseMeasurement) -> RunRecord:
+    case = CaseRecord(
+        id="t.py::test_a",
+        name="test_a",
+        metrics=measured.metrics,
+        repetitions=measured.repetitions,
+    )
+    machine = MachineInfo(hostname="h", platform="linux", python="3.12")
+    return RunRecord(
+        run_id="r", created_at=datetime.now(timezone.utc), machine=machine, cases=[case]
+    )
+
+
+def test_comparison_says_why_a_side_has_no_value() -> None:
+    measured = _run("offline")
+    unmeasured = _run("offline", WindowPolicy(target_s=0.0, floor_s=1e6, update_period_s=5e4))
+    rules = parse_fail_on("gpu_energy_j:+5%")  # measured, so gated
+    comparison = compare_runs(_record(measured), _record(unmeasured), rules)
+    (m,) = comparison.metrics
+    assert m.verdict == "not judged"
+    why = unmeasured.metrics["gpu_energy_j"].note
+    assert why is not None
+    assert why.startswith("gpu: not measured (window of")
+    assert m.reason == f"current has no value ({why}): at least 3 windows per side are needed"

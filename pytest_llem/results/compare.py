@@ -180,12 +180,22 @@ def _windows(n: int) -> str:
     return "no value" if n == 0 else f"{n} window{'' if n == 1 else 's'}"
 
 
-def _missing_reason(base: CaseRecord, cur: CaseRecord, nb: int, nc: int) -> str:
+def _why_missing(case: CaseRecord, metric: str, n: int) -> str | None:
+    """Why a side has too few windows: the case's outcome when it did not pass, else, when no
+    window has a value, the summary's recorded reason (taken from the windows' ``missing``)."""
+    outcome = _outcome(case)
+    if outcome is not None:
+        return f"case {outcome}"
+    summary = case.metrics.get(metric)
+    return summary.note if n == 0 and summary is not None and summary.n == 0 else None
+
+
+def _missing_reason(base: CaseRecord, cur: CaseRecord, metric: str, nb: int, nc: int) -> str:
     sides = []
     for label, case, n in (("baseline", base, nb), ("current", cur, nc)):
         if n < MIN_WINDOWS:
-            outcome = _outcome(case)
-            sides.append(f"{label} has {_windows(n)}{f' (case {outcome})' if outcome else ''}")
+            why = _why_missing(case, metric, n)
+            sides.append(f"{label} has {_windows(n)}{f' ({why})' if why else ''}")
     return "; ".join(sides) + f": at least {MIN_WINDOWS} windows per side are needed"
 
 
@@ -212,7 +222,7 @@ def _compare_metric(
     if used is None:
         verdict, gated = _no_verdict(gate=gate, source=source, gate_estimated=gate_estimated)
         if len(base_values) < MIN_WINDOWS or len(cur_values) < MIN_WINDOWS:
-            reason = _missing_reason(base, cur, len(base_values), len(cur_values))
+            reason = _missing_reason(base, cur, metric, len(base_values), len(cur_values))
         else:
             reason = "no ratio: a median is not positive (use an absolute threshold)"
     else:
