@@ -54,6 +54,7 @@ _ENERGY = "energy_per_output_token_j"
 _THROUGHPUT = "output_tokens_per_s"
 _PARETO_LATENCIES = ("ttft_ms.p50", "e2e_ms.p50")
 _VERDICTS = ("regressed", "improved", "unchanged", "inconclusive")
+_FAMILY_STATS = catalogue.LATENCY_STATISTICS
 
 
 @lru_cache(maxsize=1)
@@ -185,7 +186,7 @@ def _metric_tables(case: CaseRecord) -> tuple[list[dict[str, str]], dict[str, An
     families: dict[str, dict[str, MetricSummary]] = {}
     for name, summary in case.metrics.items():
         base, _, stat = name.rpartition(".")
-        if base and stat in catalogue.LATENCY_STATISTICS:
+        if base and stat in _FAMILY_STATS:
             families.setdefault(base, {})[stat] = summary
     families = {base: stats for base, stats in families.items() if len(stats) > 1}
     in_family = {f"{base}.{stat}" for base, stats in families.items() for stat in stats}
@@ -194,9 +195,7 @@ def _metric_tables(case: CaseRecord) -> tuple[list[dict[str, str]], dict[str, An
         for name, summary in case.metrics.items()
         if name not in in_family
     ]
-    columns = [
-        s for s in catalogue.LATENCY_STATISTICS if any(s in stats for stats in families.values())
-    ]
+    columns = [s for s in _FAMILY_STATS if any(s in stats for stats in families.values())]
     rows = [
         {
             "name": base,
