@@ -109,8 +109,7 @@ def _unit(record: RunRecord, name: str, default: str) -> str:
 
 
 def _median(case: CaseRecord, name: str) -> float | None:
-    summary = case.metrics.get(name)
-    return case.value(name) if summary is not None else None
+    return case.value(name) if name in case.metrics else None
 
 
 @dataclass(frozen=True)
