@@ -1,5 +1,6 @@
-"""The ``llem`` command: the run record's schema, the parameter reference, the built-in tiny
-model, comparing and gating two records, rebuilding reports, exporting and merging records."""
+"""The ``llem`` command: the run record's schema, the parameter and metric references, the
+built-in tiny model, comparing and gating two records, rebuilding reports, exporting and merging
+records."""
 
 from __future__ import annotations
 
@@ -168,6 +169,33 @@ def _cmd_params(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_metrics(args: argparse.Namespace) -> int:
+    from pytest_llem.results.catalogue import CATALOGUE
+    from pytest_llem.results.catalogue_doc import catalogue_markdown, render_doc
+
+    if args.doc is not None:
+        page = render_doc(args.doc.read_text(encoding="utf-8"))
+        if args.write:
+            args.doc.write_text(page, encoding="utf-8")
+        else:
+            print(page, end="")
+    elif args.format == "json":
+        print(json.dumps({name: vars(m) for name, m in CATALOGUE.items()}, indent=2))
+    elif args.format == "markdown":
+        print(catalogue_markdown(), end="")
+    else:
+        from pytest_llem.report.terminal import format_table
+
+        header = ("metric", "unit", "better", "kind", "gated", "baseline")
+        rows = [
+            [m.name, m.unit, m.better, m.kind, "yes" if m.gated else "", "yes" * m.needs_baseline]
+            for m in CATALOGUE.values()
+        ]
+        for line in format_table(header, rows, left=len(header)):
+            print(line)
+    return 0
+
+
 def _cmd_compare(args: argparse.Namespace) -> int:
     from pytest_llem.exceptions import GateError, ResultStoreError
     from pytest_llem.results.compare import (
@@ -297,6 +325,25 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
 
 
+def _add_metrics_command(commands: Any) -> None:
+    """``llem metrics``: the metric catalogue, and docs/metrics.md's generated tables."""
+    metrics = commands.add_parser(
+        "metrics", help="list every metric a run record can hold, with unit and direction"
+    )
+    metrics.add_argument(
+        "--format", choices=("table", "json", "markdown"), default="table", help="output format"
+    )
+    metrics.add_argument(
+        "--doc",
+        type=Path,
+        default=None,
+        metavar="PAGE",
+        help="print PAGE (docs/metrics.md) with its generated metric tables brought up to date",
+    )
+    metrics.add_argument("--write", action="store_true", help="with --doc: rewrite PAGE in place")
+    metrics.set_defaults(func=_cmd_metrics)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command line of ``llem``."""
     parser = _Parser(
@@ -328,6 +375,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--format", choices=("table", "json", "markdown"), default="table", help="output format"
     )
     params.set_defaults(func=_cmd_params)
+    _add_metrics_command(commands)
     compare = commands.add_parser(
         "compare", help="compare two run records and gate on regressions (exit 1 on a breach)"
     )

@@ -23,6 +23,16 @@ def test_schema_is_json_schema_of_the_run_record(capsys: pytest.CaptureFixture[s
     assert "MetricSummary" in schema["$defs"]
 
 
+def test_schema_names_every_catalogue_metric_with_its_unit(capsys: pytest.CaptureFixture[str]):
+    from pytest_llem.results.catalogue import CATALOGUE
+
+    assert main(["schema"]) == 0
+    metrics = json.loads(capsys.readouterr().out)["x-llem-metrics"]
+    assert set(metrics) == set(CATALOGUE)
+    assert metrics["energy_per_output_token_j"]["unit"] == "J/token"
+    assert metrics["goodput_rps"]["better"] == "higher"
+
+
 def test_tiny_model_path_builds_and_prints_the_folder(llem_cache: Path):
     run = subprocess.run(
         [sys.executable, "-m", "pytest_llem.cli", "tiny-model", "--path"],
@@ -275,3 +285,29 @@ def test_a_journal_line_that_is_not_utf8_is_skipped_with_a_warning(tmp_path: Pat
     assert "run.jsonl:3: damaged journal line skipped" in err
     record = json.loads(journal.with_suffix(".json").read_text())
     assert [case["id"] for case in record["cases"]] == ["t.py::test_a"]
+
+
+def test_committed_metric_tables_are_up_to_date(capsys):
+    page = Path(__file__).resolve().parent.parent / "docs" / "metrics.md"
+    assert main(["metrics", "--doc", str(page)]) == 0
+    generated = capsys.readouterr().out
+    assert page.read_text() == generated, (
+        "docs/metrics.md's metric tables are out of date: run "
+        "`llem metrics --doc docs/metrics.md --write`"
+    )
+    assert generated.count("<!-- llem metrics: ") == 12
+
+
+def test_metrics_lists_every_catalogue_name_with_unit_and_direction(capsys):
+    from pytest_llem.results.catalogue import CATALOGUE
+
+    assert main(["metrics", "--format", "json"]) == 0
+    listed = json.loads(capsys.readouterr().out)
+    assert set(listed) == set(CATALOGUE)
+    assert listed["ttft_ms.p99"]["unit"] == "ms"
+    assert listed["output_tokens_per_s"]["better"] == "higher"
+    assert listed["dynamic_energy_j"]["needs_baseline"] is True
+    assert main(["metrics"]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].split() == ["metric", "unit", "better", "kind", "gated", "baseline"]
+    assert len(table) == 2 + len(CATALOGUE)

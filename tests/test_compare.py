@@ -12,7 +12,6 @@ from typing import Any
 
 import pytest
 
-from pytest_llem.harness.stats import summarise
 from pytest_llem.results.compare import (
     classify,
     compare_runs,
@@ -36,6 +35,7 @@ from pytest_llem.results.models import (
     RepetitionRecord,
     RunRecord,
 )
+from pytest_llem.results.stats import summarise
 
 EPT = "energy_per_output_token_j"
 UNITS = {EPT: "J/token", "output_tokens_per_s": "tokens/s", "ttft_ms.p99": "ms", "energy_j": "J"}

@@ -6,7 +6,6 @@ from __future__ import annotations
 import pytest
 
 from pytest_llem.exceptions import GateError
-from pytest_llem.harness.stats import summarise
 from pytest_llem.results.gate import (
     FAIL_ON_EXAMPLE,
     GATE_METRICS,
@@ -19,6 +18,7 @@ from pytest_llem.results.gate import (
     parse_fail_on,
 )
 from pytest_llem.results.models import CaseResult, MetricSummary
+from pytest_llem.results.stats import summarise
 
 # --- metric names ----------------------------------------------------------------------------
 

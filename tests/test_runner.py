@@ -14,7 +14,7 @@ from pytest_llem.exceptions import ConfigurationError, EnergyMeterError, Inferen
 from pytest_llem.harness.metrics import FLOPS_METHOD
 from pytest_llem.harness.runner import CaseMeasurement, measure_window, run_case
 from pytest_llem.harness.scenarios import build_workload, split_batches
-from pytest_llem.harness.stats import FEWER_THAN_3_NOTE
+from pytest_llem.results.stats import FEWER_THAN_3_NOTE
 from tests.fakes.fake_backend import FakeBackend, FakeClock
 from tests.fakes.fake_meter import FakeMeter, no_dram_meter
 

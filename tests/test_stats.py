@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from pytest_llem.harness.stats import (
+from pytest_llem.results.stats import (
     BOOTSTRAP_RESAMPLES,
     FEWER_THAN_3_NOTE,
     bootstrap_median_ci,

@@ -1,7 +1,9 @@
 """The harness: runs a case's workload through a backend under energy meters and measures it.
 
-``runner`` owns the warmup, repetitions and measurement window; ``scenarios`` how requests are
-driven; ``metrics`` every figure of METRICS.md; ``stats`` the summaries across repetitions.
+``runner`` owns the warmup, repetitions and measurement window (``window``, ``window_record``,
+``steady``, ``case_summary``); ``scenarios`` how requests are driven; ``metrics`` every figure of
+METRICS.md. Summaries across repetitions are :mod:`pytest_llem.results.stats`; names and units
+are the metric catalogue's (:mod:`pytest_llem.results.catalogue`).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from pytest_llem.harness.metrics import (
 )
 from pytest_llem.harness.runner import CaseMeasurement, measure_window, run_case, summarise_case
 from pytest_llem.harness.scenarios import SCENARIOS, build_workload, offline, split_batches
-from pytest_llem.harness.stats import BOOTSTRAP_RESAMPLES, distribution, percentile, summarise
+from pytest_llem.results.stats import BOOTSTRAP_RESAMPLES, distribution, percentile, summarise
 
 __all__ = [
     "BOOTSTRAP_RESAMPLES",

@@ -40,7 +40,6 @@ from pytest_llem.harness.resources import (
     unused_gpus_note,
 )
 from pytest_llem.harness.runner import CaseMeasurement, WindowPolicy, run_case
-from pytest_llem.harness.stats import distribution
 from pytest_llem.harness.thermal import HOT_MARGIN_C, cool_down, measured_hot
 from pytest_llem.harness.traffic import request_count
 from pytest_llem.meters.base import EnergyMeter
@@ -55,6 +54,7 @@ from pytest_llem.results.models import (
     MeterRecord,
     PromptsRecord,
 )
+from pytest_llem.results.stats import distribution
 
 if TYPE_CHECKING:
     from pytest_llem.results.gate import BudgetRule

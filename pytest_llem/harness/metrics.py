@@ -14,18 +14,23 @@ from dataclasses import dataclass, field
 
 from pytest_llem.backends.base import Generation, MemoryUsage
 from pytest_llem.exceptions import InferenceError
-from pytest_llem.harness.stats import percentile
 from pytest_llem.meters.base import DOMAINS, EnergyReading
+from pytest_llem.results.catalogue import (
+    CATALOGUE,
+    LATENCY_METRICS,
+    LATENCY_STATISTICS,
+    domain_energy_metric,
+    lookup,
+)
+from pytest_llem.results.stats import percentile
 
 __all__ = [
     "DOMAIN_ENERGY_METRICS",
     "DYNAMIC_METRICS",
-    "ENERGY_METRICS",
     "FLOPS_METHOD",
     "LATENCY_METRICS",
     "LATENCY_STATISTICS",
     "METRIC_UNITS",
-    "SLO_ENERGY_METRICS",
     "RequestLatency",
     "WindowEnergy",
     "combine_energy",
@@ -36,82 +41,18 @@ __all__ = [
     "window_values",
 ]
 
-#: Per-request latency metrics; each is summarised per window with :data:`LATENCY_STATISTICS`.
-LATENCY_METRICS: tuple[str, ...] = ("ttft_ms", "tpot_ms", "itl_ms", "e2e_ms")
-#: Suffixes of the per-window latency statistics (``ttft_ms.p99``).
-LATENCY_STATISTICS: tuple[str, ...] = ("mean", "p50", "p90", "p95", "p99", "max")
 #: Energy of one domain, by metric name.
-DOMAIN_ENERGY_METRICS: dict[str, str] = {
-    "gpu_energy_j": "gpu",
-    "cpu_energy_j": "cpu",
-    "dram_energy_j": "dram",
-}
-#: Metrics derived from the window's total energy (their source follows the meters').
-ENERGY_METRICS: tuple[str, ...] = (
-    "energy_j",
-    "avg_power_w",
-    "energy_per_output_token_j",
-    "energy_per_request_j",
-    "output_tokens_per_j",
-    "idle_power_w",
-    "dynamic_energy_j",
-    "dynamic_energy_per_output_token_j",
-)
+DOMAIN_ENERGY_METRICS: dict[str, str] = {domain_energy_metric(d): d for d in DOMAINS}
 #: Metrics that need the idle baseline.
-DYNAMIC_METRICS: tuple[str, ...] = (
-    "idle_power_w",
-    "dynamic_energy_j",
-    "dynamic_energy_per_output_token_j",
-)
+DYNAMIC_METRICS: tuple[str, ...] = tuple(name for name, m in CATALOGUE.items() if m.needs_baseline)
 #: How ``flops_estimate`` is computed; reports print it next to the figure.
 FLOPS_METHOD = "2 * non-embedding parameters * (input + output tokens); attention FLOPs excluded"
 
 _DOMAIN_ITEMS = tuple(DOMAIN_ENERGY_METRICS.items())
 _PERCENTILES = {"p50": 50.0, "p90": 90.0, "p95": 95.0, "p99": 99.0}
 
-#: Unit of every scalar metric a window produces, by canonical name.
-METRIC_UNITS: dict[str, str] = {
-    "duration_s": "s",
-    "requests": "requests",
-    "input_tokens": "tokens",
-    "output_tokens": "tokens",
-    "energy_j": "J",
-    "gpu_energy_j": "J",
-    "cpu_energy_j": "J",
-    "dram_energy_j": "J",
-    "avg_power_w": "W",
-    "energy_per_output_token_j": "J/token",
-    "idle_power_w": "W",
-    "dynamic_energy_j": "J",
-    "dynamic_energy_per_output_token_j": "J/token",
-    "emissions_kg": "kg CO2eq",
-    "counter_vs_power_diff": "ratio",
-    "temperature_start_c": "C",
-    "temperature_end_c": "C",
-    "energy_per_request_j": "J/request",
-    "output_tokens_per_j": "tokens/J",
-    "output_tokens_per_s": "tokens/s",
-    "total_tokens_per_s": "tokens/s",
-    "requests_per_s": "requests/s",
-    **{f"{name}.{stat}": "ms" for name in LATENCY_METRICS for stat in LATENCY_STATISTICS},
-    "peak_memory_mb": "MB",
-    "flops_estimate": "FLOP",
-    "goodput_rps": "requests/s",
-    "energy_per_good_request_j": "J/request",
-    "slo_met_fraction": "fraction",
-    "slo_ttft_ms_met_fraction": "fraction",
-    "slo_tpot_ms_met_fraction": "fraction",
-    "slo_e2e_ms_met_fraction": "fraction",
-    "target_rate_rps": "requests/s",
-    "achieved_rate_rps": "requests/s",
-    "mean_concurrency": "requests",
-    "peak_concurrency": "requests",
-    "queue_wait_ms.mean": "ms",
-    "queue_wait_ms.p99": "ms",
-}
-
-#: Energy metrics that depend on the SLO as well (their source follows the meters').
-SLO_ENERGY_METRICS: tuple[str, ...] = ("energy_per_good_request_j",)
+#: Unit of every scalar metric a window produces, by canonical name (from the catalogue).
+METRIC_UNITS: dict[str, str] = {name: m.unit for name, m in CATALOGUE.items()}
 
 
 @dataclass(frozen=True)
@@ -193,7 +134,8 @@ class WindowEnergy:
 
     ``domains`` has every domain (None where none measured it); ``total_j`` sums the covered
     ones only and is None when none is covered. ``sources`` and ``meters`` name, per covered
-    domain, whether it was measured or estimated and by which meter.
+    domain, whether it was measured or estimated and by which meter; ``missing`` gives, per
+    domain without a number, its note (also in ``notes``).
     """
 
     total_j: float | None
@@ -202,6 +144,7 @@ class WindowEnergy:
     meters: dict[str, str] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     emissions_kg: float | None = None
+    missing: dict[str, str] = field(default_factory=dict)
 
     @property
     def covered(self) -> list[str]:
@@ -228,6 +171,7 @@ def combine_energy(
     sources: dict[str, str] = {}
     meters: dict[str, str] = {}
     notes: list[str] = []
+    missing: dict[str, str] = {}
     for domain in DOMAINS:
         reasons: list[str] = []
         domains[domain] = None
@@ -246,7 +190,8 @@ def combine_energy(
             break
         else:
             why = "; ".join(reasons) if reasons else "no meter covers it"
-            notes.append(f"{domain}: not measured ({why})")
+            missing[domain] = f"{domain}: not measured ({why})"
+            notes.append(missing[domain])
     notes.extend(f"{r.meter}: {note}" for r in readings for note in r.notes)
     covered = [v for v in domains.values() if v is not None]
     emissions = [r.emissions_kg for r in readings if r.emissions_kg is not None]
@@ -257,6 +202,7 @@ def combine_energy(
         meters=meters,
         notes=notes,
         emissions_kg=math.fsum(emissions) if emissions else None,
+        missing=missing,
     )
 
 
@@ -387,7 +333,7 @@ def _dynamic_values(
 
 
 def metric_source(name: str, energy_sources: Mapping[str, str]) -> str:
-    """Whether a metric was measured or estimated.
+    """Whether a metric was measured or estimated, by the catalogue's source rule.
 
     Args:
         name: Canonical metric name.
@@ -399,14 +345,14 @@ def metric_source(name: str, energy_sources: Mapping[str, str]) -> str:
         ``estimated`` for ``flops_estimate`` and ``emissions_kg`` (a grid carbon-intensity
         model); ``measured`` for the rest (clock and counts).
     """
-    if name in DOMAIN_ENERGY_METRICS:
-        return energy_sources.get(DOMAIN_ENERGY_METRICS[name], "measured")
-    if name in ENERGY_METRICS or name in SLO_ENERGY_METRICS:
+    known = lookup(name)
+    rule = known.source if known is not None else "measured"
+    if rule in DOMAINS:
+        return energy_sources.get(rule, "measured")
+    if rule == "meters":
         measured = all(source == "measured" for source in energy_sources.values())
         return "measured" if measured else "estimated"
-    if name in ("flops_estimate", "emissions_kg"):
-        return "estimated"
-    return "measured"
+    return rule
 
 
 def _meets(value: float | None, bound: float | None, *, missing_ok: bool) -> bool:

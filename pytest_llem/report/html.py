@@ -24,6 +24,7 @@ from markupsafe import Markup
 
 from pytest_llem.report import svg
 from pytest_llem.report.tables import case_machine, flatten_params
+from pytest_llem.results import catalogue
 from pytest_llem.results.models import CaseRecord, MachineInfo, MetricSummary, RunRecord
 from pytest_llem.results.store import atomic_write_text
 
@@ -36,21 +37,24 @@ __all__ = [
 
 HTML_FILENAME = "llem-report.html"
 
-#: Columns of the case table: metric name, header, unit used when no case has the metric.
-HEADLINE_METRICS: tuple[tuple[str, str, str], ...] = (
-    ("energy_per_output_token_j", "Energy / out token", "J/token"),
-    ("output_tokens_per_s", "Out throughput", "tokens/s"),
-    ("ttft_ms.p50", "TTFT p50", "ms"),
-    ("tpot_ms.p50", "TPOT p50", "ms"),
-    ("e2e_ms.p50", "E2E p50", "ms"),
-    ("avg_power_w", "Avg power", "W"),
+#: Columns of the case table: metric name, header and its unit (from the metric catalogue).
+HEADLINE_METRICS: tuple[tuple[str, str, str], ...] = tuple(
+    (name, label, catalogue.metric(name).unit)
+    for name, label in (
+        ("energy_per_output_token_j", "Energy / out token"),
+        ("output_tokens_per_s", "Out throughput"),
+        ("ttft_ms.p50", "TTFT p50"),
+        ("tpot_ms.p50", "TPOT p50"),
+        ("e2e_ms.p50", "E2E p50"),
+        ("avg_power_w", "Avg power"),
+    )
 )
 
 _ENERGY = "energy_per_output_token_j"
 _THROUGHPUT = "output_tokens_per_s"
 _PARETO_LATENCIES = ("ttft_ms.p50", "e2e_ms.p50")
 _VERDICTS = ("regressed", "improved", "unchanged", "inconclusive")
-_FAMILY_STATS = ("mean", "p50", "p90", "p95", "p99", "max")
+_FAMILY_STATS = catalogue.LATENCY_STATISTICS
 
 
 @lru_cache(maxsize=1)
@@ -101,12 +105,11 @@ def _unit(record: RunRecord, name: str, default: str) -> str:
     for case in record.cases:
         if name in case.metrics:
             return case.metrics[name].unit
-    return default
+    return catalogue.unit_of(name, default)
 
 
 def _median(case: CaseRecord, name: str) -> float | None:
-    summary = case.metrics.get(name)
-    return case.value(name) if summary is not None else None
+    return case.value(name) if name in case.metrics else None
 
 
 @dataclass(frozen=True)

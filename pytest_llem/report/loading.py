@@ -20,7 +20,7 @@ from pytest_llem.results.models import CaseRecord, MachineInfo, RunRecord
 from pytest_llem.results.store import read_run_record
 
 if TYPE_CHECKING:
-    import pandas as pd  # type: ignore[import-untyped]
+    import pandas as pd
 
 __all__ = ["PANDAS_HINT", "Run", "load_run", "merge_runs"]
 

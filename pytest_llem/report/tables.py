@@ -4,7 +4,8 @@ This is the table behind ``llem export --csv``, ``--llem-csv`` and ``Run.to_data
 reads only the run record. Columns: the case's identity (``id``, ``name``, ``outcome``,
 ``error``, ``backend``, ``model``, ``machine``, ``swept``), every resolved parameter as
 ``param.<path>``, then for every metric ``<name>.median``, ``.mean``, ``.stdev``, ``.min``,
-``.max``, ``.ci95_low``, ``.ci95_high``, ``.n``, ``.unit`` and ``.source``. In the CSV text, a
+``.max``, ``.ci95_low``, ``.ci95_high``, ``.n``, ``.unit`` (the catalogue's where the summary
+has none) and ``.source``. In the CSV text, a
 text cell that a spreadsheet would run as a formula is neutralised (see :func:`csv_text`).
 """
 
@@ -18,6 +19,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from pytest_llem.results.catalogue import unit_of
 from pytest_llem.results.models import CaseRecord, MachineInfo, RunRecord
 from pytest_llem.results.store import atomic_write_text
 
@@ -90,6 +92,8 @@ def _metric_cells(case: CaseRecord) -> dict[str, Any]:
     for name, summary in case.metrics.items():
         for stat in METRIC_FIELDS:
             value = getattr(summary, stat)
+            if stat == "unit" and not value:
+                value = unit_of(name)
             if isinstance(value, float) and not math.isfinite(value):
                 value = None
             cells[f"{name}.{stat}"] = value

@@ -9,19 +9,22 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from pytest_llem.results.catalogue import metric
 from pytest_llem.results.models import CaseRecord, RunRecord
 
-__all__ = ["COLUMNS", "format_table", "summary_lines", "summary_rows"]
+__all__ = ["COLUMNS", "METRIC_COLUMNS", "format_table", "summary_lines", "summary_rows"]
 
-COLUMNS = (
-    "case",
-    "backend",
-    "meter",
-    "J/out tok",
-    "out tok/s",
-    "TTFT p50 ms",
-    "TPOT p50 ms",
+#: The metric columns: header and catalogue name (a name not in the catalogue fails on import).
+METRIC_COLUMNS: tuple[tuple[str, str], ...] = tuple(
+    (header, metric(name).name)
+    for header, name in (
+        ("J/out tok", "energy_per_output_token_j"),
+        ("out tok/s", "output_tokens_per_s"),
+        ("TTFT p50 ms", "ttft_ms.p50"),
+        ("TPOT p50 ms", "tpot_ms.p50"),
+    )
 )
+COLUMNS = ("case", "backend", "meter", *(header for header, _ in METRIC_COLUMNS))
 
 
 def _fmt(value: float | None) -> str:
@@ -76,7 +79,8 @@ def summary_rows(record: RunRecord) -> list[list[str]]:
         meter = "+".join(m.name for m in case.meters) or "-"
         if case.outcome != "passed" and not case.metrics:
             status = case.error.type if case.error else case.outcome
-            rows.append([case.name, case.backend or "-", meter, status, "", "", ""])
+            blanks = [""] * (len(METRIC_COLUMNS) - 1)
+            rows.append([case.name, case.backend or "-", meter, status, *blanks])
             continue
         name = case.name if case.outcome == "passed" else f"{case.name} [{case.outcome}]"
         flags = _flags(case)
@@ -85,10 +89,7 @@ def summary_rows(record: RunRecord) -> list[list[str]]:
                 f"{name} ({', '.join(flags)})" if flags else name,
                 case.backend,
                 meter,
-                _metric(case, "energy_per_output_token_j"),
-                _metric(case, "output_tokens_per_s"),
-                _metric(case, "ttft_ms.p50"),
-                _metric(case, "tpot_ms.p50"),
+                *(_metric(case, name) for _, name in METRIC_COLUMNS),
             ]
         )
     return rows

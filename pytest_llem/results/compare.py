@@ -6,36 +6,46 @@ repetitions and its 95% bootstrap interval decide the verdict. Under a gate noth
 silently: a gated metric of a measured baseline case that gets no verdict (too few windows, no
 value, the case failed or is gone) is ``not judged`` and fails the gate, and so does a baseline
 with no measured case or a current run with no case. The plugin's terminal summary and
-``llem compare`` both render a :class:`Comparison` with the functions at the end.
+``llem compare`` both render a :class:`Comparison` with
+:mod:`pytest_llem.results.compare_format` (re-exported here).
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
-from typing import Any, Literal, NamedTuple
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
-import numpy.typing as npt
 
 from pytest_llem.config.resolve import flatten_paths
-from pytest_llem.harness.stats import BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED
-from pytest_llem.results.gate import ENERGY_METRICS, GateRule
+from pytest_llem.results.catalogue import lookup
+from pytest_llem.results.compare_format import (
+    format_breaches,
+    format_table,
+    to_json,
+    to_markdown,
+)
+from pytest_llem.results.comparison import (
+    MIN_WINDOWS,
+    CaseMatch,
+    Comparison,
+    Interval,
+    MetricComparison,
+    RunIdentity,
+    UnmatchedCase,
+    Verdict,
+    classify,
+    clean_values,
+    difference_interval,
+    ratio_interval,
+)
+from pytest_llem.results.gate import GateRule
 from pytest_llem.results.models import CaseRecord, MachineInfo, RunRecord
-from pytest_llem.results.storage import machine_id
 
 __all__ = [
     "ENVIRONMENT_LIBRARIES",
     "IGNORED_PARAMS",
-    "MIN_WINDOWS",
-    "CaseMatch",
     "Comparison",
-    "Interval",
-    "MetricComparison",
-    "RunIdentity",
-    "UnmatchedCase",
-    "Verdict",
     "classify",
     "compare_runs",
     "difference_interval",
@@ -49,139 +59,13 @@ __all__ = [
     "to_markdown",
 ]
 
-#: ``not judged`` is a gated metric without a verdict (it fails the gate); ``not comparable`` is
-#: an ungated one (report only, or estimated energy).
-Verdict = Literal[
-    "regressed", "improved", "unchanged", "inconclusive", "not judged", "not comparable"
-]
-_VERDICTS: tuple[Verdict, ...] = (
-    "regressed",
-    "not judged",
-    "inconclusive",
-    "improved",
-    "unchanged",
-    "not comparable",
-)
 #: Case parameters that never change a result, so cases still match when they differ.
 IGNORED_PARAMS: frozenset[str] = frozenset({"repeat", "warmup"})
-#: Windows each side needs for an interval, and so for a verdict (METRICS.md: n < 3 gives no
-#: interval, as for every metric's summary).
-MIN_WINDOWS = 3
 #: Libraries whose versions are compared between runs (with the GPUs and the driver).
 ENVIRONMENT_LIBRARIES: tuple[str, ...] = ("torch", "transformers", "vllm", "tensorrt-llm")
 
-_FloatArray = npt.NDArray[np.float64]
-
-
-# --- bootstrap -------------------------------------------------------------------------------
-
-
-def _clean(values: Iterable[float | None]) -> list[float]:
-    return [float(v) for v in values if v is not None and math.isfinite(v)]
-
-
-def _resampled_medians(
-    baseline: Sequence[float], current: Sequence[float]
-) -> tuple[_FloatArray, _FloatArray]:
-    """Bootstrap medians of each side, resampled independently from one seeded generator."""
-    base = np.asarray(baseline, dtype=np.float64)
-    cur = np.asarray(current, dtype=np.float64)
-    rng = np.random.default_rng(BOOTSTRAP_SEED)
-    base_picks = rng.integers(0, base.size, size=(BOOTSTRAP_RESAMPLES, base.size))
-    cur_picks = rng.integers(0, cur.size, size=(BOOTSTRAP_RESAMPLES, cur.size))
-    return np.median(base[base_picks], axis=1), np.median(cur[cur_picks], axis=1)
-
-
-def _interval(estimate: float, samples: _FloatArray) -> tuple[float, float, float]:
-    low, high = np.percentile(samples, [2.5, 97.5])
-    return estimate, float(low), float(high)
-
-
-def ratio_interval(
-    baseline: Sequence[float], current: Sequence[float]
-) -> tuple[float, float, float] | None:
-    """The ratio of medians (current / baseline) and its 95% bootstrap interval.
-
-    Each side is resampled independently (:data:`~pytest_llem.harness.stats.BOOTSTRAP_RESAMPLES`
-    resamples, fixed seed), and the interval is the 2.5th and 97.5th percentiles of the
-    resampled ratios.
-
-    Args:
-        baseline: Per-window values of the baseline.
-        current: Per-window values of the current run.
-
-    Returns:
-        ``(ratio, low, high)``; None when either side has fewer than :data:`MIN_WINDOWS`
-        values, when the baseline's median (or any resampled one) is not positive, or when the
-        current median is negative: a ratio means nothing there.
-    """
-    if len(baseline) < MIN_WINDOWS or len(current) < MIN_WINDOWS:
-        return None
-    base_median = float(np.median(np.asarray(baseline, dtype=np.float64)))
-    cur_median = float(np.median(np.asarray(current, dtype=np.float64)))
-    if base_median <= 0 or cur_median < 0:
-        return None
-    base_samples, cur_samples = _resampled_medians(baseline, current)
-    if float(base_samples.min()) <= 0:
-        return None
-    return _interval(cur_median / base_median, cur_samples / base_samples)
-
-
-def difference_interval(
-    baseline: Sequence[float], current: Sequence[float]
-) -> tuple[float, float, float] | None:
-    """The difference of medians (current - baseline) and its 95% bootstrap interval.
-
-    Resampled exactly as :func:`ratio_interval`; used by absolute thresholds.
-
-    Returns:
-        ``(difference, low, high)``; None when either side has fewer than
-        :data:`MIN_WINDOWS` values.
-    """
-    if len(baseline) < MIN_WINDOWS or len(current) < MIN_WINDOWS:
-        return None
-    base_median = float(np.median(np.asarray(baseline, dtype=np.float64)))
-    cur_median = float(np.median(np.asarray(current, dtype=np.float64)))
-    base_samples, cur_samples = _resampled_medians(baseline, current)
-    return _interval(cur_median - base_median, cur_samples - base_samples)
-
-
-def classify(rule: GateRule, low: float, high: float) -> Verdict:
-    """The verdict of an interval under a rule.
-
-    For a relative threshold t the interval is of the ratio and the band is [1 - t, 1 + t];
-    for an absolute one it is of the difference and the band is [-t, +t]. ``regressed`` when
-    the whole interval lies strictly beyond the band on the worse side, ``improved`` when it
-    lies strictly beyond it on the better side, ``unchanged`` when it lies within the band, and
-    ``inconclusive`` when it straddles an edge.
-    """
-    centre = 1.0 if rule.relative else 0.0
-    upper, lower = centre + rule.threshold, centre - rule.threshold
-    above, below = low > upper, high < lower
-    if above or below:
-        rising_is_worse = rule.direction == "+"
-        return "regressed" if above == rising_is_worse else "improved"
-    if low >= lower and high <= upper:
-        return "unchanged"
-    return "inconclusive"
-
 
 # --- matching --------------------------------------------------------------------------------
-
-
-class UnmatchedCase(NamedTuple):
-    """A case in only one of the runs; ``note`` says why when its id is in both."""
-
-    case: CaseRecord
-    note: str | None = None
-
-
-class CaseMatch(NamedTuple):
-    """Cases of two runs: matched pairs (baseline, current), new ones and gone ones."""
-
-    pairs: list[tuple[CaseRecord, CaseRecord]]
-    new: list[UnmatchedCase]
-    gone: list[UnmatchedCase]
 
 
 def _relevant(case: CaseRecord) -> dict[str, Any]:
@@ -244,142 +128,13 @@ def parameter_changes(pairs: list[tuple[CaseRecord, CaseRecord]]) -> list[Unmatc
 # --- comparing -------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Interval:
-    """An estimate and its 95% bootstrap interval."""
-
-    estimate: float
-    low: float
-    high: float
-
-
-@dataclass(frozen=True)
-class MetricComparison:
-    """One metric of one baseline case under one rule.
-
-    ``ratio`` is current / baseline of the medians; ``difference`` is current - baseline.
-    The verdict uses the ratio for a relative rule and the difference for an absolute one
-    (:attr:`interval`). ``gated`` says whether this verdict may fail the run: a gated
-    ``not judged`` always does. ``reason`` says why a verdict is missing or not gated.
-    """
-
-    case_id: str
-    metric: str
-    rule: GateRule
-    unit: str
-    source: str
-    baseline_median: float | None
-    current_median: float | None
-    baseline_n: int
-    current_n: int
-    ratio: Interval | None
-    difference: Interval | None
-    verdict: Verdict
-    gated: bool
-    reason: str | None = None
-
-    @property
-    def interval(self) -> Interval | None:
-        """The interval the verdict was taken from."""
-        return self.ratio if self.rule.relative else self.difference
-
-
-@dataclass(frozen=True)
-class RunIdentity:
-    """Which run a side of a comparison is."""
-
-    label: str
-    run_id: str
-    created_at: str
-    commit: str | None
-    machine: str
-
-    @classmethod
-    def of(cls, record: RunRecord, label: str | None = None) -> RunIdentity:
-        """Identify ``record``; ``label`` defaults to its run id, time and commit."""
-        commit = record.machine.git_commit
-        created = record.created_at.strftime("%Y-%m-%d %H:%M:%S")
-        default = f"run {record.run_id[:8]} at {created}" + (
-            f", commit {commit[:8]}" if commit else ""
-        )
-        return cls(
-            label=label or default,
-            run_id=record.run_id,
-            created_at=record.created_at.isoformat(),
-            commit=commit,
-            machine=machine_id(record),
-        )
-
-
-@dataclass(frozen=True)
-class Comparison:
-    """Two runs compared under a set of rules.
-
-    ``unmeasured`` lists the baseline's cases without a measured window (skipped or failed
-    there), each with why. ``problems`` are run-level reasons nothing could be judged (a
-    baseline without a measured case, a current run without a case); under a gate they fail
-    the run.
-    """
-
-    baseline: RunIdentity
-    current: RunIdentity
-    rules: tuple[GateRule, ...]
-    metrics: tuple[MetricComparison, ...]
-    new: tuple[UnmatchedCase, ...]
-    gone: tuple[UnmatchedCase, ...]
-    environment: tuple[str, ...]
-    gate: bool = True
-    gate_estimated: bool = False
-    changed: tuple[UnmatchedCase, ...] = ()
-    unmeasured: tuple[UnmatchedCase, ...] = ()
-    problems: tuple[str, ...] = ()
-
-    @property
-    def regressions(self) -> list[MetricComparison]:
-        """Gated metrics that regressed."""
-        return [m for m in self.metrics if m.gated and m.verdict == "regressed"]
-
-    @property
-    def inconclusive(self) -> list[MetricComparison]:
-        """Gated metrics whose interval straddles the threshold."""
-        return [m for m in self.metrics if m.gated and m.verdict == "inconclusive"]
-
-    @property
-    def not_judged(self) -> list[MetricComparison]:
-        """Gated metrics with no verdict (they fail the gate)."""
-        return [m for m in self.metrics if m.gated and m.verdict == "not judged"]
-
-    @property
-    def not_comparable(self) -> list[MetricComparison]:
-        """Ungated metrics with no verdict (missing values, too few windows, no ratio)."""
-        return [m for m in self.metrics if m.verdict == "not comparable"]
-
-    def counts(self) -> dict[str, int]:
-        """How many metric comparisons got each verdict (gated or not)."""
-        return {v: sum(m.verdict == v for m in self.metrics) for v in _VERDICTS}
-
-    def breaches(self, fail_inconclusive: bool = False) -> list[MetricComparison]:
-        """The comparisons that fail the run: gated regressions and metrics that could not be
-        judged, and gated inconclusive ones when ``fail_inconclusive``."""
-        failing = {"regressed", "not judged"}
-        if fail_inconclusive:
-            failing.add("inconclusive")
-        return [m for m in self.metrics if m.gated and m.verdict in failing]
-
-    def exit_code(self, fail_inconclusive: bool = False) -> int:
-        """1 when the gate fails: a breach (:meth:`breaches`) or, under a gate, a run-level
-        problem; else 0."""
-        failed = self.breaches(fail_inconclusive) or (self.gate and self.problems)
-        return 1 if failed else 0
-
-
 def _values(case: CaseRecord, metric: str) -> tuple[list[float], float | None]:
     """Per-window values of a metric, and its median (from the summary when there are no
     repetitions; then there are no values to resample)."""
     summary = case.metrics.get(metric)
     summary_median = summary.median if summary is not None else None
     if case.repetitions:
-        values = _clean(rep.values.get(metric) for rep in case.repetitions)
+        values = clean_values(rep.values.get(metric) for rep in case.repetitions)
         median = float(np.median(np.asarray(values))) if values else summary_median
         return values, median
     return ([summary_median] if summary_median is not None else []), summary_median
@@ -389,7 +144,8 @@ def _source(case: CaseRecord, metric: str) -> str:
     summary = case.metrics.get(metric)
     if summary is not None:
         return summary.source
-    if metric in ENERGY_METRICS:
+    known = lookup(metric)
+    if known is not None and known.follows_meters:
         sources = {s for rep in case.repetitions for s in rep.energy_sources.values()}
         if sources - {"measured"}:
             return "estimated"
@@ -401,7 +157,8 @@ def _unit(base: CaseRecord, cur: CaseRecord | None, metric: str) -> str:
         summary = case.metrics.get(metric) if case is not None else None
         if summary is not None and summary.unit:
             return summary.unit
-    return ""
+    known = lookup(metric)
+    return known.unit if known is not None else ""
 
 
 def _outcome(case: CaseRecord) -> str | None:
@@ -423,12 +180,22 @@ def _windows(n: int) -> str:
     return "no value" if n == 0 else f"{n} window{'' if n == 1 else 's'}"
 
 
-def _missing_reason(base: CaseRecord, cur: CaseRecord, nb: int, nc: int) -> str:
+def _why_missing(case: CaseRecord, metric: str, n: int) -> str | None:
+    """Why a side has too few windows: the case's outcome when it did not pass, else, when no
+    window has a value, the summary's recorded reason (taken from the windows' ``missing``)."""
+    outcome = _outcome(case)
+    if outcome is not None:
+        return f"case {outcome}"
+    summary = case.metrics.get(metric)
+    return summary.note if n == 0 and summary is not None and summary.n == 0 else None
+
+
+def _missing_reason(base: CaseRecord, cur: CaseRecord, metric: str, nb: int, nc: int) -> str:
     sides = []
     for label, case, n in (("baseline", base, nb), ("current", cur, nc)):
         if n < MIN_WINDOWS:
-            outcome = _outcome(case)
-            sides.append(f"{label} has {_windows(n)}{f' (case {outcome})' if outcome else ''}")
+            why = _why_missing(case, metric, n)
+            sides.append(f"{label} has {_windows(n)}{f' ({why})' if why else ''}")
     return "; ".join(sides) + f": at least {MIN_WINDOWS} windows per side are needed"
 
 
@@ -455,7 +222,7 @@ def _compare_metric(
     if used is None:
         verdict, gated = _no_verdict(gate=gate, source=source, gate_estimated=gate_estimated)
         if len(base_values) < MIN_WINDOWS or len(cur_values) < MIN_WINDOWS:
-            reason = _missing_reason(base, cur, len(base_values), len(cur_values))
+            reason = _missing_reason(base, cur, metric, len(base_values), len(cur_values))
         else:
             reason = "no ratio: a median is not positive (use an absolute threshold)"
     else:
@@ -638,226 +405,3 @@ def _energy_domains(record: RunRecord) -> list[str]:
     """The domains the run's meters supplied (the union over its cases), canonical order."""
     used = {domain for case in record.cases for meter in case.meters for domain in meter.used_for}
     return [domain for domain in ("gpu", "cpu", "dram") if domain in used]
-
-
-# --- rendering -------------------------------------------------------------------------------
-
-
-def _number(value: float | None, unit: str = "") -> str:
-    if value is None:
-        return "-"
-    return f"{value:.4g}{f' {unit}' if unit else ''}"
-
-
-def _change(m: MetricComparison) -> str:
-    """``1.200 [1.150, 1.250]`` for a ratio, ``+20 [+12, +31] ms`` for a difference."""
-    if m.rule.relative:
-        r = m.ratio
-        return "-" if r is None else f"{r.estimate:.3f} [{r.low:.3f}, {r.high:.3f}]"
-    d = m.difference
-    if d is None:
-        return "-"
-    unit = f" {m.unit}" if m.unit else ""
-    return f"{d.estimate:+.4g} [{d.low:+.4g}, {d.high:+.4g}]{unit}"
-
-
-def _verdict(m: MetricComparison) -> str:
-    if m.verdict == "not comparable" or m.gated or m.reason is None:
-        return m.verdict
-    return f"{m.verdict} (not gated)"
-
-
-def _breach(m: MetricComparison) -> str:
-    if m.verdict == "not judged":
-        return (
-            f"{m.case_id}: {m.metric} could not be judged (limit {m.rule.limit_text}): {m.reason}"
-        )
-    what = "ratio" if m.rule.relative else "difference"
-    interval = m.interval
-    bounds = f"[{interval.low:.4g}, {interval.high:.4g}]" if interval else "-"
-    estimate = f"{interval.estimate:.4g}" if interval else "-"
-    return (
-        f"{m.case_id}: {m.metric} {m.verdict} (limit {m.rule.limit_text}): "
-        f"baseline {_number(m.baseline_median, m.unit)}, current {_number(m.current_median, m.unit)}, "
-        f"{what} {estimate}, 95% CI {bounds}"
-    )
-
-
-def format_breaches(comparison: Comparison, *, fail_inconclusive: bool = False) -> list[str]:
-    """One line per reason the gate fails: first the run-level problems (under a gate), then
-    per metric the case, metric, baseline, current, ratio (or difference) and its interval, or
-    why it could not be judged."""
-    problems = list(comparison.problems) if comparison.gate else []
-    return problems + [_breach(m) for m in comparison.breaches(fail_inconclusive)]
-
-
-def _headline(comparison: Comparison) -> str:
-    counts = comparison.counts()
-    cases = len({m.case_id for m in comparison.metrics})
-    parts = [f"{n} {verdict}" for verdict, n in counts.items() if n]
-    gated = "" if comparison.gate else " (report only, nothing gated)"
-    plural = "" if cases == 1 else "s"
-    return f"{cases} case{plural} compared: {', '.join(parts) or 'no metric'}{gated}"
-
-
-def _extras(comparison: Comparison) -> list[tuple[str, list[str]]]:
-    def unmatched(items: Iterable[UnmatchedCase]) -> list[str]:
-        return [f"{u.case.id}{f' ({u.note})' if u.note else ''}" for u in items]
-
-    return [
-        ("Problems", list(comparison.problems)),
-        (
-            "Not measured in the baseline (nothing to compare against)",
-            unmatched(comparison.unmeasured),
-        ),
-        ("Compared although their parameters changed", unmatched(comparison.changed)),
-        ("New cases (not in the baseline)", unmatched(comparison.new)),
-        ("Gone cases (not in this run)", unmatched(comparison.gone)),
-        ("Environment differs, figures may differ for that alone", list(comparison.environment)),
-    ]
-
-
-_HEADER = ("case", "metric", "rule", "baseline", "current", "ratio [95% CI]", "verdict")
-
-
-def _rows(comparison: Comparison) -> list[tuple[str, ...]]:
-    return [
-        (
-            m.case_id,
-            m.metric,
-            m.rule.limit_text,
-            _number(m.baseline_median, m.unit),
-            _number(m.current_median, m.unit),
-            _change(m),
-            _verdict(m),
-        )
-        for m in comparison.metrics
-    ]
-
-
-def format_table(comparison: Comparison) -> str:
-    """A plain-text table for a terminal: one row per case and metric, then new and gone
-    cases, environment differences and the reasons behind ungated or missing verdicts.
-
-    For an absolute rule the ``ratio`` column holds the difference of medians instead.
-    """
-    lines = [
-        f"baseline: {comparison.baseline.label}",
-        f"current:  {comparison.current.label}",
-        _headline(comparison),
-    ]
-    rows = _rows(comparison)
-    if rows:
-        widths = [max(len(row[i]) for row in [_HEADER, *rows]) for i in range(len(_HEADER))]
-        for row in [_HEADER, *rows]:
-            lines.append(
-                "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
-            )
-    notes = [f"{m.case_id} {m.metric}: {m.reason}" for m in comparison.metrics if m.reason]
-    for title, items in [*_extras(comparison), ("Notes", notes)]:
-        if items:
-            lines.append(f"{title}:")
-            lines.extend(f"  {item}" for item in items)
-    return "\n".join(lines)
-
-
-def _md(text: str) -> str:
-    return text.replace("\\", "\\\\").replace("|", "\\|").replace("\n", " ")
-
-
-def _code(text: str) -> str:
-    # GitHub splits table cells on "|" even inside a code span, unless it is escaped.
-    return f"`{text.replace('|', chr(92) + '|')}`" if "`" not in text else _md(text)
-
-
-def to_markdown(comparison: Comparison) -> str:
-    """A Markdown report for a pull-request comment: a headline, one table row per case and
-    metric (verdicts as words, regressions in bold), then new and gone cases and environment
-    differences."""
-    lines = [
-        "### pytest-llem comparison",
-        "",
-        _headline(comparison),
-        "",
-        f"- Baseline: {_md(comparison.baseline.label)}",
-        f"- Current: {_md(comparison.current.label)}",
-        "",
-    ]
-    rows = _rows(comparison)
-    if rows:
-        lines.append("| Case | Metric | Rule | Baseline | Current | Ratio [95% CI] | Verdict |")
-        lines.append("|---|---|---|---|---|---:|---|")
-        for m, row in zip(comparison.metrics, rows, strict=True):
-            verdict = f"**{row[6]}**" if m.gated and m.verdict == "regressed" else row[6]
-            cells = [_code(row[0]), _code(row[1]), *(_md(c) for c in row[2:6]), verdict]
-            lines.append("| " + " | ".join(cells) + " |")
-        lines.append("")
-    notes = [f"{m.case_id} {m.metric}: {m.reason}" for m in comparison.metrics if m.reason]
-    for title, items in [*_extras(comparison), ("Notes", notes)]:
-        if items:
-            lines.append(f"**{title}:**")
-            lines.extend(f"- {_md(item)}" for item in items)
-            lines.append("")
-    return "\n".join(lines).rstrip() + "\n"
-
-
-def _interval_json(interval: Interval | None) -> dict[str, float] | None:
-    if interval is None:
-        return None
-    return {"estimate": interval.estimate, "low": interval.low, "high": interval.high}
-
-
-def _metric_json(m: MetricComparison) -> dict[str, Any]:
-    return {
-        "case": m.case_id,
-        "metric": m.metric,
-        "rule": m.rule.text,
-        "direction": m.rule.direction,
-        "threshold": m.rule.threshold,
-        "relative": m.rule.relative,
-        "unit": m.unit,
-        "source": m.source,
-        "baseline": {"median": m.baseline_median, "n": m.baseline_n},
-        "current": {"median": m.current_median, "n": m.current_n},
-        "ratio": _interval_json(m.ratio),
-        "difference": _interval_json(m.difference),
-        "verdict": m.verdict,
-        "gated": m.gated,
-        "reason": m.reason,
-    }
-
-
-def to_json(comparison: Comparison, *, fail_inconclusive: bool = False) -> dict[str, Any]:
-    """The comparison as a JSON-ready dict (ratios, intervals, verdicts, new, gone and
-    unmeasured cases, run-level problems, environment differences, the lines that fail the
-    gate and the exit code under ``fail_inconclusive``)."""
-
-    def run(identity: RunIdentity) -> dict[str, Any]:
-        return {
-            "label": identity.label,
-            "run_id": identity.run_id,
-            "created_at": identity.created_at,
-            "commit": identity.commit,
-            "machine": identity.machine,
-        }
-
-    def unmatched(items: Iterable[UnmatchedCase]) -> list[dict[str, Any]]:
-        return [{"case": u.case.id, "note": u.note} for u in items]
-
-    return {
-        "baseline": run(comparison.baseline),
-        "current": run(comparison.current),
-        "rules": [rule.text for rule in comparison.rules],
-        "gate": comparison.gate,
-        "gate_estimated": comparison.gate_estimated,
-        "fail_inconclusive": fail_inconclusive,
-        "metrics": [_metric_json(m) for m in comparison.metrics],
-        "new": unmatched(comparison.new),
-        "gone": unmatched(comparison.gone),
-        "unmeasured": unmatched(comparison.unmeasured),
-        "problems": list(comparison.problems),
-        "environment": list(comparison.environment),
-        "counts": comparison.counts(),
-        "breaches": format_breaches(comparison, fail_inconclusive=fail_inconclusive),
-        "exit_code": comparison.exit_code(fail_inconclusive),
-    }

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from pytest_llem.exceptions import GateError
+from pytest_llem.results.catalogue import LATENCY_METRICS, LATENCY_STATISTICS, metrics_in
 from pytest_llem.results.models import CaseResult, MetricSummary
 
 __all__ = [
@@ -42,35 +43,22 @@ __all__ = [
 #: The grammar's example, quoted in every parse error.
 FAIL_ON_EXAMPLE = "energy_per_output_token_j:+5%,output_tokens_per_s:-5%,ttft_ms.p99:+10%"
 
-_ENERGY: tuple[str, ...] = (
-    "energy_per_output_token_j",
-    "dynamic_energy_per_output_token_j",
-    "energy_per_request_j",
-    "energy_j",
-    "gpu_energy_j",
-    "cpu_energy_j",
-    "dram_energy_j",
-    "dynamic_energy_j",
-    "avg_power_w",
-)
-#: Energy metrics: these follow the meters' source and do not gate when estimated.
-ENERGY_METRICS: frozenset[str] = frozenset(_ENERGY)
-#: Metrics for which a higher value is better; for every other gate metric lower is better.
-HIGHER_IS_BETTER: frozenset[str] = frozenset(
-    {"output_tokens_per_s", "requests_per_s", "goodput_rps"}
-)
-_SCALARS: tuple[str, ...] = (
-    *_ENERGY,
-    "output_tokens_per_s",
-    "requests_per_s",
-    "goodput_rps",
-    "peak_memory_mb",
-)
+_GATED = metrics_in(gated=True)
+#: Gate metrics that are energy figures: these follow the meters' source and do not gate when
+#: estimated.
+ENERGY_METRICS: frozenset[str] = frozenset(m.name for m in _GATED if m.follows_meters)
+#: Gate metrics for which a higher value is better; for every other one lower is better.
+HIGHER_IS_BETTER: frozenset[str] = frozenset(m.name for m in _GATED if m.better == "higher")
+_SCALARS: tuple[str, ...] = tuple(m.name for m in _GATED if m.family not in LATENCY_METRICS)
 #: Per-request latencies; in a gate or budget each needs one of :data:`LATENCY_SUFFIXES`.
-LATENCY_BASES: tuple[str, ...] = ("ttft_ms", "tpot_ms", "itl_ms", "e2e_ms")
-#: Per-window latency statistics a gate or budget may name (``ttft_ms.p99``).
-LATENCY_SUFFIXES: tuple[str, ...] = ("p50", "p90", "p95", "p99", "mean", "max")
-#: Every metric name a gate or budget accepts (METRICS.md, "Metric names used in gates").
+LATENCY_BASES: tuple[str, ...] = LATENCY_METRICS
+#: Per-window latency statistics a gate or budget may name (``ttft_ms.p99``), percentiles
+#: first as METRICS.md lists them.
+LATENCY_SUFFIXES: tuple[str, ...] = tuple(
+    sorted(LATENCY_STATISTICS, key=lambda stat: not stat.startswith("p"))
+)
+#: Every metric name a gate or budget accepts (METRICS.md, "Metric names used in gates"): the
+#: catalogue's gated metrics.
 GATE_METRICS: tuple[str, ...] = _SCALARS + tuple(
     f"{base}.{suffix}" for base in LATENCY_BASES for suffix in LATENCY_SUFFIXES
 )

@@ -213,6 +213,11 @@ class RepetitionRecord(_Record):
     values: dict[str, float | None] = Field(
         default_factory=dict, description="Every scalar metric of this window by its name."
     )
+    missing: dict[str, str] = Field(
+        default_factory=dict,
+        description="Metric name -> why this window has no value for it, where the window "
+        "knows (the metric catalogue gives the reasons that hold for every window).",
+    )
     dynamic_energy_negative: bool = Field(
         default=False,
         description="dynamic_energy_j came out below 0 (reported unclamped: check the baseline).",

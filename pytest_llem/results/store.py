@@ -20,6 +20,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from pytest_llem.exceptions import ResultStoreError
+from pytest_llem.results.catalogue import CATALOGUE
 from pytest_llem.results.models import RunRecord, unsupported_schema_version
 
 __all__ = [
@@ -216,8 +217,24 @@ def refuse_overwriting(output: Path, inputs: Iterable[Path], *, what: str = "out
 
 
 def run_record_schema() -> dict[str, Any]:
-    """The JSON Schema of the run record, generated from the model."""
+    """The JSON Schema of the run record, generated from the model.
+
+    ``x-llem-metrics`` (an annotation, not a constraint) gives every metric name a case's
+    ``metrics`` and a repetition's ``values`` can hold, from the metric catalogue: unit, which
+    way is better, kind, whether a gate may name it and whether it needs the idle baseline.
+    """
     schema = RunRecord.model_json_schema(mode="serialization")
     schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
     schema["title"] = "pytest-llem run record"
+    schema["x-llem-metrics"] = {
+        name: {
+            "unit": m.unit,
+            "better": m.better,
+            "kind": m.kind,
+            "gated": m.gated,
+            "needs_baseline": m.needs_baseline,
+            "description": m.description,
+        }
+        for name, m in CATALOGUE.items()
+    }
     return schema

@@ -1,7 +1,10 @@
-"""Statistics over repetitions and requests: percentiles, metric summaries and distributions.
+"""Statistics over repetitions and requests: percentiles, metric summaries, distributions and
+the bootstrap.
 
 Every scalar metric of a case is summarised here across its measured repetitions (with a
-bootstrap interval of the median); per-request latencies are summarised as distributions.
+bootstrap interval of the median); per-request latencies are summarised as distributions. The
+harness summarises with it and the comparison resamples with it; it lives with the results so
+the comparison need not import the harness.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from collections.abc import Sequence
 from typing import Literal, cast
 
 import numpy as np
+import numpy.typing as npt
 
 from pytest_llem.results.models import DistributionSummary, MetricSummary
 
@@ -21,6 +25,7 @@ __all__ = [
     "bootstrap_median_ci",
     "distribution",
     "percentile",
+    "resampled_medians",
     "summarise",
 ]
 
@@ -90,6 +95,27 @@ def bootstrap_median_ci(values: Sequence[float]) -> tuple[float, float]:
     medians = np.median(data[picks], axis=1)
     low, high = np.percentile(medians, [2.5, 97.5])
     return float(low), float(high)
+
+
+def resampled_medians(
+    baseline: Sequence[float], current: Sequence[float]
+) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
+    """Bootstrap medians of two samples, each resampled on its own from one seeded generator.
+
+    Args:
+        baseline: The first sample (at least one value).
+        current: The second sample (at least one value).
+
+    Returns:
+        :data:`BOOTSTRAP_RESAMPLES` resampled medians of each sample, in the same order, so
+        their ratio or difference is a bootstrap sample of the ratio or difference of medians.
+    """
+    base = np.asarray(baseline, dtype=np.float64)
+    cur = np.asarray(current, dtype=np.float64)
+    rng = np.random.default_rng(BOOTSTRAP_SEED)
+    base_picks = rng.integers(0, base.size, size=(BOOTSTRAP_RESAMPLES, base.size))
+    cur_picks = rng.integers(0, cur.size, size=(BOOTSTRAP_RESAMPLES, cur.size))
+    return np.median(base[base_picks], axis=1), np.median(cur[cur_picks], axis=1)
 
 
 def _join(*notes: str | None) -> str | None:
