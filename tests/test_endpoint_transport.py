@@ -96,7 +96,9 @@ def test_events_cut_across_reads_and_characters_give_whole_tokens(connect, paced
         assert generation.input_tokens == 3
         times = generation.token_times
         assert generation.issued_at < times[0] < times[1] < times[2] < times[3]
-    assert sorted((i, t) for i, t, _ in seen) == sorted((i, TOKEN_ID) for i in range(3) for _ in "1234")
+    assert sorted((i, t) for i, t, _ in seen) == sorted(
+        (i, TOKEN_ID) for i in range(3) for _ in "1234"
+    )
 
 
 def test_a_connection_dropped_mid_stream_is_an_error_naming_the_url(connect, paced):
@@ -110,7 +112,9 @@ def test_a_connection_dropped_mid_stream_is_an_error_naming_the_url(connect, pac
 def test_a_server_silent_past_the_timeout_is_a_timeout(connect, paced):
     backend = connect(timeout_s=0.2)
     paced.stall_s = 1.0
-    with pytest.raises(BackendTimeoutError, match=r"sent nothing for 0\.2 s \(endpoint\.timeout_s\)"):
+    with pytest.raises(
+        BackendTimeoutError, match=r"sent nothing for 0\.2 s \(endpoint\.timeout_s\)"
+    ):
         backend.generate(_requests(1), params=FOUR)
 
 

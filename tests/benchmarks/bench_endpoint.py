@@ -152,7 +152,9 @@ def test_the_endpoint_drives_a_server_as_hard_as_vllm_bench_serve(tiny_model: Pa
     rows = compare(vllm_python, tiny_model)
     rps = statistics.median(row["rps_ratio"] for row in rows)
     tpot = statistics.median(row["tpot_ratio"] for row in rows)
-    print(f"\nendpoint / vllm bench serve, median of {len(rows)} rounds: req/s {rps:.3f}, TPOT {tpot:.3f}")
+    print(
+        f"\nendpoint / vllm bench serve, median of {len(rows)} rounds: req/s {rps:.3f}, TPOT {tpot:.3f}"
+    )
     assert rps >= MIN_THROUGHPUT_RATIO
     assert tpot <= MAX_TPOT_RATIO
 

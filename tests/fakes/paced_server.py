@@ -249,7 +249,8 @@ class _Connection(asyncio.Protocol):
 
     def _handle(self, method: str, path: str, body: dict[str, Any]) -> None:
         server, writer = self._server, self._transport
-        assert writer is not None and server._loop is not None
+        assert writer is not None
+        assert server._loop is not None
         streamed = path == "/v1/completions" and body.get("stream")
         if not streamed or body.get("model") != server.served_model:
             status, answer = server.answer(method, path, body)

@@ -133,7 +133,9 @@ class EndpointBackend:
         transport.start()
         try:
             facts = transport.call(
-                probe_server(transport, served=self._served, token_source=self._options.token_source)
+                probe_server(
+                    transport, served=self._served, token_source=self._options.token_source
+                )
             )
         except BaseException:
             transport.close()
@@ -290,7 +292,8 @@ class EndpointBackend:
     def _method_for(self, stream: StreamedCompletion) -> Method:
         """The probed method, or the best one this response supports when it lacks that one
         (the record then names the weakest method used, as ``token_counting_fallback``)."""
-        assert self._facts is not None and self._info is not None
+        assert self._facts is not None
+        assert self._info is not None
         available = stream.available()
         if self._facts.features.method in available:
             return self._facts.features.method

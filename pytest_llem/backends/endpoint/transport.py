@@ -211,7 +211,8 @@ class Transport:
 
     async def _in_slot(self, make: Callable[[], Awaitable[T]]) -> T:
         task = asyncio.current_task()
-        assert task is not None and self._slots is not None
+        assert task is not None
+        assert self._slots is not None
         self._waiting.add(task)
         try:
             async with self._slots:
@@ -255,7 +256,12 @@ class Transport:
     # -- requests --------------------------------------------------------------------------------
 
     async def fetch_json(
-        self, method: str, path: str, body: dict[str, Any] | None = None, *, missing_ok: bool = False
+        self,
+        method: str,
+        path: str,
+        body: dict[str, Any] | None = None,
+        *,
+        missing_ok: bool = False,
     ) -> Any:
         """One JSON request; None when ``missing_ok`` and the server has no such endpoint.
 
