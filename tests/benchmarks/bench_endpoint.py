@@ -22,7 +22,6 @@ import os
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -32,18 +31,29 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 REQUESTS, CONCURRENCY, OUTPUT_TOKENS, INPUT_TOKENS = 256, 64, 64, 32
-ROUNDS = 3
+ROUNDS = 6
 #: The endpoint backend must reach this share of vllm bench serve's requests/s (median round)
 #: and at most this multiple of its mean TPOT: "at least as hard, at least as accurately",
 #: with room for the noise of a shared machine.
 MIN_THROUGHPUT_RATIO = 0.95
 MAX_TPOT_RATIO = 1.05
 
-VLLM_BENCH = (
-    "import sys; from vllm.utils.argparse_utils import FlexibleArgumentParser; "
-    "from vllm.benchmarks.serve import add_cli_args, main; "
-    "p = FlexibleArgumentParser(); add_cli_args(p); main(p.parse_args(sys.argv[1:]))"
-)
+#: vLLM's own ``vllm bench serve`` code (its argument parser and ``main``), kept in one process
+#: that runs the benchmark again for each line read, so rounds alternate without paying for
+#: vLLM's import each time.
+VLLM_DRIVER = """
+import json, sys
+from vllm.utils.argparse_utils import FlexibleArgumentParser
+from vllm.benchmarks.serve import add_cli_args, main
+parser = FlexibleArgumentParser()
+add_cli_args(parser)
+args = parser.parse_args(sys.argv[1:])
+print("READY", flush=True)
+for _line in sys.stdin:
+    result = main(args)
+    keys = ("completed", "request_throughput", "mean_tpot_ms")
+    print("RESULT " + json.dumps({key: result[key] for key in keys}), flush=True)
+"""
 
 
 @contextmanager
@@ -62,24 +72,49 @@ def paced_server(interval_ms: float = 1.0) -> Iterator[str]:
         server.wait(timeout=30)
 
 
-def vllm_bench_serve(python: str, url: str, tokenizer: Path) -> tuple[float, float]:
-    """Requests/s and mean TPOT (ms) of one ``vllm bench serve`` run."""
-    with tempfile.TemporaryDirectory() as folder:
+class VllmBenchServe:
+    """``vllm bench serve`` in a process of its own, run once per :meth:`run`."""
+
+    def __init__(self, python: str, url: str, tokenizer: Path) -> None:
         arguments = [
             "--backend=openai", f"--base-url={url}", "--endpoint=/v1/completions",
             "--model=llem-tiny", f"--tokenizer={tokenizer}", "--dataset-name=random",
             f"--random-input-len={INPUT_TOKENS}", f"--random-output-len={OUTPUT_TOKENS}",
             f"--num-prompts={REQUESTS}", f"--max-concurrency={CONCURRENCY}",
-            "--request-rate=inf", "--ignore-eos", "--disable-tqdm", "--save-result",
-            f"--result-dir={folder}", "--result-filename=result.json",
+            "--request-rate=inf", "--ignore-eos", "--disable-tqdm",
         ]  # fmt: skip
         env = {**os.environ, "VLLM_NO_USAGE_STATS": "1"}
-        subprocess.run(
-            [python, "-c", VLLM_BENCH, *arguments], check=True, capture_output=True, env=env
+        self._process = subprocess.Popen(
+            [python, "-c", VLLM_DRIVER, *arguments],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+            env=env,
         )
-        result = json.loads((Path(folder) / "result.json").read_text())
-    assert result["completed"] == REQUESTS, result.get("errors")
-    return float(result["request_throughput"]), float(result["mean_tpot_ms"])
+        self._read("READY")
+
+    def _read(self, prefix: str) -> str:
+        assert self._process.stdout is not None
+        for line in self._process.stdout:
+            if line.startswith(prefix):
+                return line[len(prefix) :].strip()
+        raise RuntimeError(f"vllm bench serve exited ({self._process.wait()}) before {prefix}")
+
+    def run(self) -> tuple[float, float]:
+        """Requests/s and mean TPOT (ms) of one run."""
+        assert self._process.stdin is not None
+        self._process.stdin.write("run\n")
+        self._process.stdin.flush()
+        result = json.loads(self._read("RESULT"))
+        assert result["completed"] == REQUESTS, result
+        return float(result["request_throughput"]), float(result["mean_tpot_ms"])
+
+    def close(self) -> None:
+        """Let the process end."""
+        assert self._process.stdin is not None
+        self._process.stdin.close()
+        self._process.wait(timeout=60)
 
 
 def endpoint_backend(url: str) -> tuple[float, float]:
@@ -116,15 +151,14 @@ def compare(vllm_python: str, tokenizer: Path, rounds: int = ROUNDS) -> list[dic
     """Alternate both clients against one server; one row of figures per round."""
     rows: list[dict[str, float]] = []
     with paced_server() as url:
-        endpoint_backend(url)  # warm the server's and this process's code paths once
+        vllm = VllmBenchServe(vllm_python, url, tokenizer)
+        vllm.run()  # warm both clients' and the server's code paths once
+        endpoint_backend(url)
         for round_ in range(rounds):
             order = ("vllm", "endpoint") if round_ % 2 == 0 else ("endpoint", "vllm")
             figures: dict[str, tuple[float, float]] = {}
             for client in order:
-                if client == "vllm":
-                    figures[client] = vllm_bench_serve(vllm_python, url, tokenizer)
-                else:
-                    figures[client] = endpoint_backend(url)
+                figures[client] = vllm.run() if client == "vllm" else endpoint_backend(url)
             (v_rps, v_tpot), (e_rps, e_tpot) = figures["vllm"], figures["endpoint"]
             rows.append(
                 {
@@ -142,6 +176,7 @@ def compare(vllm_python: str, tokenizer: Path, rounds: int = ROUNDS) -> list[dic
                 f"{e_rps / v_rps:.3f}, TPOT {e_tpot / v_tpot:.3f}",
                 flush=True,
             )
+        vllm.close()
     return rows
 
 

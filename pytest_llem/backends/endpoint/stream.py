@@ -73,31 +73,35 @@ class StreamedCompletion:
     done: bool = False
 
     def add(self, event: dict[str, Any], arrival: float) -> None:
-        """Take one parsed event."""
+        """Take one parsed event (called once per event: kept lean)."""
         usage = event.get("usage")
         if isinstance(usage, dict):
             self.usage = usage
-        choices = event.get("choices") or []
+        choices = event.get("choices")
         if not choices:
             return
         choice = choices[0]
         self.last_time = arrival
-        if choice.get("finish_reason"):
-            self.finish_reason = str(choice["finish_reason"])
-        if self.prompt_token_ids is None and isinstance(choice.get("prompt_token_ids"), list):
-            self.prompt_token_ids = [int(t) for t in choice["prompt_token_ids"]]
+        finish_reason = choice.get("finish_reason")
+        if finish_reason:
+            self.finish_reason = str(finish_reason)
+        if self.prompt_token_ids is None:
+            prompt_ids = choice.get("prompt_token_ids")
+            if isinstance(prompt_ids, list):
+                self.prompt_token_ids = [int(t) for t in prompt_ids]
         ids = choice.get("token_ids")
         if isinstance(ids, list):
             self.ids_seen = True
-            self.id_values.extend(int(t) for t in ids)
+            self.id_values.extend([int(t) for t in ids])
             self.id_times.extend([arrival] * len(ids))
         logprobs = choice.get("logprobs")
-        tokens = logprobs.get("tokens") if isinstance(logprobs, dict) else None
-        if isinstance(tokens, list):
-            self.logprobs_seen = True
-            self.logprob_tokens.extend(str(t) for t in tokens)
-            self.logprob_times.extend([arrival] * len(tokens))
-        text = choice.get("text") or ""
+        if logprobs:
+            tokens = logprobs.get("tokens") if isinstance(logprobs, dict) else None
+            if isinstance(tokens, list):
+                self.logprobs_seen = True
+                self.logprob_tokens.extend([str(t) for t in tokens])
+                self.logprob_times.extend([arrival] * len(tokens))
+        text = choice.get("text")
         if text:
             self.text.append(text)
             self.chunk_times.append(arrival)
