@@ -4,6 +4,7 @@ server that streams at a fixed pace and misbehaves on demand (``tests/fakes/pace
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -142,3 +143,20 @@ def test_submit_before_load_and_after_close_is_an_error(paced):
     backend.close()
     with pytest.raises(BackendInferenceError, match="before load"):
         backend.generate(_requests(1), params=FOUR)
+
+
+def test_close_lets_running_requests_finish_and_drops_waiting_ones(connect, paced):
+    from concurrent.futures import CancelledError
+
+    backend = connect(max_concurrency=1)
+    params = GenerateParams(max_new_tokens=50, min_new_tokens=50)
+    before = paced.completions
+    futures = [backend.submit(request, params=params) for request in _requests(3)]
+    deadline = time.monotonic() + 10
+    while paced.completions == before and time.monotonic() < deadline:
+        time.sleep(0.005)  # until the first request is on the server
+    backend.close()
+    assert futures[0].result(timeout=10).output_tokens == 50
+    for future in futures[1:]:
+        with pytest.raises(CancelledError):
+            future.result(timeout=10)
