@@ -234,10 +234,12 @@ class Transport:
             self._stop_loop()
 
     async def _shutdown(self) -> None:
-        for task in list(self._waiting):
+        waiting = list(self._waiting)
+        for task in waiting:
             task.cancel()
-        if self._running:
-            await asyncio.gather(*self._running, return_exceptions=True)
+        pending = [*waiting, *self._running]
+        if pending:
+            await asyncio.gather(*pending, return_exceptions=True)
         if self._session is not None:
             await self._session.close()
         self._session = None
