@@ -126,7 +126,9 @@ def test_streams_open_at_once_stay_within_max_concurrency(connect, paced):
     assert paced.most_open == 3
 
 
-def test_connections_are_kept_alive_between_requests(connect, paced):
+@pytest.mark.parametrize("late_end", [False, True])
+def test_connections_are_kept_alive_between_requests(connect, paced, late_end):
+    paced.late_end = late_end  # the body's end comes a step after [DONE]: read it too
     backend = connect(max_concurrency=2)
     before = paced.connections
     backend.generate(_requests(8), params=FOUR)

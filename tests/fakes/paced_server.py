@@ -7,8 +7,9 @@ next step. It serves ``GET /v1/models``, ``GET /version``, ``GET /health``, ``PO
 (one token per whitespace-separated word) and ``POST /v1/completions`` (streamed or not;
 ``max_tokens`` tokens, always; ``stream_options.include_usage`` and ``return_token_ids`` as in
 vLLM). Attributes make it misbehave for a test: write each event in pieces across steps
-(``split_events``, with CRLF line ends), stall before answering (``stall_s``), or drop the
-connection after some tokens (``cut_after``).
+(``split_events``, with CRLF line ends), stall before answering (``stall_s``), drop the
+connection after some tokens (``cut_after``), or end the body a step after ``[DONE]``
+(``late_end``).
 
 Run it on its own: ``python -m tests.fakes.paced_server --interval-ms 1`` prints
 ``PORT <n>`` and serves until stopped.
@@ -60,6 +61,9 @@ class PacedServer:
         self.stall_s = 0.0
         #: Drop the connection after this many token events of a stream.
         self.cut_after: int | None = None
+        #: End the chunked body one step after ``[DONE]`` (as a server that sends its end
+        #: separately does) instead of with it.
+        self.late_end = False
         self.completions = 0
         #: Connections accepted, and the most streams open at once.
         self.connections = 0
@@ -165,15 +169,19 @@ class PacedServer:
         if (body.get("stream_options") or {}).get("include_usage"):
             tail += self._event([], usage=_usage(_prompt_tokens(body), count))
         tail += self._frame(b"data: [DONE]")
-        if not self.split_events:
-            pieces = [_chunk(event) for event in events]
-            pieces[-1] += _chunk(tail) + b"0\r\n\r\n"
-            return pieces
         pieces = []
         for event in events:
+            if not self.split_events:
+                pieces.append(_chunk(event))
+                continue
             cut = event.index(TOKEN_TEXT.encode()) + 2  # inside the two-byte character
             pieces += [_chunk(event[:cut]), _chunk(event[cut:-1]), _chunk(event[-1:])]
-        pieces[-1] += _chunk(tail) + b"0\r\n\r\n"
+        pieces[-1] += _chunk(tail)
+        end = b"0\r\n\r\n"
+        if self.late_end:
+            pieces.append(end)
+        else:
+            pieces[-1] += end
         return pieces
 
     def _choice(self, wants_ids: bool, finish: str | None) -> dict[str, Any]:

@@ -49,7 +49,7 @@ EventHandler = Callable[[str, float], bool]
 
 #: Most seconds to wait for the end of a response after its last event, so that its
 #: connection can be reused; a server that keeps the stream open longer loses the connection.
-_DRAIN_S = 0.5
+_DRAIN_S = 0.1
 #: Connections beyond the streams' own, for /tokenize calls made while every stream is open.
 _SPARE_CONNECTIONS = 4
 _JOIN_TIMEOUT_S = 10.0
