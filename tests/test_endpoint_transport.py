@@ -121,13 +121,18 @@ def test_a_server_silent_past_the_timeout_is_a_timeout(connect, paced):
 
 def test_streams_open_at_once_stay_within_max_concurrency(connect, paced):
     backend = connect(max_concurrency=3)
-    generations = backend.generate(_requests(10), params=FOUR)
+    # Long enough streams (40 ms) that the first three overlap on a busy machine too.
+    params = GenerateParams(max_new_tokens=20, min_new_tokens=20)
+    generations = backend.generate(_requests(10), params=params)
     assert [g.request_index for g in generations] == list(range(10))
     assert paced.most_open == 3
 
 
 @pytest.mark.parametrize("late_end", [False, True])
-def test_connections_are_kept_alive_between_requests(connect, paced, late_end):
+def test_connections_are_kept_alive_between_requests(connect, paced, late_end, monkeypatch):
+    from pytest_llem.backends.endpoint import transport
+
+    monkeypatch.setattr(transport, "_DRAIN_S", 10.0)  # not the point here: a stalled machine
     paced.late_end = late_end  # the body's end comes a step after [DONE]: read it too
     backend = connect(max_concurrency=2)
     before = paced.connections
@@ -151,14 +156,15 @@ def test_close_lets_running_requests_finish_and_drops_waiting_ones(connect, pace
     from concurrent.futures import CancelledError
 
     backend = connect(max_concurrency=1)
-    params = GenerateParams(max_new_tokens=50, min_new_tokens=50)
+    # 0.6 s: the first request still runs when close() comes, on a busy machine too.
+    params = GenerateParams(max_new_tokens=300, min_new_tokens=300)
     before = paced.completions
     futures = [backend.submit(request, params=params) for request in _requests(3)]
     deadline = time.monotonic() + 10
     while paced.completions == before and time.monotonic() < deadline:
         time.sleep(0.005)  # until the first request is on the server
     backend.close()
-    assert futures[0].result(timeout=10).output_tokens == 50
+    assert futures[0].result(timeout=10).output_tokens == 300
     for future in futures[1:]:
         with pytest.raises(CancelledError):
             future.result(timeout=10)
