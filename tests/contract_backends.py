@@ -70,7 +70,7 @@ def _vllm(env: ContractEnv) -> Backend:
 
 
 def _endpoint(env: ContractEnv) -> Backend:
-    needed = ("pytest_llem/backends/endpoint.py", "tests/fakes/openai_server.py")
+    needed = ("pytest_llem/backends/endpoint/__init__.py", "tests/fakes/openai_server.py")
     missing = [path for path in needed if not (_ROOT / path).is_file()]
     if missing:
         pytest.skip(f"the endpoint backend's files are not written yet: {', '.join(missing)}")

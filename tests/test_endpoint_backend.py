@@ -14,13 +14,10 @@ from typing import Any
 import pytest
 
 from pytest_llem.backends.base import GenerateParams, Request, SchedulingBackend
-from pytest_llem.backends.endpoint import (
-    COUNTING_LABELS,
-    EndpointBackend,
-    _json_event,
-    _spread,
-    _Stream,
-)
+from pytest_llem.backends.endpoint import COUNTING_LABELS, EndpointBackend
+from pytest_llem.backends.endpoint.stream import StreamedCompletion as _Stream
+from pytest_llem.backends.endpoint.stream import parse_event as _json_event
+from pytest_llem.backends.endpoint.stream import spread_times as _spread
 from pytest_llem.config.models import CaseConfig
 from pytest_llem.exceptions import (
     BackendConfigError,
