@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Literal, Protocol, runtime_checkable
 
 from pytest_llem.config.models import CaseConfig, SamplingConfig
+from pytest_llem.data.requests import Request, Vocabulary
 
 __all__ = [
     "Backend",
@@ -30,32 +31,6 @@ __all__ = [
 
 #: Called as ``on_token(request_index, token_id, perf_counter_time)`` for each output token.
 TokenCallback = Callable[[int, int, float], None]
-
-
-@dataclass(frozen=True)
-class Request:
-    """One prompt to complete. ``index`` is its position in the workload.
-
-    When ``token_ids`` is set, the backend feeds exactly these ids as the prompt (truncated to
-    ``max_input_tokens`` like a text prompt) and ``prompt`` is only a description of them.
-    """
-
-    index: int
-    prompt: str
-    token_ids: tuple[int, ...] | None = None
-
-
-@dataclass(frozen=True)
-class Vocabulary:
-    """The token ids a loaded model accepts as input.
-
-    Attributes:
-        size: Ids ``0 .. size - 1`` are valid inputs of both the tokenizer and the model.
-        special_ids: Ids of special tokens (padding, begin and end of sequence, ...).
-    """
-
-    size: int
-    special_ids: frozenset[int]
 
 
 @dataclass(frozen=True)

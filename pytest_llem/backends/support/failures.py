@@ -1,0 +1,81 @@
+"""How backends name what went wrong: out of memory, an engine failure, a call before load.
+
+Out of memory is recognised once for every engine (torch's error type, ``MemoryError``, or the
+phrases torch, vLLM and TensorRT-LLM use, anywhere in the chain of causes) because the harness
+treats it differently: a :class:`~pytest_llem.exceptions.RetryableError` frees the model cache
+and runs the case once more.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import TypeVar
+
+from pytest_llem.exceptions import BackendInferenceError, LlemError, RetryableError
+
+__all__ = ["engine_failure", "first_line", "is_out_of_memory", "require_loaded"]
+
+_T = TypeVar("_T")
+
+#: Phrases of engine errors that mean memory ran out (device, host or KV cache); matched in
+#: lower case with underscores read as spaces (``CUDA_ERROR_OUT_OF_MEMORY``).
+_OUT_OF_MEMORY = (
+    "out of memory",
+    "no available memory for the cache blocks",
+    "larger than the available kv cache memory",
+    "is less than desired cpu memory utilization",
+    "is less than requested memory for kv",
+    "cannot allocate memory",
+)
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """Whether ``error``, or an error it was raised from, means memory ran out."""
+    torch = sys.modules.get("torch")
+    oom_type = getattr(torch, "OutOfMemoryError", None) if torch is not None else None
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, MemoryError):
+            return True
+        if isinstance(oom_type, type) and isinstance(current, oom_type):
+            return True
+        text = str(current).lower().replace("_", " ")
+        if any(phrase in text for phrase in _OUT_OF_MEMORY) or "outofmemory" in text:
+            return True
+        current = current.__cause__ or current.__context__
+    return False
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of an error's message (engines raise pages of log with theirs)."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else ""
+
+
+def engine_failure(error: BaseException, *, backend: str, what: str) -> LlemError:
+    """The plugin's error for an engine's failure during ``what`` (``"an engine step"``).
+
+    Returns:
+        ``error`` itself when it is already one of the plugin's; a RetryableError when memory
+        ran out; otherwise a BackendInferenceError naming the error's type.
+    """
+    if isinstance(error, LlemError):
+        return error
+    if is_out_of_memory(error):
+        return RetryableError(f"{backend}: out of memory during {what}: {first_line(error)}")
+    return BackendInferenceError(
+        f"{backend}: {what} failed: {type(error).__name__}: {first_line(error)}"
+    )
+
+
+def require_loaded(value: _T | None, *, backend: str, what: str) -> _T:
+    """``value`` (an engine, a tokenizer) once the backend is loaded.
+
+    Raises:
+        BackendInferenceError: ``value`` is None: ``what`` was called before ``load()``.
+    """
+    if value is None:
+        raise BackendInferenceError(f"{backend}: {what}() called before load()")
+    return value
