@@ -54,8 +54,16 @@ def first_line(error: BaseException) -> str:
     return text.splitlines()[0] if text else ""
 
 
-def engine_failure(error: BaseException, *, backend: str, what: str) -> LlemError:
+def engine_failure(
+    error: BaseException, *, backend: str, what: str, memory: str = "memory"
+) -> LlemError:
     """The plugin's error for an engine's failure during ``what`` (``"an engine step"``).
+
+    Args:
+        error: What the engine raised.
+        backend: The backend's name, for the message.
+        what: What failed, for the message.
+        memory: The memory that runs out on this engine (``"GPU memory"``), for the message.
 
     Returns:
         ``error`` itself when it is already one of the plugin's; a RetryableError when memory
@@ -64,7 +72,7 @@ def engine_failure(error: BaseException, *, backend: str, what: str) -> LlemErro
     if isinstance(error, LlemError):
         return error
     if is_out_of_memory(error):
-        return RetryableError(f"{backend}: out of memory during {what}: {first_line(error)}")
+        return RetryableError(f"{backend}: out of {memory} during {what}: {first_line(error)}")
     return BackendInferenceError(
         f"{backend}: {what} failed: {type(error).__name__}: {first_line(error)}"
     )
