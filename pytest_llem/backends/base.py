@@ -40,7 +40,7 @@ class GenerateParams:
     max_new_tokens: int
     min_new_tokens: int | None = None
     max_input_tokens: int | None = None
-    sampling: SamplingConfig = field(default_factory=SamplingConfig)  # type: ignore[arg-type]
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
     seed: int = 0
     cache_implementation: str = "auto"
 

@@ -507,7 +507,7 @@ def _make_streamer(clock: _TokenClock) -> Any:
 def _streamer_class() -> type[Any]:
     from transformers.generation.streamers import BaseStreamer
 
-    class _TimingStreamer(BaseStreamer):  # type: ignore[misc]
+    class _TimingStreamer(BaseStreamer):
         """Feeds each decoding step of ``generate`` to a :class:`_TokenClock`."""
 
         def __init__(self, clock: _TokenClock) -> None:
