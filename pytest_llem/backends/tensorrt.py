@@ -18,7 +18,7 @@ import importlib
 import logging
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from pytest_llem.backends.base import (
@@ -32,15 +32,16 @@ from pytest_llem.backends.base import (
     Vocabulary,
 )
 from pytest_llem.backends.support import (
+    CASE_DTYPES,
     EngineScheduledBackend,
     EventLoopThread,
+    ProgressCallback,
     checkpoint_config_value,
     count_parameters,
     count_prompt_tokens,
     engine_failure,
-    is_out_of_memory,
+    load_errors,
     prompt_ids,
-    report,
     require_loaded,
     resolve_model_source,
     tokenizer_vocabulary,
@@ -58,7 +59,6 @@ from pytest_llem.exceptions import (
     BackendNotAvailableError,
     LlemError,
     ModelLoadError,
-    RetryableError,
 )
 
 __all__ = ["ENGINE_CACHE_SUBDIR", "QUANT_ALGOS", "TensorRTBackend", "engine_cache_root"]
@@ -102,11 +102,8 @@ class TensorRTBackend(EngineScheduledBackend):
     tokenizer's truncation side (TensorRT-LLM loads tokenizers with ``truncation_side="left"``),
     and ``on_token`` is called on this backend's event-loop thread as each response arrives.
 
-    Args:
-        config: The case whose load-relevant fields (model, device, dtype, ``tensorrt.*``)
-            decide what is loaded.
-        progress: Called with short lines of text during slow steps (building ``llem-tiny``,
-            loading the model, building an engine).
+    Built from a case and a progress callback as every engine adapter is (see
+    :class:`~pytest_llem.backends.support.EngineAdapter`).
     """
 
     name = _NAME
@@ -114,21 +111,16 @@ class TensorRTBackend(EngineScheduledBackend):
         streaming=True,
         batching=True,
         devices=("cuda",),
-        dtypes=("auto", "float32", "float16", "bfloat16"),
+        dtypes=CASE_DTYPES,
         scheduling=True,
     )
 
-    def __init__(
-        self, config: CaseConfig, *, progress: Callable[[str], None] | None = None
-    ) -> None:
-        self._config = config
-        self._progress = progress
+    def __init__(self, config: CaseConfig, *, progress: ProgressCallback | None = None) -> None:
+        super().__init__(config, progress=progress)
         self._trtllm: Any = None
         self._llm: Any = None
         self._tokenizer: Any = None
         self._loop: EventLoopThread | None = None
-        self._info: BackendInfo | None = None
-        self._vocabulary: Vocabulary | None = None
         self._model_path: str | None = None
 
     # -- loading -------------------------------------------------------------------------------
@@ -156,13 +148,12 @@ class TensorRTBackend(EngineScheduledBackend):
         source, self._model_path = found.source, found.folder
         options = self._config.tensorrt
         kwargs = self._engine_kwargs(options)
-        report(
-            self._progress,
+        self._report(
             f"loading {self._config.model} with TensorRT-LLM ({options.backend} runtime, "
             f"{self._config.dtype}, {_world_size(options)} GPU(s))",
         )
         if options.backend == "trt":
-            report(self._progress, engine_build_note(options))
+            self._report(engine_build_note(options))
         started = time.perf_counter()
         llm = self._start_engine(trtllm, source, kwargs)
         load_seconds = time.perf_counter() - started
@@ -223,19 +214,17 @@ class TensorRTBackend(EngineScheduledBackend):
 
     def _start_engine(self, trtllm: Any, source: str, kwargs: dict[str, Any]) -> Any:
         llm_class = _llm_class(trtllm, self._config.tensorrt.backend)
-        try:
-            return llm_class(source, **kwargs)
-        except LlemError:
-            raise  # a CaseTimeoutError says nothing about the model
-        except Exception as e:
-            if is_out_of_memory(e):
-                raise RetryableError(
-                    f"{_NAME}: out of GPU memory while loading {self._config.model!r}: {e}"
-                ) from e
-            raise ModelLoadError(
-                f"TensorRT-LLM could not load model {self._config.model!r} "
-                f"({self._config.tensorrt.backend} runtime): {type(e).__name__}: {e}"
-            ) from e
+        model, runtime = self._config.model, self._config.tensorrt.backend
+
+        def describe(error: Exception) -> str:
+            return (
+                f"TensorRT-LLM could not load model {model!r} ({runtime} runtime): "
+                f"{type(error).__name__}: {error}"
+            )
+
+        with load_errors(backend=_NAME, model=model, describe=describe, memory="GPU memory"):
+            llm = llm_class(source, **kwargs)
+        return llm
 
     def _describe(self, trtllm: Any, load_seconds: float) -> BackendInfo:
         options = self._config.tensorrt

@@ -7,6 +7,7 @@ imported only when the backend is used.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import gc
@@ -14,7 +15,7 @@ import importlib.util
 import logging
 import re
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from pytest_llem.backends.base import (
@@ -28,15 +29,18 @@ from pytest_llem.backends.base import (
     Vocabulary,
 )
 from pytest_llem.backends.support import (
+    CASE_DTYPES,
     MIB,
+    EngineAdapter,
+    ProgressCallback,
     count_prompt_tokens,
     hub_snapshot,
     is_out_of_memory,
     lifetime_peak_rss,
+    load_errors,
     proc_file,
     prompt_ids,
     read_vm_hwm_kib,
-    report,
     require_loaded,
     reset_peak_rss,
     resolve_model_source,
@@ -68,14 +72,11 @@ _INSTALL_HINT = "pip install 'pytest-llem[transformers]'"
 _CLEAR_REFS = proc_file("clear_refs")
 
 
-class TransformersBackend:
+class TransformersBackend(EngineAdapter):
     """Runs a causal language model with ``transformers``' ``generate``.
 
-    Args:
-        config: The case whose load-relevant fields (model, device, dtype, ``transformers.*``)
-            decide what is loaded.
-        progress: Called with short lines of text during slow steps (building ``llem-tiny``,
-            loading the model).
+    Built from a case and a progress callback as every engine adapter is (see
+    :class:`~pytest_llem.backends.support.EngineAdapter`).
     """
 
     name = _NAME
@@ -83,20 +84,15 @@ class TransformersBackend:
         streaming=True,
         batching=True,
         devices=("cpu", "cuda"),
-        dtypes=("auto", "float32", "float16", "bfloat16"),
+        dtypes=CASE_DTYPES,
     )
 
-    def __init__(
-        self, config: CaseConfig, *, progress: Callable[[str], None] | None = None
-    ) -> None:
-        self._config = config
-        self._progress = progress
+    def __init__(self, config: CaseConfig, *, progress: ProgressCallback | None = None) -> None:
+        super().__init__(config, progress=progress)
         self._torch: Any = None
         self._model: Any = None
         self._tokenizer: Any = None
         self._device = "cpu"
-        self._info: BackendInfo | None = None
-        self._vocabulary: Vocabulary | None = None
         self._rss_interval = False
 
     # -- loading -------------------------------------------------------------------------------
@@ -123,7 +119,7 @@ class TransformersBackend:
         quantization = self._config.transformers.quantization
         bnb_version = check_bitsandbytes(quantization, device) if quantization != "none" else None
         source, model_path = self._resolve_model()
-        report(self._progress, f"loading {self._config.model} on {device} ({_dtype_name(dtype)})")
+        self._report(f"loading {self._config.model} on {device} ({_dtype_name(dtype)})")
         started = time.perf_counter()
         tokenizer = self._load_tokenizer(transformers, source)
         model = self._load_model(transformers, source, device=device, dtype=dtype)
@@ -190,17 +186,27 @@ class TransformersBackend:
         snapshot = hub_snapshot(found.source, progress=self._progress)
         return snapshot, snapshot
 
+    def _load_errors(
+        self, what: str, *, memory: str = "memory"
+    ) -> contextlib.AbstractContextManager[None]:
+        """What loading the tokenizer or model raises, as the plugin's errors."""
+        model = self._config.model
+
+        def describe(error: Exception) -> str:
+            return (
+                f"cannot load the {what} of model {model!r}: the folder does not hold a loadable "
+                f"transformers model. Cause: {type(error).__name__}: {error}"
+            )
+
+        return load_errors(backend=_NAME, model=model, describe=describe, memory=memory)
+
     def _load_tokenizer(self, transformers: Any, source: str) -> Any:
-        try:
+        with self._load_errors("tokenizer"):
             tokenizer = transformers.AutoTokenizer.from_pretrained(
                 source,
                 local_files_only=True,
                 trust_remote_code=self._config.transformers.trust_remote_code,
             )
-        except LlemError:
-            raise  # a CaseTimeoutError says nothing about the model folder
-        except Exception as e:
-            raise ModelLoadError(_load_failure(self._config.model, source, "tokenizer", e)) from e
         tokenizer.padding_side = "left"
         if tokenizer.pad_token is None:
             if tokenizer.eos_token is None:
@@ -231,19 +237,10 @@ class TransformersBackend:
         if quantization is not None:
             kwargs["quantization_config"] = transformers.BitsAndBytesConfig(**quantization)
             kwargs["device_map"] = {"": device}  # bitsandbytes places the weights as it loads
-        try:
-            with quiet_progress_bars():
-                model = transformers.AutoModelForCausalLM.from_pretrained(source, **kwargs)
+        with self._load_errors("model", memory=f"memory on {device}"), quiet_progress_bars():
+            model = transformers.AutoModelForCausalLM.from_pretrained(source, **kwargs)
             if quantization is None:
                 model.to(device)  # a bitsandbytes model refuses .to() and is already there
-        except LlemError:
-            raise  # a CaseTimeoutError says nothing about the model folder
-        except Exception as e:
-            if is_out_of_memory(e):
-                raise RetryableError(
-                    f"out of memory while loading {self._config.model!r} on {device}: {e}"
-                ) from e
-            raise ModelLoadError(_load_failure(self._config.model, source, "model", e)) from e
         model.eval()
         if options.torch_compile:
             # Module.compile() swaps the module's __call__ in place, so generate's own
@@ -533,13 +530,6 @@ def _import_engine() -> tuple[Any, Any]:
     except ImportError as e:
         raise BackendNotAvailableError(_NAME, _INSTALL_HINT) from e
     return torch, transformers
-
-
-def _load_failure(model: str, source: str, what: str, error: Exception) -> str:
-    hint = "the folder does not hold a loadable transformers model"
-    return (
-        f"cannot load the {what} of model {model!r}: {hint}. Cause: {type(error).__name__}: {error}"
-    )
 
 
 def _version_tuple(version: str) -> tuple[int, int]:

@@ -20,7 +20,7 @@ import os
 import sys
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import Future
 from typing import Any
 
@@ -35,12 +35,13 @@ from pytest_llem.backends.base import (
     Vocabulary,
 )
 from pytest_llem.backends.support import (
+    CASE_DTYPES,
     EngineScheduledBackend,
+    ProgressCallback,
     count_parameters,
     count_prompt_tokens,
     first_line,
     prompt_ids,
-    report,
     require_loaded,
     resolve_model_source,
     tokenizer_vocabulary,
@@ -82,11 +83,8 @@ _CPU_KV_CACHE_DEFAULT_GIB = "1"
 class VllmBackend(EngineScheduledBackend):
     """Runs a causal language model with vLLM's offline engine.
 
-    Args:
-        config: The case whose load-relevant fields (model, device, dtype, ``vllm.*``) decide
-            which engine is started.
-        progress: Called with short lines of text during slow steps (building ``llem-tiny``,
-            starting the engine).
+    Built from a case and a progress callback as every engine adapter is (see
+    :class:`~pytest_llem.backends.support.EngineAdapter`).
     """
 
     name = _NAME
@@ -94,15 +92,12 @@ class VllmBackend(EngineScheduledBackend):
         streaming=True,
         batching=True,
         devices=("cpu", "cuda"),
-        dtypes=("auto", "float32", "float16", "bfloat16"),
+        dtypes=CASE_DTYPES,
         scheduling=True,
     )
 
-    def __init__(
-        self, config: CaseConfig, *, progress: Callable[[str], None] | None = None
-    ) -> None:
-        self._config = config
-        self._progress = progress
+    def __init__(self, config: CaseConfig, *, progress: ProgressCallback | None = None) -> None:
+        super().__init__(config, progress=progress)
         self._llm: Any = None
         self._loop: EngineLoop | None = None
         self._tokenizer: Any = None
@@ -112,8 +107,6 @@ class VllmBackend(EngineScheduledBackend):
         self._model_vocab_size: int | None = None
         self._device = "cpu"
         self._in_process = False
-        self._info: BackendInfo | None = None
-        self._vocabulary: Vocabulary | None = None
         self._memory = PeakMemory()
 
     # -- loading -------------------------------------------------------------------------------
@@ -141,8 +134,7 @@ class VllmBackend(EngineScheduledBackend):
         source, model_path = found.source, found.folder
         kv_cache = _prepare_environment(device)
         kwargs = self._engine_kwargs(vllm, dtype=dtype)
-        report(
-            self._progress,
+        self._report(
             f"starting vLLM {vllm.__version__} for {self._config.model} on {device} ({dtype})",
         )
         started = time.perf_counter()
@@ -175,7 +167,7 @@ class VllmBackend(EngineScheduledBackend):
             load_seconds=load_seconds,
             extra=self._extra(kv_cache),
         )
-        report(self._progress, f"vLLM engine ready ({load_seconds:.1f} s)")
+        self._report(f"vLLM engine ready ({load_seconds:.1f} s)")
         return self._info
 
     def _resolve_device(self, platform: str) -> str:

@@ -22,12 +22,10 @@ from concurrent.futures import Future
 from typing import Any, TypeVar
 
 from pytest_llem.backends.base import Generation, TokenCallback
-from pytest_llem.backends.support import engine_failure, first_line, is_out_of_memory
+from pytest_llem.backends.support import engine_failure, first_line, load_errors
 from pytest_llem.exceptions import (
     BackendInferenceError,
     LlemError,
-    ModelLoadError,
-    RetryableError,
 )
 
 __all__ = [
@@ -243,23 +241,22 @@ def start_engine(vllm: Any, source: str, kwargs: dict[str, Any], *, model: str) 
         RetryableError: memory ran out while starting (device, host or KV cache).
         ModelLoadError: the engine failed to start for any other reason.
     """
-    try:
-        with engine_resource_warnings_quiet():
-            return vllm.LLM(source, **kwargs)
-    except LlemError:
-        raise  # a CaseTimeoutError says nothing about the model
-    except Exception as e:
-        if is_out_of_memory(e):
-            raise RetryableError(
-                f"{_NAME}: out of memory while starting the engine for {model!r}: {first_line(e)}"
-            ) from e
+
+    def describe(error: Exception) -> str:
         hint = ""
-        if "engine core initialization failed" in str(e).lower():
+        if "engine core initialization failed" in str(error).lower():
             hint = " (the engine process's own error is in its log output above)"
-        raise ModelLoadError(
+        return (
             f"{_NAME}: cannot start the engine for {model!r}: "
-            f"{type(e).__name__}: {first_line(e)}{hint}"
-        ) from e
+            f"{type(error).__name__}: {first_line(error)}{hint}"
+        )
+
+    with (
+        load_errors(backend=_NAME, model=model, describe=describe),
+        engine_resource_warnings_quiet(),
+    ):
+        llm = vllm.LLM(source, **kwargs)
+    return llm
 
 
 def shutdown_engine(llm: Any) -> None:

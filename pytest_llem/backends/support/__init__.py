@@ -1,15 +1,16 @@
 """What every backend needs and no engine does differently, written once.
 
-Model sources and checkpoint facts (:mod:`.checkpoint`, :mod:`.hub`), prompt ids and vocabularies
-(:mod:`.tokens`), peak memory from ``/proc`` (:mod:`.memory`), out-of-memory detection and the
-errors engines' failures become (:mod:`.failures`), progress lines (:mod:`.progress`), the base
-of engines that schedule requests themselves (:mod:`.scheduling`) and an asyncio loop on a
-thread for engines with an asynchronous client (:mod:`.event_loop`). None of it imports an
-engine.
+The adapter base (:mod:`.adapter`), model sources and checkpoint facts (:mod:`.checkpoint`,
+:mod:`.hub`), prompt ids and vocabularies (:mod:`.tokens`), peak memory from ``/proc``
+(:mod:`.memory`), out-of-memory detection and the errors engines' failures become
+(:mod:`.failures`), progress lines (:mod:`.progress`), the base of engines that schedule
+requests themselves (:mod:`.scheduling`) and an asyncio loop on a thread for engines with an
+asynchronous client (:mod:`.event_loop`). None of it imports an engine.
 """
 
 from __future__ import annotations
 
+from pytest_llem.backends.support.adapter import CASE_DTYPES, EngineAdapter
 from pytest_llem.backends.support.checkpoint import (
     ModelSource,
     ParameterCount,
@@ -22,6 +23,7 @@ from pytest_llem.backends.support.failures import (
     engine_failure,
     first_line,
     is_out_of_memory,
+    load_errors,
     require_loaded,
 )
 from pytest_llem.backends.support.hub import hub_snapshot
@@ -42,8 +44,10 @@ from pytest_llem.backends.support.tokens import (
 )
 
 __all__ = [
+    "CASE_DTYPES",
     "MIB",
     "Encoder",
+    "EngineAdapter",
     "EngineScheduledBackend",
     "EventLoopThread",
     "ModelSource",
@@ -59,6 +63,7 @@ __all__ = [
     "hub_snapshot",
     "is_out_of_memory",
     "lifetime_peak_rss",
+    "load_errors",
     "proc_file",
     "prompt_ids",
     "read_vm_hwm_kib",

@@ -8,12 +8,14 @@ and runs the case once more.
 
 from __future__ import annotations
 
+import contextlib
 import sys
+from collections.abc import Callable, Iterator
 from typing import TypeVar
 
-from pytest_llem.exceptions import BackendInferenceError, LlemError, RetryableError
+from pytest_llem.exceptions import BackendInferenceError, LlemError, ModelLoadError, RetryableError
 
-__all__ = ["engine_failure", "first_line", "is_out_of_memory", "require_loaded"]
+__all__ = ["engine_failure", "first_line", "is_out_of_memory", "load_errors", "require_loaded"]
 
 _T = TypeVar("_T")
 
@@ -76,6 +78,40 @@ def engine_failure(
     return BackendInferenceError(
         f"{backend}: {what} failed: {type(error).__name__}: {first_line(error)}"
     )
+
+
+@contextlib.contextmanager
+def load_errors(
+    *,
+    backend: str,
+    model: str,
+    describe: Callable[[Exception], str],
+    memory: str = "memory",
+) -> Iterator[None]:
+    """Turn what an engine raises while loading a model into the plugin's errors.
+
+    Args:
+        backend: The backend's name, for the message.
+        model: The case's ``model``, for the message.
+        describe: The ModelLoadError's message for any other failure.
+        memory: The memory that runs out (``"GPU memory"``), for the message.
+
+    Raises:
+        LlemError: The plugin's own errors pass unchanged (a case timeout says nothing about
+            the model).
+        RetryableError: Memory ran out.
+        ModelLoadError: Anything else, with ``describe(error)`` as its message.
+    """
+    try:
+        yield
+    except LlemError:
+        raise
+    except Exception as e:
+        if is_out_of_memory(e):
+            raise RetryableError(
+                f"{backend}: out of {memory} while loading {model!r}: {first_line(e)}"
+            ) from e
+        raise ModelLoadError(describe(e)) from e
 
 
 def require_loaded(value: _T | None, *, backend: str, what: str) -> _T:

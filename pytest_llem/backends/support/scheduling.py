@@ -15,6 +15,7 @@ from concurrent.futures import Future
 from typing import TypeVar
 
 from pytest_llem.backends.base import GenerateParams, Generation, TokenCallback
+from pytest_llem.backends.support.adapter import EngineAdapter
 from pytest_llem.backends.support.failures import require_loaded
 from pytest_llem.data.requests import Request
 
@@ -54,15 +55,13 @@ def gather(
         raise
 
 
-class EngineScheduledBackend(ABC):
+class EngineScheduledBackend(EngineAdapter, ABC):
     """Base of a backend whose engine schedules requests itself.
 
     A subclass sets ``name`` and implements :meth:`_loaded` and :meth:`_start`; it gets
     ``generate`` and ``submit`` of :class:`~pytest_llem.backends.base.SchedulingBackend`.
     It overrides :meth:`_abandon` when cancelling a future does not stop its request.
     """
-
-    name: str
 
     def generate(
         self,
