@@ -101,9 +101,6 @@ class TensorRTBackend(EngineScheduledBackend):
     ``tensorrt.max_batch_size`` at a time). Prompts are truncated to ``max_input_tokens`` on the
     tokenizer's truncation side (TensorRT-LLM loads tokenizers with ``truncation_side="left"``),
     and ``on_token`` is called on this backend's event-loop thread as each response arrives.
-
-    Built from a case and a progress callback as every engine adapter is (see
-    :class:`~pytest_llem.backends.support.EngineAdapter`).
     """
 
     name = _NAME

@@ -73,11 +73,7 @@ _CLEAR_REFS = proc_file("clear_refs")
 
 
 class TransformersBackend(EngineAdapter):
-    """Runs a causal language model with ``transformers``' ``generate``.
-
-    Built from a case and a progress callback as every engine adapter is (see
-    :class:`~pytest_llem.backends.support.EngineAdapter`).
-    """
+    """Runs a causal language model with ``transformers``' ``generate``."""
 
     name = _NAME
     capabilities = BackendCapabilities(

@@ -81,11 +81,7 @@ _CPU_KV_CACHE_DEFAULT_GIB = "1"
 
 
 class VllmBackend(EngineScheduledBackend):
-    """Runs a causal language model with vLLM's offline engine.
-
-    Built from a case and a progress callback as every engine adapter is (see
-    :class:`~pytest_llem.backends.support.EngineAdapter`).
-    """
+    """Runs a causal language model with vLLM's offline engine."""
 
     name = _NAME
     capabilities = BackendCapabilities(
