@@ -5,6 +5,7 @@ the engine-scheduled base and the asyncio loop thread. No engine is imported.
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import json
 import logging
@@ -19,8 +20,11 @@ from typing import Any
 
 import pytest
 
+import pytest_llem.data
 from pytest_llem.backends.base import GenerateParams, Generation, TokenCallback
 from pytest_llem.backends.support import (
+    CASE_DTYPES,
+    EngineAdapter,
     EngineScheduledBackend,
     EventLoopThread,
     checkpoint_config_value,
@@ -30,6 +34,7 @@ from pytest_llem.backends.support import (
     first_line,
     is_out_of_memory,
     lifetime_peak_rss,
+    load_errors,
     proc_file,
     prompt_ids,
     read_vm_hwm_kib,
@@ -41,6 +46,7 @@ from pytest_llem.backends.support import (
 )
 from pytest_llem.backends.support import checkpoint as checkpoint_module
 from pytest_llem.backends.support.scheduling import gather
+from pytest_llem.config.models import CaseConfig
 from pytest_llem.data.requests import Request
 from pytest_llem.exceptions import (
     BackendInferenceError,
@@ -113,6 +119,25 @@ def test_engine_failure_names_the_engine_the_step_and_the_kind() -> None:
     other = engine_failure(ValueError("bad\nmore"), backend="x", what="an engine step")
     assert type(other) is BackendInferenceError
     assert str(other) == "x: an engine step failed: ValueError: bad"
+
+
+def test_load_errors_sort_what_an_engine_raises_while_loading() -> None:
+    def describe(error: Exception) -> str:
+        return f"cannot load m: {error}"
+
+    with pytest.raises(BackendTimeoutError), load_errors(backend="x", model="m", describe=describe):
+        raise BackendTimeoutError("the case ran past 5 s")
+    with (
+        pytest.raises(RetryableError, match=r"^x: out of GPU memory while loading 'm': CUDA oom$"),
+        load_errors(backend="x", model="m", describe=describe, memory="GPU memory"),
+    ):
+        raise RuntimeError("CUDA oom\nCUDA out of memory")
+    with (
+        pytest.raises(ModelLoadError, match=r"^cannot load m: unknown architecture$") as caught,
+        load_errors(backend="x", model="m", describe=describe),
+    ):
+        raise ValueError("unknown architecture")
+    assert isinstance(caught.value.__cause__, ValueError)
 
 
 def test_first_line_and_require_loaded() -> None:
@@ -332,6 +357,28 @@ def test_this_process_peak_is_at_least_its_lifetime_view() -> None:
     assert lifetime.peak_mb >= now / 1024 * 0.5
 
 
+# -- the adapter base ------------------------------------------------------------------------------
+
+
+def test_case_dtypes_are_the_case_models_choices() -> None:
+    assert CASE_DTYPES[0] == "auto"
+    for dtype in CASE_DTYPES:
+        assert CaseConfig(dtype=dtype).dtype == dtype
+    with pytest.raises(ValueError, match="dtype"):
+        CaseConfig(dtype="float8")
+
+
+def test_adapter_keeps_its_case_and_reports_progress(caplog: pytest.LogCaptureFixture) -> None:
+    told: list[str] = []
+    adapter = EngineAdapter(CaseConfig(model="m"), progress=told.append)
+    with caplog.at_level(logging.INFO, logger="pytest_llem"):
+        adapter._report("starting")
+    assert told == ["starting"]
+    assert "starting" in caplog.text
+    assert adapter._config.model == "m"
+    assert adapter._info is None
+
+
 # -- progress -------------------------------------------------------------------------------------
 
 
@@ -465,3 +512,16 @@ def _safetensors(path: Path, tensors: dict[str, list[int]]) -> None:
         offset += size
     blob = json.dumps(header).encode()
     path.write_bytes(struct.pack("<Q", len(blob)) + blob + bytes(offset))
+
+
+def test_the_data_layer_imports_no_backend() -> None:
+    """data/ builds requests for backends, so backends may import it but never the reverse."""
+    imported: list[str] = []
+    for path in Path(pytest_llem.data.__file__).parent.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                imported.append(f"{path.name}: {node.module}")
+            elif isinstance(node, ast.Import):
+                imported.extend(f"{path.name}: {alias.name}" for alias in node.names)
+    assert imported, "the walk found the data modules' imports"
+    assert [name for name in imported if "pytest_llem.backends" in name] == []

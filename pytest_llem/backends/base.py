@@ -3,6 +3,8 @@
 A backend loads a model, generates completions for a batch of requests and reports, for each
 request, the output token ids and the time each token became available. It never measures
 energy and never computes metrics: the harness does both from what the backend reports.
+``Request`` and ``Vocabulary`` live in :mod:`pytest_llem.data.requests` (the workloads build
+requests without importing a backend) and are re-exported here.
 """
 
 from __future__ import annotations
