@@ -29,7 +29,6 @@ from pytest_llem.backends.base import (
     MemoryUsage,
     Request,
     TokenCallback,
-    Vocabulary,
 )
 from pytest_llem.backends.support import (
     CASE_DTYPES,
@@ -44,7 +43,6 @@ from pytest_llem.backends.support import (
     prompt_ids,
     require_loaded,
     resolve_model_source,
-    tokenizer_vocabulary,
 )
 from pytest_llem.backends.tensorrt_cache import (
     ENGINE_CACHE_SUBDIR,
@@ -116,7 +114,6 @@ class TensorRTBackend(EngineScheduledBackend):
         super().__init__(config, progress=progress)
         self._trtllm: Any = None
         self._llm: Any = None
-        self._tokenizer: Any = None
         self._loop: EventLoopThread | None = None
         self._model_path: str | None = None
 
@@ -386,19 +383,9 @@ class TensorRTBackend(EngineScheduledBackend):
         require_loaded(self._tokenizer, backend=_NAME, what="count_tokens")
         return count_prompt_tokens(texts, encode=self._encode, backend=_NAME)
 
-    def vocabulary(self) -> Vocabulary:
-        """The ids both the tokenizer and the checkpoint's embedding accept, and the special ones.
-
-        Raises:
-            BackendInferenceError: the backend is not loaded.
-        """
-        tokenizer = require_loaded(self._tokenizer, backend=_NAME, what="vocabulary")
-        if self._vocabulary is None:
-            rows = checkpoint_config_value(self._model_path, "vocab_size")
-            self._vocabulary = tokenizer_vocabulary(
-                tokenizer, model_rows=rows if isinstance(rows, int) and rows > 0 else None
-            )
-        return self._vocabulary
+    def _embedding_rows(self) -> int | None:
+        rows = checkpoint_config_value(self._model_path, "vocab_size")
+        return rows if isinstance(rows, int) and rows > 0 else None
 
     # -- device state ----------------------------------------------------------------------------
 

@@ -26,7 +26,6 @@ from pytest_llem.backends.base import (
     MemoryUsage,
     Request,
     TokenCallback,
-    Vocabulary,
 )
 from pytest_llem.backends.support import (
     CASE_DTYPES,
@@ -44,7 +43,6 @@ from pytest_llem.backends.support import (
     require_loaded,
     reset_peak_rss,
     resolve_model_source,
-    tokenizer_vocabulary,
 )
 from pytest_llem.backends.transformers_quantization import (
     BITSANDBYTES_MIN_VERSION,
@@ -87,7 +85,6 @@ class TransformersBackend(EngineAdapter):
         super().__init__(config, progress=progress)
         self._torch: Any = None
         self._model: Any = None
-        self._tokenizer: Any = None
         self._device = "cpu"
         self._rss_interval = False
 
@@ -373,18 +370,9 @@ class TransformersBackend(EngineAdapter):
             texts, encode=lambda batch: tokenizer(batch, verbose=False)["input_ids"], backend=_NAME
         )
 
-    def vocabulary(self) -> Vocabulary:
-        """The ids both the tokenizer and the model's embedding accept, and the special ones.
-
-        Raises:
-            BackendInferenceError: the backend is not loaded.
-        """
-        if self._tokenizer is None or self._model is None:
-            raise BackendInferenceError(f"{_NAME}: vocabulary() called before load()")
-        if self._vocabulary is None:
-            rows = int(self._model.get_input_embeddings().weight.shape[0])
-            self._vocabulary = tokenizer_vocabulary(self._tokenizer, model_rows=rows)
-        return self._vocabulary
+    def _embedding_rows(self) -> int | None:
+        model = require_loaded(self._model, backend=_NAME, what="vocabulary")
+        return int(model.get_input_embeddings().weight.shape[0])
 
     def _generation_config(self, params: GenerateParams) -> Any:
         """The model's own generation settings, overridden by the case's."""

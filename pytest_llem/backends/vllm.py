@@ -32,7 +32,6 @@ from pytest_llem.backends.base import (
     MemoryUsage,
     Request,
     TokenCallback,
-    Vocabulary,
 )
 from pytest_llem.backends.support import (
     CASE_DTYPES,
@@ -44,7 +43,6 @@ from pytest_llem.backends.support import (
     prompt_ids,
     require_loaded,
     resolve_model_source,
-    tokenizer_vocabulary,
 )
 from pytest_llem.backends.vllm_engine import (
     EngineLoop,
@@ -96,7 +94,6 @@ class VllmBackend(EngineScheduledBackend):
         super().__init__(config, progress=progress)
         self._llm: Any = None
         self._loop: EngineLoop | None = None
-        self._tokenizer: Any = None
         self._sampling_params: Any = None
         self._delta_kind: Any = None
         self._max_model_len: int | None = None
@@ -393,19 +390,8 @@ class VllmBackend(EngineScheduledBackend):
             )
         )
 
-    def vocabulary(self) -> Vocabulary:
-        """The ids both the tokenizer and the model accept, and the special ones.
-
-        Raises:
-            BackendInferenceError: the backend is not loaded.
-        """
-        if self._tokenizer is None or self._model_vocab_size is None:
-            raise BackendInferenceError(f"{_NAME}: vocabulary() called before load()")
-        if self._vocabulary is None:
-            self._vocabulary = tokenizer_vocabulary(
-                self._tokenizer, model_rows=self._model_vocab_size
-            )
-        return self._vocabulary
+    def _embedding_rows(self) -> int | None:
+        return require_loaded(self._model_vocab_size, backend=_NAME, what="vocabulary")
 
     # -- device state ----------------------------------------------------------------------------
 
