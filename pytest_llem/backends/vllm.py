@@ -131,7 +131,7 @@ class VllmBackend(EngineScheduledBackend):
             f"starting vLLM {vllm.__version__} for {self._config.model} on {device} ({dtype})",
         )
         started = time.perf_counter()
-        llm = start_engine(vllm, source, kwargs, model=self._config.model)
+        llm = self._start_engine(vllm, source, kwargs)
         load_seconds = time.perf_counter() - started
         # Kept at once, so close() shuts the engine down if anything below fails.
         self._llm, self._device = llm, device
@@ -233,6 +233,9 @@ class VllmBackend(EngineScheduledBackend):
                     f"vLLM {vllm.__version__} does not take this setting; leave it unset",
                 )
         return kwargs
+
+    def _start_engine(self, vllm: Any, source: str, kwargs: dict[str, Any]) -> Any:
+        return start_engine(vllm, source, kwargs, model=self._config.model)
 
     def _extra(self, kv_cache: str | None) -> dict[str, str]:
         options = self._config.vllm
