@@ -8,20 +8,18 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
-import json
 import os
-import struct
 import subprocess
 import sys
 import threading
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 
 from pytest_llem.backends import vllm as vllm_backend
+from pytest_llem.backends import vllm_engine, vllm_memory
 from pytest_llem.backends.base import GenerateParams, Request, SchedulingBackend
 from pytest_llem.backends.vllm import VllmBackend
 from pytest_llem.config.models import CaseConfig, SamplingConfig
@@ -84,7 +82,7 @@ def backend(engine: FakeEngine) -> Iterator[VllmBackend]:
     backend._delta_kind = "DELTA"
     backend._max_model_len = 64
     backend._model_vocab_size = 1000
-    backend._loop = vllm_backend._EngineLoop(engine)
+    backend._loop = vllm_engine.EngineLoop(engine)
     yield backend
     backend.close()
 
@@ -341,49 +339,9 @@ def test_cpu_kv_cache_defaults_to_one_gib(monkeypatch: pytest.MonkeyPatch) -> No
     assert vllm_backend._prepare_environment("cuda") is None
 
 
-def test_out_of_memory_is_recognised_through_the_cause_chain() -> None:
-    kv = ValueError("No available memory for the cache blocks. Try increasing ...")
-    assert vllm_backend._is_out_of_memory(kv)
-    wrapped = RuntimeError("Engine core initialization failed. See root cause above.")
-    wrapped.__cause__ = MemoryError()
-    assert vllm_backend._is_out_of_memory(wrapped)
-    assert not vllm_backend._is_out_of_memory(ValueError("unknown quantization method"))
-
-
-def _safetensors(path: Path, tensors: dict[str, list[int]]) -> None:
-    header = {"__metadata__": {"format": "pt"}}
-    offset = 0
-    for name, shape in tensors.items():
-        size = 4
-        for n in shape:
-            size *= n
-        header[name] = {"dtype": "F32", "shape": shape, "data_offsets": [offset, offset + size]}
-        offset += size
-    blob = json.dumps(header).encode()
-    path.write_bytes(struct.pack("<Q", len(blob)) + blob + bytes(offset))
-
-
-def test_parameters_are_counted_from_safetensors_headers(tmp_path: Path) -> None:
-    _safetensors(
-        tmp_path / "model-00001-of-00002.safetensors",
-        {"model.embed_tokens.weight": [100, 8], "model.layers.0.mlp.weight": [8, 16]},
-    )
-    _safetensors(tmp_path / "model-00002-of-00002.safetensors", {"lm_head.weight": [100, 8]})
-    assert vllm_backend._count_parameters(str(tmp_path)) == (1728, 928)
-
-
-def test_parameters_unknown_without_a_folder_or_embedding(tmp_path: Path) -> None:
-    assert vllm_backend._count_parameters("org/model") is None
-    assert vllm_backend._count_parameters(str(tmp_path)) is None
-    _safetensors(tmp_path / "model.safetensors", {"w": [4, 4]})
-    assert vllm_backend._count_parameters(str(tmp_path)) == (16, None)
-    (tmp_path / "model.safetensors").write_bytes(b"\xff" * 8)
-    assert vllm_backend._count_parameters(str(tmp_path)) is None
-
-
 def test_cpu_peak_memory_sums_this_process_and_its_children() -> None:
     pytest.importorskip("psutil")
-    memory = vllm_backend._PeakMemory(device="cpu")
+    memory = vllm_memory.PeakMemory(device="cpu")
     alone = memory.peak()
     assert alone.kind == "process_rss"
     child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
@@ -413,8 +371,8 @@ def test_cuda_peak_memory_from_nvml_when_the_engine_runs_elsewhere(
             fake_pynvml.FakeGpu(processes=[(os.getpid(), 2**20)]),
         ]
         fake = fake_pynvml.install(monkeypatch, gpus)
-        monkeypatch.setattr(vllm_backend, "_process_tree", lambda: [os.getpid(), child.pid])
-        usage = vllm_backend._PeakMemory(device="cuda")._cuda_peak()
+        monkeypatch.setattr(vllm_memory, "process_tree", lambda: [os.getpid(), child.pid])
+        usage = vllm_memory.PeakMemory(device="cuda")._cuda_peak()
     finally:
         child.kill()
         child.wait()

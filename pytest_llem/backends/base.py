@@ -3,6 +3,8 @@
 A backend loads a model, generates completions for a batch of requests and reports, for each
 request, the output token ids and the time each token became available. It never measures
 energy and never computes metrics: the harness does both from what the backend reports.
+``Request`` and ``Vocabulary`` live in :mod:`pytest_llem.data.requests` (the workloads build
+requests without importing a backend) and are re-exported here.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Literal, Protocol, runtime_checkable
 
 from pytest_llem.config.models import CaseConfig, SamplingConfig
+from pytest_llem.data.requests import Request, Vocabulary
 
 __all__ = [
     "Backend",
@@ -33,39 +36,13 @@ TokenCallback = Callable[[int, int, float], None]
 
 
 @dataclass(frozen=True)
-class Request:
-    """One prompt to complete. ``index`` is its position in the workload.
-
-    When ``token_ids`` is set, the backend feeds exactly these ids as the prompt (truncated to
-    ``max_input_tokens`` like a text prompt) and ``prompt`` is only a description of them.
-    """
-
-    index: int
-    prompt: str
-    token_ids: tuple[int, ...] | None = None
-
-
-@dataclass(frozen=True)
-class Vocabulary:
-    """The token ids a loaded model accepts as input.
-
-    Attributes:
-        size: Ids ``0 .. size - 1`` are valid inputs of both the tokenizer and the model.
-        special_ids: Ids of special tokens (padding, begin and end of sequence, ...).
-    """
-
-    size: int
-    special_ids: frozenset[int]
-
-
-@dataclass(frozen=True)
 class GenerateParams:
     """Runtime settings shared by every request of one ``generate`` call."""
 
     max_new_tokens: int
     min_new_tokens: int | None = None
     max_input_tokens: int | None = None
-    sampling: SamplingConfig = field(default_factory=SamplingConfig)  # type: ignore[arg-type]
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
     seed: int = 0
     cache_implementation: str = "auto"
 

@@ -15,15 +15,11 @@ import asyncio
 import concurrent.futures
 import gc
 import importlib
-import json
 import logging
-import struct
 import sys
-import threading
 import time
-from collections.abc import Callable, Coroutine, Sequence
-from pathlib import Path
-from typing import Any, TypeVar
+from collections.abc import Sequence
+from typing import Any
 
 from pytest_llem.backends.base import (
     BackendCapabilities,
@@ -33,17 +29,34 @@ from pytest_llem.backends.base import (
     MemoryUsage,
     Request,
     TokenCallback,
-    Vocabulary,
+)
+from pytest_llem.backends.support import (
+    CASE_DTYPES,
+    EngineScheduledBackend,
+    EventLoopThread,
+    ProgressCallback,
+    checkpoint_config_value,
+    count_parameters,
+    count_prompt_tokens,
+    engine_failure,
+    load_errors,
+    prompt_ids,
+    require_loaded,
+    resolve_model_source,
+)
+from pytest_llem.backends.tensorrt_cache import (
+    ENGINE_CACHE_SUBDIR,
+    cache_folder,
+    engine_build_note,
+    engine_cache_root,
 )
 from pytest_llem.config.models import CaseConfig, TensorRTConfig
-from pytest_llem.data.tiny_model import TINY_MODEL_NAME, ensure_tiny_model
 from pytest_llem.exceptions import (
     BackendConfigError,
     BackendInferenceError,
     BackendNotAvailableError,
     LlemError,
     ModelLoadError,
-    RetryableError,
 )
 
 __all__ = ["ENGINE_CACHE_SUBDIR", "QUANT_ALGOS", "TensorRTBackend", "engine_cache_root"]
@@ -55,8 +68,6 @@ _INSTALL_HINT = (
     "pip install tensorrt-llm --extra-index-url https://pypi.nvidia.com "
     "(Linux with an NVIDIA GPU and CUDA driver only)"
 )
-_T = TypeVar("_T")
-
 #: ``tensorrt.quantization`` values and the ``tensorrt_llm.llmapi.QuantAlgo`` member each names.
 QUANT_ALGOS: dict[str, str] = {
     "fp8": "FP8",
@@ -67,20 +78,6 @@ QUANT_ALGOS: dict[str, str] = {
     "w8a8_sq": "W8A8_SQ_PER_CHANNEL",
     "nvfp4": "NVFP4",
 }
-
-#: The folder under ``tensorrt.engine_cache_dir`` that the plugin hands to TensorRT-LLM's build
-#: cache. That cache deletes every entry of its root that is not one of its records, and all but
-#: its newest 10 records, whenever it writes an engine: it must have a folder to itself.
-ENGINE_CACHE_SUBDIR = "pytest-llem-trt-engines"
-
-# Names of input-embedding tensors in Hugging Face checkpoints (Llama, GPT-2, BLOOM, NeoX).
-_EMBEDDING_NAMES = (
-    "embed_tokens.weight",
-    "wte.weight",
-    "word_embeddings.weight",
-    "embed_in.weight",
-)
-_DOTTED_EMBEDDING_NAMES = tuple(f".{name}" for name in _EMBEDDING_NAMES)
 
 
 def _cuda_device_count() -> int:
@@ -95,14 +92,13 @@ def _cuda_device_count() -> int:
         return 0
 
 
-class TensorRTBackend:
+class TensorRTBackend(EngineScheduledBackend):
     """Runs a model with TensorRT-LLM's ``LLM`` API, streaming every request.
 
-    Args:
-        config: The case whose load-relevant fields (model, device, dtype, ``tensorrt.*``)
-            decide what is loaded.
-        progress: Called with short lines of text during slow steps (building ``llem-tiny``,
-            loading the model, building an engine).
+    ``generate`` hands every request to the engine at once; its scheduler batches them (up to
+    ``tensorrt.max_batch_size`` at a time). Prompts are truncated to ``max_input_tokens`` on the
+    tokenizer's truncation side (TensorRT-LLM loads tokenizers with ``truncation_side="left"``),
+    and ``on_token`` is called on this backend's event-loop thread as each response arrives.
     """
 
     name = _NAME
@@ -110,21 +106,15 @@ class TensorRTBackend:
         streaming=True,
         batching=True,
         devices=("cuda",),
-        dtypes=("auto", "float32", "float16", "bfloat16"),
+        dtypes=CASE_DTYPES,
         scheduling=True,
     )
 
-    def __init__(
-        self, config: CaseConfig, *, progress: Callable[[str], None] | None = None
-    ) -> None:
-        self._config = config
-        self._progress = progress
+    def __init__(self, config: CaseConfig, *, progress: ProgressCallback | None = None) -> None:
+        super().__init__(config, progress=progress)
         self._trtllm: Any = None
         self._llm: Any = None
-        self._tokenizer: Any = None
-        self._loop: _LoopThread | None = None
-        self._info: BackendInfo | None = None
-        self._vocabulary: Vocabulary | None = None
+        self._loop: EventLoopThread | None = None
         self._model_path: str | None = None
 
     # -- loading -------------------------------------------------------------------------------
@@ -148,15 +138,16 @@ class TensorRTBackend:
             raise BackendConfigError(_NAME, "device", "TensorRT-LLM runs only on NVIDIA GPUs")
         trtllm = _import_engine()
         self._check_gpus()
-        source, self._model_path = self._resolve_model()
+        found = resolve_model_source(self._config.model, progress=self._progress)
+        source, self._model_path = found.source, found.folder
         options = self._config.tensorrt
         kwargs = self._engine_kwargs(options)
         self._report(
             f"loading {self._config.model} with TensorRT-LLM ({options.backend} runtime, "
-            f"{self._config.dtype}, {_world_size(options)} GPU(s))"
+            f"{self._config.dtype}, {_world_size(options)} GPU(s))",
         )
         if options.backend == "trt":
-            self._report(_engine_build_note(options))
+            self._report(engine_build_note(options))
         started = time.perf_counter()
         llm = self._start_engine(trtllm, source, kwargs)
         load_seconds = time.perf_counter() - started
@@ -167,15 +158,10 @@ class TensorRTBackend:
         # TensorRT-LLM wraps the Hugging Face tokenizer (TransformersTokenizer.tokenizer).
         self._trtllm, self._llm = trtllm, llm
         self._tokenizer = getattr(tokenizer, "tokenizer", tokenizer)
-        self._loop = _LoopThread()
+        self._loop = EventLoopThread(name="llem-tensorrt-responses")
         self._info = self._describe(trtllm, load_seconds)
         logger.info("loaded %s with TensorRT-LLM in %.2f s", self._config.model, load_seconds)
         return self._info
-
-    def _report(self, message: str) -> None:
-        logger.info(message)
-        if self._progress is not None:
-            self._progress(message)
 
     def _check_gpus(self) -> None:
         visible = _cuda_device_count()
@@ -191,22 +177,6 @@ class TensorRTBackend:
                 f"tensorrt.tensor_parallel_size x tensorrt.pipeline_parallel_size needs {needed} "
                 f"GPUs, but {visible} are visible",
             )
-
-    def _resolve_model(self) -> tuple[str, str | None]:
-        """What to pass as ``model`` and the local folder when there is one (a hub id is
-        passed through: TensorRT-LLM downloads it itself)."""
-        name = self._config.model
-        if name == TINY_MODEL_NAME:
-            folder = ensure_tiny_model(progress=self._progress)
-            return str(folder), str(folder)
-        path = Path(name).expanduser()
-        if path.is_dir():
-            return str(path), str(path.resolve())
-        if path.exists():
-            raise ModelLoadError(f"model {name!r} is a file; expected a model folder")
-        if path.is_absolute() or name.startswith((".", "~")) or name.count("/") > 1:
-            raise ModelLoadError(f"model {name!r} is not a folder (no such path)")
-        return name, None
 
     def _engine_kwargs(self, options: TensorRTConfig) -> dict[str, Any]:
         """The keyword arguments of ``LLM(...)`` that the case's settings ask for."""
@@ -238,23 +208,21 @@ class TensorRTBackend:
 
     def _start_engine(self, trtllm: Any, source: str, kwargs: dict[str, Any]) -> Any:
         llm_class = _llm_class(trtllm, self._config.tensorrt.backend)
-        try:
-            return llm_class(source, **kwargs)
-        except LlemError:
-            raise  # a CaseTimeoutError says nothing about the model
-        except Exception as e:
-            if _is_out_of_memory(e):
-                raise RetryableError(
-                    f"{_NAME}: out of GPU memory while loading {self._config.model!r}: {e}"
-                ) from e
-            raise ModelLoadError(
-                f"TensorRT-LLM could not load model {self._config.model!r} "
-                f"({self._config.tensorrt.backend} runtime): {type(e).__name__}: {e}"
-            ) from e
+        model, runtime = self._config.model, self._config.tensorrt.backend
+
+        def describe(error: Exception) -> str:
+            return (
+                f"TensorRT-LLM could not load model {model!r} ({runtime} runtime): "
+                f"{type(error).__name__}: {error}"
+            )
+
+        with load_errors(backend=_NAME, model=model, describe=describe, memory="GPU memory"):
+            llm = llm_class(source, **kwargs)
+        return llm
 
     def _describe(self, trtllm: Any, load_seconds: float) -> BackendInfo:
         options = self._config.tensorrt
-        total, non_embedding = _count_parameters(self._model_path)
+        counts = count_parameters(self._model_path)
         extra = {
             "tensorrt_backend": options.backend,
             "tensor_parallel_size": str(options.tensor_parallel_size),
@@ -269,7 +237,7 @@ class TensorRTBackend:
                 options.kv_cache_free_gpu_memory_fraction
             )
         if options.engine_cache_dir is not None:
-            extra["engine_cache_dir"] = str(_cache_folder(options.engine_cache_dir))
+            extra["engine_cache_dir"] = str(cache_folder(options.engine_cache_dir))
         return BackendInfo(
             name=_NAME,
             version=str(getattr(trtllm, "__version__", "unknown")),
@@ -277,88 +245,31 @@ class TensorRTBackend:
             dtype=_checkpoint_dtype(self._model_path, self._config.dtype),
             model=self._config.model,
             model_path=self._model_path,
-            parameters=total,
-            non_embedding_parameters=non_embedding,
+            parameters=counts.total if counts else None,
+            non_embedding_parameters=counts.non_embedding if counts else None,
             load_seconds=load_seconds,
             extra=extra,
         )
 
     # -- generation ------------------------------------------------------------------------------
 
-    def generate(
+    def _loaded(self) -> bool:
+        return self._llm is not None and self._loop is not None
+
+    def _start(
         self,
         requests: Sequence[Request],
         *,
         params: GenerateParams,
-        on_token: TokenCallback | None = None,
-    ) -> list[Generation]:
-        """Hand every request to the engine at once and wait for all of them.
-
-        The engine's scheduler batches them (up to ``tensorrt.max_batch_size`` at a time).
-
-        Args:
-            requests: The prompts: texts, or token ids (``Request.token_ids``). Both are
-                truncated to ``params.max_input_tokens`` on the tokenizer's truncation side
-                (TensorRT-LLM loads tokenizers with ``truncation_side="left"``).
-            params: Output lengths, input truncation, sampling and seed.
-            on_token: Called as ``on_token(request.index, token_id, time)`` for every output
-                token when its response arrives, on this backend's event-loop thread.
-
-        Returns:
-            One Generation per request, in order, with the ids the engine returned.
-
-        Raises:
-            BackendInferenceError: the backend is not loaded, a request's ``token_ids`` are
-                empty or outside the vocabulary, or the engine refused or failed a request.
-            RetryableError: a GPU ran out of memory.
-        """
-        loop = self._require_loop("generate")
-        if not requests:
-            return []
+        on_token: TokenCallback | None,
+    ) -> list[concurrent.futures.Future[Generation]]:
+        """Check and tokenise every prompt (raising before any is issued), then issue each."""
+        loop = require_loaded(self._loop, backend=_NAME, what="generate")
         prompts = self._prompt_ids(requests, max_input_tokens=params.max_input_tokens)
-        futures = [
-            self._start(loop, request, ids, params, on_token)
+        return [
+            loop.submit(self._stream(request, ids, self._sampling_params(params), on_token))
             for request, ids in zip(requests, prompts, strict=True)
         ]
-        try:
-            return [future.result() for future in futures]
-        finally:
-            for future in futures:
-                future.cancel()  # after a failure, the others are aborted in the engine
-
-    def submit(
-        self,
-        request: Request,
-        *,
-        params: GenerateParams,
-        on_token: TokenCallback | None = None,
-    ) -> concurrent.futures.Future[Generation]:
-        """Hand ``request`` to the engine's scheduler now and return at once.
-
-        Raises:
-            BackendInferenceError: the backend is not loaded or the request's ``token_ids`` are
-                empty or outside the vocabulary (the engine's own refusals and failures come
-                back through the future).
-        """
-        loop = self._require_loop("submit")
-        (ids,) = self._prompt_ids([request], max_input_tokens=params.max_input_tokens)
-        return self._start(loop, request, ids, params, on_token)
-
-    def _require_loop(self, what: str) -> _LoopThread:
-        if self._llm is None or self._loop is None:
-            raise BackendInferenceError(f"{_NAME}: {what}() called before load()")
-        return self._loop
-
-    def _start(
-        self,
-        loop: _LoopThread,
-        request: Request,
-        prompt_ids: list[int],
-        params: GenerateParams,
-        on_token: TokenCallback | None,
-    ) -> concurrent.futures.Future[Generation]:
-        sampling = self._sampling_params(params)
-        return loop.submit(self._stream(request, prompt_ids, sampling, on_token))
 
     async def _stream(
         self,
@@ -447,38 +358,17 @@ class TensorRTBackend:
         self, requests: Sequence[Request], *, max_input_tokens: int | None
     ) -> list[list[int]]:
         """Each request's prompt ids, truncated to ``max_input_tokens``."""
-        tokenizer = self._tokenizer
-        texts = [request.prompt for request in requests if request.token_ids is None]
-        encoded = iter(self._encode(texts) if texts else [])
-        size = self.vocabulary().size
-        left = getattr(tokenizer, "truncation_side", "right") == "left"
-        rows: list[list[int]] = []
-        for request in requests:
-            if request.token_ids is None:
-                ids = next(encoded)
-            else:
-                ids = [int(token) for token in request.token_ids]
-                if not ids:
-                    raise BackendInferenceError(
-                        f"{_NAME}: request {request.index} has an empty token_ids prompt"
-                    )
-                if any(not 0 <= token < size for token in ids):
-                    # The engine would read past its embedding table on the GPU.
-                    raise BackendInferenceError(
-                        f"{_NAME}: request {request.index} has token ids outside the vocabulary "
-                        f"(0..{size - 1})"
-                    )
-            if max_input_tokens is not None and len(ids) > max_input_tokens:
-                ids = ids[-max_input_tokens:] if left else ids[:max_input_tokens]
-            rows.append(ids)
-        return rows
+        return prompt_ids(
+            requests,
+            encode=self._encode,
+            vocabulary_size=self.vocabulary().size,
+            max_input_tokens=max_input_tokens,
+            truncation_side=str(getattr(self._tokenizer, "truncation_side", "right")),
+            backend=_NAME,
+        )
 
-    def _encode(self, texts: Sequence[str]) -> list[list[int]]:
-        try:
-            encoded = self._tokenizer(list(texts), verbose=False)["input_ids"]
-        except Exception as e:
-            raise BackendInferenceError(f"{_NAME}: tokenizing failed: {e}") from e
-        return [[int(token) for token in ids] for ids in encoded]
+    def _encode(self, texts: list[str]) -> list[list[int]]:
+        return list(self._tokenizer(texts, verbose=False)["input_ids"])
 
     # -- tokens ----------------------------------------------------------------------------------
 
@@ -490,34 +380,12 @@ class TensorRTBackend:
         Raises:
             BackendInferenceError: the backend is not loaded or the tokenizer failed.
         """
-        if self._tokenizer is None:
-            raise BackendInferenceError(f"{_NAME}: count_tokens() called before load()")
-        return [len(ids) for ids in self._encode(texts)] if texts else []
+        require_loaded(self._tokenizer, backend=_NAME, what="count_tokens")
+        return count_prompt_tokens(texts, encode=self._encode, backend=_NAME)
 
-    def vocabulary(self) -> Vocabulary:
-        """The ids both the tokenizer and the checkpoint's embedding accept, and the special ones.
-
-        Raises:
-            BackendInferenceError: the backend is not loaded.
-        """
-        if self._tokenizer is None:
-            raise BackendInferenceError(f"{_NAME}: vocabulary() called before load()")
-        if self._vocabulary is None:
-            tokenizer = self._tokenizer
-            size = len(tokenizer)
-            rows = _config_value(self._model_path, "vocab_size")
-            if isinstance(rows, int) and rows > 0:
-                size = min(size, rows)
-            special = {int(token) for token in tokenizer.all_special_ids}
-            special.update(
-                int(token)
-                for token, added in getattr(tokenizer, "added_tokens_decoder", {}).items()
-                if getattr(added, "special", False)
-            )
-            self._vocabulary = Vocabulary(
-                size=size, special_ids=frozenset(t for t in special if 0 <= t < size)
-            )
-        return self._vocabulary
+    def _embedding_rows(self) -> int | None:
+        rows = checkpoint_config_value(self._model_path, "vocab_size")
+        return rows if isinstance(rows, int) and rows > 0 else None
 
     # -- device state ----------------------------------------------------------------------------
 
@@ -558,52 +426,6 @@ class TensorRTBackend:
             torch.cuda.empty_cache()
 
 
-class _LoopThread:
-    """An asyncio event loop running on a daemon thread; requests' streams are read there."""
-
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(
-            target=self._run, name="llem-tensorrt-responses", daemon=True
-        )
-        self._thread.start()
-
-    def _run(self) -> None:
-        asyncio.set_event_loop(self.loop)
-        self.loop.run_forever()
-
-    def submit(self, coroutine: Coroutine[Any, Any, _T]) -> concurrent.futures.Future[_T]:
-        """Schedule ``coroutine`` on the loop; the future completes with its result."""
-        return asyncio.run_coroutine_threadsafe(coroutine, self.loop)
-
-    def cancel_all(self) -> None:
-        """Cancel every request still streaming (each aborts itself in the engine)."""
-        if self.loop.is_closed():
-            return
-        try:
-            self.submit(_cancel_other_tasks()).result(timeout=10.0)
-        except (concurrent.futures.TimeoutError, RuntimeError):
-            logger.warning("TensorRT-LLM requests did not stop within 10 s", exc_info=True)
-
-    def stop(self) -> None:
-        """Stop the loop and wait for its thread."""
-        if self.loop.is_closed():
-            return
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self._thread.join(timeout=10.0)
-        if not self._thread.is_alive():
-            self.loop.close()
-
-
-async def _cancel_other_tasks() -> None:
-    current = asyncio.current_task()
-    tasks = [task for task in asyncio.all_tasks() if task is not current]
-    for task in tasks:
-        task.cancel()
-    if tasks:
-        await asyncio.wait(tasks, timeout=5.0)
-
-
 def _import_engine() -> Any:
     try:
         return importlib.import_module("tensorrt_llm")
@@ -638,65 +460,6 @@ def _world_size(options: TensorRTConfig) -> int:
     return options.tensor_parallel_size * options.pipeline_parallel_size
 
 
-def engine_cache_root(engine_cache_dir: str) -> Path:
-    """The folder given to TensorRT-LLM's build cache: a subfolder of ``engine_cache_dir`` that
-    holds nothing but the cache's own records.
-
-    TensorRT-LLM prunes its cache root before it writes an engine (every entry without a valid
-    ``metadata.json`` and ``content/`` is deleted, and all but the newest 10 records), so the
-    user's folder is never handed to it; the subfolder is created here, and one that holds
-    anything else is refused rather than pruned.
-
-    Raises:
-        BackendConfigError: The subfolder cannot be created, or holds other entries.
-    """
-    root = _cache_folder(engine_cache_dir)
-    param = "tensorrt.engine_cache_dir"
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-        foreign = sorted(entry.name for entry in root.iterdir() if not _is_cache_entry(entry))
-    except OSError as e:
-        raise BackendConfigError(_NAME, param, f"cannot use {root} for engines: {e}") from e
-    if foreign:
-        shown = ", ".join(foreign[:5]) + (
-            f" and {len(foreign) - 5} more" if len(foreign) > 5 else ""
-        )
-        raise BackendConfigError(
-            _NAME,
-            param,
-            f"{root} holds entries that are not TensorRT-LLM engines ({shown}); TensorRT-LLM's "
-            "build cache would delete them, so the plugin keeps this folder for engines only: "
-            "move them elsewhere",
-        )
-    return root
-
-
-def _cache_folder(engine_cache_dir: str) -> Path:
-    return Path(engine_cache_dir).expanduser().resolve() / ENGINE_CACHE_SUBDIR
-
-
-def _is_cache_entry(entry: Path) -> bool:
-    """A build-cache record (``metadata.json`` and ``content/``) or one being written
-    (``<record>.dummy``, which TensorRT-LLM itself cleans up)."""
-    if not entry.is_dir():
-        return False
-    if entry.name.endswith(".dummy"):
-        return True
-    return (entry / "metadata.json").is_file() and (entry / "content").exists()
-
-
-def _engine_build_note(options: TensorRTConfig) -> str:
-    if options.engine_cache_dir is None:
-        return (
-            "the trt runtime compiles a TensorRT engine before it runs (not measured); set "
-            "tensorrt.engine_cache_dir to keep it for later runs"
-        )
-    return (
-        f"TensorRT engines are cached in {_cache_folder(options.engine_cache_dir)} (built once, "
-        "not measured; TensorRT-LLM keeps the newest 10)"
-    )
-
-
 def _unreturned_end_token(completion: Any, sampling: Any, ids: list[int]) -> int | None:
     """The end token when the request stopped on it but ``token_ids`` does not end with it.
 
@@ -714,20 +477,7 @@ def _unreturned_end_token(completion: Any, sampling: Any, ids: list[int]) -> int
 
 
 def _request_failure(index: int, error: BaseException) -> LlemError:
-    if _is_out_of_memory(error):
-        return RetryableError(f"{_NAME}: out of GPU memory during request {index}: {error}")
-    return BackendInferenceError(
-        f"{_NAME}: request {index} failed: {type(error).__name__}: {error}"
-    )
-
-
-def _is_out_of_memory(error: BaseException) -> bool:
-    torch = sys.modules.get("torch")
-    oom_type = getattr(torch, "OutOfMemoryError", None) if torch is not None else None
-    if oom_type is not None and isinstance(error, oom_type):
-        return True
-    text = str(error).lower().replace("_", " ")
-    return "out of memory" in text or "outofmemory" in text.replace(" ", "")
+    return engine_failure(error, backend=_NAME, what=f"request {index}", memory="GPU memory")
 
 
 def _abort_quietly(output: Any) -> None:
@@ -744,51 +494,11 @@ def _shutdown_quietly(llm: Any) -> None:
         logger.warning("shutting TensorRT-LLM down failed", exc_info=True)
 
 
-def _config_value(model_path: str | None, key: str) -> Any:
-    """A value from the checkpoint's ``config.json``; None when there is none."""
-    if model_path is None:
-        return None
-    try:
-        config = json.loads((Path(model_path) / "config.json").read_text())
-    except (OSError, ValueError):
-        return None
-    return config.get(key) if isinstance(config, dict) else None
-
-
 def _checkpoint_dtype(model_path: str | None, wanted: str) -> str:
     """The dtype asked for, or for ``auto`` the checkpoint's own (what TensorRT-LLM uses)."""
     if wanted != "auto":
         return wanted
-    found = _config_value(model_path, "torch_dtype") or _config_value(model_path, "dtype")
+    found = checkpoint_config_value(model_path, "torch_dtype") or checkpoint_config_value(
+        model_path, "dtype"
+    )
     return str(found) if isinstance(found, str) else "auto"
-
-
-def _count_parameters(model_path: str | None) -> tuple[int | None, int | None]:
-    """Total and non-embedding parameters from the safetensors headers of a local checkpoint.
-
-    TensorRT-LLM keeps the model out of reach of this process, so the tensors' shapes are read
-    from the files instead (the 8-byte header length and JSON header of each file).
-    """
-    if model_path is None:
-        return None, None
-    files = sorted(Path(model_path).glob("*.safetensors"))
-    if not files:
-        return None, None
-    total = embedding = 0
-    try:
-        for file in files:
-            with file.open("rb") as handle:
-                (length,) = struct.unpack("<Q", handle.read(8))
-                header = json.loads(handle.read(length))
-            for tensor, entry in header.items():
-                if tensor == "__metadata__":
-                    continue
-                count = 1
-                for dim in entry["shape"]:
-                    count *= int(dim)
-                total += count
-                if tensor in _EMBEDDING_NAMES or tensor.endswith(_DOTTED_EMBEDDING_NAMES):
-                    embedding += count
-    except (OSError, ValueError, KeyError, TypeError, struct.error):
-        return None, None
-    return total, total - embedding

@@ -7,18 +7,15 @@ imported only when the backend is used.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import gc
-import importlib
 import importlib.util
 import logging
-import os
 import re
-import sys
 import time
-from collections.abc import Callable, Sequence
-from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 from pytest_llem.backends.base import (
@@ -29,10 +26,32 @@ from pytest_llem.backends.base import (
     MemoryUsage,
     Request,
     TokenCallback,
-    Vocabulary,
 )
-from pytest_llem.config.models import CaseConfig, TransformersConfig
-from pytest_llem.data.tiny_model import TINY_MODEL_NAME, ensure_tiny_model, quiet_progress_bars
+from pytest_llem.backends.support import (
+    CASE_DTYPES,
+    MIB,
+    EngineAdapter,
+    ProgressCallback,
+    count_prompt_tokens,
+    hub_snapshot,
+    is_out_of_memory,
+    lifetime_peak_rss,
+    load_errors,
+    proc_file,
+    prompt_ids,
+    read_vm_hwm_kib,
+    require_loaded,
+    reset_peak_rss,
+    resolve_model_source,
+)
+from pytest_llem.backends.transformers_quantization import (
+    BITSANDBYTES_MIN_VERSION,
+    check_bitsandbytes,
+    describe_quantization,
+    quantization_kwargs,
+)
+from pytest_llem.config.models import CaseConfig
+from pytest_llem.data.tiny_model import quiet_progress_bars
 from pytest_llem.exceptions import (
     BackendConfigError,
     BackendInferenceError,
@@ -48,46 +67,25 @@ logger = logging.getLogger("pytest_llem")
 
 _NAME = "transformers"
 _INSTALL_HINT = "pip install 'pytest-llem[transformers]'"
-#: The oldest bitsandbytes that transformers' quantizers accept.
-BITSANDBYTES_MIN_VERSION = "0.46.1"
-_MIB = 1024 * 1024
-_CLEAR_REFS = Path("/proc/self/clear_refs")
-_PROC_STATUS = Path("/proc/self/status")
+_CLEAR_REFS = proc_file("clear_refs")
 
 
-#: Files fetched for a hub model: configs, weights in safetensors, tokenizers, remote code.
-_HUB_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken", "*.py", "*.jinja"]
-
-
-class TransformersBackend:
-    """Runs a causal language model with ``transformers``' ``generate``.
-
-    Args:
-        config: The case whose load-relevant fields (model, device, dtype, ``transformers.*``)
-            decide what is loaded.
-        progress: Called with short lines of text during slow steps (building ``llem-tiny``,
-            loading the model).
-    """
+class TransformersBackend(EngineAdapter):
+    """Runs a causal language model with ``transformers``' ``generate``."""
 
     name = _NAME
     capabilities = BackendCapabilities(
         streaming=True,
         batching=True,
         devices=("cpu", "cuda"),
-        dtypes=("auto", "float32", "float16", "bfloat16"),
+        dtypes=CASE_DTYPES,
     )
 
-    def __init__(
-        self, config: CaseConfig, *, progress: Callable[[str], None] | None = None
-    ) -> None:
-        self._config = config
-        self._progress = progress
+    def __init__(self, config: CaseConfig, *, progress: ProgressCallback | None = None) -> None:
+        super().__init__(config, progress=progress)
         self._torch: Any = None
         self._model: Any = None
-        self._tokenizer: Any = None
         self._device = "cpu"
-        self._info: BackendInfo | None = None
-        self._vocabulary: Vocabulary | None = None
         self._rss_interval = False
 
     # -- loading -------------------------------------------------------------------------------
@@ -112,7 +110,7 @@ class TransformersBackend:
         device = self._resolve_device(torch)
         dtype = self._resolve_dtype(torch, device)
         quantization = self._config.transformers.quantization
-        bnb_version = _check_bitsandbytes(quantization, device) if quantization != "none" else None
+        bnb_version = check_bitsandbytes(quantization, device) if quantization != "none" else None
         source, model_path = self._resolve_model()
         self._report(f"loading {self._config.model} on {device} ({_dtype_name(dtype)})")
         started = time.perf_counter()
@@ -131,7 +129,9 @@ class TransformersBackend:
             "torch_compile": str(self._config.transformers.torch_compile).lower(),
         }
         if bnb_version is not None:
-            extra["quantization"] = _describe_quantization(self._config.transformers, dtype)
+            extra["quantization"] = describe_quantization(
+                self._config.transformers, dtype=_dtype_name(dtype)
+            )
             extra["bitsandbytes"] = bnb_version
         self._info = BackendInfo(
             name=_NAME,
@@ -147,11 +147,6 @@ class TransformersBackend:
         )
         logger.info("loaded %s in %.2f s (%d parameters)", self._config.model, load_seconds, total)
         return self._info
-
-    def _report(self, message: str) -> None:
-        logger.info(message)
-        if self._progress is not None:
-            self._progress(message)
 
     def _resolve_device(self, torch: Any) -> str:
         wanted = self._config.device
@@ -178,62 +173,33 @@ class TransformersBackend:
 
     def _resolve_model(self) -> tuple[str, str | None]:
         """Return what to pass to ``from_pretrained`` and the local folder when there is one."""
-        name = self._config.model
-        if name == TINY_MODEL_NAME:
-            folder = ensure_tiny_model(progress=self._progress)
-            return str(folder), str(folder)
-        path = Path(name).expanduser()
-        if path.is_dir():
-            return str(path), str(path.resolve())
-        if path.exists():
-            raise ModelLoadError(f"model {name!r} is a file; expected a model folder")
-        if path.is_absolute() or name.startswith((".", "~")) or name.count("/") > 1:
-            raise ModelLoadError(f"model {name!r} is not a folder (no such path)")
-        snapshot = self._hub_snapshot(name)
+        found = resolve_model_source(self._config.model, progress=self._progress)
+        if found.folder is not None:
+            return found.source, found.folder
+        snapshot = hub_snapshot(found.source, progress=self._progress)
         return snapshot, snapshot
 
-    def _hub_snapshot(self, repo_id: str) -> str:
-        """The local folder of a Hugging Face hub model: from the local cache, else downloaded
-        (before any measurement) unless ``HF_HUB_OFFLINE`` is set."""
-        try:
-            from huggingface_hub import snapshot_download
-        except ImportError as e:
-            raise ModelLoadError(
-                f"model {repo_id!r} is not a folder and huggingface_hub is not installed"
-            ) from e
-        try:
-            return str(snapshot_download(repo_id, local_files_only=True, allow_patterns=_HUB_FILES))
-        except LlemError:
-            raise  # --llem-timeout-s or the like: not a missing model
-        except Exception as e:
-            cached_error = e
-        if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
-            raise ModelLoadError(
-                f"model {repo_id!r} is not a folder and not in the local Hugging Face cache "
-                "(HF_HUB_OFFLINE is set, so it was not downloaded)"
-            ) from cached_error
-        self._report(f"downloading {repo_id} from the Hugging Face hub (not measured)")
-        try:
-            return str(snapshot_download(repo_id, allow_patterns=_HUB_FILES))
-        except LlemError:
-            raise
-        except Exception as e:
-            raise ModelLoadError(
-                f"model {repo_id!r} is not a folder, not in the local Hugging Face cache, and "
-                f"could not be downloaded: {type(e).__name__}: {_first_line(e)}"
-            ) from e
+    def _load_errors(
+        self, what: str, *, memory: str = "memory"
+    ) -> contextlib.AbstractContextManager[None]:
+        """What loading the tokenizer or model raises, as the plugin's errors."""
+        model = self._config.model
+
+        def describe(error: Exception) -> str:
+            return (
+                f"cannot load the {what} of model {model!r}: the folder does not hold a loadable "
+                f"transformers model. Cause: {type(error).__name__}: {error}"
+            )
+
+        return load_errors(backend=_NAME, model=model, describe=describe, memory=memory)
 
     def _load_tokenizer(self, transformers: Any, source: str) -> Any:
-        try:
+        with self._load_errors("tokenizer"):
             tokenizer = transformers.AutoTokenizer.from_pretrained(
                 source,
                 local_files_only=True,
                 trust_remote_code=self._config.transformers.trust_remote_code,
             )
-        except LlemError:
-            raise  # a CaseTimeoutError says nothing about the model folder
-        except Exception as e:
-            raise ModelLoadError(_load_failure(self._config.model, source, "tokenizer", e)) from e
         tokenizer.padding_side = "left"
         if tokenizer.pad_token is None:
             if tokenizer.eos_token is None:
@@ -264,19 +230,10 @@ class TransformersBackend:
         if quantization is not None:
             kwargs["quantization_config"] = transformers.BitsAndBytesConfig(**quantization)
             kwargs["device_map"] = {"": device}  # bitsandbytes places the weights as it loads
-        try:
-            with quiet_progress_bars():
-                model = transformers.AutoModelForCausalLM.from_pretrained(source, **kwargs)
+        with self._load_errors("model", memory=f"memory on {device}"), quiet_progress_bars():
+            model = transformers.AutoModelForCausalLM.from_pretrained(source, **kwargs)
             if quantization is None:
                 model.to(device)  # a bitsandbytes model refuses .to() and is already there
-        except LlemError:
-            raise  # a CaseTimeoutError says nothing about the model folder
-        except Exception as e:
-            if _is_out_of_memory(e):
-                raise RetryableError(
-                    f"out of memory while loading {self._config.model!r} on {device}: {e}"
-                ) from e
-            raise ModelLoadError(_load_failure(self._config.model, source, "model", e)) from e
         model.eval()
         if options.torch_compile:
             # Module.compile() swaps the module's __call__ in place, so generate's own
@@ -335,7 +292,7 @@ class TransformersBackend:
         except LlemError:
             raise
         except Exception as e:
-            if _is_out_of_memory(e):
+            if is_out_of_memory(e):
                 raise RetryableError(f"{_NAME}: out of memory during generate: {e}") from e
             raise BackendInferenceError(f"{_NAME}: generate failed: {e}") from e
         prompt_width = batch["input_ids"].shape[1]
@@ -363,47 +320,23 @@ class TransformersBackend:
     def _prompt_ids(
         self, requests: Sequence[Request], *, max_input_tokens: int | None
     ) -> list[list[int]]:
-        """Each request's prompt ids, truncated on the tokenizer's side to ``max_input_tokens``.
-
-        Text prompts are tokenised in one call; requests that carry ``token_ids`` keep them.
-        """
+        """Each request's prompt ids, truncated on the tokenizer's side to ``max_input_tokens``
+        (text prompts are tokenised in one call; requests that carry ``token_ids`` keep them)."""
         tokenizer = self._tokenizer
-        texts = [request.prompt for request in requests if request.token_ids is None]
-        encoded: list[list[int]] = []
-        if texts:
-            try:
-                encoded = tokenizer(
-                    texts,
-                    truncation=max_input_tokens is not None,
-                    max_length=max_input_tokens,
-                    verbose=False,
-                )["input_ids"]
-            except Exception as e:
-                raise BackendInferenceError(f"{_NAME}: tokenizing the batch failed: {e}") from e
-        encoded_rows = iter(encoded)
-        size = self.vocabulary().size
-        rows: list[list[int]] = []
-        for request in requests:
-            if request.token_ids is None:
-                rows.append([int(token) for token in next(encoded_rows)])
-                continue
-            ids = list(request.token_ids)
-            if not ids:
-                raise BackendInferenceError(
-                    f"{_NAME}: request {request.index} has an empty token_ids prompt"
-                )
-            if any(not 0 <= token < size for token in ids):
-                # An out-of-range id would fail deep inside the embedding (a device assert on
-                # CUDA, which poisons the context), so it is refused here.
-                raise BackendInferenceError(
-                    f"{_NAME}: request {request.index} has token ids outside the vocabulary "
-                    f"(0..{size - 1})"
-                )
-            if max_input_tokens is not None and len(ids) > max_input_tokens:
-                left = tokenizer.truncation_side == "left"
-                ids = ids[-max_input_tokens:] if left else ids[:max_input_tokens]
-            rows.append(ids)
-        return rows
+
+        def encode(texts: list[str]) -> list[list[int]]:
+            truncate = max_input_tokens is not None
+            kwargs = {"truncation": truncate, "max_length": max_input_tokens, "verbose": False}
+            return list(tokenizer(texts, **kwargs)["input_ids"])
+
+        return prompt_ids(
+            requests,
+            encode=encode,
+            vocabulary_size=self.vocabulary().size,
+            max_input_tokens=max_input_tokens,
+            truncation_side=str(tokenizer.truncation_side),
+            backend=_NAME,
+        )
 
     def _left_padded(self, rows: list[list[int]]) -> dict[str, Any]:
         """``input_ids`` and ``attention_mask`` tensors of a left-padded batch on the device."""
@@ -432,38 +365,14 @@ class TransformersBackend:
         Raises:
             BackendInferenceError: the backend is not loaded or the tokenizer failed.
         """
-        if self._tokenizer is None:
-            raise BackendInferenceError(f"{_NAME}: count_tokens() called before load()")
-        if not texts:
-            return []
-        try:
-            encoded = self._tokenizer(list(texts), verbose=False)["input_ids"]
-        except Exception as e:
-            raise BackendInferenceError(f"{_NAME}: tokenizing failed: {e}") from e
-        return [len(ids) for ids in encoded]
+        tokenizer = require_loaded(self._tokenizer, backend=_NAME, what="count_tokens")
+        return count_prompt_tokens(
+            texts, encode=lambda batch: tokenizer(batch, verbose=False)["input_ids"], backend=_NAME
+        )
 
-    def vocabulary(self) -> Vocabulary:
-        """The ids both the tokenizer and the model's embedding accept, and the special ones.
-
-        Raises:
-            BackendInferenceError: the backend is not loaded.
-        """
-        if self._tokenizer is None or self._model is None:
-            raise BackendInferenceError(f"{_NAME}: vocabulary() called before load()")
-        if self._vocabulary is None:
-            tokenizer = self._tokenizer
-            rows = int(self._model.get_input_embeddings().weight.shape[0])
-            special = {int(token) for token in tokenizer.all_special_ids}
-            special.update(
-                int(token)
-                for token, added in tokenizer.added_tokens_decoder.items()
-                if getattr(added, "special", False)
-            )
-            size = min(len(tokenizer), rows)
-            self._vocabulary = Vocabulary(
-                size=size, special_ids=frozenset(t for t in special if 0 <= t < size)
-            )
-        return self._vocabulary
+    def _embedding_rows(self) -> int | None:
+        model = require_loaded(self._model, backend=_NAME, what="vocabulary")
+        return int(model.get_input_embeddings().weight.shape[0])
 
     def _generation_config(self, params: GenerateParams) -> Any:
         """The model's own generation settings, overridden by the case's."""
@@ -505,12 +414,7 @@ class TransformersBackend:
         if self._device == "cuda" and self._torch is not None:
             self._torch.cuda.reset_peak_memory_stats()
             return
-        try:
-            # "5" resets the kernel's peak-RSS mark (VmHWM) for this process.
-            _CLEAR_REFS.write_text("5")
-            self._rss_interval = True
-        except OSError:
-            self._rss_interval = False
+        self._rss_interval = reset_peak_rss(_CLEAR_REFS)
 
     def peak_memory(self) -> MemoryUsage:
         """Peak memory in MiB since :meth:`reset_peak_memory`.
@@ -522,12 +426,12 @@ class TransformersBackend:
         """
         if self._device == "cuda" and self._torch is not None:
             peak = self._torch.cuda.max_memory_allocated()
-            return MemoryUsage(peak_mb=peak / _MIB, kind="cuda_allocated")
+            return MemoryUsage(peak_mb=peak / MIB, kind="cuda_allocated")
         if self._rss_interval:
-            peak_kib = _read_vm_hwm_kib()
+            peak_kib = read_vm_hwm_kib(proc_file("status"))
             if peak_kib is not None:
                 return MemoryUsage(peak_mb=peak_kib / 1024, kind="process_rss")
-        return _lifetime_peak_rss()
+        return lifetime_peak_rss()
 
     def close(self) -> None:
         """Drop the model and tokenizer and return cached device memory."""
@@ -584,7 +488,7 @@ def _make_streamer(clock: _TokenClock) -> Any:
 def _streamer_class() -> type[Any]:
     from transformers.generation.streamers import BaseStreamer
 
-    class _TimingStreamer(BaseStreamer):  # type: ignore[misc]
+    class _TimingStreamer(BaseStreamer):
         """Feeds each decoding step of ``generate`` to a :class:`_TokenClock`."""
 
         def __init__(self, clock: _TokenClock) -> None:
@@ -603,85 +507,6 @@ def _streamer_class() -> type[Any]:
     return _TimingStreamer
 
 
-def quantization_kwargs(options: TransformersConfig, *, dtype: str) -> dict[str, Any] | None:
-    """Keyword arguments of ``transformers.BitsAndBytesConfig`` for ``transformers.quantization``.
-
-    Args:
-        options: The case's ``transformers.*`` settings.
-        dtype: The model's resolved dtype name (``float32``, ``bfloat16``, ...), the compute
-            dtype of 4-bit layers when ``bnb_4bit_compute_dtype`` is ``auto``.
-
-    Returns:
-        None for ``quantization="none"``, otherwise the arguments.
-    """
-    if options.quantization == "none":
-        return None
-    if options.quantization == "bnb-8bit":
-        return {"load_in_8bit": True}
-    compute = options.bnb_4bit_compute_dtype
-    return {
-        "load_in_4bit": True,
-        "bnb_4bit_compute_dtype": dtype if compute == "auto" else compute,
-        "bnb_4bit_quant_type": options.bnb_4bit_quant_type,
-        "bnb_4bit_use_double_quant": options.bnb_4bit_use_double_quant,
-    }
-
-
-def _describe_quantization(options: TransformersConfig, dtype: Any) -> str:
-    kwargs = quantization_kwargs(options, dtype=_dtype_name(dtype)) or {}
-    if options.quantization == "bnb-8bit":
-        return "bitsandbytes LLM.int8() (8-bit weights)"
-    double = ", double quant" if kwargs.get("bnb_4bit_use_double_quant") else ""
-    return (
-        f"bitsandbytes 4-bit {kwargs.get('bnb_4bit_quant_type')} "
-        f"(compute {kwargs.get('bnb_4bit_compute_dtype')}{double})"
-    )
-
-
-def _check_bitsandbytes(quantization: str, device: str) -> str:
-    """Check that bitsandbytes can quantize on ``device``; returns its version.
-
-    Raises:
-        BackendNotAvailableError: bitsandbytes (or accelerate, which transformers needs for
-            it) is not installed, is older than transformers accepts, or fails to import.
-        BackendConfigError: (``param="device"``) this bitsandbytes has no kernels for
-            ``device``; both make the case skip with the reason.
-    """
-    label = f"{_NAME} with transformers.quantization={quantization}"
-    hint = f"pip install 'bitsandbytes>={BITSANDBYTES_MIN_VERSION}' accelerate"
-    if importlib.util.find_spec("bitsandbytes") is None:
-        raise BackendNotAvailableError(label, f"{hint} (bitsandbytes is not installed)")
-    if importlib.util.find_spec("accelerate") is None:
-        raise BackendNotAvailableError(label, f"{hint} (accelerate is not installed)")
-    from importlib.metadata import version as installed_version
-
-    version = installed_version("bitsandbytes")
-    if _release(version) < _release(BITSANDBYTES_MIN_VERSION):
-        raise BackendNotAvailableError(label, f"{hint} (bitsandbytes {version} is too old)")
-    try:
-        bnb = importlib.import_module("bitsandbytes")
-    except Exception as e:
-        raise BackendNotAvailableError(
-            label, f"{hint} (importing bitsandbytes {version} failed: {_first_line(e)})"
-        ) from e
-    # Releases without the multi-backend device list have CUDA kernels only.
-    supported = set(getattr(bnb, "supported_torch_devices", None) or {"cuda"})
-    if device not in supported:
-        raise BackendConfigError(
-            _NAME,
-            "device",
-            f"bitsandbytes {version} cannot quantize on device={device} (it supports: "
-            f"{', '.join(sorted(supported))}); recent releases also run on x86-64 CPUs with "
-            "AVX2 (see the bitsandbytes installation guide)",
-        )
-    return version
-
-
-def _release(version: str) -> tuple[int, ...]:
-    parts = re.findall(r"\d+", version.split("+")[0])[:3]
-    return tuple(int(p) for p in parts)
-
-
 def _import_engine() -> tuple[Any, Any]:
     try:
         import torch
@@ -689,26 +514,6 @@ def _import_engine() -> tuple[Any, Any]:
     except ImportError as e:
         raise BackendNotAvailableError(_NAME, _INSTALL_HINT) from e
     return torch, transformers
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else ""
-
-
-def _load_failure(model: str, source: str, what: str, error: Exception) -> str:
-    hint = "the folder does not hold a loadable transformers model"
-    return (
-        f"cannot load the {what} of model {model!r}: {hint}. Cause: {type(error).__name__}: {error}"
-    )
-
-
-def _is_out_of_memory(error: BaseException) -> bool:
-    torch = sys.modules.get("torch")
-    oom_type = getattr(torch, "OutOfMemoryError", None) if torch is not None else None
-    if oom_type is not None and isinstance(error, oom_type):
-        return True
-    return isinstance(error, RuntimeError) and "out of memory" in str(error).lower()
 
 
 def _version_tuple(version: str) -> tuple[int, int]:
@@ -733,24 +538,3 @@ def _until_stop(token_ids: list[int], stop_ids: frozenset[int]) -> list[int]:
         if token in stop_ids:
             return token_ids[: position + 1]
     return list(token_ids)
-
-
-def _read_vm_hwm_kib() -> int | None:
-    try:
-        for line in _PROC_STATUS.read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1])
-    except (OSError, ValueError, IndexError):
-        return None
-    return None
-
-
-def _lifetime_peak_rss() -> MemoryUsage:
-    try:
-        import resource
-    except ImportError:
-        return MemoryUsage(peak_mb=None, kind="unavailable", note="no peak-RSS source here")
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    # ru_maxrss is in KiB on Linux and in bytes on macOS.
-    peak_mb = peak / _MIB if sys.platform == "darwin" else peak / 1024
-    return MemoryUsage(peak_mb=peak_mb, kind="process_rss", note="process lifetime peak")

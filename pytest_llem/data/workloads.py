@@ -18,9 +18,9 @@ from itertools import islice
 from pathlib import Path
 from typing import Any, Literal
 
-from pytest_llem.backends.base import Backend, Request
 from pytest_llem.config.models import CaseConfig
 from pytest_llem.data.prompts import BUILTIN_PROMPT_SETS, builtin_set, parse_jsonl
+from pytest_llem.data.requests import PromptTokenizer, Request
 from pytest_llem.exceptions import BackendInferenceError, ConfigurationError
 
 __all__ = [
@@ -81,7 +81,7 @@ class PromptSet:
 
 
 def build_prompt_set(
-    config: CaseConfig, backend: Backend, *, count: int | None = None
+    config: CaseConfig, backend: PromptTokenizer, *, count: int | None = None
 ) -> PromptSet:
     """Build the requests of a case from its prompt source.
 
@@ -118,7 +118,7 @@ def build_prompt_set(
 # -- synthetic -----------------------------------------------------------------------------------
 
 
-def _synthetic(config: CaseConfig, backend: Backend, *, count: int) -> PromptSet:
+def _synthetic(config: CaseConfig, backend: PromptTokenizer, *, count: int) -> PromptSet:
     """``count`` prompts of exactly ``input_tokens`` ids, uniform over the non-special ids."""
     import numpy as np
 
@@ -171,7 +171,7 @@ def _select(
     rows: Iterable[_Row],
     *,
     config: CaseConfig,
-    backend: Backend,
+    backend: PromptTokenizer,
     count: int,
     notes: list[str],
 ) -> PromptSet:
