@@ -12,9 +12,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pytest_llem.exceptions import LlemError
+from pytest_llem.options import CompareBaseline, LlemOptions, StoreOptions
 from pytest_llem.results.models import RunRecord
 from pytest_llem.results.store import write_run_record
-from pytest_llem.session import CompareBaseline, LlemOptions, StoreOptions
 
 if TYPE_CHECKING:
     from pytest_llem.results.compare import Comparison

@@ -43,6 +43,12 @@ from pytest_llem.fixtures import (
     skipped_sweep_case,
 )
 from pytest_llem.meters.base import EnergyMeter
+from pytest_llem.options import (
+    LlemOptions,
+    add_options,
+    load_compare_baseline,
+    options_from_config,
+)
 from pytest_llem.report.terminal import summary_lines
 from pytest_llem.results.journal import Journal, journal_path
 from pytest_llem.results.models import CaseError, CaseRecord, GpuInfo, MachineInfo, RunRecord
@@ -51,75 +57,13 @@ from pytest_llem.session import (
     METER_NAMES,
     BackendCache,
     BaselineState,
-    LlemOptions,
     LlemSession,
     MeterState,
-    build_options,
-    load_compare_baseline,
-    option_origin,
 )
 
 __all__ = ["llem", "llem_sweep_params"]
 
 logger = logging.getLogger("pytest_llem")
-
-_OPTIONS: tuple[tuple[str, str, str | None], ...] = (
-    ("backend", "Inference backend for every case (default: transformers).", None),
-    ("model", "Model for every case: llem-tiny (built-in), a folder, or a hub id.", None),
-    ("device", "Device: auto, cpu or cuda (default: auto).", None),
-    (
-        "meter",
-        "Energy meter(s): auto, nvml, rapl, zeus, codecarbon or none, or several joined with "
-        "commas (nvml,rapl); each domain is taken from one meter (default: auto).",
-        "NAME[,NAME]",
-    ),
-    ("repeat", "Measured repetitions per case (default: 3).", "N"),
-    ("warmup", "Unmeasured warmup repetitions per case (default: 1).", "N"),
-    ("report_dir", "Folder for llem-report.json and runs/ (default: reports).", "DIR"),
-    (
-        "baseline_s",
-        "Seconds of idle power measured before the first case, for dynamic energy; cached per "
-        "machine for an hour unless given here; 0 disables (default: 5).",
-        "SECONDS",
-    ),
-    (
-        "min_window_s",
-        "Shortest measurement window: the workload repeats inside a window until it lasts "
-        "max(this, 20 x the meter's update period) (default: 0, the meters' resolution decides).",
-        "SECONDS",
-    ),
-    (
-        "cooldown",
-        "Before each case: off, temperature (wait until the GPU is near its idle temperature) "
-        "or seconds:N (default: off).",
-        "MODE",
-    ),
-    ("country", "Country (ISO code, e.g. USA, FRA) for CodeCarbon's emissions.", "ISO"),
-    (
-        "gpus",
-        "GPUs per xdist worker, e.g. 0,1,2,3 (one each) or 0-1,2-3 (two each): worker N sees "
-        "only group N (CUDA_VISIBLE_DEVICES).",
-        "LIST",
-    ),
-    (
-        "isolation",
-        "Other processes on a measured GPU: warn, skip or fail the case (default: warn).",
-        "MODE",
-    ),
-    (
-        "timeout_s",
-        "Fail a case whose warmup and measured windows run longer than this; model loading, "
-        "the idle baseline and the cooldown do not count. The session goes on (default: no "
-        "limit).",
-        "SECONDS",
-    ),
-    (
-        "endpoint",
-        "Benchmark an OpenAI-compatible server running on this machine, e.g. "
-        "http://127.0.0.1:8000 (selects the endpoint backend unless a backend is given).",
-        "URL",
-    ),
-)
 
 #: Engine loggers quieted unless pytest runs with -v.
 NOISY_LOGGERS = ("transformers", "torch", "codecarbon", "vllm", "tensorrt_llm", "urllib3")
@@ -131,136 +75,8 @@ def pytest_addhooks(pluginmanager: pytest.PytestPluginManager) -> None:
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
-    """The ``llem`` option group and its ini keys."""
-    group = parser.getgroup("llem", "LLM inference energy benchmarks (pytest-llem)")
-    for name, text, metavar in _OPTIONS:
-        flag = f"--llem-{name.replace('_', '-')}"
-        group.addoption(flag, dest=f"llem_{name}", default=None, metavar=metavar, help=text)
-        parser.addini(f"llem_{name}", f"{text} Overridden by {flag}.", default="")
-    group.addoption(
-        "--llem-set",
-        dest="llem_set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="Set any case parameter, e.g. batch_size=8 or transformers.attn_implementation=sdpa "
-        "(repeatable; wins over ini, llem.run() overrides and markers, and replaces a marker's "
-        "or the ini's sweep axis of the same parameter).",
-    )
-    parser.addini("llem_set", "Case parameters as KEY=VALUE lines.", type="linelist", default=[])
-    group.addoption(
-        "--llem-sweep",
-        dest="llem_sweep",
-        action="append",
-        default=[],
-        metavar="KEY=V1,V2",
-        help="Sweep a parameter over values for every llem test (KEY=auto takes the values the "
-        "models define); repeatable, replaces a marker's or the ini's axis of the same "
-        "parameter and wins over llem.run() overrides.",
-    )
-    parser.addini("llem_sweep", "Sweep axes as KEY=V1,V2 lines.", type="linelist", default=[])
-    group.addoption(
-        "--llem-shuffle",
-        dest="llem_shuffle",
-        nargs="?",
-        const="random",
-        default=None,
-        metavar="SEED",
-        help="Shuffle the cases within each model-load group (seeded; the seed is recorded).",
-    )
-    _add_run_store_options(group, parser)
-
-
-def _add_run_store_options(group: Any, parser: pytest.Parser) -> None:
-    """Saving, comparing and gating runs, and the CSV export."""
-    group.addoption(
-        "--llem-save",
-        dest="llem_save",
-        nargs="?",
-        const="",
-        default=None,
-        metavar="NAME",
-        help="Save the run record in the storage folder (optionally under NAME).",
-    )
-    group.addoption(
-        "--llem-autosave", dest="llem_autosave", action="store_true", help="Save every run."
-    )
-    group.addoption(
-        "--llem-storage",
-        dest="llem_storage",
-        default=None,
-        metavar="DIR",
-        help="Folder of saved runs (default: .llem).",
-    )
-    parser.addini("llem_storage", "Folder of saved runs (default: .llem).", default="")
-    group.addoption(
-        "--llem-compare",
-        dest="llem_compare",
-        nargs="?",
-        const="latest",
-        default=None,
-        metavar="NAME|PATH|latest",
-        help="Compare with a saved run (default: the latest saved on this machine).",
-    )
-    group.addoption(
-        "--llem-fail-on",
-        dest="llem_fail_on",
-        default=None,
-        metavar="EXPR",
-        help="Fail when a metric regressed beyond a threshold, e.g. "
-        "'energy_per_output_token_j:+5%%,output_tokens_per_s:-5%%,ttft_ms.p99:+10%%'.",
-    )
-    group.addoption(
-        "--llem-fail-inconclusive",
-        dest="llem_fail_inconclusive",
-        action="store_true",
-        help="Also fail when a comparison's interval straddles a threshold.",
-    )
-    group.addoption(
-        "--llem-gate-estimated",
-        dest="llem_gate_estimated",
-        action="store_true",
-        help="Let estimated energy figures gate too (they do not by default).",
-    )
-    group.addoption(
-        "--llem-compare-strict",
-        dest="llem_compare_strict",
-        action="store_true",
-        help="Refuse to compare runs from different GPUs, drivers or engine versions.",
-    )
-    group.addoption(
-        "--llem-csv",
-        dest="llem_csv",
-        nargs="?",
-        const="",
-        default=None,
-        metavar="PATH",
-        help="Also write one CSV row per case (default: <report-dir>/llem-report.csv).",
-    )
-
-
-def _raw_options(config: pytest.Config) -> tuple[dict[str, Any], dict[str, Any]]:
-    cli = {name: config.getoption(f"llem_{name}") for name, _, _ in _OPTIONS}
-    cli["set"] = list(config.getoption("llem_set") or [])
-    cli["sweep"] = list(config.getoption("llem_sweep") or [])
-    cli["shuffle"] = config.getoption("llem_shuffle")
-    ini: dict[str, Any] = {name: config.getini(f"llem_{name}") for name, _, _ in _OPTIONS}
-    ini["set"] = [line for line in config.getini("llem_set") if line.strip()]
-    ini["sweep"] = [line for line in config.getini("llem_sweep") if line.strip()]
-    for name in (
-        "save",
-        "autosave",
-        "storage",
-        "compare",
-        "fail_on",
-        "fail_inconclusive",
-        "gate_estimated",
-        "compare_strict",
-        "csv",
-    ):
-        cli[name] = config.getoption(f"llem_{name}")
-    ini["storage"] = config.getini("llem_storage")
-    return cli, ini
+    """The ``llem`` option group and its ini keys, from the option table."""
+    add_options(parser)
 
 
 def _progress(config: pytest.Config) -> Callable[[str], None]:
@@ -302,17 +118,10 @@ def pytest_configure(config: pytest.Config) -> None:
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
     backend_names = _names(config.hook.pytest_llem_backend_names(), BUILTIN_BACKENDS)
     meter_names = _names(config.hook.pytest_llem_meter_names(), METER_NAMES)
-    cli, ini = _raw_options(config)
     try:
-        options = build_options(
-            cli=cli,
-            ini=ini,
-            invocation_dir=config.invocation_params.dir,
-            backend_names=backend_names,
-            meter_names=meter_names,
-        )
+        options = options_from_config(config, backend_names=backend_names, meter_names=meter_names)
         _scale_out(config, options.gpu_groups)
-        config.stash[_OUTPUTS] = _output_folders(options, cli, ini)
+        config.stash[_OUTPUTS] = _output_folders(options)
         if _explicit_llem_run(config, options):
             _check_outputs(config)
         if not hasattr(config, "workerinput"):  # the controller compares, after pinning
@@ -323,18 +132,14 @@ def pytest_configure(config: pytest.Config) -> None:
 
     def make_backend(case: CaseConfig) -> Backend:
         backend = config.hook.pytest_llem_make_backend(
-            name=case.backend, case=case, progress=progress
+            name=case.backend, case=case, progress=progress, options=options
         )
         if backend is None:
             raise ConfigurationError(f"no plugin provides the backend {case.backend!r}")
         return backend  # type: ignore[no-any-return]
 
     def make_meter(name: str) -> EnergyMeter:
-        meter = config.hook.pytest_llem_make_meter(
-            name=name,
-            config=config,
-            options={"country_iso_code": options.energy.country_iso_code},
-        )
+        meter = config.hook.pytest_llem_make_meter(name=name, config=config, options=options)
         if meter is None:
             raise ConfigurationError(f"no plugin provides the meter {name!r}")
         return meter  # type: ignore[no-any-return]
@@ -368,13 +173,11 @@ def _load_compare_baseline(config: pytest.Config, options: LlemOptions) -> LlemO
 _OUTPUTS = pytest.StashKey[list[tuple[Path, str]]]()
 
 
-def _output_folders(
-    options: LlemOptions, cli: dict[str, Any], ini: dict[str, Any]
-) -> list[tuple[Path, str]]:
+def _output_folders(options: LlemOptions) -> list[tuple[Path, str]]:
     """The folders the run writes at its end, each with how a message names its option: the
     report folder (record, HTML page, journal), the CSV's folder and, when saving, the storage
     folder."""
-    report_origin = option_origin(cli, ini, "report_dir")[1]
+    report_origin = options.origin("report_dir")
     folders = [
         (options.report_dir, report_origin),
         (options.report_dir / RUNS_DIRNAME, report_origin),
@@ -383,7 +186,7 @@ def _output_folders(
     if store is not None and store.csv is not None:
         folders.append((store.csv.parent, "--llem-csv"))
     if store is not None and store.save:
-        folders.append((store.storage, option_origin(cli, ini, "storage")[1]))
+        folders.append((store.storage, options.origin("storage")))
     return folders
 
 
@@ -473,10 +276,10 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
 @pytest.hookimpl(optionalhook=True)
 def pytest_xdist_auto_num_workers(config: pytest.Config) -> int | None:
     """``-n auto`` with ``--llem-gpus``: one worker per GPU group."""
-    from pytest_llem.workers import parse_gpu_groups
+    from pytest_llem.options import OptionValues, option
 
     try:
-        groups = parse_gpu_groups(config.getoption("llem_gpus") or config.getini("llem_gpus"))
+        groups = OptionValues.from_config(config).get(option("gpus"))
     except ConfigurationError:
         return None  # reported as a usage error in pytest_configure
     return len(groups) if groups else None
@@ -515,14 +318,14 @@ def pytest_llem_make_backend(
 
 @pytest.hookimpl(trylast=True)
 def pytest_llem_make_meter(
-    name: str, config: pytest.Config, options: dict[str, Any]
+    name: str, config: pytest.Config, options: LlemOptions
 ) -> EnergyMeter | None:
     """The built-in meters."""
     if name not in METER_NAMES or name == "auto":
         return None
     from pytest_llem.meters.registry import create_meter
 
-    return create_meter(name, country_iso_code=options.get("country_iso_code"))
+    return create_meter(name, options=options.energy)
 
 
 _PRELOADED = pytest.StashKey[bool]()
