@@ -26,7 +26,10 @@ class Chosen(Generic[T]):
 
 
 def _given(value: Any) -> bool:
-    return value not in (None, "", [], (), False)
+    """Whether a source gave a value: not None, not an unset flag, not empty; 0 is a value."""
+    if value is None or value is False:
+        return False
+    return not (isinstance(value, str | list | tuple) and len(value) == 0)
 
 
 class OptionValues:
