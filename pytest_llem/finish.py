@@ -17,15 +17,10 @@ from typing import TYPE_CHECKING, Any
 
 from pytest_llem.exceptions import LlemError
 from pytest_llem.machine import this_machine
+from pytest_llem.options import CompareBaseline, LlemOptions, StoreOptions, load_compare_baseline
 from pytest_llem.results.models import RunRecord
 from pytest_llem.results.store import write_run_record
-from pytest_llem.session import (
-    CompareBaseline,
-    LlemOptions,
-    LlemSession,
-    StoreOptions,
-    load_compare_baseline,
-)
+from pytest_llem.session import LlemSession
 
 if TYPE_CHECKING:
     from pytest_llem.results.compare import Comparison

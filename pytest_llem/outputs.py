@@ -9,13 +9,12 @@ cases. A folder that cannot be written is a usage error naming the option that c
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from pytest_llem.exceptions import ResultStoreError
+from pytest_llem.options import LlemOptions
 from pytest_llem.results.store import RUNS_DIRNAME, check_writable
-from pytest_llem.session import LlemOptions, option_origin
 
 __all__ = ["OUTPUTS", "check_outputs", "explicit_llem_run", "output_folders"]
 
@@ -23,13 +22,11 @@ __all__ = ["OUTPUTS", "check_outputs", "explicit_llem_run", "output_folders"]
 OUTPUTS = pytest.StashKey[list[tuple[Path, str]]]()
 
 
-def output_folders(
-    options: LlemOptions, cli: dict[str, Any], ini: dict[str, Any]
-) -> list[tuple[Path, str]]:
+def output_folders(options: LlemOptions) -> list[tuple[Path, str]]:
     """The folders the run writes at its end, each with how a message names its option: the
     report folder (record, HTML page, journal), the CSV's folder and, when saving, the storage
     folder."""
-    report_origin = option_origin(cli, ini, "report_dir")[1]
+    report_origin = options.origin("report_dir")
     folders = [
         (options.report_dir, report_origin),
         (options.report_dir / RUNS_DIRNAME, report_origin),
@@ -38,7 +35,7 @@ def output_folders(
     if store is not None and store.csv is not None:
         folders.append((store.csv.parent, "--llem-csv"))
     if store is not None and store.save:
-        folders.append((store.storage, option_origin(cli, ini, "storage")[1]))
+        folders.append((store.storage, options.origin("storage")))
     return folders
 
 

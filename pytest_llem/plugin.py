@@ -34,6 +34,7 @@ from pytest_llem.exceptions import ConfigurationError, LlemError
 from pytest_llem.finish import with_compare_baseline
 from pytest_llem.fixtures import SESSION_KEY, llem, llem_sweep_params
 from pytest_llem.meters.base import EnergyMeter
+from pytest_llem.options import LlemOptions, add_options, options_from_config
 from pytest_llem.outputs import OUTPUTS, check_outputs, explicit_llem_run, output_folders
 from pytest_llem.recorder import RECORDER_NAME, RunRecorder
 from pytest_llem.session import (
@@ -42,70 +43,11 @@ from pytest_llem.session import (
     BaselineState,
     LlemSession,
     MeterState,
-    build_options,
 )
 
 __all__ = ["llem", "llem_sweep_params"]
 
 logger = logging.getLogger("pytest_llem")
-
-_OPTIONS: tuple[tuple[str, str, str | None], ...] = (
-    ("backend", "Inference backend for every case (default: transformers).", None),
-    ("model", "Model for every case: llem-tiny (built-in), a folder, or a hub id.", None),
-    ("device", "Device: auto, cpu or cuda (default: auto).", None),
-    (
-        "meter",
-        "Energy meter(s): auto, nvml, rapl, zeus, codecarbon or none, or several joined with "
-        "commas (nvml,rapl); each domain is taken from one meter (default: auto).",
-        "NAME[,NAME]",
-    ),
-    ("repeat", "Measured repetitions per case (default: 3).", "N"),
-    ("warmup", "Unmeasured warmup repetitions per case (default: 1).", "N"),
-    ("report_dir", "Folder for llem-report.json and runs/ (default: reports).", "DIR"),
-    (
-        "baseline_s",
-        "Seconds of idle power measured before the first case, for dynamic energy; cached per "
-        "machine for an hour unless given here; 0 disables (default: 5).",
-        "SECONDS",
-    ),
-    (
-        "min_window_s",
-        "Shortest measurement window: the workload repeats inside a window until it lasts "
-        "max(this, 20 x the meter's update period) (default: 0, the meters' resolution decides).",
-        "SECONDS",
-    ),
-    (
-        "cooldown",
-        "Before each case: off, temperature (wait until the GPU is near its idle temperature) "
-        "or seconds:N (default: off).",
-        "MODE",
-    ),
-    ("country", "Country (ISO code, e.g. USA, FRA) for CodeCarbon's emissions.", "ISO"),
-    (
-        "gpus",
-        "GPUs per xdist worker, e.g. 0,1,2,3 (one each) or 0-1,2-3 (two each): worker N sees "
-        "only group N (CUDA_VISIBLE_DEVICES).",
-        "LIST",
-    ),
-    (
-        "isolation",
-        "Other processes on a measured GPU: warn, skip or fail the case (default: warn).",
-        "MODE",
-    ),
-    (
-        "timeout_s",
-        "Fail a case whose warmup and measured windows run longer than this; model loading, "
-        "the idle baseline and the cooldown do not count. The session goes on (default: no "
-        "limit).",
-        "SECONDS",
-    ),
-    (
-        "endpoint",
-        "Benchmark an OpenAI-compatible server running on this machine, e.g. "
-        "http://127.0.0.1:8000 (selects the endpoint backend unless a backend is given).",
-        "URL",
-    ),
-)
 
 #: Engine loggers quieted unless pytest runs with -v.
 NOISY_LOGGERS = ("transformers", "torch", "codecarbon", "vllm", "tensorrt_llm", "urllib3")
@@ -117,136 +59,8 @@ def pytest_addhooks(pluginmanager: pytest.PytestPluginManager) -> None:
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
-    """The ``llem`` option group and its ini keys."""
-    group = parser.getgroup("llem", "LLM inference energy benchmarks (pytest-llem)")
-    for name, text, metavar in _OPTIONS:
-        flag = f"--llem-{name.replace('_', '-')}"
-        group.addoption(flag, dest=f"llem_{name}", default=None, metavar=metavar, help=text)
-        parser.addini(f"llem_{name}", f"{text} Overridden by {flag}.", default="")
-    group.addoption(
-        "--llem-set",
-        dest="llem_set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="Set any case parameter, e.g. batch_size=8 or transformers.attn_implementation=sdpa "
-        "(repeatable; wins over ini, llem.run() overrides and markers, and replaces a marker's "
-        "or the ini's sweep axis of the same parameter).",
-    )
-    parser.addini("llem_set", "Case parameters as KEY=VALUE lines.", type="linelist", default=[])
-    group.addoption(
-        "--llem-sweep",
-        dest="llem_sweep",
-        action="append",
-        default=[],
-        metavar="KEY=V1,V2",
-        help="Sweep a parameter over values for every llem test (KEY=auto takes the values the "
-        "models define); repeatable, replaces a marker's or the ini's axis of the same "
-        "parameter and wins over llem.run() overrides.",
-    )
-    parser.addini("llem_sweep", "Sweep axes as KEY=V1,V2 lines.", type="linelist", default=[])
-    group.addoption(
-        "--llem-shuffle",
-        dest="llem_shuffle",
-        nargs="?",
-        const="random",
-        default=None,
-        metavar="SEED",
-        help="Shuffle the cases within each model-load group (seeded; the seed is recorded).",
-    )
-    _add_run_store_options(group, parser)
-
-
-def _add_run_store_options(group: Any, parser: pytest.Parser) -> None:
-    """Saving, comparing and gating runs, and the CSV export."""
-    group.addoption(
-        "--llem-save",
-        dest="llem_save",
-        nargs="?",
-        const="",
-        default=None,
-        metavar="NAME",
-        help="Save the run record in the storage folder (optionally under NAME).",
-    )
-    group.addoption(
-        "--llem-autosave", dest="llem_autosave", action="store_true", help="Save every run."
-    )
-    group.addoption(
-        "--llem-storage",
-        dest="llem_storage",
-        default=None,
-        metavar="DIR",
-        help="Folder of saved runs (default: .llem).",
-    )
-    parser.addini("llem_storage", "Folder of saved runs (default: .llem).", default="")
-    group.addoption(
-        "--llem-compare",
-        dest="llem_compare",
-        nargs="?",
-        const="latest",
-        default=None,
-        metavar="NAME|PATH|latest",
-        help="Compare with a saved run (default: the latest saved on this machine).",
-    )
-    group.addoption(
-        "--llem-fail-on",
-        dest="llem_fail_on",
-        default=None,
-        metavar="EXPR",
-        help="Fail when a metric regressed beyond a threshold, e.g. "
-        "'energy_per_output_token_j:+5%%,output_tokens_per_s:-5%%,ttft_ms.p99:+10%%'.",
-    )
-    group.addoption(
-        "--llem-fail-inconclusive",
-        dest="llem_fail_inconclusive",
-        action="store_true",
-        help="Also fail when a comparison's interval straddles a threshold.",
-    )
-    group.addoption(
-        "--llem-gate-estimated",
-        dest="llem_gate_estimated",
-        action="store_true",
-        help="Let estimated energy figures gate too (they do not by default).",
-    )
-    group.addoption(
-        "--llem-compare-strict",
-        dest="llem_compare_strict",
-        action="store_true",
-        help="Refuse to compare runs from different GPUs, drivers or engine versions.",
-    )
-    group.addoption(
-        "--llem-csv",
-        dest="llem_csv",
-        nargs="?",
-        const="",
-        default=None,
-        metavar="PATH",
-        help="Also write one CSV row per case (default: <report-dir>/llem-report.csv).",
-    )
-
-
-def _raw_options(config: pytest.Config) -> tuple[dict[str, Any], dict[str, Any]]:
-    cli = {name: config.getoption(f"llem_{name}") for name, _, _ in _OPTIONS}
-    cli["set"] = list(config.getoption("llem_set") or [])
-    cli["sweep"] = list(config.getoption("llem_sweep") or [])
-    cli["shuffle"] = config.getoption("llem_shuffle")
-    ini: dict[str, Any] = {name: config.getini(f"llem_{name}") for name, _, _ in _OPTIONS}
-    ini["set"] = [line for line in config.getini("llem_set") if line.strip()]
-    ini["sweep"] = [line for line in config.getini("llem_sweep") if line.strip()]
-    for name in (
-        "save",
-        "autosave",
-        "storage",
-        "compare",
-        "fail_on",
-        "fail_inconclusive",
-        "gate_estimated",
-        "compare_strict",
-        "csv",
-    ):
-        cli[name] = config.getoption(f"llem_{name}")
-    ini["storage"] = config.getini("llem_storage")
-    return cli, ini
+    """The ``llem`` option group and its ini keys, from the option table."""
+    add_options(parser)
 
 
 def _progress(config: pytest.Config) -> Callable[[str], None]:
@@ -288,17 +102,10 @@ def pytest_configure(config: pytest.Config) -> None:
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
     backend_names = _names(config.hook.pytest_llem_backend_names(), BUILTIN_BACKENDS)
     meter_names = _names(config.hook.pytest_llem_meter_names(), METER_NAMES)
-    cli, ini = _raw_options(config)
     try:
-        options = build_options(
-            cli=cli,
-            ini=ini,
-            invocation_dir=config.invocation_params.dir,
-            backend_names=backend_names,
-            meter_names=meter_names,
-        )
+        options = options_from_config(config, backend_names=backend_names, meter_names=meter_names)
         xdist_scheduling.scale_out(config, options.gpu_groups)
-        config.stash[OUTPUTS] = output_folders(options, cli, ini)
+        config.stash[OUTPUTS] = output_folders(options)
         if explicit_llem_run(config, options):
             check_outputs(config)
         if not hasattr(config, "workerinput"):  # the controller compares, after pinning
@@ -309,18 +116,14 @@ def pytest_configure(config: pytest.Config) -> None:
 
     def make_backend(case: CaseConfig) -> Backend:
         backend = config.hook.pytest_llem_make_backend(
-            name=case.backend, case=case, progress=progress
+            name=case.backend, case=case, progress=progress, options=options
         )
         if backend is None:
             raise ConfigurationError(f"no plugin provides the backend {case.backend!r}")
         return backend  # type: ignore[no-any-return]
 
     def make_meter(name: str) -> EnergyMeter:
-        meter = config.hook.pytest_llem_make_meter(
-            name=name,
-            config=config,
-            options={"country_iso_code": options.energy.country_iso_code},
-        )
+        meter = config.hook.pytest_llem_make_meter(name=name, config=config, options=options)
         if meter is None:
             raise ConfigurationError(f"no plugin provides the meter {name!r}")
         return meter  # type: ignore[no-any-return]
@@ -392,14 +195,14 @@ def pytest_llem_make_backend(
 
 @pytest.hookimpl(trylast=True)
 def pytest_llem_make_meter(
-    name: str, config: pytest.Config, options: dict[str, Any]
+    name: str, config: pytest.Config, options: LlemOptions
 ) -> EnergyMeter | None:
     """The built-in meters."""
     if name not in METER_NAMES or name == "auto":
         return None
     from pytest_llem.meters.registry import create_meter
 
-    return create_meter(name, country_iso_code=options.get("country_iso_code"))
+    return create_meter(name, options=options.energy)
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:

@@ -32,28 +32,31 @@ __all__ = [
 SHARED_DOMAINS: tuple[str, ...] = ("cpu", "dram")
 
 
-def _span(text: str, option: str) -> list[int]:
+def _named(option: str | None, message: str) -> ConfigurationError:
+    return ConfigurationError(f"{option}: {message}" if option else message)
+
+
+def _span(text: str, option: str | None) -> list[int]:
     first, sep, last = text.partition("-")
     try:
         start = int(first)
         end = int(last) if sep else start
     except ValueError as e:
-        raise ConfigurationError(
-            f"{option}: {text!r} is not a GPU index or range (e.g. 0,1 or 0-1,2-3)"
-        ) from e
+        raise _named(option, f"{text!r} is not a GPU index or range (e.g. 0,1 or 0-1,2-3)") from e
     if start < 0 or end < start:
-        raise ConfigurationError(f"{option}: {text!r} is not an increasing range of indices")
+        raise _named(option, f"{text!r} is not an increasing range of indices")
     return list(range(start, end + 1))
 
 
 def parse_gpu_groups(
-    text: str | None, *, option: str = "--llem-gpus"
+    text: str | None, *, option: str | None = "--llem-gpus"
 ) -> tuple[tuple[int, ...], ...] | None:
     """``--llem-gpus``: one group of GPU indices per worker.
 
     ``0,1,2,3`` is four groups of one; ``0-1,2-3`` two groups of two. Indices are those the
     controller sees (positions in its own ``CUDA_VISIBLE_DEVICES`` when that is set).
-    ``option`` is how messages name the setting (the ini key when the value came from there).
+    ``option`` is how messages name the setting (the ini key when the value came from there);
+    None leaves the name out, for a caller that adds it.
 
     Raises:
         ConfigurationError: A malformed entry, or a GPU in two groups.
@@ -62,12 +65,12 @@ def parse_gpu_groups(
         return None
     groups = tuple(tuple(_span(part.strip(), option)) for part in text.split(",") if part.strip())
     if not groups:
-        raise ConfigurationError(f"{option}: no GPU given")
+        raise _named(option, "no GPU given")
     seen: set[int] = set()
     for group in groups:
         twice = seen.intersection(group)
         if twice:
-            raise ConfigurationError(f"{option}: GPU {min(twice)} is given to two workers")
+            raise _named(option, f"GPU {min(twice)} is given to two workers")
         seen.update(group)
     return groups
 

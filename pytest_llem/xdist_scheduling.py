@@ -25,7 +25,7 @@ import pytest
 from pytest_llem.collection import mark_load_groups
 from pytest_llem.exceptions import ConfigurationError
 from pytest_llem.session import LlemSession
-from pytest_llem.workers import WorkerInfo, parse_gpu_groups, pin_worker, worker_info
+from pytest_llem.workers import WorkerInfo, pin_worker, worker_info
 
 __all__ = [
     "GROUPS_FILE",
@@ -107,8 +107,10 @@ def make_scheduler(config: pytest.Config, log: Any) -> Any:
 
 def auto_num_workers(config: pytest.Config) -> int | None:
     """``-n auto`` with ``--llem-gpus``: one worker per GPU group (None: xdist decides)."""
+    from pytest_llem.options import OptionValues, option
+
     try:
-        groups = parse_gpu_groups(config.getoption("llem_gpus") or config.getini("llem_gpus"))
+        groups = OptionValues.from_config(config).get(option("gpus"))
     except ConfigurationError:
         return None  # reported as a usage error in pytest_configure
     return len(groups) if groups else None

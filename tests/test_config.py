@@ -159,7 +159,7 @@ def _resolved(
     from types import SimpleNamespace
 
     from pytest_llem.collection import resolve_for, sweep_cases, sweep_conflict
-    from pytest_llem.session import build_options
+    from pytest_llem.options import build_options
 
     options = build_options(cli=cli or {}, ini=ini or {}, invocation_dir=Path.cwd())
     session: Any = SimpleNamespace(options=options)
@@ -195,7 +195,7 @@ def test_a_preset_over_a_swept_sampling_field_cannot_hide_behind_the_id():
     from types import SimpleNamespace
 
     from pytest_llem.collection import resolve_for, sweep_cases, sweep_conflict, sweep_mismatch
-    from pytest_llem.session import build_options
+    from pytest_llem.options import build_options
 
     session: Any = SimpleNamespace(options=build_options(cli={}, ini={}, invocation_dir=Path()))
     node = _Node(pytest.mark.llem_sweep(temperature=[0.5]))

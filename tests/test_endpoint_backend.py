@@ -27,7 +27,7 @@ from pytest_llem.exceptions import (
     BackendTimeoutError,
     RetryableError,
 )
-from pytest_llem.session import build_options
+from pytest_llem.options import build_options
 
 pytest.importorskip("torch")
 pytest.importorskip("transformers")

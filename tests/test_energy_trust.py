@@ -23,13 +23,14 @@ from pytest_llem.harness.runner import QUANTISATION_PERIODS, WindowPolicy, run_c
 from pytest_llem.harness.thermal import COOLDOWN_MARGIN_C, cool_down, measured_hot
 from pytest_llem.meters.base import DeviceState, DomainReading, EnergyReading, reading_between
 from pytest_llem.meters.registry import DomainAssignment
+from pytest_llem.options import EnergyOptions
 from pytest_llem.results.models import (
     BaselineDomain,
     BaselineRecord,
     DeviceStateRecord,
     RepetitionRecord,
 )
-from pytest_llem.session import BaselineState, EnergyOptions, meter_record
+from pytest_llem.session import BaselineState, meter_record
 from tests.fakes.fake_backend import FakeBackend, FakeClock
 from tests.fakes.fake_meter import FakeMeter
 

@@ -73,3 +73,49 @@ def test_contributed_names_are_valid_choices(pytester: pytest.Pytester):
     result = pytester.runpytest("--llem-backend=nope")
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     result.stderr.fnmatch_lines(["*choose from: transformers, *, scripted*"])
+
+
+TYPED_CONFTEST = """
+import time
+
+from pytest_llem.options import LlemOptions
+from tests.fakes.fake_backend import FakeBackend, FakeClock
+from tests.fakes.fake_meter import FakeMeter
+
+
+def pytest_llem_backend_names():
+    return ["scripted"]
+
+
+def pytest_llem_meter_names():
+    return ["steady"]
+
+
+def pytest_llem_make_backend(name, options):
+    assert isinstance(options, LlemOptions)
+    print("BACKEND-OPTIONS", options.energy.cooldown, options.isolation)
+    return FakeBackend(FakeClock(), lengths={}) if name == "scripted" else None
+
+
+def pytest_llem_make_meter(name, options):
+    assert isinstance(options, LlemOptions)
+    print("METER-OPTIONS", options.energy.country_iso_code)
+    return FakeMeter("steady", time.perf_counter, power_w={"gpu": 100.0}) if name == "steady" else None
+"""
+
+
+def test_the_factory_hooks_receive_the_typed_options(pytester: pytest.Pytester):
+    pytester.makeconftest(TYPED_CONFTEST)
+    pytester.makepyfile(TEST)
+    result = pytester.runpytest(
+        "-s",
+        "--llem-backend=scripted",
+        "--llem-meter=steady",
+        "--llem-warmup=0",
+        "--llem-repeat=2",
+        "--llem-country=fra",
+        "--llem-isolation=fail",
+        "--llem-baseline-s=0",
+    )
+    result.assert_outcomes(passed=1)
+    result.stdout.fnmatch_lines(["*METER-OPTIONS FRA*", "*BACKEND-OPTIONS off fail*"])

@@ -106,12 +106,16 @@ def test_more_workers_than_gpu_groups_is_a_configuration_error(visible_devices: 
 
 
 @pytest.mark.parametrize(
-    ("cli", "ini", "workers"),
-    [("0,1,2", "", 3), (None, "0-1,2-3", 2), (None, "", None), ("0,x", "", None)],
+    ("args", "ini", "workers"),
+    [(["--llem-gpus=0,1,2"], "", 3), ([], "0-1,2-3", 2), ([], "", None), ([], "0,x", None)],
 )
-def test_auto_workers_follow_the_gpu_groups(cli: str | None, ini: str, workers: int | None) -> None:
-    config = SimpleNamespace(getoption=lambda name: cli, getini=lambda name: ini)
-    assert auto_num_workers(config) == workers  # type: ignore[arg-type]
+def test_auto_workers_follow_the_gpu_groups(
+    pytester: pytest.Pytester, args: list[str], ini: str, workers: int | None
+) -> None:
+    if ini:
+        pytester.makeini(f"[pytest]\nllem_gpus = {ini}\n")
+    config = pytester.parseconfig(*args)
+    assert auto_num_workers(config) == workers
 
 
 def test_write_groups_replaces_the_file(tmp_path: Path) -> None:

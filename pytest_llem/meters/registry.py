@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from pytest_llem.exceptions import ConfigurationError, MeterUnavailableError
 from pytest_llem.meters.base import DOMAINS, EnergyMeter, MeterInfo
@@ -19,6 +20,9 @@ from pytest_llem.meters.codecarbon import CodeCarbonMeter, codecarbon_unavailabl
 from pytest_llem.meters.inventory import gpu_inventory
 from pytest_llem.meters.none import NoneMeter
 from pytest_llem.meters.nvml import NvmlMeter
+
+if TYPE_CHECKING:
+    from pytest_llem.options.model import EnergyOptions
 
 __all__ = [
     "DOMAIN_PREFERENCE",
@@ -167,7 +171,7 @@ def select_auto() -> tuple[str, str]:
 
 
 def create_meter(
-    name: str, *, gpu_indices: Sequence[int] | None = None, country_iso_code: str | None = None
+    name: str, *, gpu_indices: Sequence[int] | None = None, options: EnergyOptions | None = None
 ) -> EnergyMeter:
     """Build the meter called ``name``.
 
@@ -175,7 +179,8 @@ def create_meter(
         name: One of :data:`METER_CHOICES` (``auto`` builds the first meter it chooses).
         gpu_indices: GPUs for the NVML and Zeus meters, as the process sees them; None means
             all visible. CodeCarbon picks its GPUs from ``CUDA_VISIBLE_DEVICES`` itself.
-        country_iso_code: CodeCarbon's country for emissions (default USA).
+        options: How energy is measured (``--llem-country``: CodeCarbon's country for
+            emissions, USA when not given); None for the defaults.
 
     Returns:
         The meter, ready for its first window.
@@ -198,7 +203,8 @@ def create_meter(
 
         return ZeusMeter(gpu_indices=gpu_indices)
     if key == "codecarbon":
-        return CodeCarbonMeter(country_iso_code or "USA")
+        country = options.country_iso_code if options is not None else None
+        return CodeCarbonMeter(country or "USA")
     if key == "none":
         return NoneMeter()
     raise ConfigurationError(
