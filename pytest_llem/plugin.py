@@ -1,7 +1,7 @@
 """pytest hooks of pytest-llem: options, ini keys, the markers, collection and the xdist hooks.
 
-Only hooks live here; the work is done elsewhere: ``session`` (options and session state),
-``collection`` (sweeps and load order), ``fixtures`` (the ``llem`` fixture), ``recorder`` (a
+Only hooks live here; the work is done elsewhere: ``options`` (the option table and the typed
+options), ``session_setup`` and ``session`` (the session state), ``collection`` (sweeps and load order), ``fixtures`` (the ``llem`` fixture), ``recorder`` (a
 plugin object registered in ``pytest_configure``: cases from test reports, journal, run record
 at session end, with ``finish``), ``outputs`` (can the run write its outputs),
 ``xdist_scheduling`` (GPU pinning, one worker per model-load group). The built-in backend and
@@ -11,10 +11,9 @@ replace them.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -29,21 +28,17 @@ from pytest_llem.collection import (
     order_by_load,
     sweep_cases,
 )
-from pytest_llem.config.models import BUILTIN_BACKENDS, CaseConfig
-from pytest_llem.exceptions import ConfigurationError, LlemError
-from pytest_llem.finish import with_compare_baseline
+from pytest_llem.config.models import CaseConfig
+from pytest_llem.exceptions import LlemError
 from pytest_llem.fixtures import SESSION_KEY, llem, llem_sweep_params
 from pytest_llem.meters.base import EnergyMeter
-from pytest_llem.options import LlemOptions, add_options, options_from_config
-from pytest_llem.outputs import OUTPUTS, check_outputs, explicit_llem_run, output_folders
+from pytest_llem.options import LlemOptions, add_options
+from pytest_llem.outputs import check_outputs
 from pytest_llem.recorder import RECORDER_NAME, RunRecorder
 from pytest_llem.session import (
     METER_NAMES,
-    BackendCache,
-    BaselineState,
-    LlemSession,
-    MeterState,
 )
+from pytest_llem.session_setup import configured_options, new_session
 
 __all__ = ["llem", "llem_sweep_params"]
 
@@ -51,6 +46,16 @@ logger = logging.getLogger("pytest_llem")
 
 #: Engine loggers quieted unless pytest runs with -v.
 NOISY_LOGGERS = ("transformers", "torch", "codecarbon", "vllm", "tensorrt_llm", "urllib3")
+
+#: The markers' lines in ``pytest --markers``.
+MARKER_LINES = (
+    "llem(**params): parameters of an llem benchmark case (e.g. batch_size=4, "
+    "max_new_tokens=16); see `llem params` for every parameter.",
+    "llem_sweep(**axes): sweep llem parameters over lists of values, one test per "
+    "combination (e.g. batch_size=[1, 8, 32], dtype='auto').",
+    "llem_budget(**limits): absolute limits on an llem case's medians, e.g. "
+    "energy_per_output_token_j=0.5, ttft_ms_p99=200, output_tokens_per_s_min=50.",
+)
 
 
 def pytest_addhooks(pluginmanager: pytest.PytestPluginManager) -> None:
@@ -63,83 +68,16 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     add_options(parser)
 
 
-def _progress(config: pytest.Config) -> Callable[[str], None]:
-    def write(message: str) -> None:
-        logger.info(message)
-        reporter = config.pluginmanager.get_plugin("terminalreporter")
-        if reporter is None or config.get_verbosity() < 0:
-            return
-        capture = config.pluginmanager.get_plugin("capturemanager")
-        # Long one-off work happens inside a test, where output is captured: show it anyway.
-        with capture.global_and_fixture_disabled() if capture else contextlib.nullcontext():
-            reporter.ensure_newline()
-            reporter.write_line(f"llem: {message}")
-
-    return write
-
-
 def pytest_configure(config: pytest.Config) -> None:
     """Register the marker, validate the options and set up the session state."""
-    config.addinivalue_line(
-        "markers",
-        "llem(**params): parameters of an llem benchmark case (e.g. batch_size=4, "
-        "max_new_tokens=16); see `llem params` for every parameter.",
-    )
-    config.addinivalue_line(
-        "markers",
-        "llem_sweep(**axes): sweep llem parameters over lists of values, one test per "
-        "combination (e.g. batch_size=[1, 8, 32], dtype='auto').",
-    )
-    config.addinivalue_line(
-        "markers",
-        "llem_budget(**limits): absolute limits on an llem case's medians, e.g. "
-        "energy_per_output_token_j=0.5, ttft_ms_p99=200, output_tokens_per_s_min=50.",
-    )
+    for line in MARKER_LINES:
+        config.addinivalue_line("markers", line)
     if config.get_verbosity() < 1:
         for name in NOISY_LOGGERS:
             logging.getLogger(name).setLevel(logging.ERROR)
         # vLLM sets its loggers' level from this when imported, in its engine processes too.
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
-    backend_names = _names(config.hook.pytest_llem_backend_names(), BUILTIN_BACKENDS)
-    meter_names = _names(config.hook.pytest_llem_meter_names(), METER_NAMES)
-    try:
-        options = options_from_config(config, backend_names=backend_names, meter_names=meter_names)
-        xdist_scheduling.scale_out(config, options.gpu_groups)
-        config.stash[OUTPUTS] = output_folders(options)
-        if explicit_llem_run(config, options):
-            check_outputs(config)
-        if not hasattr(config, "workerinput"):  # the controller compares, after pinning
-            options = with_compare_baseline(options, root=config.rootpath)
-    except ConfigurationError as e:
-        raise pytest.UsageError(f"pytest-llem: {e}") from e
-    progress = _progress(config)
-
-    def make_backend(case: CaseConfig) -> Backend:
-        backend = config.hook.pytest_llem_make_backend(
-            name=case.backend, case=case, progress=progress, options=options
-        )
-        if backend is None:
-            raise ConfigurationError(f"no plugin provides the backend {case.backend!r}")
-        return backend  # type: ignore[no-any-return]
-
-    def make_meter(name: str) -> EnergyMeter:
-        meter = config.hook.pytest_llem_make_meter(name=name, config=config, options=options)
-        if meter is None:
-            raise ConfigurationError(f"no plugin provides the meter {name!r}")
-        return meter  # type: ignore[no-any-return]
-
-    def select_auto() -> tuple[str, str]:
-        from pytest_llem.meters.registry import select_auto as select
-
-        return select()
-
-    session = LlemSession(
-        options=options,
-        backends=BackendCache(make_backend),
-        meters=MeterState(options.meter, make=make_meter, select_auto=select_auto),
-        progress=progress,
-        baseline=BaselineState(options.energy, progress),
-    )
+    session = new_session(config, configured_options(config))
     config.stash[SESSION_KEY] = session
     config.pluginmanager.register(RunRecorder(config, session), RECORDER_NAME)
 
@@ -160,13 +98,6 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
 def pytest_xdist_auto_num_workers(config: pytest.Config) -> int | None:
     """``-n auto`` with ``--llem-gpus``: one worker per GPU group."""
     return xdist_scheduling.auto_num_workers(config)
-
-
-def _names(contributed: Iterable[Iterable[str]], builtin: tuple[str, ...]) -> tuple[str, ...]:
-    names = list(builtin)
-    for group in contributed:
-        names.extend(n for n in group if n not in names)
-    return tuple(names)
 
 
 @pytest.hookimpl(trylast=True)
