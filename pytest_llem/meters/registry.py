@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from pytest_llem.exceptions import ConfigurationError, MeterUnavailableError
 from pytest_llem.meters.base import DOMAINS, EnergyMeter, MeterInfo
@@ -21,13 +21,11 @@ from pytest_llem.meters.inventory import gpu_inventory
 from pytest_llem.meters.none import NoneMeter
 from pytest_llem.meters.nvml import NvmlMeter
 
-if TYPE_CHECKING:
-    from pytest_llem.options.model import EnergyOptions
-
 __all__ = [
     "DOMAIN_PREFERENCE",
     "METER_CHOICES",
     "DomainAssignment",
+    "MeterSettings",
     "assign_domains",
     "create_auto_meter",
     "create_meter",
@@ -170,8 +168,17 @@ def select_auto() -> tuple[str, str]:
     return "none", f"none: {no_gpu}, no readable RAPL and codecarbon not installed"
 
 
+class MeterSettings(Protocol):
+    """What building a meter reads of the run's options (``options.EnergyOptions`` has it)."""
+
+    @property
+    def country_iso_code(self) -> str | None:
+        """``--llem-country``: CodeCarbon's country for emissions (None: USA)."""
+        ...
+
+
 def create_meter(
-    name: str, *, gpu_indices: Sequence[int] | None = None, options: EnergyOptions | None = None
+    name: str, *, gpu_indices: Sequence[int] | None = None, options: MeterSettings | None = None
 ) -> EnergyMeter:
     """Build the meter called ``name``.
 
