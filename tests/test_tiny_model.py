@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -170,3 +172,80 @@ def test_losing_the_install_race_keeps_the_winner(cache_home: Path) -> None:
     tiny_model._install(staging, winner)
     assert (winner / "model.safetensors").stat().st_ino == marker
     assert tiny_model._is_intact(winner)
+
+
+class _Spy:
+    """Counts calls and passes them on."""
+
+    def __init__(self, function: Any) -> None:
+        self.function = function
+        self.calls = 0
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        self.calls += 1
+        return self.function(*args, **kwargs)
+
+
+@pytest.fixture
+def spies(monkeypatch: pytest.MonkeyPatch) -> tuple[_Spy, _Spy]:
+    """Spies on hashing and building; returns (hash spy, build spy)."""
+    hashing = _Spy(tiny_model._sha256)
+    building = _Spy(tiny_model.build_tiny_model)
+    monkeypatch.setattr(tiny_model, "_sha256", hashing)
+    monkeypatch.setattr(tiny_model, "build_tiny_model", building)
+    return hashing, building
+
+
+def test_a_cached_copy_is_hashed_once_per_process(
+    cache_home: Path, monkeypatch: pytest.MonkeyPatch, spies: tuple[_Spy, _Spy]
+) -> None:
+    hashing, building = spies
+    folder = ensure_tiny_model()
+    assert building.calls == 1
+    monkeypatch.setattr(tiny_model, "_RACY_NS", 0)  # the copy counts as written long ago
+    hashing.calls = 0
+    assert ensure_tiny_model() == folder  # first check in a "new process": hashes every file
+    files = len(json.loads((folder / "llem-manifest.json").read_text())["files"])
+    assert hashing.calls == files
+    for _ in range(3):
+        assert ensure_tiny_model() == folder
+    assert hashing.calls == files, "an unchanged copy was hashed again"
+    assert building.calls == 1, "a cached copy was rebuilt"
+
+
+def test_a_changed_file_is_hashed_again_and_repaired(
+    cache_home: Path, monkeypatch: pytest.MonkeyPatch, spies: tuple[_Spy, _Spy]
+) -> None:
+    hashing, building = spies
+    monkeypatch.setattr(tiny_model, "_RACY_NS", 0)
+    folder = ensure_tiny_model()
+    ensure_tiny_model()  # verified and remembered
+    good = _hashes(folder)
+    weights = folder / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF  # same size, same inode
+    weights.write_bytes(bytes(data))
+    stamp = weights.stat().st_mtime_ns + 10_000_000
+    os.utime(weights, ns=(stamp, stamp))
+    hashing.calls = 0
+    assert ensure_tiny_model() == folder
+    assert hashing.calls > 0
+    assert building.calls == 2, "the damaged copy was not rebuilt"
+    assert _hashes(folder) == good
+
+
+def test_a_just_written_copy_is_hashed_on_every_call(
+    cache_home: Path, monkeypatch: pytest.MonkeyPatch, spies: tuple[_Spy, _Spy]
+) -> None:
+    # Within _RACY_NS of a write, an in-place change may not show in the time stamps.
+    monkeypatch.setattr(tiny_model, "_RACY_NS", 10**18)  # every write counts as recent
+    hashing, building = spies
+    folder = ensure_tiny_model()
+    hashing.calls = 0
+    ensure_tiny_model()
+    first = hashing.calls
+    ensure_tiny_model()
+    assert first > 0
+    assert hashing.calls == 2 * first
+    assert building.calls == 1
+    assert folder.is_dir()

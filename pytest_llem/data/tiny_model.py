@@ -2,7 +2,8 @@
 
 The recipe trains a byte-level BPE tokenizer on text generated here and saves a seeded
 two-layer Llama next to it. Every build gives byte-identical files, and a manifest of their
-sha256 hashes lets :func:`ensure_tiny_model` detect a damaged copy and rebuild it.
+sha256 hashes lets :func:`ensure_tiny_model` detect a damaged copy and rebuild it. A process
+hashes a copy once: later calls trust it while no file's size, time stamps or inode has changed.
 """
 
 from __future__ import annotations
@@ -45,6 +46,12 @@ _VOCAB_SIZE = 1024
 _SPECIAL_TOKENS = ("<pad>", "<s>", "</s>")
 _MAX_POSITIONS = 2048
 _INSTALL_HINT = "pip install 'pytest-llem[transformers]'"
+# A file changed within this long of its verification may keep its time stamps (coarse file
+# system clocks), so a copy that recent is hashed again rather than trusted (as git does).
+_RACY_NS = 2_000_000_000
+
+# folder -> the stat signature of its files when this process last found them intact.
+_verified: dict[Path, tuple[tuple[str, int, int, int, int], ...]] = {}
 
 
 def cache_root() -> Path:
@@ -78,7 +85,7 @@ def ensure_tiny_model(*, progress: Callable[[str], None] | None = None) -> Path:
         ModelLoadError: the model could not be built or written.
     """
     target = tiny_model_path()
-    if _is_intact(target):
+    if _verified_before(target) or _is_intact(target):
         return target
     _report(progress, f"building {TINY_MODEL_NAME} in {target}")
     started = time.perf_counter()
@@ -333,14 +340,50 @@ def _write_manifest(folder: Path) -> None:
 
 
 def _is_intact(folder: Path) -> bool:
+    """Hash every file of the manifest; remember the folder's stat signature when intact."""
+    _verified.pop(folder, None)
     try:
         manifest = json.loads((folder / _MANIFEST).read_text(encoding="utf-8"))
         files = manifest["files"]
         if manifest.get("recipe_version") != _RECIPE_VERSION or not files:
             return False
-        return all(_sha256(folder / name) == digest for name, digest in files.items())
+        before = _signature(folder, files)
+        if not all(_sha256(folder / name) == digest for name, digest in files.items()):
+            return False
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return False
+    if _signature(folder, files) == before and _settled(before):
+        _verified[folder] = before
+    return True
+
+
+def _verified_before(folder: Path) -> bool:
+    """True when this process hashed ``folder`` and found it intact, and no file of it has
+    changed since (same size, modification and change times, inode): no need to hash again."""
+    known = _verified.get(folder)
+    if known is None:
+        return False
+    try:
+        manifest = json.loads((folder / _MANIFEST).read_text(encoding="utf-8"))
+        return _signature(folder, manifest["files"]) == known
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return False
+
+
+def _signature(folder: Path, files: dict[str, str]) -> tuple[tuple[str, int, int, int, int], ...]:
+    """Size, modification and change times and inode of the manifest and each file it lists."""
+    names = [_MANIFEST, *sorted(files)]
+    signature = []
+    for name in names:
+        st = (folder / name).stat()
+        signature.append((name, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino))
+    return tuple(signature)
+
+
+def _settled(signature: tuple[tuple[str, int, int, int, int], ...]) -> bool:
+    """True when no file was changed so recently that a change might not show in its stamps."""
+    now = time.time_ns()
+    return all(now - max(mtime, ctime) > _RACY_NS for _, _, mtime, ctime, _ in signature)
 
 
 def _install(staging: Path, target: Path) -> None:
