@@ -79,7 +79,10 @@ class EndpointBackend(EngineScheduledBackend):
     The server schedules the requests itself: ``generate`` starts them all at once (at most
     ``endpoint.max_concurrency`` open, the rest wait in this client) and gathers them in order;
     ``on_token`` is called on the client's event loop thread as each chunk arrives (id -1 where
-    the server sends no ids; with usage counting, once the stream has ended).
+    the server sends no ids; with usage counting, once the stream has ended). A failed request
+    raises what :mod:`.errors` maps it to: ``BackendConfigError`` for HTTP 4xx,
+    ``BackendTimeoutError`` past ``endpoint.timeout_s``, ``RetryableError`` when the server ran
+    out of memory or was busy, ``BackendInferenceError`` otherwise.
 
     Args:
         config: The case; ``endpoint.*`` says where the server is and how to talk to it,
