@@ -354,6 +354,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"pytest-llem {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    # In the order ``llem --help`` lists them.
+    _add_reference_commands(commands)
+    _add_metrics_command(commands)
+    _add_compare_command(commands)
+    _add_record_commands(commands)
+    return parser
+
+
+def _add_reference_commands(commands: Any) -> None:
+    """``llem schema``, ``tiny-model`` and ``params``: what the plugin itself defines."""
     schema = commands.add_parser("schema", help="print the run record's JSON Schema")
     schema.add_argument("--indent", action="store_true", help="pretty-print")
     schema.set_defaults(func=_cmd_schema)
@@ -375,7 +385,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--format", choices=("table", "json", "markdown"), default="table", help="output format"
     )
     params.set_defaults(func=_cmd_params)
-    _add_metrics_command(commands)
+
+
+def _add_compare_command(commands: Any) -> None:
+    """``llem compare``: two run records, and the regression gate."""
     compare = commands.add_parser(
         "compare", help="compare two run records and gate on regressions (exit 1 on a breach)"
     )
@@ -392,6 +405,10 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--strict", action="store_true", help="refuse runs of different machines")
     compare.add_argument("--format", choices=("table", "json", "markdown"), default="table")
     compare.set_defaults(func=_cmd_compare)
+
+
+def _add_record_commands(commands: Any) -> None:
+    """``llem report``, ``export`` and ``merge``: run records turned into other files."""
     report = commands.add_parser("report", help="rebuild the HTML report from a run record")
     report.add_argument("run", type=Path, nargs="?", default=None, help="run record (JSON)")
     report.add_argument(
@@ -411,7 +428,6 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("runs", type=Path, nargs="+", help="run records (JSON)")
     merge.add_argument("-o", "--output", type=Path, required=True, help="merged record")
     merge.set_defaults(func=_cmd_merge)
-    return parser
 
 
 def _os_error_text(error: OSError) -> str:

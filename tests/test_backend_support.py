@@ -35,6 +35,7 @@ from pytest_llem.backends.support import (
     is_out_of_memory,
     lifetime_peak_rss,
     load_errors,
+    local_folder,
     proc_file,
     prompt_ids,
     read_vm_hwm_kib,
@@ -42,6 +43,7 @@ from pytest_llem.backends.support import (
     require_loaded,
     reset_peak_rss,
     resolve_model_source,
+    says_out_of_memory,
     tokenizer_vocabulary,
 )
 from pytest_llem.backends.support import checkpoint as checkpoint_module
@@ -97,6 +99,15 @@ def test_out_of_memory_by_torch_type_and_engine_spelling(monkeypatch: pytest.Mon
     assert is_out_of_memory(RuntimeError("std::bad_alloc: OutOfMemory"))
     assert is_out_of_memory(OSError("[Errno 12] Cannot allocate memory"))
     assert not is_out_of_memory(RuntimeError("an illegal memory access was encountered"))
+
+
+def test_out_of_memory_in_a_message_alone() -> None:
+    # A server's error body is text, with no exception type to go by.
+    assert says_out_of_memory("CUDA out of memory. Tried to allocate 2.00 GiB")
+    assert says_out_of_memory("CUDA_ERROR_OUT_OF_MEMORY")
+    assert says_out_of_memory("No available memory for the cache blocks")
+    assert not says_out_of_memory("an illegal memory access was encountered")
+    assert not says_out_of_memory("")
 
 
 def test_a_cause_chain_that_loops_ends() -> None:
@@ -166,6 +177,19 @@ def test_model_source_folder_file_path_and_hub_id(tmp_path: Path) -> None:
             resolve_model_source(missing)
     hub = resolve_model_source("org/model")
     assert (hub.source, hub.folder, hub.is_hub_id) == ("org/model", None, True)
+
+
+def test_local_folder_names_only_folders_that_are_there(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "model").mkdir()
+    (tmp_path / "weights.bin").write_bytes(b"")
+    expected = str((tmp_path / "model").resolve())
+    assert local_folder(str(tmp_path / "model")) == expected
+    assert local_folder("~/model") == expected
+    for absent in (None, "", str(tmp_path / "weights.bin"), "~/nope", "org/model", "llem-tiny"):
+        assert local_folder(absent) is None
 
 
 def test_model_source_builds_the_tiny_model(

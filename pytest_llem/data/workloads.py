@@ -178,46 +178,13 @@ def _select(
     """Draw ``count`` prompts from one pass over ``rows``, cycling it when it runs out."""
     limit = config.max_input_tokens
     drop = config.prompt_overflow == "filter"
-    source = iter(rows)
-    first_pass: list[tuple[str, int]] = []  # every prompt of the pass read so far, measured
-    chosen: list[tuple[str, int]] = []
-    skipped = filtered = 0
-    chunk = max(count, _FIRST_CHUNK_MIN) if drop else count
-    exhausted = False
-    while len(chosen) < count and not exhausted:
-        taken = list(islice(source, chunk))
-        exhausted = len(taken) < chunk
-        texts = [row for row in taken if row is not None]
-        skipped += len(taken) - len(texts)
-        chunk *= 2  # filtering may need more; read further ahead each time
-        if not texts:
-            continue
-        lengths = backend.count_tokens(texts)
-        _check_counts(texts, lengths)
-        for text, length in zip(texts, lengths, strict=True):
-            first_pass.append((text, length))
-            if len(chosen) >= count:
-                continue
-            if drop and length > limit:
-                filtered += 1
-            else:
-                chosen.append((text, length))
-    if skipped:
-        notes.append(f"skipped {skipped} source rows that hold no prompt")
-    if len(chosen) < count:
-        fitting = [item for item in first_pass if not (drop and item[1] > limit)]
-        if not first_pass:
-            raise ConfigurationError(f"prompt source {config.prompts!r} holds no prompts")
-        if not fitting:
-            raise ConfigurationError(
-                f"no prompt fits: all {len(first_pass)} prompts of {config.prompts!r} are longer "
-                f"than max_input_tokens={limit} and prompt_overflow='filter' drops them"
-            )
-        notes.append(
-            f"the source holds {len(first_pass)} prompts ({len(fitting)} usable); "
-            f"repeated from the start to make {count} requests"
-        )
-        filtered += _cycle(first_pass, chosen, count=count, limit=limit, drop=drop)
+    drawn = _draw(rows, backend=backend, count=count, limit=limit, drop=drop)
+    if drawn.skipped:
+        notes.append(f"skipped {drawn.skipped} source rows that hold no prompt")
+    filtered = drawn.filtered
+    if len(drawn.chosen) < count:
+        filtered += _repeat(drawn, config=config, count=count, notes=notes)
+    chosen = drawn.chosen
     requests = [Request(index=i, prompt=text) for i, (text, _) in enumerate(chosen)]
     truncated = 0 if drop else sum(length > limit for _, length in chosen)
     if truncated:
@@ -233,6 +200,73 @@ def _select(
         filtered=filtered,
         notes=notes,
     )
+
+
+@dataclass
+class _Drawn:
+    """What reading the source gave: each prompt read, with its length, and those chosen."""
+
+    first_pass: list[tuple[str, int]] = field(default_factory=list)
+    chosen: list[tuple[str, int]] = field(default_factory=list)
+    skipped: int = 0  # rows that hold no prompt
+    filtered: int = 0  # prompts dropped as too long (prompt_overflow="filter")
+
+
+def _draw(
+    rows: Iterable[_Row], *, backend: PromptTokenizer, count: int, limit: int, drop: bool
+) -> _Drawn:
+    """Read and measure rows in growing chunks until ``count`` prompts are chosen or the
+    source ends (the rest of the chunk that completes the choice is measured too)."""
+    source = iter(rows)
+    drawn = _Drawn()
+    chunk = max(count, _FIRST_CHUNK_MIN) if drop else count
+    exhausted = False
+    while len(drawn.chosen) < count and not exhausted:
+        taken = list(islice(source, chunk))
+        exhausted = len(taken) < chunk
+        texts = [row for row in taken if row is not None]
+        drawn.skipped += len(taken) - len(texts)
+        chunk *= 2  # filtering may need more; read further ahead each time
+        if not texts:
+            continue
+        lengths = backend.count_tokens(texts)
+        _check_counts(texts, lengths)
+        for text, length in zip(texts, lengths, strict=True):
+            drawn.first_pass.append((text, length))
+            if len(drawn.chosen) >= count:
+                continue
+            if drop and length > limit:
+                drawn.filtered += 1
+            else:
+                drawn.chosen.append((text, length))
+    return drawn
+
+
+def _repeat(drawn: _Drawn, *, config: CaseConfig, count: int, notes: list[str]) -> int:
+    """Fill ``drawn.chosen`` up to ``count`` from the whole source read again and again.
+
+    Returns:
+        How many prompts were dropped on the way.
+
+    Raises:
+        ConfigurationError: the source holds no prompt, or none that fits.
+    """
+    limit = config.max_input_tokens
+    drop = config.prompt_overflow == "filter"
+    first_pass = drawn.first_pass
+    fitting = [item for item in first_pass if not (drop and item[1] > limit)]
+    if not first_pass:
+        raise ConfigurationError(f"prompt source {config.prompts!r} holds no prompts")
+    if not fitting:
+        raise ConfigurationError(
+            f"no prompt fits: all {len(first_pass)} prompts of {config.prompts!r} are longer "
+            f"than max_input_tokens={limit} and prompt_overflow='filter' drops them"
+        )
+    notes.append(
+        f"the source holds {len(first_pass)} prompts ({len(fitting)} usable); "
+        f"repeated from the start to make {count} requests"
+    )
+    return _cycle(first_pass, drawn.chosen, count=count, limit=limit, drop=drop)
 
 
 def _cycle(

@@ -214,13 +214,43 @@ def server(
     traffic = config.traffic
     offsets = arrival_offsets(traffic, count=request_count(traffic, len(requests)))
     scheduled = _scheduled_requests(requests, len(offsets))
+    schedule = (
+        f"server: {len(offsets)} {traffic.arrival} arrivals at {traffic.rate:g} requests/s "
+        f"(seed {traffic.seed})"
+    )
+    if backend.capabilities.scheduling and isinstance(backend, SchedulingBackend):
+        submitted = _submitting_run(
+            backend, scheduled, offsets, params, config, clock=clock, sleep=sleep
+        )
+        note = f"{schedule}, each submitted at its arrival to the engine's own scheduler"
+        return Workload(submitted, len(scheduled), "server", [note])
     limit = config.batch_size
     if traffic.max_concurrency is not None:
         limit = min(limit, traffic.max_concurrency)
+    batched = _batching_run(
+        backend, scheduled, offsets, params, config, limit=limit, clock=clock, sleep=sleep
+    )
+    note = f"{schedule}, served in batches of up to {limit} by request-level batching"
+    return Workload(batched, len(scheduled), "server", [note])
+
+
+def _batching_run(
+    backend: Backend,
+    scheduled: Sequence[Request],
+    offsets: Sequence[float],
+    params: GenerateParams,
+    config: CaseConfig,
+    *,
+    limit: int,
+    clock: Clock,
+    sleep: Sleep,
+) -> Callable[[Mark], WorkloadRun]:
+    """The server scenario by request-level batching: whenever the engine is free, the requests
+    that have arrived (up to ``limit``) go to ``generate`` as one batch."""
+    traffic = config.traffic
     concurrency_binds = traffic.max_concurrency is not None and traffic.max_concurrency < (
         config.batch_size
     )
-
     steady_from = _steady_from(traffic, len(scheduled))
 
     def run(mark: Mark) -> WorkloadRun:
@@ -257,18 +287,7 @@ def server(
         bound_share = bound / batches if batches else 0.0
         return _server_run(traffic, generations, arrivals, issues, finishes, bound_share)
 
-    schedule = (
-        f"server: {len(offsets)} {traffic.arrival} arrivals at {traffic.rate:g} requests/s "
-        f"(seed {traffic.seed})"
-    )
-    if backend.capabilities.scheduling and isinstance(backend, SchedulingBackend):
-        submitted = _submitting_run(
-            backend, scheduled, offsets, params, config, clock=clock, sleep=sleep
-        )
-        note = f"{schedule}, each submitted at its arrival to the engine's own scheduler"
-        return Workload(submitted, len(scheduled), "server", [note])
-    note = f"{schedule}, served in batches of up to {limit} by request-level batching"
-    return Workload(run, len(scheduled), "server", [note])
+    return run
 
 
 def _submitting_run(

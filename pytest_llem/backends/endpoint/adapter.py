@@ -11,10 +11,10 @@ import asyncio
 import logging
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
-from pathlib import Path
+from functools import partial
 
 from pytest_llem import __version__
 from pytest_llem.backends.base import (
@@ -40,6 +40,10 @@ from pytest_llem.backends.endpoint.stream import (
 )
 from pytest_llem.backends.endpoint.tokens import PromptTokens
 from pytest_llem.backends.endpoint.transport import ServerAddress, Transport
+from pytest_llem.backends.support.checkpoint import local_folder
+from pytest_llem.backends.support.failures import require_loaded
+from pytest_llem.backends.support.progress import ProgressCallback
+from pytest_llem.backends.support.scheduling import EngineScheduledBackend
 from pytest_llem.config.models import CaseConfig
 from pytest_llem.exceptions import BackendInferenceError, BackendNotAvailableError
 
@@ -69,8 +73,16 @@ class _LiveTokens:
             self.on_token(self.index, token, arrival)
 
 
-class EndpointBackend:
+class EndpointBackend(EngineScheduledBackend):
     """Sends a case's requests to an OpenAI-compatible server's ``/v1/completions``.
+
+    The server schedules the requests itself: ``generate`` starts them all at once (at most
+    ``endpoint.max_concurrency`` open, the rest wait in this client) and gathers them in order;
+    ``on_token`` is called on the client's event loop thread as each chunk arrives (id -1 where
+    the server sends no ids; with usage counting, once the stream has ended). A failed request
+    raises what :mod:`.errors` maps it to: ``BackendConfigError`` for HTTP 4xx,
+    ``BackendTimeoutError`` past ``endpoint.timeout_s``, ``RetryableError`` when the server ran
+    out of memory or was busy, ``BackendInferenceError`` otherwise.
 
     Args:
         config: The case; ``endpoint.*`` says where the server is and how to talk to it,
@@ -87,19 +99,15 @@ class EndpointBackend:
         scheduling=True,
     )
 
-    def __init__(
-        self, config: CaseConfig, *, progress: Callable[[str], None] | None = None
-    ) -> None:
-        self._config = config
+    def __init__(self, config: CaseConfig, *, progress: ProgressCallback | None = None) -> None:
+        super().__init__(config, progress=progress)
         self._options = config.endpoint
-        self._progress = progress
         self._served = config.endpoint.served_model or config.model
         self._transport: Transport | None = None
         self._facts: ServerFacts | None = None
         self._tokens: PromptTokens | None = None
         self._warned_short = False
         self._fallback: Method | None = None
-        self._info: BackendInfo | None = None
 
     # -- loading -------------------------------------------------------------------------------
 
@@ -162,11 +170,6 @@ class EndpointBackend:
         logger.info("endpoint %s serves %s (%s)", url, self._served, facts.features.method)
         return self._info
 
-    def _report(self, message: str) -> None:
-        logger.info(message)
-        if self._progress is not None:
-            self._progress(message)
-
     def _base_headers(self) -> dict[str, str]:
         headers = {"User-Agent": f"pytest-llem/{__version__}", "Accept": "application/json"}
         key = os.environ.get(self._options.api_key_env, "").strip()
@@ -175,11 +178,9 @@ class EndpointBackend:
         return headers
 
     def _local_root(self) -> str | None:
+        """The model's folder on this machine, when the case or the server names one."""
         root = self._facts.model_root if self._facts is not None else None
-        for candidate in (self._config.model, root):
-            if candidate and Path(candidate).expanduser().is_dir():
-                return str(Path(candidate).expanduser().resolve())
-        return None
+        return local_folder(self._config.model) or local_folder(root)
 
     def _extra(self, facts: ServerFacts, *, authorized: bool) -> dict[str, str]:
         features = facts.features
@@ -207,61 +208,32 @@ class EndpointBackend:
 
     # -- generation ------------------------------------------------------------------------------
 
-    def generate(
+    def _loaded(self) -> bool:
+        return self._transport is not None and self._facts is not None
+
+    def _start(
         self,
         requests: Sequence[Request],
         *,
         params: GenerateParams,
-        on_token: TokenCallback | None = None,
-    ) -> list[Generation]:
-        """Send every request at once and wait for all of them.
+        on_token: TokenCallback | None,
+    ) -> list[Future[Generation]]:
+        """Hand each request to the transport, which opens its stream when a slot is free
+        (cancelling a future cancels its stream, waiting or running)."""
+        transport = self._client()
+        return [
+            transport.spawn(partial(self._complete, request, params, on_token))
+            for request in requests
+        ]
 
-        Args:
-            requests: The prompts: token ids are sent as a list of ints, texts as text.
-            params: Output lengths, input truncation, sampling and seed.
-            on_token: Called as ``on_token(request.index, token_id, time)`` for each output
-                token as its chunk arrives (id -1 where the server sends no ids; with
-                usage counting, once the stream has ended), on the client's event loop thread.
-
-        Returns:
-            One Generation per request, in order.
-
-        Raises:
-            BackendInferenceError: the backend is not loaded or the server failed.
-            BackendConfigError: the server rejected a request (HTTP 4xx).
-            BackendTimeoutError: the server did not answer within ``endpoint.timeout_s``.
-            RetryableError: the server ran out of memory or was busy.
-        """
-        futures = [self.submit(r, params=params, on_token=on_token) for r in requests]
-        try:
-            return [future.result() for future in futures]
-        finally:
-            for future in futures:
-                future.cancel()
-
-    def submit(
-        self,
-        request: Request,
-        *,
-        params: GenerateParams,
-        on_token: TokenCallback | None = None,
-    ) -> Future[Generation]:
-        """Start ``request`` now and return at once.
-
-        When ``endpoint.max_concurrency`` requests are open it waits in this client's queue.
-        """
-        transport = self._require_loaded()
-        return transport.spawn(lambda: self._complete(request, params, on_token))
-
-    def _require_loaded(self) -> Transport:
-        if self._transport is None or self._facts is None:
-            raise BackendInferenceError(f"{NAME}: generate() called before load()")
-        return self._transport
+    def _client(self) -> Transport:
+        transport = self._transport if self._facts is not None else None
+        return require_loaded(transport, backend=NAME, what="generate")
 
     async def _complete(
         self, request: Request, params: GenerateParams, on_token: TokenCallback | None
     ) -> Generation:
-        transport = self._require_loaded()
+        transport = self._client()
         assert self._facts is not None
         probed = self._facts.features.method
         payload, sent_ids = self._payload(request, params)
@@ -380,9 +352,7 @@ class EndpointBackend:
             BackendInferenceError: the backend is not loaded.
             BackendConfigError: neither the server nor this machine can tokenize for the model.
         """
-        if self._tokens is None:
-            raise BackendInferenceError(f"{NAME}: count_tokens() called before load()")
-        return self._tokens.count(texts)
+        return require_loaded(self._tokens, backend=NAME, what="count_tokens").count(texts)
 
     def vocabulary(self) -> Vocabulary:
         """The ids the model accepts, from its tokenizer on this machine.
@@ -391,9 +361,7 @@ class EndpointBackend:
             BackendInferenceError: the backend is not loaded.
             BackendConfigError: the model's tokenizer is not on this machine.
         """
-        if self._tokens is None:
-            raise BackendInferenceError(f"{NAME}: vocabulary() called before load()")
-        return self._tokens.vocabulary()
+        return require_loaded(self._tokens, backend=NAME, what="vocabulary").vocabulary()
 
     # -- device state ----------------------------------------------------------------------------
 

@@ -7,6 +7,7 @@ import json
 import socket
 from typing import Any
 
+from pytest_llem.backends.support.failures import says_out_of_memory
 from pytest_llem.exceptions import (
     BackendConfigError,
     BackendError,
@@ -63,15 +64,11 @@ def error_of_event(error: Any, *, url: str) -> LlemError:
     return status_error(status, message, url=url)
 
 
-def _looks_out_of_memory(message: str) -> bool:
-    lowered = message.lower()
-    return "out of memory" in lowered or "outofmemory" in lowered or "oom" in lowered.split()
-
-
 def status_error(status: int, message: str, *, url: str) -> LlemError:
     """The error an HTTP status means, carrying the server's message."""
     text = f"HTTP {status} from {url}: {message}"
-    if _looks_out_of_memory(message):
+    # The engines' phrases, and a bare "OOM" that some servers answer with.
+    if says_out_of_memory(message) or "oom" in message.lower().split():
         return RetryableError(f"{NAME}: the server ran out of memory: {text}")
     if status in (429, 503):
         return RetryableError(f"{NAME}: the server is busy: {text}")

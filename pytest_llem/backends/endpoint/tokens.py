@@ -5,14 +5,21 @@ can be sent truncated."""
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Sequence
-from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 from pytest_llem.backends.base import Vocabulary
 from pytest_llem.backends.endpoint.errors import NAME
 from pytest_llem.backends.endpoint.transport import Transport
-from pytest_llem.exceptions import BackendConfigError, BackendInferenceError, LlemError
+from pytest_llem.backends.support.checkpoint import resolve_model_source
+from pytest_llem.backends.support.progress import ProgressCallback
+from pytest_llem.backends.support.tokens import encode_checked, tokenizer_vocabulary
+from pytest_llem.exceptions import (
+    BackendConfigError,
+    BackendInferenceError,
+    LlemError,
+    ModelLoadError,
+)
 
 __all__ = ["PromptTokens"]
 
@@ -37,7 +44,7 @@ class PromptTokens:
         model: str,
         model_root: str | None,
         remote: bool,
-        progress: Callable[[str], None] | None = None,
+        progress: ProgressCallback | None = None,
     ) -> None:
         self._transport = transport
         self._served = served
@@ -84,11 +91,10 @@ class PromptTokens:
     def _local(self, text: str) -> tuple[int, ...]:
         with self._lock:
             tokenizer = self._local_tokenizer()
-            try:
-                encoded = tokenizer(text, verbose=False)["input_ids"]
-            except Exception as e:
-                raise BackendInferenceError(f"{NAME}: tokenizing failed: {e}") from e
-        return tuple(int(t) for t in encoded)
+            (ids,) = encode_checked(
+                lambda texts: tokenizer(texts, verbose=False)["input_ids"], [text], backend=NAME
+            )
+        return tuple(ids)
 
     def vocabulary(self) -> Vocabulary:
         """The ids the model accepts, from its tokenizer on this machine.
@@ -99,16 +105,8 @@ class PromptTokens:
         if self._vocabulary is None:
             with self._lock:
                 tokenizer = self._local_tokenizer()
-            size = len(tokenizer)
-            special = {int(t) for t in tokenizer.all_special_ids}
-            special.update(
-                int(token)
-                for token, added in tokenizer.added_tokens_decoder.items()
-                if getattr(added, "special", False)
-            )
-            self._vocabulary = Vocabulary(
-                size=size, special_ids=frozenset(t for t in special if 0 <= t < size)
-            )
+            # The server's embedding is out of reach: the tokenizer's size alone counts.
+            self._vocabulary = tokenizer_vocabulary(tokenizer, model_rows=None)
         return self._vocabulary
 
     def _local_tokenizer(self) -> Any:
@@ -144,14 +142,14 @@ class PromptTokens:
         )
 
     def _sources(self) -> list[str]:
-        from pytest_llem.data.tiny_model import TINY_MODEL_NAME, ensure_tiny_model
-
+        """Where a tokenizer may be: the case's model and the server's model root, each as
+        llem-tiny's folder, a local folder or a hub id (for the local cache)."""
         sources: list[str] = []
         for name in (self._model, self._model_root):
             if not name:
                 continue
-            if name == TINY_MODEL_NAME:
-                sources.append(str(ensure_tiny_model(progress=self._progress)))
-            else:
-                sources.append(str(Path(name).expanduser()) if name.startswith("~") else name)
+            try:
+                sources.append(resolve_model_source(name, progress=self._progress).source)
+            except ModelLoadError:
+                sources.append(name)  # not here: tried anyway, so the error names it
         return list(dict.fromkeys(sources))

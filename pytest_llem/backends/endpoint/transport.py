@@ -1,11 +1,12 @@
 """HTTP and server-sent events for the endpoint backend, over aiohttp on one event loop.
 
-The loop runs in a thread of its own, so the backend's synchronous API (``load``, ``generate``,
-``submit``) hands it coroutines and waits on the futures they return. Streamed responses are
-read as the bytes arrive; each event's ``time.perf_counter()`` is taken as soon as its bytes are
-split off the read, before it is parsed. Connections are pooled and kept
-alive, at most ``endpoint.max_concurrency`` streams run at once, and aiohttp is imported only
-when a transport starts.
+The loop runs in a thread of its own (the support layer's
+:class:`~pytest_llem.backends.support.event_loop.EventLoopThread`), so the backend's
+synchronous API (``load``, ``generate``, ``submit``) hands it coroutines and waits on the
+futures they return. Streamed responses are read as the bytes arrive; each event's
+``time.perf_counter()`` is taken as soon as its bytes are split off the read, before it is
+parsed. Connections are pooled and kept alive, at most ``endpoint.max_concurrency`` streams run
+at once, and aiohttp is imported only when a transport starts.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from concurrent.futures import Future
@@ -28,6 +28,7 @@ from pytest_llem.backends.endpoint.errors import (
     error_message,
     status_error,
 )
+from pytest_llem.backends.support.event_loop import EventLoopThread
 from pytest_llem.exceptions import (
     BackendConfigError,
     BackendError,
@@ -156,8 +157,7 @@ class Transport:
         self._timeout_s = timeout_s
         self._connect_timeout_s = connect_timeout_s
         self._max_concurrency = max_concurrency
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
+        self._loop: EventLoopThread | None = None
         self._session: aiohttp.ClientSession | None = None
         self._slots: asyncio.Semaphore | None = None
         self._waiting: set[asyncio.Task[Any]] = set()
@@ -169,10 +169,7 @@ class Transport:
         """Start the loop's thread and open the session (imports aiohttp)."""
         if self._loop is not None:
             return
-        loop = asyncio.new_event_loop()
-        thread = threading.Thread(target=loop.run_forever, name="llem-endpoint", daemon=True)
-        thread.start()
-        self._loop, self._thread = loop, thread
+        self._loop = EventLoopThread(name="llem-endpoint")
         try:
             self.call(self._open())
         except BaseException:
@@ -207,7 +204,7 @@ class Transport:
         if self._loop is None:
             coroutine.close()
             raise BackendInferenceError(f"{NAME}: the client is not started (load() first)")
-        return asyncio.run_coroutine_threadsafe(coroutine, self._loop)
+        return self._loop.submit(coroutine)
 
     async def _in_slot(self, make: Callable[[], Awaitable[T]]) -> T:
         task = asyncio.current_task()
@@ -245,15 +242,9 @@ class Transport:
         self._session = None
 
     def _stop_loop(self) -> None:
-        loop, thread = self._loop, self._thread
-        self._loop = self._thread = None
-        if loop is None:
-            return
-        loop.call_soon_threadsafe(loop.stop)
-        if thread is not None:
-            thread.join(timeout=_JOIN_TIMEOUT_S)
-        if not loop.is_running():
-            loop.close()
+        loop, self._loop = self._loop, None
+        if loop is not None:
+            loop.stop(timeout_s=_JOIN_TIMEOUT_S)
 
     # -- requests --------------------------------------------------------------------------------
 

@@ -16,6 +16,7 @@ from pytest_llem.backends.support.checkpoint import (
     ParameterCount,
     checkpoint_config_value,
     count_parameters,
+    local_folder,
     resolve_model_source,
 )
 from pytest_llem.backends.support.event_loop import EventLoopThread
@@ -25,6 +26,7 @@ from pytest_llem.backends.support.failures import (
     is_out_of_memory,
     load_errors,
     require_loaded,
+    says_out_of_memory,
 )
 from pytest_llem.backends.support.hub import hub_snapshot
 from pytest_llem.backends.support.memory import (
@@ -64,6 +66,7 @@ __all__ = [
     "is_out_of_memory",
     "lifetime_peak_rss",
     "load_errors",
+    "local_folder",
     "proc_file",
     "prompt_ids",
     "read_vm_hwm_kib",
@@ -71,5 +74,6 @@ __all__ = [
     "require_loaded",
     "reset_peak_rss",
     "resolve_model_source",
+    "says_out_of_memory",
     "tokenizer_vocabulary",
 ]

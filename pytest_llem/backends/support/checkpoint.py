@@ -24,6 +24,7 @@ __all__ = [
     "ParameterCount",
     "checkpoint_config_value",
     "count_parameters",
+    "local_folder",
     "resolve_model_source",
 ]
 
@@ -84,16 +85,29 @@ def resolve_model_source(
             than one ``/``) that does not exist.
     """
     if name == TINY_MODEL_NAME:
-        folder = ensure_tiny_model(progress=progress)
-        return ModelSource(str(folder), str(folder))
+        tiny = str(ensure_tiny_model(progress=progress))
+        return ModelSource(tiny, tiny)
     path = Path(name).expanduser()
-    if path.is_dir():
-        return ModelSource(str(path), str(path.resolve()))
+    folder = local_folder(name)
+    if folder is not None:
+        return ModelSource(str(path), folder)
     if path.exists():
         raise ModelLoadError(f"model {name!r} is a file; expected a model folder")
     if path.is_absolute() or name.startswith((".", "~")) or name.count("/") > 1:
         raise ModelLoadError(f"model {name!r} is not a folder (no such path)")
     return ModelSource(name, None)
+
+
+def local_folder(name: str | None) -> str | None:
+    """The resolved folder that ``name`` names (``~`` expanded); None when it names none.
+
+    Unlike :func:`resolve_model_source` it never builds ``llem-tiny`` and never raises: for
+    a backend that only records where a model lies (a server loads its own).
+    """
+    if not name:
+        return None
+    path = Path(name).expanduser()
+    return str(path.resolve()) if path.is_dir() else None
 
 
 def count_parameters(folder: str | None) -> ParameterCount | None:

@@ -15,7 +15,14 @@ from typing import TypeVar
 
 from pytest_llem.exceptions import BackendInferenceError, LlemError, ModelLoadError, RetryableError
 
-__all__ = ["engine_failure", "first_line", "is_out_of_memory", "load_errors", "require_loaded"]
+__all__ = [
+    "engine_failure",
+    "first_line",
+    "is_out_of_memory",
+    "load_errors",
+    "require_loaded",
+    "says_out_of_memory",
+]
 
 _T = TypeVar("_T")
 
@@ -43,11 +50,16 @@ def is_out_of_memory(error: BaseException) -> bool:
             return True
         if isinstance(oom_type, type) and isinstance(current, oom_type):
             return True
-        text = str(current).lower().replace("_", " ")
-        if any(phrase in text for phrase in _OUT_OF_MEMORY) or "outofmemory" in text:
+        if says_out_of_memory(str(current)):
             return True
         current = current.__cause__ or current.__context__
     return False
+
+
+def says_out_of_memory(message: str) -> bool:
+    """Whether an error message (an engine's, or a server's error body) says memory ran out."""
+    text = message.lower().replace("_", " ")
+    return any(phrase in text for phrase in _OUT_OF_MEMORY) or "outofmemory" in text
 
 
 def first_line(error: BaseException) -> str:
