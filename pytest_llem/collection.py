@@ -11,7 +11,6 @@ from typing import Any
 
 import pytest
 
-from pytest_llem.backends.base import load_key
 from pytest_llem.config.models import CaseConfig
 from pytest_llem.config.resolve import (
     flatten_paths,
@@ -280,6 +279,8 @@ def sweep_case_of(item: pytest.Item) -> SweepCase | None:
 def _item_load_key(item: pytest.Item, session: LlemSession) -> object:
     if _LOAD_KEY in item.stash:
         return item.stash[_LOAD_KEY]
+    from pytest_llem.backends.base import load_key
+
     sweep = sweep_case_of(item)
     try:
         key: object = load_key(resolve_for(item, session, {}, sweep))

@@ -9,7 +9,7 @@ record whether the test then passes, fails, or runs on an xdist worker.
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
@@ -25,21 +25,16 @@ from pytest_llem.collection import (
 )
 from pytest_llem.config.models import CaseConfig
 from pytest_llem.exceptions import ConfigurationError
-from pytest_llem.harness.case import (
-    BUDGET_EXCEEDED,
-    CaseRunner,
-    CaseSettings,
-    case_error,
-    start_record,
-)
 from pytest_llem.interop import record_benchmark
 from pytest_llem.results.models import CaseError, CaseRecord, CaseResult
 from pytest_llem.session import LlemSession
 from pytest_llem.sweep import SweepCase
 from pytest_llem.workers import SHARED_DOMAINS, worker_info
 
+if TYPE_CHECKING:
+    from pytest_llem.harness.case import CaseRunner
+
 __all__ = [
-    "BUDGET_EXCEEDED",
     "CASE_PROPERTY",
     "SESSION_KEY",
     "LlemFixture",
@@ -111,6 +106,8 @@ class LlemFixture:
     ) -> tuple[CaseConfig, CaseRecord]:
         """The case's config and the start of its record; a config that cannot run under its
         test id is recorded as failed and fails the test."""
+        from pytest_llem.harness.case import case_error, start_record
+
         swept = dict(self._sweep.values) if self._sweep is not None else {}
         try:
             conflict = sweep_conflict(overrides, self._sweep)
@@ -144,6 +141,8 @@ class LlemFixture:
 
 def case_runner(session: LlemSession) -> CaseRunner:
     """A case runner on the session's backend cache, meters and baseline, under its options."""
+    from pytest_llem.harness.case import CaseRunner, CaseSettings
+
     options = session.options
     energy = options.energy
     store = options.store

@@ -14,12 +14,11 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
 from pytest_llem import hookspecs, xdist_scheduling
-from pytest_llem.backends.base import Backend
 from pytest_llem.collection import (
     BUDGET_MARKER,
     MARKER,
@@ -31,14 +30,15 @@ from pytest_llem.collection import (
 from pytest_llem.config.models import CaseConfig
 from pytest_llem.exceptions import LlemError
 from pytest_llem.fixtures import SESSION_KEY, llem, llem_sweep_params
-from pytest_llem.meters.base import EnergyMeter
 from pytest_llem.options import LlemOptions, add_options
 from pytest_llem.outputs import check_outputs
 from pytest_llem.recorder import RECORDER_NAME, RunRecorder
-from pytest_llem.session import (
-    METER_NAMES,
-)
+from pytest_llem.session import METER_NAMES
 from pytest_llem.session_setup import configured_options, new_session
+
+if TYPE_CHECKING:
+    from pytest_llem.backends.base import Backend
+    from pytest_llem.meters.base import EnergyMeter
 
 __all__ = ["llem", "llem_sweep_params"]
 

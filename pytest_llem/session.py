@@ -14,13 +14,11 @@ import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from pytest_llem.backends.base import Backend, BackendInfo, load_key
+from pytest_llem.config.meter_names import METER_CHOICES
 from pytest_llem.config.models import CaseConfig
 from pytest_llem.exceptions import EnergyMeterError, LlemError, MeterUnavailableError
-from pytest_llem.meters.base import EnergyMeter, MeterInfo
-from pytest_llem.meters.registry import METER_CHOICES, DomainAssignment, assign_domains
 from pytest_llem.options.model import EnergyOptions, LlemOptions
 from pytest_llem.results.models import (
     BaselineRecord,
@@ -29,6 +27,11 @@ from pytest_llem.results.models import (
     MeterRecord,
     RunRecord,
 )
+
+if TYPE_CHECKING:
+    from pytest_llem.backends.base import Backend, BackendInfo
+    from pytest_llem.meters.base import EnergyMeter, MeterInfo
+    from pytest_llem.meters.registry import DomainAssignment
 
 __all__ = [
     "METER_NAMES",
@@ -60,6 +63,8 @@ class BackendCache:
 
     def get(self, case: CaseConfig) -> tuple[Backend, BackendInfo, LoadRecord]:
         """The backend for ``case``, loading it unless the resident one fits."""
+        from pytest_llem.backends.base import load_key
+
         key = load_key(case)
         if self._backend is not None and self._info is not None and key == self._key:
             return self._backend, self._info, LoadRecord(reused=True, seconds=0.0)
@@ -129,7 +134,16 @@ class MeterState:
         self._meters: list[EnergyMeter] | None = None
         self._records: list[MeterRecord] = []
         self._unavailable: MeterUnavailableError | None = None
-        self.assignment = DomainAssignment()
+        self._assignment: DomainAssignment | None = None
+
+    @property
+    def assignment(self) -> DomainAssignment:
+        """Which meter supplies each domain (empty until ``get`` creates the meters)."""
+        if self._assignment is None:
+            from pytest_llem.meters.registry import DomainAssignment
+
+            self._assignment = DomainAssignment()
+        return self._assignment
 
     def get(self) -> tuple[list[EnergyMeter], list[MeterRecord]]:
         """The meters and their records. Raises MeterUnavailableError for a named meter that
@@ -138,8 +152,10 @@ class MeterState:
             raise self._unavailable
         if self._meters is None:
             self._meters, why = self._create()
+            from pytest_llem.meters.registry import assign_domains
+
             infos = [meter.info() for meter in self._meters]
-            self.assignment = assign_domains(infos)
+            self._assignment = assign_domains(infos)
             self._records = []
             for info in infos:
                 record = meter_record(info)

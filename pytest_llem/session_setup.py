@@ -2,7 +2,8 @@
 
 Called from ``plugin.pytest_configure``; the backend and meter factories go through the
 plugin's own hooks (``pytest_llem_make_backend``/``pytest_llem_make_meter``), so a conftest can
-replace either.
+replace either. The harness, the meters and the backends are imported on first use, not
+here, so a pytest run without llem tests never loads them.
 """
 
 from __future__ import annotations
@@ -10,18 +11,21 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING
 
 import pytest
 
 from pytest_llem import xdist_scheduling
-from pytest_llem.backends.base import Backend
 from pytest_llem.config.models import BUILTIN_BACKENDS, CaseConfig
 from pytest_llem.exceptions import ConfigurationError
 from pytest_llem.finish import with_compare_baseline
-from pytest_llem.meters.base import EnergyMeter
 from pytest_llem.options import LlemOptions, options_from_config
 from pytest_llem.outputs import OUTPUTS, check_outputs, explicit_llem_run, output_folders
 from pytest_llem.session import METER_NAMES, BackendCache, BaselineState, LlemSession, MeterState
+
+if TYPE_CHECKING:
+    from pytest_llem.backends.base import Backend
+    from pytest_llem.meters.base import EnergyMeter
 
 logger = logging.getLogger("pytest_llem")
 

@@ -8,10 +8,13 @@ apart. The first request arrives at offset 0.
 
 from __future__ import annotations
 
-import numpy as np
+from typing import TYPE_CHECKING
 
 from pytest_llem.config.models import TrafficConfig
 from pytest_llem.exceptions import ConfigurationError
+
+if TYPE_CHECKING:
+    import numpy as np
 
 __all__ = ["MAX_SCHEDULED_REQUESTS", "arrival_offsets", "request_count"]
 
@@ -22,6 +25,8 @@ MAX_SCHEDULED_REQUESTS = 10_000_000
 def _gaps(traffic: TrafficConfig, count: int, rng: np.random.Generator) -> np.ndarray:
     mean = 1.0 / traffic.rate
     if traffic.arrival == "constant":
+        import numpy as np
+
         return np.full(count, mean)
     if traffic.arrival == "poisson":
         return rng.exponential(mean, count)
@@ -52,6 +57,8 @@ def arrival_offsets(traffic: TrafficConfig, *, count: int | None) -> list[float]
     Raises:
         ConfigurationError: neither a count nor a duration, or an absurdly long schedule.
     """
+    import numpy as np
+
     rng = np.random.default_rng(traffic.seed)
     if count is not None:
         if count < 1:

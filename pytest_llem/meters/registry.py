@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from pytest_llem.config.meter_names import METER_CHOICES, parse_meter_list
 from pytest_llem.exceptions import ConfigurationError, MeterUnavailableError
 from pytest_llem.meters.base import DOMAINS, EnergyMeter, MeterInfo
 from pytest_llem.meters.codecarbon import CodeCarbonMeter, codecarbon_unavailable_reason
@@ -35,9 +36,6 @@ __all__ = [
 
 logger = logging.getLogger("pytest_llem")
 
-#: Every value ``--llem-meter`` accepts (several concrete meters may be joined with commas).
-METER_CHOICES: tuple[str, ...] = ("auto", "nvml", "rapl", "zeus", "codecarbon", "none")
-
 #: Per domain, the meters in order of how directly they measure it. A hardware counter read
 #: by this process (NVML, RAPL) beats a library reading the same counter (Zeus), which beats
 #: CodeCarbon (counters where it finds them, estimates otherwise).
@@ -46,40 +44,6 @@ DOMAIN_PREFERENCE: dict[str, tuple[str, ...]] = {
     "cpu": ("rapl", "zeus", "codecarbon"),
     "dram": ("rapl", "zeus", "codecarbon"),
 }
-
-_ALONE = ("auto", "none")
-
-
-def parse_meter_list(text: str, known: Sequence[str] = METER_CHOICES) -> tuple[str, ...]:
-    """Split ``--llem-meter``'s value into meter names and check them.
-
-    Args:
-        text: One name or several joined with commas (``nvml,rapl``).
-        known: Every accepted name (plugins may add their own).
-
-    Returns:
-        The names, in the order given.
-
-    Raises:
-        ConfigurationError: An unknown or repeated name, or ``auto``/``none`` combined with
-            another meter.
-    """
-    names = tuple(part.strip().lower() for part in text.split(",") if part.strip())
-    if not names:
-        raise ConfigurationError(f"no meter named; choose from: {', '.join(known)}")
-    for name in names:
-        if name not in known:
-            raise ConfigurationError(
-                f"unknown meter {name!r}; choose from: {', '.join(known)} "
-                "(several with commas, e.g. nvml,rapl)"
-            )
-    repeated = sorted({n for n in names if names.count(n) > 1})
-    if repeated:
-        raise ConfigurationError(f"meter {repeated[0]!r} is named twice")
-    alone = [n for n in names if n in _ALONE]
-    if alone and len(names) > 1:
-        raise ConfigurationError(f"{alone[0]!r} cannot be combined with other meters")
-    return names
 
 
 @dataclass(frozen=True)

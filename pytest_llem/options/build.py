@@ -10,10 +10,10 @@ from typing import Any
 
 import pytest
 
+from pytest_llem.config.meter_names import METER_CHOICES, parse_meter_list
 from pytest_llem.config.models import BUILTIN_BACKENDS
 from pytest_llem.config.resolve import check_value, lookup_path, set_path
 from pytest_llem.exceptions import ConfigurationError, ResultStoreError
-from pytest_llem.meters.registry import METER_CHOICES
 from pytest_llem.options.model import CompareBaseline, EnergyOptions, LlemOptions, StoreOptions
 from pytest_llem.options.parsers import Assignment, SweepAxis
 from pytest_llem.options.table import OPTIONS, option
@@ -244,8 +244,6 @@ def _check_one_source(
 
 
 def _meter(values: OptionValues, meter_names: Sequence[str]) -> str:
-    from pytest_llem.meters.registry import parse_meter_list
-
     chosen = values.chosen(option("meter"))
     try:
         return ",".join(parse_meter_list(",".join(chosen.value or ("auto",)), meter_names))

@@ -14,8 +14,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from pytest_llem.config.meter_names import METER_CHOICES
 from pytest_llem.config.models import BUILTIN_BACKENDS
-from pytest_llem.meters.registry import METER_CHOICES
 from pytest_llem.results.models import RunRecord
 
 __all__ = [

@@ -15,8 +15,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-import numpy as np
-
 from pytest_llem.config.resolve import flatten_paths
 from pytest_llem.results.catalogue import lookup
 from pytest_llem.results.compare_format import (
@@ -134,6 +132,8 @@ def _values(case: CaseRecord, metric: str) -> tuple[list[float], float | None]:
     summary = case.metrics.get(metric)
     summary_median = summary.median if summary is not None else None
     if case.repetitions:
+        import numpy as np
+
         values = clean_values(rep.values.get(metric) for rep in case.repetitions)
         median = float(np.median(np.asarray(values))) if values else summary_median
         return values, median

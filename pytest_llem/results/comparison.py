@@ -12,15 +12,18 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Literal, NamedTuple
-
-import numpy as np
-import numpy.typing as npt
+from typing import TYPE_CHECKING, Literal, NamedTuple
 
 from pytest_llem.results.gate import GateRule
 from pytest_llem.results.models import CaseRecord, RunRecord
 from pytest_llem.results.stats import resampled_medians
 from pytest_llem.results.storage import machine_id
+
+if TYPE_CHECKING:
+    import numpy as np
+    import numpy.typing as npt
+
+    _FloatArray = npt.NDArray[np.float64]
 
 __all__ = [
     "MIN_WINDOWS",
@@ -55,8 +58,6 @@ VERDICTS: tuple[Verdict, ...] = (
 #: interval, as for every metric's summary).
 MIN_WINDOWS = 3
 
-_FloatArray = npt.NDArray[np.float64]
-
 
 # --- bootstrap -------------------------------------------------------------------------------
 
@@ -66,6 +67,8 @@ def clean_values(values: Iterable[float | None]) -> list[float]:
 
 
 def _interval(estimate: float, samples: _FloatArray) -> tuple[float, float, float]:
+    import numpy as np
+
     low, high = np.percentile(samples, [2.5, 97.5])
     return estimate, float(low), float(high)
 
@@ -90,6 +93,8 @@ def ratio_interval(
     """
     if len(baseline) < MIN_WINDOWS or len(current) < MIN_WINDOWS:
         return None
+    import numpy as np
+
     base_median = float(np.median(np.asarray(baseline, dtype=np.float64)))
     cur_median = float(np.median(np.asarray(current, dtype=np.float64)))
     if base_median <= 0 or cur_median < 0:
@@ -113,6 +118,8 @@ def difference_interval(
     """
     if len(baseline) < MIN_WINDOWS or len(current) < MIN_WINDOWS:
         return None
+    import numpy as np
+
     base_median = float(np.median(np.asarray(baseline, dtype=np.float64)))
     cur_median = float(np.median(np.asarray(current, dtype=np.float64)))
     base_samples, cur_samples = resampled_medians(baseline, current)

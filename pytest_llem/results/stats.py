@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Literal, cast
-
-import numpy as np
-import numpy.typing as npt
+from typing import TYPE_CHECKING, Literal, cast
 
 from pytest_llem.results.models import DistributionSummary, MetricSummary
+
+if TYPE_CHECKING:
+    import numpy as np
+    import numpy.typing as npt
 
 __all__ = [
     "BOOTSTRAP_RESAMPLES",
@@ -89,6 +90,8 @@ def bootstrap_median_ci(values: Sequence[float]) -> tuple[float, float]:
     Returns:
         ``(low, high)``: the 2.5th and 97.5th percentiles of the resampled medians.
     """
+    import numpy as np
+
     data = np.asarray(values, dtype=np.float64)
     rng = np.random.default_rng(BOOTSTRAP_SEED)
     picks = rng.integers(0, data.size, size=(BOOTSTRAP_RESAMPLES, data.size))
@@ -110,6 +113,8 @@ def resampled_medians(
         :data:`BOOTSTRAP_RESAMPLES` resampled medians of each sample, in the same order, so
         their ratio or difference is a bootstrap sample of the ratio or difference of medians.
     """
+    import numpy as np
+
     base = np.asarray(baseline, dtype=np.float64)
     cur = np.asarray(current, dtype=np.float64)
     rng = np.random.default_rng(BOOTSTRAP_SEED)
@@ -160,6 +165,8 @@ def summarise(
             source=kind,
             note=note or "no value measured",
         )
+    import numpy as np
+
     data = np.asarray(present, dtype=np.float64)
     n = len(present)
     ci: tuple[float, float] | None = bootstrap_median_ci(present) if n >= 3 else None
