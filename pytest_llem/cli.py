@@ -1,6 +1,6 @@
 """The ``llem`` command: the run record's schema, the parameter and metric references, the
-built-in tiny model, comparing and gating two records, rebuilding reports, exporting and merging
-records."""
+built-in tiny model, comparing and gating two records, rebuilding reports, the scorecard,
+exporting and merging records."""
 
 from __future__ import annotations
 
@@ -294,6 +294,14 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_scorecard(args: argparse.Namespace) -> int:
+    from pytest_llem.report.scorecard_format import render_scorecard
+    from pytest_llem.results.store import read_run_record
+
+    print(render_scorecard(read_run_record(args.run), args.format), end="")
+    return 0
+
+
 def _cmd_merge(args: argparse.Namespace) -> int:
     from pytest_llem.report.loading import merge_runs
     from pytest_llem.results.store import atomic_write_text, read_run_record, refuse_overwriting
@@ -408,7 +416,8 @@ def _add_compare_command(commands: Any) -> None:
 
 
 def _add_record_commands(commands: Any) -> None:
-    """``llem report``, ``export`` and ``merge``: run records turned into other files."""
+    """``llem report``, ``scorecard``, ``export`` and ``merge``: run records turned into other
+    files."""
     report = commands.add_parser("report", help="rebuild the HTML report from a run record")
     report.add_argument("run", type=Path, nargs="?", default=None, help="run record (JSON)")
     report.add_argument(
@@ -420,6 +429,16 @@ def _add_record_commands(commands: Any) -> None:
     )
     report.add_argument("--html", type=Path, default=None, help="output (default: RUN.html)")
     report.set_defaults(func=_cmd_report)
+    scorecard = commands.add_parser(
+        "scorecard",
+        help="the scorecard of a run record: per model, engine and GPU, energy per 1,000 output "
+        "tokens, tokens per joule, throughput, TTFT p99 and goodput per workload and scenario",
+    )
+    scorecard.add_argument("run", type=Path, help="run record (JSON)")
+    scorecard.add_argument(
+        "--format", choices=("table", "markdown", "json"), default="table", help="output format"
+    )
+    scorecard.set_defaults(func=_cmd_scorecard)
     export = commands.add_parser("export", help="one CSV row per case of a run record")
     export.add_argument("run", type=Path, help="run record (JSON)")
     export.add_argument("--csv", type=Path, default=None, help="output (default: RUN.csv)")

@@ -183,23 +183,28 @@ def with_compare_baseline(options: LlemOptions, *, root: Path) -> LlemOptions:
 
 
 def run_record(session: LlemSession, *, root: Path) -> RunRecord:
-    """The run record of the session's recorded cases, with this machine and the idle baseline.
+    """The run record of the session's recorded cases, with this machine, its reproducibility
+    manifest and the idle baseline.
 
     Args:
         session: The session state holding the cases and options.
         root: The project's root folder (for the machine description).
     """
+    from pytest_llem.manifest import this_manifest
+
     baseline = session.baseline.record if session.baseline is not None else None
     if baseline is None:  # measured on xdist workers: each case carries its own
         baseline = next((case.baseline for case in session.cases if case.baseline), None)
+    machine = this_machine(root)
     return RunRecord(
         run_id=session.run_id,
         created_at=session.started_at,
         finished_at=datetime.now(timezone.utc),
-        machine=this_machine(root),
+        machine=machine,
         options=session.options.given,
         baseline=baseline,
         cases=session.cases,
+        manifest=this_manifest(root, machine=machine),
     )
 
 
@@ -211,8 +216,9 @@ def _shown(path: Path) -> str:
 
 
 def write_summary(reporter: Any, session: LlemSession) -> None:
-    """Write the end-of-session summary: one row per case, where the record, journal and reports
-    are, the comparison, and what went wrong writing them or failed the gate.
+    """Write the end-of-session summary: one row per case, the scorecard, where the record,
+    journal and reports are, the comparison, and what went wrong writing them or failed the
+    gate.
 
     Args:
         reporter: pytest's terminal reporter (``write_sep``, ``write_line``).
@@ -227,6 +233,7 @@ def write_summary(reporter: Any, session: LlemSession) -> None:
 
         for line in summary_lines(record):
             reporter.write_line(line)
+        _write_scorecard(reporter, record)
     if session.store_error is not None:
         reporter.write_line(f"llem: {session.store_error}", red=True)
     if session.journal_error is not None:
@@ -237,6 +244,19 @@ def write_summary(reporter: Any, session: LlemSession) -> None:
         )
     if session.finish is not None:
         _write_finish(reporter, session.finish, session)
+
+
+def _write_scorecard(reporter: Any, record: RunRecord) -> None:
+    """The scorecard after the summary table, when a case measured something."""
+    from pytest_llem.report.scorecard import build_scorecard
+    from pytest_llem.report.scorecard_format import scorecard_lines
+
+    card = build_scorecard(record)
+    if not card.tables:
+        return
+    reporter.write_sep("-", "llem scorecard")
+    for line in scorecard_lines(card):
+        reporter.write_line(line)
 
 
 def _write_finish(reporter: Any, finish: Finish, session: LlemSession) -> None:

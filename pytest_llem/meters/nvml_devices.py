@@ -22,6 +22,7 @@ from pytest_llem.meters.base import DeviceState, ProcessesUnknown
 __all__ = [
     "VisibleGpu",
     "compute_processes",
+    "cuda_driver_version",
     "decode_clock_event_reasons",
     "device_state",
     "driver_version",
@@ -34,6 +35,7 @@ __all__ = [
     "optional_query",
     "parse_cuda_visible_devices",
     "power_limit_w",
+    "setting_query",
     "visible_gpus",
 ]
 
@@ -290,6 +292,28 @@ def power_limit_w(pynvml: Any, handle: Any) -> float | None:
         except (pynvml.NVMLError, AttributeError):
             continue
     return None
+
+
+def cuda_driver_version(pynvml: Any) -> str | None:
+    """The CUDA version the driver supports, ``"12.8"`` (NVML answers ``12080``)."""
+    try:
+        version = int(pynvml.nvmlSystemGetCudaDriverVersion())
+    except (pynvml.NVMLError, AttributeError):
+        return None
+    return f"{version // 1000}.{version % 1000 // 10}"
+
+
+def setting_query(pynvml: Any, query: Callable[[], Any]) -> tuple[Any, str | None]:
+    """A setting's raw answer and None, or None and why NVML could not give it (a GPU that
+    lacks the feature, an nvidia-ml-py without the call, or the error)."""
+    try:
+        return query(), None
+    except _query_errors(pynvml) as e:
+        if isinstance(e, AttributeError):
+            return None, "not in this nvidia-ml-py"
+        if isinstance(e, Exception) and is_unsupported(pynvml, e):
+            return None, "not supported on this GPU or driver"
+        return None, f"NVML error: {e}"
 
 
 def memory_total_mb(pynvml: Any, handle: Any) -> float | None:

@@ -11,9 +11,8 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import json
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -23,9 +22,10 @@ from jinja2 import Environment, PackageLoader, StrictUndefined
 from markupsafe import Markup
 
 from pytest_llem.report import svg
-from pytest_llem.report.tables import case_machine, flatten_params
+from pytest_llem.report.html_run import json_text, kv, run_section, scorecard_section
+from pytest_llem.report.tables import case_machine
 from pytest_llem.results import catalogue
-from pytest_llem.results.models import CaseRecord, MachineInfo, MetricSummary, RunRecord
+from pytest_llem.results.models import CaseRecord, MetricSummary, RunRecord
 from pytest_llem.results.store import atomic_write_text
 
 __all__ = [
@@ -82,20 +82,6 @@ def _chart(drawing: svg.Svg) -> Markup:
     return Markup(str(drawing))
 
 
-def _json_text(value: Any) -> str:
-    if isinstance(value, str):
-        return value
-    return json.dumps(value, sort_keys=True, default=str)
-
-
-def _kv(mapping: Mapping[str, Any]) -> list[tuple[str, str]]:
-    """A mapping as rows of a key-value table (nested sections flattened, None as n/a)."""
-    return [
-        (key, "n/a" if value is None else _json_text(value))
-        for key, value in flatten_params(mapping).items()
-    ]
-
-
 def _test_function(case: CaseRecord) -> str:
     """The node id of the test function a case came from (its id without ``[...]``)."""
     return case.id.split("[", 1)[0]
@@ -128,7 +114,7 @@ def _headline_cell(summary: MetricSummary | None) -> _Cell:
 
 
 def _sweep_text(case: CaseRecord) -> str:
-    return ", ".join(f"{key}={_json_text(value)}" for key, value in case.sweep.items())
+    return ", ".join(f"{key}={json_text(value)}" for key, value in case.sweep.items())
 
 
 @dataclass
@@ -210,8 +196,8 @@ def _metric_tables(case: CaseRecord) -> tuple[list[dict[str, str]], dict[str, An
 
 def _settings(case: CaseRecord) -> dict[str, str]:
     """A case's resolved parameters and engine facts as flat ``path -> text``."""
-    flat = {key: value for key, value in _kv(case.params)}
-    flat.update({f"engine.{key}": value for key, value in _kv(case.backend_info)})
+    flat = {key: value for key, value in kv(case.params)}
+    flat.update({f"engine.{key}": value for key, value in kv(case.backend_info)})
     return flat
 
 
@@ -335,11 +321,11 @@ def _sweep_value(value: Any) -> float | int | str:
         return str(value)
     if isinstance(value, int | float | str):
         return value
-    return _json_text(value)
+    return json_text(value)
 
 
 def _series_name(case: CaseRecord, axis: str, machine: str | None) -> str:
-    others = [f"{k}={_json_text(v)}" for k, v in case.sweep.items() if k != axis]
+    others = [f"{k}={json_text(v)}" for k, v in case.sweep.items() if k != axis]
     if machine is not None:
         others.append(f"@{machine}")
     return ", ".join(others) or "cases"
@@ -416,77 +402,6 @@ def _pareto(record: RunRecord) -> list[Markup]:
     return charts
 
 
-def _machines(record: RunRecord) -> list[MachineInfo]:
-    machines: list[MachineInfo] = list(record.machines) or [record.machine]
-    for case in record.cases:
-        if case.machine is not None and case.machine not in machines:
-            machines.append(case.machine)
-    return machines
-
-
-def _unique(items: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
-    seen: list[dict[str, Any]] = []
-    for item in items:
-        if item not in seen:
-            seen.append(item)
-    return seen
-
-
-def _engines(record: RunRecord) -> list[dict[str, Any]]:
-    keys = ("name", "version", "device", "dtype", "model")
-    return _unique(
-        {key: _json_text(case.backend_info.get(key, "n/a")) for key in keys}
-        for case in record.cases
-        if case.backend_info
-    )
-
-
-def _meters(record: RunRecord) -> list[dict[str, Any]]:
-    return _unique(
-        {
-            "name": meter.name,
-            "sources": sorted(meter.sources.items()),
-            "domains": ", ".join(meter.domains) or "none",
-            "update_period_s": meter.update_period_s,
-            "energy_quantum_j": meter.energy_quantum_j,
-            "devices": ", ".join(meter.devices),
-            "selected_because": meter.selected_because or "",
-            "details": sorted(meter.details.items()),
-        }
-        for case in record.cases
-        for meter in case.meters
-    )
-
-
-def _baseline(record: RunRecord) -> list[tuple[str, str]]:
-    """The idle baseline as label/value rows: per domain power, spread, source and meter."""
-    baseline = record.baseline
-    if baseline is None:
-        return []
-    rows = [
-        (
-            f"{domain} idle power",
-            f"{d.idle_power_w:.4g} W ± {d.stdev_w or 0:.2g} W"
-            + (f" ({d.relative_spread:.1%} spread)" if d.relative_spread is not None else "")
-            + f", {d.source}, {d.meter}, {d.seconds:g} s in {d.windows} windows",
-        )
-        for domain, d in baseline.domains.items()
-    ]
-    rows.append(
-        (
-            "taken at",
-            f"{baseline.taken_at:%Y-%m-%d %H:%M:%S} UTC"
-            + (" (reused from the cache)" if baseline.cached else ""),
-        )
-    )
-    rows.extend(
-        (f"{label} idle temperature", f"{t:g} C")
-        for label, t in baseline.idle_temperature_c.items()
-    )
-    rows.extend(("note", note) for note in baseline.notes)
-    return rows
-
-
 def _comparison(comparison: Mapping[str, Any] | None) -> dict[str, Any] | None:
     if comparison is None:
         return None
@@ -509,7 +424,7 @@ def _comparison(comparison: Mapping[str, Any] | None) -> dict[str, Any] | None:
                 "verdict_class": verdict if verdict in _VERDICTS else "other",
             }
         )
-    info = _kv({key: value for key, value in comparison.items() if key != "rows"})
+    info = kv({key: value for key, value in comparison.items() if key != "rows"})
     counts = Counter(row["verdict"] for row in rows)
     return {"rows": rows, "info": info, "counts": sorted(counts.items())}
 
@@ -530,7 +445,6 @@ def _context(record: RunRecord, comparison: Mapping[str, Any] | None) -> dict[st
     views = _case_views(record, common, common_notes)
     sweeps = _sweeps(record)
     pareto = _pareto(record)
-    machines = _machines(record)
     power_charts = sum(v.power_chart is not None for v in views)
     # Without a power timeline in any case, one note for the record instead of one per case.
     no_power = None if power_charts else _chart(svg.power_timeline(None))
@@ -543,12 +457,8 @@ def _context(record: RunRecord, comparison: Mapping[str, Any] | None) -> dict[st
     )
     return {
         "record": record,
-        "machines": machines,
-        "many_machines": len(machines) > 1,
-        "engines": _engines(record),
-        "meters": _meters(record),
-        "baseline": _baseline(record),
-        "options": _kv(record.options),
+        **run_section(record),
+        "scorecard": scorecard_section(record),
         "common": list(common.items()),
         "common_notes": common_notes,
         "outcomes": sorted(Counter(c.outcome for c in record.cases).items()),

@@ -38,7 +38,7 @@ from pytest_llem.results.comparison import (
     ratio_interval,
 )
 from pytest_llem.results.gate import GateRule
-from pytest_llem.results.models import CaseRecord, MachineInfo, RunRecord
+from pytest_llem.results.models import CaseRecord, MachineInfo, RunManifest, RunRecord
 
 __all__ = [
     "ENVIRONMENT_LIBRARIES",
@@ -50,6 +50,7 @@ __all__ = [
     "environment_differences",
     "format_breaches",
     "format_table",
+    "manifest_differences",
     "match_cases",
     "parameter_changes",
     "ratio_interval",
@@ -370,8 +371,10 @@ def _drivers(machine: MachineInfo) -> str | None:
 def environment_differences(baseline: RunRecord, current: RunRecord) -> list[str]:
     """What differs between the machines of two runs and may move the figures by itself.
 
-    Compares the GPU models and counts, the NVIDIA driver (when both runs know it) and the
-    versions of :data:`ENVIRONMENT_LIBRARIES` (when both runs recorded them).
+    Compares the GPU models and counts, the NVIDIA driver (when both runs know it), the
+    versions of :data:`ENVIRONMENT_LIBRARIES` (when both runs recorded them, in the machine
+    section or the manifest's package list) and, when both records carry a reproducibility
+    manifest, the GPU settings that change energy (:func:`manifest_differences`).
 
     Returns:
         One sentence per difference; empty when the environments match.
@@ -383,15 +386,20 @@ def environment_differences(baseline: RunRecord, current: RunRecord) -> list[str
     base_driver, cur_driver = _drivers(base), _drivers(cur)
     if base_driver and cur_driver and base_driver != cur_driver:
         found.append(f"GPU driver differs: baseline {base_driver}, current {cur_driver}")
+    if not (base_driver and cur_driver):  # the manifest knows it where the GPU list did not
+        found.extend(_manifest_driver(baseline.manifest, current.manifest))
+    base_libraries, cur_libraries = _libraries(baseline), _libraries(current)
     for lib in ENVIRONMENT_LIBRARIES:
-        if lib not in base.libraries or lib not in cur.libraries:
+        if lib not in base_libraries or lib not in cur_libraries:
             continue
-        old, new = base.libraries[lib], cur.libraries[lib]
+        old, new = base_libraries[lib], cur_libraries[lib]
         if old != new:
             found.append(
                 f"{lib} differs: baseline {old or 'not installed'}, "
                 f"current {new or 'not installed'}"
             )
+    if baseline.manifest is not None and current.manifest is not None:
+        found.extend(manifest_differences(baseline.manifest, current.manifest))
     base_domains, cur_domains = _energy_domains(baseline), _energy_domains(current)
     if base_domains and cur_domains and base_domains != cur_domains:
         found.append(
@@ -405,3 +413,75 @@ def _energy_domains(record: RunRecord) -> list[str]:
     """The domains the run's meters supplied (the union over its cases), canonical order."""
     used = {domain for case in record.cases for meter in case.meters for domain in meter.used_for}
     return [domain for domain in ("gpu", "cpu", "dram") if domain in used]
+
+
+def _libraries(record: RunRecord) -> dict[str, str | None]:
+    """Library versions: the machine section's, else the manifest's package list (which
+    knows every installed distribution, so one absent there is not installed)."""
+    versions = dict(record.machine.libraries)
+    manifest = record.manifest
+    if manifest is not None:
+        for lib in ENVIRONMENT_LIBRARIES:
+            versions.setdefault(lib, manifest.python.packages.get(lib))
+    return versions
+
+
+def _manifest_driver(base: RunManifest | None, cur: RunManifest | None) -> list[str]:
+    old = base.driver_version if base is not None else None
+    new = cur.driver_version if cur is not None else None
+    if old and new and old != new:
+        return [f"GPU driver differs: baseline {old}, current {new}"]
+    return []
+
+
+#: GPU settings of the manifest that change energy or speed by themselves: field and words.
+_GPU_SETTINGS: tuple[tuple[str, str, str], ...] = (
+    ("power_limit_w", "GPU power limit", " W"),
+    ("application_sm_clock_mhz", "GPU application SM clock", " MHz"),
+    ("application_memory_clock_mhz", "GPU application memory clock", " MHz"),
+    ("ecc_enabled", "GPU ECC mode", ""),
+    ("mig_enabled", "GPU MIG mode", ""),
+)
+
+
+def _setting_text(value: object, unit: str) -> str:
+    if value is None:
+        return "unknown"
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, float):
+        return f"{value:g}{unit}"
+    return f"{value}{unit}"
+
+
+def manifest_differences(base: RunManifest, cur: RunManifest) -> list[str]:
+    """The differences between two manifests that change energy: each GPU's power limit,
+    application clocks, ECC and MIG mode (GPUs matched by index; a setting either run could not
+    read is not compared) and the CUDA version the driver supports.
+
+    Returns:
+        One sentence per difference; empty when they match.
+    """
+    found: list[str] = []
+    if (
+        base.cuda_driver_version
+        and cur.cuda_driver_version
+        and base.cuda_driver_version != cur.cuda_driver_version
+    ):
+        found.append(
+            f"CUDA driver version differs: baseline {base.cuda_driver_version}, "
+            f"current {cur.cuda_driver_version}"
+        )
+    cur_gpus = {gpu.index: gpu for gpu in cur.gpus}
+    for old in base.gpus:
+        new = cur_gpus.get(old.index)
+        if new is None:
+            continue
+        for name, words, unit in _GPU_SETTINGS:
+            was, now = getattr(old, name), getattr(new, name)
+            if was is not None and now is not None and was != now:
+                found.append(
+                    f"{words} differs on GPU {old.index}: baseline {_setting_text(was, unit)}, "
+                    f"current {_setting_text(now, unit)}"
+                )
+    return found

@@ -21,11 +21,13 @@ __all__ = [
     "CaseError",
     "CaseRecord",
     "CaseResult",
+    "ContainerInfo",
     "CooldownRecord",
     "DeviceStateRecord",
     "DistributionSummary",
     "ForeignProcess",
     "GpuInfo",
+    "GpuManifest",
     "IsolationRecord",
     "LoadRecord",
     "MachineInfo",
@@ -34,7 +36,9 @@ __all__ = [
     "MetricUnavailableError",
     "PowerTimelineRecord",
     "PromptsRecord",
+    "PythonEnvironment",
     "RepetitionRecord",
+    "RunManifest",
     "RunRecord",
     "ServerLoadRecord",
     "UncheckedDevice",
@@ -435,6 +439,96 @@ class MachineInfo(_Record):
     git_dirty: bool | None = None
 
 
+class GpuManifest(_Record):
+    """One GPU's settings that change what it draws, read from NVML when the run ended.
+
+    A value NVML could not give is None and ``unknown`` says why, field by field.
+    """
+
+    index: int = Field(description="The index this process sees (after CUDA_VISIBLE_DEVICES).")
+    name: str
+    uuid: str | None = None
+    power_limit_w: float | None = Field(
+        default=None, description="Enforced power limit, W (nvmlDeviceGetEnforcedPowerLimit)."
+    )
+    default_power_limit_w: float | None = Field(
+        default=None,
+        description="The board's default power limit, W "
+        "(nvmlDeviceGetPowerManagementDefaultLimit).",
+    )
+    persistence_mode: bool | None = Field(
+        default=None, description="Driver persistence mode on (nvmlDeviceGetPersistenceMode)."
+    )
+    ecc_enabled: bool | None = Field(
+        default=None, description="ECC memory on, current mode (nvmlDeviceGetEccMode)."
+    )
+    mig_enabled: bool | None = Field(
+        default=None, description="MIG mode on, current mode (nvmlDeviceGetMigMode)."
+    )
+    application_sm_clock_mhz: float | None = Field(
+        default=None, description="Application SM clock, MHz (nvmlDeviceGetApplicationsClock)."
+    )
+    application_memory_clock_mhz: float | None = Field(
+        default=None, description="Application memory clock, MHz (nvmlDeviceGetApplicationsClock)."
+    )
+    unknown: dict[str, str] = Field(
+        default_factory=dict, description="Field -> why NVML could not give it."
+    )
+
+
+class ContainerInfo(_Record):
+    """Whether the run was in a container, and which image, as far as it can be known.
+
+    The image and its digest come only from ``LLEM_CONTAINER_IMAGE`` (a container cannot see
+    the digest of its own image); a digest is never guessed.
+    """
+
+    detected: bool = Field(description="A container runtime's marker was found (see evidence).")
+    runtime: str | None = Field(default=None, description="docker, podman, kubernetes, ...")
+    evidence: list[str] = Field(default_factory=list, description="What the detection saw.")
+    image: str | None = Field(default=None, description="The image reference the user gave.")
+    image_digest: str | None = Field(
+        default=None, description="sha256:<64 hex> from LLEM_CONTAINER_IMAGE, else None."
+    )
+    note: str | None = None
+
+
+class PythonEnvironment(_Record):
+    """The Python environment: every installed distribution and a digest of the list."""
+
+    version: str
+    implementation: str
+    packages: dict[str, str] = Field(
+        default_factory=dict, description="Normalised distribution name -> version, sorted."
+    )
+    packages_digest: str = Field(
+        description="sha256:<hex> of the sorted name==version lines joined by newlines."
+    )
+
+
+class RunManifest(_Record):
+    """What a run needs to be reproduced: driver, CUDA, GPU settings, container, Python
+    environment, commit and profile, collected when the run ended."""
+
+    driver_version: str | None = Field(default=None, description="NVIDIA driver (NVML).")
+    cuda_driver_version: str | None = Field(
+        default=None,
+        description="The CUDA version the driver supports (nvmlSystemGetCudaDriverVersion).",
+    )
+    cuda_runtime_version: str | None = Field(
+        default=None,
+        description="The CUDA version the loaded torch was built with (None: torch not loaded "
+        "or a CPU build).",
+    )
+    gpus: list[GpuManifest] = Field(default_factory=list)
+    gpu_note: str | None = Field(default=None, description="Why there are no GPUs, if none.")
+    container: ContainerInfo
+    python: PythonEnvironment
+    git_commit: str | None = None
+    git_dirty: bool | None = None
+    profile: str | None = Field(default=None, description="The workload profile that ran.")
+
+
 class RunRecord(_Record):
     """One pytest session's benchmark results: the document reports are built from."""
 
@@ -455,4 +549,8 @@ class RunRecord(_Record):
         default=None,
         description="When the run was compared with a baseline: the baseline and, per case and "
         "metric, baseline, current, ratio, its interval and the verdict.",
+    )
+    manifest: RunManifest | None = Field(
+        default=None,
+        description="What the run needs to be reproduced (None: a record from before it).",
     )

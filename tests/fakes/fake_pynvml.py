@@ -43,6 +43,8 @@ __all__ = [
     "NVML_DEVICE_ARCH_AMPERE",
     "NVML_DEVICE_ARCH_HOPPER",
     "NVML_DEVICE_ARCH_VOLTA",
+    "NVML_FEATURE_DISABLED",
+    "NVML_FEATURE_ENABLED",
     "NVML_FI_DEV_POWER_AVERAGE",
     "NVML_FI_DEV_POWER_INSTANT",
     "NVML_TEMPERATURE_GPU",
@@ -83,6 +85,8 @@ NVML_CLOCK_SM = 1
 NVML_CLOCK_MEM = 2
 NVML_DEVICE_MIG_DISABLE = 0
 NVML_DEVICE_MIG_ENABLE = 1
+NVML_FEATURE_DISABLED = 0
+NVML_FEATURE_ENABLED = 1
 NVML_DEVICE_ARCH_VOLTA = 5
 NVML_DEVICE_ARCH_TURING = 6
 NVML_DEVICE_ARCH_AMPERE = 7
@@ -270,13 +274,16 @@ class FakeGpu:
     instances on this GPU (meaningful with ``mig_mode=1``). ``architecture`` is an
     ``NVML_DEVICE_ARCH_*`` value; on Ampere and newer (but GA100, told by its name) power usage
     is the mean over the last :data:`POWER_AVERAGE_S`, following changes made with
-    ``FakeNvml.set_power``.
+    ``FakeNvml.set_power``. Power limits are in W here and answered in mW, as NVML does;
+    application clocks in MHz; ``persistence_mode`` and ``ecc_mode`` are ``NVML_FEATURE_*``
+    values (ECC answered as ``[current, pending]``).
     """
 
     name: str = "NVIDIA H100 80GB HBM3"
     uuid: str = "GPU-00000000-0000-0000-0000-000000000000"
     power_w: float = 200.0
     power_limit_w: float = 700.0
+    default_power_limit_w: float = 700.0
     memory_total_mb: float = 81559.0
     energy_counter_supported: bool = True
     counter_step_s: float = 0.1
@@ -286,6 +293,10 @@ class FakeGpu:
     sm_clock_mhz: int = 1980
     memory_clock_mhz: int = 2619
     clock_reasons: int = 0x1
+    application_sm_clock_mhz: int = 1755
+    application_memory_clock_mhz: int = 2619
+    persistence_mode: int = NVML_FEATURE_ENABLED
+    ecc_mode: int = NVML_FEATURE_ENABLED
     processes: list[tuple[int, int | None]] = field(default_factory=list)
     mig_mode: int = NVML_DEVICE_MIG_DISABLE
     mig_devices: list[str] = field(default_factory=list)
@@ -383,6 +394,7 @@ class FakeNvml:
         gpus: list[FakeGpu],
         *,
         driver: str = "580.159.04",
+        cuda_driver_version: int = 13000,
         library_found: bool = True,
         missing: Iterable[str] = (),
         driver_lacks: Iterable[str] = (),
@@ -390,6 +402,7 @@ class FakeNvml:
     ) -> None:
         self.gpus = gpus
         self.driver = driver
+        self.cuda_driver_version = cuda_driver_version
         self.library_found = library_found
         self.missing = frozenset(missing)
         self.driver_lacks = frozenset(driver_lacks)
@@ -438,6 +451,11 @@ class FakeNvml:
     def nvmlSystemGetDriverVersion(self) -> str:
         self._check()
         return self.driver
+
+    def nvmlSystemGetCudaDriverVersion(self) -> int:
+        """The CUDA version the driver supports, as ``1000 * major + 10 * minor``."""
+        self._check()
+        return self.cuda_driver_version
 
     def nvmlDeviceGetCount(self) -> int:
         self._check()
@@ -489,6 +507,29 @@ class FakeNvml:
 
     def nvmlDeviceGetEnforcedPowerLimit(self, handle: _Handle) -> int:
         return round(self._gpu(handle, "nvmlDeviceGetEnforcedPowerLimit").power_limit_w * 1000)
+
+    def nvmlDeviceGetPowerManagementDefaultLimit(self, handle: _Handle) -> int:
+        """The board's default power limit in milliwatts."""
+        gpu = self._gpu(handle, "nvmlDeviceGetPowerManagementDefaultLimit")
+        return round(gpu.default_power_limit_w * 1000)
+
+    def nvmlDeviceGetPersistenceMode(self, handle: _Handle) -> int:
+        """``NVML_FEATURE_ENABLED`` or ``NVML_FEATURE_DISABLED``."""
+        return self._gpu(handle, "nvmlDeviceGetPersistenceMode").persistence_mode
+
+    def nvmlDeviceGetEccMode(self, handle: _Handle) -> list[int]:
+        """``[current, pending]`` ECC mode (``NVML_FEATURE_*``)."""
+        gpu = self._gpu(handle, "nvmlDeviceGetEccMode")
+        return [gpu.ecc_mode, gpu.ecc_mode]
+
+    def nvmlDeviceGetApplicationsClock(self, handle: _Handle, clock_type: int) -> int:
+        """The application clock of ``clock_type`` in MHz."""
+        gpu = self._gpu(handle, "nvmlDeviceGetApplicationsClock")
+        if clock_type == NVML_CLOCK_SM:
+            return gpu.application_sm_clock_mhz
+        if clock_type == NVML_CLOCK_MEM:
+            return gpu.application_memory_clock_mhz
+        raise NVMLError_InvalidArgument()
 
     def nvmlDeviceGetMemoryInfo(self, handle: _Handle) -> FakeMemoryInfo:
         total = round(self._gpu(handle, "nvmlDeviceGetMemoryInfo").memory_total_mb * 2**20)
@@ -649,6 +690,8 @@ def install(
     missing: Iterable[str] = (),
     driver_lacks: Iterable[str] = (),
     privileged: bool = False,
+    driver: str = "580.159.04",
+    cuda_driver_version: int = 13000,
 ) -> FakeNvml:
     """Install a fake pynvml into ``sys.modules`` for the test; one H100 at 200 W by default.
 
@@ -660,12 +703,16 @@ def install(
         driver_lacks: Versioned functions the driver's NVML lacks (an older driver than the
             nvidia-ml-py), such as ``"nvmlDeviceGetComputeRunningProcesses_v3"``.
         privileged: Whether this process may list a MIG-enabled GPU's processes (root).
+        driver: The driver version ``nvmlSystemGetDriverVersion`` answers.
+        cuda_driver_version: What ``nvmlSystemGetCudaDriverVersion`` answers (13000: 13.0).
 
     Returns:
         The fake's state, to change power or switches and to count calls.
     """
     fake = FakeNvml(
         [FakeGpu()] if gpus is None else gpus,
+        driver=driver,
+        cuda_driver_version=cuda_driver_version,
         library_found=library_found,
         missing=missing,
         driver_lacks=driver_lacks,
