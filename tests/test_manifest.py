@@ -321,3 +321,15 @@ def test_llem_compare_does_not_warn_for_equal_manifests(
 
     assert main(["compare", base, cur]) == 0
     assert "the runs differ" not in capsys.readouterr().err
+
+
+def test_a_merged_record_keeps_each_sources_manifest() -> None:
+    from pytest_llem.report.loading import merge_runs
+
+    same = merge_runs([run(manifest()), run(manifest())])
+    mixed = merge_runs([run(manifest()), run(manifest(power_limit_w=350.0))])
+
+    assert same.manifest == manifest()
+    assert mixed.manifest is None
+    limits = [s["manifest"]["gpus"][0]["power_limit_w"] for s in mixed.options["merged"]]
+    assert limits == [700.0, 350.0]

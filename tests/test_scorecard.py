@@ -398,3 +398,46 @@ def test_llem_scorecard_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixture
     err = capsys.readouterr().err
     assert "llem scorecard: error:" in err
     assert "Traceback" not in err
+
+
+class _Reporter:
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def write_sep(self, sep: str, title: str, **markup: bool) -> None:
+        self.lines.append(f"--- {title}")
+
+    def write_line(self, line: str, **markup: bool) -> None:
+        self.lines.append(line)
+
+
+def _summary_session(run: RunRecord) -> Any:
+    from types import SimpleNamespace
+
+    return SimpleNamespace(
+        record=run, store_error=None, journal_error=None, finish=None, journal=None
+    )
+
+
+def test_the_end_of_run_summary_prints_the_scorecard_after_the_case_table() -> None:
+    from pytest_llem.finish import write_summary
+
+    run = record(case("test_a", case_params=params(workload="chat")))
+    reporter = _Reporter()
+
+    write_summary(reporter, _summary_session(run))
+
+    at = reporter.lines.index("--- llem scorecard")
+    assert reporter.lines.index("--- llem benchmark summary") < at
+    assert reporter.lines[at + 1 :] == scorecard_lines(build_scorecard(run))
+
+
+def test_the_end_of_run_summary_has_no_scorecard_without_a_measured_case() -> None:
+    from pytest_llem.finish import write_summary
+
+    reporter = _Reporter()
+    skipped = case("test_b", outcome="skipped", metrics={}, notes=["needs a GPU"])
+
+    write_summary(reporter, _summary_session(record(skipped)))
+
+    assert "--- llem scorecard" not in reporter.lines

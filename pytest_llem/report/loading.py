@@ -95,7 +95,8 @@ def merge_runs(records: Sequence[RunRecord]) -> Run:
 
     Every case keeps the machine it ran on (``CaseRecord.machine``); the merged record lists
     every machine in ``machines`` and, under ``options["merged"]``, each source run's id,
-    machine, times and options. A case id (and name) that more than one record holds gets its
+    machine, times, options and reproducibility manifest (the merged record's ``manifest`` is
+    the sources' when they all have the same, else None). A case id (and name) that more than one record holds gets its
     machine appended, ``test_x[bs8]@node1``, numbered when the same host appears twice
     (``@node1#2``). Merging is deterministic: the merged run id derives from the sources' ids.
 
@@ -132,6 +133,7 @@ def merge_runs(records: Sequence[RunRecord]) -> Run:
                 "created_at": record.created_at.isoformat(),
                 "finished_at": record.finished_at.isoformat() if record.finished_at else None,
                 "options": record.options,
+                "manifest": record.manifest.model_dump(mode="json") if record.manifest else None,
             }
         )
         for case in record.cases:
@@ -148,5 +150,9 @@ def merge_runs(records: Sequence[RunRecord]) -> Run:
         machines=_unique_machines([*machines, *(c.machine for c in cases if c.machine)]),
         options={"merged": sources},
         cases=cases,
+        # One manifest stands for the merged run only where every source had the same.
+        manifest=records[0].manifest
+        if all(record.manifest == records[0].manifest for record in records)
+        else None,
     )
     return Run.from_record(merged)
