@@ -333,3 +333,21 @@ def test_a_merged_record_keeps_each_sources_manifest() -> None:
     assert mixed.manifest is None
     limits = [s["manifest"]["gpus"][0]["power_limit_w"] for s in mixed.options["merged"]]
     assert limits == [700.0, 350.0]
+
+
+def test_the_html_report_shows_the_manifest() -> None:
+    from pytest_llem.report.html import render_html
+
+    m = manifest(power_limit_w=350.0, default_power_limit_w=700.0, ecc_enabled=None)
+    m.gpus[0].unknown["ecc_enabled"] = "not supported on this GPU or driver"
+    m.container = ContainerInfo(detected=True, runtime="docker", image="<img>", image_digest=DIGEST)
+
+    page = render_html(run(m))
+
+    card = page.split('id="manifest"', 1)[1].split("</div>", 1)[0]
+    assert "350 W (default 700 W)" in card
+    assert "1755 MHz / 2619 MHz" in card
+    assert "docker: &lt;img&gt;, " + DIGEST in card
+    assert 'title="ecc_enabled: not supported on this GPU or driver"' in card
+    assert "<img>" not in page
+    assert 'id="manifest"' not in render_html(run(None))
