@@ -38,10 +38,10 @@ FORMATS: tuple[str, ...] = ("table", "markdown", "json")
 
 _TINY_MODEL = "llem-tiny"
 _LEGEND = (
-    "Each figure: median over the measured windows [95% bootstrap interval of the median; "
-    "none under 3 windows]; est. = estimated (a model, not a hardware counter); J/1k out tok = "
-    "1000 x energy_per_output_token_j; TTFT p99 is per window, at the row's load; goodput is "
-    "requests/s meeting the SLO (docs/metrics.md, The scorecard)."
+    "Median over the measured windows [95% bootstrap interval of the median; none under 3 "
+    "windows]; est. = estimated (a model, not a hardware counter).",
+    "J/1k out tok = 1000 x energy_per_output_token_j; TTFT p99 at the row's load; goodput = "
+    "requests/s meeting the SLO (docs/metrics.md, The scorecard).",
 )
 _TINY_NOTE = (
     "llem-tiny has random weights: its figures show the plugin working, not a model's merit."
@@ -95,7 +95,7 @@ def _rows(table: ScorecardTable, notes: dict[str, int]) -> list[list[str]]:
 def footer_lines(card: Scorecard, notes: dict[str, int]) -> list[str]:
     """The numbered reasons of missing figures, the legend and what was left out."""
     lines = [f"({number}) {reason}" for reason, number in notes.items()]
-    lines.append(_LEGEND)
+    lines.extend(_LEGEND)
     if any(table.model == _TINY_MODEL for table in card.tables):
         lines.append(_TINY_NOTE)
     if card.skipped:
