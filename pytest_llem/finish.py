@@ -92,7 +92,9 @@ def _compare(
             finish.errors.append(f"llem: refusing to compare runs of different machines: {what}")
             finish.failed = True
             return None
-        finish.warnings.append(f"llem: the baseline ran elsewhere or with other settings, figures may differ: {what}")
+        finish.warnings.append(
+            f"llem: the baseline ran elsewhere or with other settings, figures may differ: {what}"
+        )
     finish.lines.append(f"compared with {loaded.path}")
     finish.lines.extend(format_table(comparison).splitlines())
     if not gating:  # under a gate they fail it, and are breaches
