@@ -351,3 +351,17 @@ def test_the_html_report_shows_the_manifest() -> None:
     assert 'title="ecc_enabled: not supported on this GPU or driver"' in card
     assert "<img>" not in page
     assert 'id="manifest"' not in render_html(run(None))
+
+
+def test_the_end_of_run_comparison_warns_on_a_power_limit_difference(tmp_path: Path) -> None:
+    from pytest_llem.finish import Finish, _compare
+
+    store = SimpleNamespace(rules=(), gate_estimated=False, strict=False, fail_inconclusive=False)
+    loaded = SimpleNamespace(record=run(manifest()), path=tmp_path / "base.json")
+    warned, same = Finish(), Finish()
+
+    _compare(run(manifest(power_limit_w=350.0)), loaded, store, warned)  # type: ignore[arg-type]
+    _compare(run(manifest()), loaded, store, same)  # type: ignore[arg-type]
+
+    assert any("GPU power limit differs on GPU 0" in line for line in warned.warnings)
+    assert not any("differ" in line for line in same.warnings)
