@@ -1,0 +1,176 @@
+"""A worker that dies while running a case (a CUDA fault, the out-of-memory killer) costs that
+case alone: it runs once, is recorded as an error saying so, and the rest of its model-load
+group still runs, on a worker that loads the model again. Real xdist in pytester, with a fake
+backend whose loads and cases are counted in files."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from pytest_llem.recorder import WORKER_CRASHED, crashed_case, worker_exit
+from pytest_llem.results.models import CaseRecord
+
+pytest_plugins = ["pytester"]
+
+REPO = Path(__file__).resolve().parents[1]
+QUICK = ["-p", "no:cacheprovider", "--llem-warmup=0", "--llem-repeat=1", "--llem-baseline-s=0"]
+
+CONFTEST = """
+import os
+import time
+
+from tests.fakes.fake_backend import FakeBackend, FakeClock
+from tests.fakes.fake_meter import FakeMeter
+
+LOG = os.environ["LLEM_CRASH_LOG"]
+
+
+def log(line):
+    with open(LOG, "a", encoding="utf-8") as f:
+        f.write(line + "\\n")
+
+
+class Counted(FakeBackend):
+    def __init__(self, model):
+        super().__init__(FakeClock())
+        self.model = model
+
+    def load(self):
+        log(f"load {self.model} {os.environ.get('PYTEST_XDIST_WORKER')}")
+        return super().load()
+
+
+def pytest_llem_backend_names():
+    return ["counted"]
+
+
+def pytest_llem_meter_names():
+    return ["steady"]
+
+
+def pytest_llem_make_backend(name, case, progress):
+    return Counted(case.model) if name == "counted" else None
+
+
+def pytest_llem_make_meter(name, config, options):
+    if name == "steady":
+        return FakeMeter("steady", time.perf_counter, power_w={"cpu": 10.0})
+    return None
+"""
+
+CASES = """
+import os
+import signal
+
+import pytest
+
+CASE = dict(backend="counted", batch_size=2, max_new_tokens=2, num_prompts=2)
+
+
+@pytest.mark.llem(model="group-a", **CASE)
+@pytest.mark.parametrize("n", [1, 2, 3, 4])
+def test_a(llem, n):
+    with open(os.environ["LLEM_CRASH_LOG"], "a", encoding="utf-8") as f:
+        f.write(f"run test_a[{n}]\\n")
+    if n == 2:
+        os.kill(os.getpid(), signal.SIGKILL)  # as a CUDA fault or the OOM killer would
+    llem.run()
+
+
+@pytest.mark.llem(model="group-b", **CASE)
+@pytest.mark.parametrize("n", [1, 2])
+def test_b(llem, n):
+    with open(os.environ["LLEM_CRASH_LOG"], "a", encoding="utf-8") as f:
+        f.write(f"run test_b[{n}]\\n")
+    llem.run()
+"""
+
+
+@pytest.fixture
+def crash_log(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The file cases and loads append to; workers import ``tests.fakes`` from the repo."""
+    path = os.environ.get("PYTHONPATH")
+    monkeypatch.setenv("PYTHONPATH", f"{REPO}{os.pathsep}{path}" if path else str(REPO))
+    log = tmp_path / "crash.log"
+    monkeypatch.setenv("LLEM_CRASH_LOG", str(log))
+    return log
+
+
+@pytest.mark.slow
+def test_a_case_that_kills_its_worker_runs_once_and_is_an_error(
+    pytester: pytest.Pytester, crash_log: Path
+) -> None:
+    pytest.importorskip("xdist", reason="pytest-xdist is not installed")
+    pytester.makeconftest(CONFTEST)
+    pytester.makepyfile(test_crash=CASES)
+    result = pytester.runpytest(*QUICK, "--llem-meter=steady", "-n", "2")
+    result.assert_outcomes(passed=5, failed=1)
+    lines = crash_log.read_text().splitlines()
+    assert lines.count("run test_a[2]") == 1, lines  # not once per replacement worker
+    for n in (1, 3, 4):
+        assert lines.count(f"run test_a[{n}]") == 1
+    # group-a's model is loaded again by whichever worker runs the rest of the group
+    assert len([line for line in lines if line.startswith("load group-a")]) == 2
+    assert len([line for line in lines if line.startswith("load group-b")]) == 1
+
+    record = json.loads((pytester.path / "reports" / "llem-report.json").read_text())
+    cases = {case["name"]: case for case in record["cases"]}
+    assert sorted(cases) == [f"test_a[{n}]" for n in (1, 2, 3, 4)] + ["test_b[1]", "test_b[2]"]
+    crashed = cases["test_a[2]"]
+    assert crashed["id"] == "test_crash.py::test_a[2]"
+    assert crashed["outcome"] == "error"
+    assert crashed["error"]["type"] == WORKER_CRASHED
+    message = crashed["error"]["message"]
+    assert "crashed while running this case (killed by signal 9 (SIGKILL))" in message
+    assert "not run again" in message
+    # the controller recorded it from what the worker sent as the case started
+    assert (crashed["backend"], crashed["model"]) == ("counted", "group-a")
+    assert crashed["params"]["batch_size"] == 2
+    assert crashed["worker"] in {"gw0", "gw1"}
+    others = [case for name, case in cases.items() if name != "test_a[2]"]
+    assert all(case["outcome"] == "passed" for case in others)
+    reloaded = [cases[f"test_a[{n}]"]["load"]["reused"] for n in (3, 4)]
+    assert False in reloaded  # the first case after the crash loaded the model again
+    result.stdout.fnmatch_lines(["*test_a[[]2[]]*WorkerCrashed*"])
+    (journal,) = (pytester.path / "reports" / "runs").glob("llem-journal-*.jsonl")
+    assert WORKER_CRASHED in journal.read_text()
+
+
+def _session(*cases: CaseRecord) -> Any:
+    return SimpleNamespace(cases=list(cases))
+
+
+def test_a_crash_without_start_facts_is_still_recorded() -> None:
+    case = crashed_case("t.py::test_x", None, worker="gw3", how="exit status 1", session=_session())
+    assert case is not None
+    assert (case.id, case.name, case.outcome) == ("t.py::test_x", "test_x", "error")
+    assert case.error is not None
+    assert case.error.message == (
+        "worker 'gw3' crashed while running this case (exit status 1); not run again"
+    )
+    assert any("before the case started" in note for note in case.notes)
+
+
+def test_a_crash_after_the_case_was_recorded_adds_a_note_only() -> None:
+    done = CaseRecord(id="t.py::test_x", name="test_x")
+    session = _session(done)
+    assert crashed_case("t.py::test_x", None, worker="gw0", how="?", session=session) is None
+    assert done.outcome == "passed"
+    assert "after the case was recorded" in done.notes[0]
+
+
+def test_how_a_worker_ended() -> None:
+    def node(code: int | None) -> Any:
+        popen = SimpleNamespace(wait=lambda timeout: code)
+        return SimpleNamespace(gateway=SimpleNamespace(_io=SimpleNamespace(popen=popen)))
+
+    assert worker_exit(node(-9)) == "killed by signal 9 (SIGKILL)"
+    assert worker_exit(node(3)) == "exit status 3"
+    assert worker_exit(node(None)) == "its exit status is unknown"
+    assert worker_exit(None) == "its exit status is unknown"
