@@ -11,7 +11,6 @@ import importlib.util
 import os
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -30,32 +29,9 @@ from pytest_llem.exceptions import (
     RetryableError,
 )
 from tests.fakes import fake_pynvml
-from tests.fakes.fake_vllm import EOS, FakeEngine, FakeSamplingParams
+from tests.fakes.fake_vllm import EOS, FakeEngine, FakeSamplingParams, FakeTokenizer
 
 pytest_plugins = ["pytester"]
-
-
-class FakeTokenizer:
-    """A word-level tokenizer with a BOS id, called like a Hugging Face tokenizer."""
-
-    truncation_side = "right"
-    all_special_ids = (0, 1, 2)
-    added_tokens_decoder: dict[int, Any] = {}  # noqa: RUF012
-
-    def __init__(self) -> None:
-        self.threads: set[str] = set()
-
-    def __len__(self) -> int:
-        return 1000
-
-    def __call__(
-        self, texts: list[str], truncation: bool = False, max_length: int | None = None
-    ) -> dict[str, list[list[int]]]:
-        self.threads.add(threading.current_thread().name)
-        rows = [[1] + [10 + len(word) for word in text.split()] for text in texts]
-        if truncation and max_length is not None:
-            rows = [row[:max_length] for row in rows]
-        return {"input_ids": rows}
 
 
 def _fake_sampling_params(**kwargs: Any) -> FakeSamplingParams:
