@@ -174,3 +174,53 @@ def test_how_a_worker_ended() -> None:
     assert worker_exit(node(3)) == "exit status 3"
     assert worker_exit(node(None)) == "its exit status is unknown"
     assert worker_exit(None) == "its exit status is unknown"
+
+
+class _Node:
+    """The part of xdist's WorkerController the scheduler uses."""
+
+    def __init__(self, collection: list[str]) -> None:
+        self.shutting_down = False
+        self.collection = collection
+        self.sent: list[str] = []
+
+    def send_runtest_some(self, indices: list[int]) -> None:
+        self.sent.extend(self.collection[i] for i in indices)
+
+    def shutdown(self) -> None:
+        self.shutting_down = True
+
+
+def test_the_scheduler_hands_out_the_rest_of_a_crashed_group_but_not_the_crashed_case(
+    tmp_path: Path,
+) -> None:
+    pytest.importorskip("xdist", reason="pytest-xdist is not installed")
+    from collections import OrderedDict
+
+    from pytest_llem.load_group_scheduler import ModelGroupScheduling
+
+    collection = ["t.py::a1", "t.py::a2", "t.py::a3", "t.py::b1", "t.py::other"]
+    groups = tmp_path / "groups.json"
+    groups.write_text(json.dumps({"t.py::a1": "A", "t.py::a2": "A", "t.py::a3": "A"}))
+    scheduler = ModelGroupScheduling.__new__(ModelGroupScheduling)
+    scheduler._groups_file, scheduler._groups = groups, None
+    scheduler.log = lambda *args: None
+    scheduler.workqueue = OrderedDict()
+    crashed, other = _Node(collection), _Node(collection)
+    scheduler.registered_collections = {crashed: collection, other: collection}
+    scheduler.assigned_work = {
+        crashed: {"A": {"t.py::a1": True, "t.py::a2": False, "t.py::a3": False}},
+        other: {"t.py::b1": {"t.py::b1": True}},
+    }
+    assert scheduler.load_group("t.py::a2") == "A"
+    assert scheduler.load_group("t.py::other") is None
+    assert scheduler.remove_node(crashed) == "t.py::a2"
+    assert other.sent == ["t.py::a3"]  # the rest of group A, reloading its model there
+    assert scheduler.assigned_work[other]["A"] == {
+        "t.py::a1": True,
+        "t.py::a2": True,
+        "t.py::a3": False,
+    }
+    finished = _Node(collection)
+    scheduler.assigned_work[finished] = {"t.py::b1": {"t.py::b1": True}}
+    assert scheduler.remove_node(finished) is None
