@@ -138,6 +138,8 @@ def test_a_case_that_kills_its_worker_runs_once_and_is_an_error(
     reloaded = [cases[f"test_a[{n}]"]["load"]["reused"] for n in (3, 4)]
     assert False in reloaded  # the first case after the crash loaded the model again
     result.stdout.fnmatch_lines(["*test_a[[]2[]]*WorkerCrashed*"])
+    html = (pytester.path / "reports" / "llem-report.html").read_text()
+    assert "WorkerCrashed: worker &#39;gw" in html or "WorkerCrashed: worker 'gw" in html
     (journal,) = (pytester.path / "reports" / "runs").glob("llem-journal-*.jsonl")
     assert WORKER_CRASHED in journal.read_text()
 
