@@ -112,14 +112,18 @@ class RunRecorder:
         """An xdist worker died while running ``crashitem``: record the case as an error (the
         scheduler does not hand it out again)."""
         started = self.started.pop(crashitem, None)
-        if started is None:
-            group_of = getattr(sched, "load_group", None)
-            if not (callable(group_of) and group_of(crashitem) is not None):
-                return  # not an llem case, as far as the controller can tell
+        # Without the worker's facts (it died in setup), pytest-llem's scheduler still knows
+        # an llem case by its load group.
+        group_of = getattr(sched, "load_group", None)
+        grouped = callable(group_of) and group_of(crashitem) is not None
         node = getattr(report, "node", None)
-        worker = str(getattr(getattr(node, "gateway", None), "id", "?"))
         case = crashed_case(
-            crashitem, started, worker=worker, how=worker_exit(node), session=self.session
+            crashitem,
+            started,
+            worker=str(getattr(getattr(node, "gateway", None), "id", "?")),
+            how=worker_exit(node),
+            session=self.session,
+            llem=started is not None or grouped,
         )
         if case is not None:
             self.session.cases.append(case)
@@ -203,6 +207,7 @@ def crashed_case(
     worker: str,
     how: str,
     session: LlemSession,
+    llem: bool = True,
 ) -> CaseRecord | None:
     """The error case of an llem test whose xdist worker died while running it.
 
@@ -214,15 +219,19 @@ def crashed_case(
         how: How the worker ended (``killed by signal 9 (SIGKILL)``).
         session: The session; a case already recorded (the worker died in teardown) gets a
             note instead.
+        llem: Whether the test is known to be an llem case.
 
     Returns:
-        The case for the record, or None when the test had recorded its case already.
+        The case for the record, or None when the test had recorded its case already or is no
+        llem case.
     """
     message = f"worker {worker!r} crashed while running this case ({how}); not run again"
     recorded = [c for c in session.cases if c.id == nodeid or c.id.startswith(f"{nodeid}#")]
     if recorded:
         for case in recorded:
             case.notes.append(f"after the case was recorded, {message}")
+        return None
+    if not llem:
         return None
     facts = started or {"id": nodeid, "name": nodeid.rsplit("::", 1)[-1]}
     known = (
@@ -235,8 +244,8 @@ def crashed_case(
     case.outcome = "error"
     case.error = CaseError(type=WORKER_CRASHED, message=message)
     case.notes.append(
-        f"the process running the case died (a CUDA fault or the kernel's out-of-memory killer "
-        f"end a worker so); recorded by the controller {known}"
+        "the worker process died while running the case, as a CUDA fault or the kernel's "
+        f"out-of-memory killer ends one; recorded by the controller {known}"
     )
     return case
 

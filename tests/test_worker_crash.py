@@ -157,6 +157,9 @@ def test_a_crash_without_start_facts_is_still_recorded() -> None:
         "worker 'gw3' crashed while running this case (exit status 1); not run again"
     )
     assert any("before the case started" in note for note in case.notes)
+    assert (
+        crashed_case("t.py::y", None, worker="gw3", how="?", session=_session(), llem=False) is None
+    )
 
 
 def test_a_crash_after_the_case_was_recorded_adds_a_note_only() -> None:
