@@ -229,3 +229,20 @@ def test_the_scheduler_hands_out_the_rest_of_a_crashed_group_but_not_the_crashed
     finished = _Node(collection)
     scheduler.assigned_work[finished] = {"t.py::b1": {"t.py::b1": True}}
     assert scheduler.remove_node(finished) is None
+
+
+@pytest.mark.slow
+def test_under_plain_load_distribution_the_crashed_case_is_recorded_too(
+    pytester: pytest.Pytester, crash_log: Path
+) -> None:
+    pytest.importorskip("xdist", reason="pytest-xdist is not installed")
+    pytester.makeconftest(CONFTEST)
+    pytester.makepyfile(test_crash=CASES)
+    result = pytester.runpytest(*QUICK, "--llem-meter=steady", "-n", "2", "--dist=load")
+    result.assert_outcomes(passed=5, failed=1)
+    assert crash_log.read_text().splitlines().count("run test_a[2]") == 1
+    record = json.loads((pytester.path / "reports" / "llem-report.json").read_text())
+    (crashed,) = [case for case in record["cases"] if case["outcome"] == "error"]
+    assert crashed["name"] == "test_a[2]"
+    assert crashed["error"]["type"] == WORKER_CRASHED
+    assert crashed["model"] == "group-a"
