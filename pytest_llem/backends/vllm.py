@@ -220,6 +220,7 @@ class VllmBackend(EngineScheduledBackend):
             "enable_chunked_prefill",
             "quantization",
             "swap_space",
+            "distributed_executor_backend",
         ):
             value = getattr(options, name)
             if value is not None:

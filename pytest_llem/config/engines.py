@@ -295,6 +295,15 @@ class VllmConfig(StrictModel):
         description="Devices the layers are spread over in stages (pipeline parallelism).",
         json_schema_extra=field_meta(load=True, sweep=[1, 2, 4], short="vllm_pp"),
     )
+    distributed_executor_backend: Literal["ray", "mp", "uni", "external_launcher"] | None = Field(
+        default=None,
+        description="How vLLM runs its tensor and pipeline parallel workers: 'mp' (processes on "
+        "this machine), 'ray' (a Ray cluster, across nodes), 'uni' (one process), "
+        "'external_launcher' (torchrun starts the ranks); none: vLLM's choice. With 'ray', or "
+        "more parallel ranks than this process sees GPUs, the case's energy covers only the GPUs "
+        "this process measures, and the case is flagged multi_node.",
+        json_schema_extra=field_meta(load=True, short="executor"),
+    )
     swap_space: float | None = Field(
         default=None,
         ge=0.0,

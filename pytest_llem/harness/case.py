@@ -37,6 +37,7 @@ from pytest_llem.harness.resources import (
     check_gpu_count,
     flag_shared,
     isolation_notes,
+    multi_node_note,
     unused_gpus_note,
 )
 from pytest_llem.harness.runner import CaseMeasurement, WindowPolicy, run_case
@@ -311,6 +312,7 @@ class CaseRunner:
 
     def _measure_once(self, case: CaseConfig, base: CaseRecord) -> CaseResult:
         ready = self._prepare(case)
+        spans_nodes = multi_node_note(case)
         params, asked = _as_ran(base.params, ready.info)
         idle_temperatures = ready.baseline.idle_temperature_c if ready.baseline is not None else {}
         cooldown = cool_down(
@@ -333,6 +335,8 @@ class CaseRunner:
         notes.extend(flag_shared(measurement.metrics, shared))
         hot = measured_hot(measurement.repetitions, idle_temperatures)
         notes.extend(_resource_notes(case, ready, hot=hot))
+        if spans_nodes is not None:
+            notes.append(spans_nodes)
         backend_info = {k: v for k, v in vars(ready.info).items() if v is not None and v != {}}
         return CaseResult(
             params=params,
@@ -351,6 +355,7 @@ class CaseRunner:
             baseline=ready.baseline,
             cooldown=cooldown,
             measured_hot=hot,
+            multi_node=spans_nodes is not None,
             isolation=ready.isolation,
             worker=base.worker,
             visible_devices=base.visible_devices,

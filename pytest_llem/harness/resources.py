@@ -19,11 +19,14 @@ from pytest_llem.meters.base import EnergyMeter
 from pytest_llem.results.models import IsolationRecord, MeterRecord, MetricSummary
 
 __all__ = [
+    "SPANNING_EXECUTORS",
     "check_case_isolation",
     "check_gpu_count",
+    "executor_of",
     "flag_shared",
     "gpus_needed",
     "isolation_notes",
+    "multi_node_note",
     "shared_note",
     "unused_gpus_note",
 ]
@@ -39,14 +42,26 @@ def gpus_needed(case: CaseConfig) -> int:
     return tensor * pipeline
 
 
+#: Engine executors that place parallel ranks beyond this process's GPUs (other nodes).
+SPANNING_EXECUTORS = ("ray", "external_launcher")
+
+
+def executor_of(case: CaseConfig) -> str | None:
+    """The engine's own executor setting (``vllm.distributed_executor_backend``), if any."""
+    group = getattr(case, case.backend, None)
+    executor = getattr(group, "distributed_executor_backend", None)
+    return executor if isinstance(executor, str) else None
+
+
 def check_gpu_count(case: CaseConfig) -> None:
-    """Refuse a multi-GPU case on a process that sees fewer GPUs (``--llem-gpus=0-1,2-3``).
+    """Refuse a multi-GPU case on a process that sees fewer GPUs (``--llem-gpus=0-1,2-3``),
+    unless the engine's executor places its ranks itself (Ray, an external launcher).
 
     Raises:
         NotEnoughGpusError: The case needs more GPUs than this process sees (a skip).
     """
     needed = gpus_needed(case)
-    if needed <= 1 or case.device == "cpu":
+    if needed <= 1 or case.device == "cpu" or executor_of(case) in SPANNING_EXECUTORS:
         return
     from pytest_llem.meters.inventory import gpu_inventory
 
@@ -59,6 +74,33 @@ def check_gpu_count(case: CaseConfig) -> None:
             f"the case needs {needed} GPUs (tensor x pipeline parallel) but this process sees "
             f"{seen}; give each xdist worker a group with --llem-gpus=0-1,2-3",
         )
+
+
+def multi_node_note(case: CaseConfig) -> str | None:
+    """Why a case's energy may miss GPUs its engine uses, or None: the engine runs through Ray
+    (whose workers may sit on other nodes) or has more parallel ranks than this process sees
+    GPUs. The meters measure only this machine's GPUs this process can see."""
+    executor = executor_of(case)
+    needed = gpus_needed(case)
+    seen: int | None = None
+    if needed > 1 and case.device != "cpu":
+        from pytest_llem.meters.inventory import gpu_inventory
+
+        seen = len(gpu_inventory()[0])
+    beyond = seen is not None and needed > seen
+    if executor != "ray" and not beyond:
+        return None
+    why = (
+        f"{case.backend}.distributed_executor_backend=ray: the engine's workers may run on "
+        "other nodes"
+        if executor == "ray"
+        else f"the engine runs {needed} parallel ranks (tensor x pipeline) but this process sees "
+        f"{seen} GPU(s)"
+    )
+    return (
+        f"multi-node: {why}; energy covers only the GPUs this process measures (other nodes' "
+        "GPUs are not measured), so energy figures are a lower bound of the case's own"
+    )
 
 
 def unused_gpus_note(

@@ -1,7 +1,7 @@
 """The terminal summary: one row per case, built from the run record alone.
 
 A case's name carries a mark for what makes its figures need a second look (``hot``,
-``saturated``, ``dynamic<0``); the lines after the table say what each mark means and name the
+``saturated``, ``dynamic<0``, ``multi-node``); the lines after the table say what each mark means and name the
 cases, and give the reason of every skipped case.
 """
 
@@ -69,6 +69,8 @@ def _flags(case: CaseRecord) -> list[str]:
         flags.append("saturated")
     if _below_idle(case):
         flags.append("dynamic<0")
+    if case.multi_node:
+        flags.append("multi-node")
     return flags
 
 
@@ -160,6 +162,12 @@ def _flag_lines(record: RunRecord) -> list[str]:
         lines.append(
             "negative dynamic energy (energy below idle power x duration, reported unclamped: "
             f"the idle baseline may be stale): {', '.join(below)}"
+        )
+    spread = [case.name for case in record.cases if case.multi_node]
+    if spread:
+        lines.append(
+            "multi-node (the engine may run on GPUs this process cannot measure, as through "
+            f"Ray: energy covers only the measured GPUs): {', '.join(spread)}"
         )
     return lines
 

@@ -373,6 +373,12 @@ class CaseResult(_Record):
         default=False,
         description="A window started well above the idle temperature (leakage bias).",
     )
+    multi_node: bool = Field(
+        default=False,
+        description="The engine may use GPUs this process cannot measure (Ray executor, or more "
+        "parallel ranks than GPUs it sees, as across nodes): energy covers the measured GPUs "
+        "only.",
+    )
     isolation: IsolationRecord | None = None
     worker: str | None = Field(default=None, description="The xdist worker that ran the case.")
     visible_devices: str | None = Field(

@@ -6,16 +6,33 @@ It keeps the real engine's contract as the backend uses it: ``add_request`` queu
 ``RequestOutputKind.DELTA``), ``finished`` on the last one; ``step()`` on an engine with nothing
 to do blocks, as the multiprocess engine's ``get_output()`` does. Tests of the real engine are in
 ``tests/test_vllm_backend.py``.
+
+:func:`fake_vllm_modules` builds the ``vllm`` package around it, as far as the backend's
+``load()`` reaches: ``vllm.LLM`` (:class:`FakeLLM`, which keeps the engine arguments it was
+started with), ``EngineArgs``, ``SamplingParams``, the platform, ``RequestOutputKind`` and
+``envs``; a test installs them in ``sys.modules`` to run a whole vLLM case without vLLM.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from importlib.machinery import ModuleSpec
+from types import ModuleType, SimpleNamespace
+from typing import Any, ClassVar
 
-__all__ = ["FakeCompletion", "FakeEngine", "FakeOutput", "FakeSamplingParams"]
+__all__ = [
+    "FakeCompletion",
+    "FakeEngine",
+    "FakeEngineArgs",
+    "FakeLLM",
+    "FakeOutput",
+    "FakeSamplingParams",
+    "FakeTokenizer",
+    "fake_vllm_modules",
+]
 
 
 @dataclass(frozen=True)
@@ -70,6 +87,7 @@ class FakeEngine:
     added: list[str] = field(default_factory=list)
     aborted: list[str] = field(default_factory=list)
     threads: set[str] = field(default_factory=set)
+    model_config: Any = None  # what vllm.LLM's engine says of its model (FakeLLM sets it)
     _running: dict[str, _Running] = field(default_factory=dict)
 
     def add_request(self, request_id: str, prompt: dict[str, Any], params: Any) -> str:
@@ -115,3 +133,100 @@ class FakeEngine:
             if finished:
                 del self._running[request_id]
         return outputs
+
+
+class FakeTokenizer:
+    """A word-level tokenizer with a BOS id, called like a Hugging Face tokenizer."""
+
+    truncation_side = "right"
+    all_special_ids = (0, 1, 2)
+    added_tokens_decoder: ClassVar[dict[int, Any]] = {}
+
+    def __init__(self) -> None:
+        self.threads: set[str] = set()
+
+    def __len__(self) -> int:
+        return 1000
+
+    def __call__(
+        self, texts: list[str], truncation: bool = False, max_length: int | None = None
+    ) -> dict[str, list[list[int]]]:
+        self.threads.add(threading.current_thread().name)
+        rows = [[1] + [10 + len(word) for word in text.split()] for text in texts]
+        if truncation and max_length is not None:
+            rows = [row[:max_length] for row in rows]
+        return {"input_ids": rows}
+
+
+@dataclass
+class FakeEngineArgs:
+    """The fields of ``vllm.EngineArgs`` the backend may set (their names are what it checks)."""
+
+    dtype: str = "auto"
+    enforce_eager: bool = False
+    enable_prefix_caching: bool | None = None
+    kv_cache_dtype: str = "auto"
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+    distributed_executor_backend: str | None = None
+    gpu_memory_utilization: float = 0.9
+    max_num_seqs: int | None = None
+    max_num_batched_tokens: int | None = None
+    max_model_len: int | None = None
+    enable_chunked_prefill: bool | None = None
+    quantization: str | None = None
+
+
+class FakeLLM:
+    """``vllm.LLM``: an engine over :class:`FakeEngine`; ``started`` keeps every start's
+    arguments, checked against :class:`FakeEngineArgs` as vLLM would."""
+
+    started: ClassVar[list[dict[str, Any]]] = []
+
+    def __init__(self, model: str, **kwargs: Any) -> None:
+        known = {f.name for f in dataclasses.fields(FakeEngineArgs)}
+        unknown = set(kwargs) - known
+        if unknown:
+            raise TypeError(f"EngineArgs has no field {sorted(unknown)}")
+        FakeLLM.started.append({"model": model, **kwargs})
+        limit = kwargs.get("max_model_len") or 256
+        model_config = SimpleNamespace(max_model_len=limit, get_vocab_size=lambda: 1000)
+        self.llm_engine = FakeEngine(model_config=model_config)
+
+    def get_tokenizer(self) -> FakeTokenizer:
+        return FakeTokenizer()
+
+
+def _sampling_params(**kwargs: Any) -> FakeSamplingParams:
+    return FakeSamplingParams(
+        max_tokens=kwargs["max_tokens"],
+        min_tokens=kwargs.get("min_tokens", 0),
+        ignore_eos=kwargs.get("ignore_eos", False),
+    )
+
+
+def fake_vllm_modules(*, device: str = "cpu", version: str = "0.32.0") -> dict[str, ModuleType]:
+    """The ``vllm`` modules the backend imports, by name, for ``sys.modules``."""
+    vllm = ModuleType("vllm")
+    vllm.__spec__ = ModuleSpec("vllm", None)  # importlib.util.find_spec("vllm") finds it
+    platforms = ModuleType("vllm.platforms")
+    sampling = ModuleType("vllm.sampling_params")
+    envs = ModuleType("vllm.envs")
+    for module, values in (
+        (
+            vllm,
+            {
+                "__version__": version,
+                "LLM": FakeLLM,
+                "EngineArgs": FakeEngineArgs,
+                "SamplingParams": _sampling_params,
+            },
+        ),
+        (platforms, {"current_platform": SimpleNamespace(device_type=device)}),
+        (sampling, {"RequestOutputKind": SimpleNamespace(DELTA="DELTA")}),
+        # the engine "runs in other processes": no in-process distributed teardown
+        (envs, {"VLLM_ENABLE_V1_MULTIPROCESSING": True}),
+    ):
+        for name, value in values.items():
+            setattr(module, name, value)
+    return {m.__name__: m for m in (vllm, platforms, sampling, envs)}
