@@ -200,6 +200,7 @@ def run_record(session: LlemSession, *, root: Path) -> RunRecord:
         options=session.options.given,
         baseline=baseline,
         cases=session.cases,
+        shard=session.shard,
     )
 
 

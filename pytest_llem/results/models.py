@@ -32,11 +32,13 @@ __all__ = [
     "MeterRecord",
     "MetricSummary",
     "MetricUnavailableError",
+    "PartialRecord",
     "PowerTimelineRecord",
     "PromptsRecord",
     "RepetitionRecord",
     "RunRecord",
     "ServerLoadRecord",
+    "ShardManifest",
     "UncheckedDevice",
     "unsupported_schema_version",
 ]
@@ -435,6 +437,41 @@ class MachineInfo(_Record):
     git_dirty: bool | None = None
 
 
+class ShardManifest(_Record):
+    """Which share of a sharded session (``--llem-shard=K/N``) a run record holds."""
+
+    index: int = Field(description="K: this shard, counted from 1.")
+    count: int = Field(description="N: how many shards the session has.")
+    assignment_digest: str = Field(
+        description="SHA-256 of every case's shard; equal on every shard of one session."
+    )
+    collection_digest: str = Field(
+        description="SHA-256 of every llem case id of the session (all shards), sorted."
+    )
+    collection_size: int = Field(description="llem cases in the whole session.")
+    ids: list[str] = Field(default_factory=list, description="llem case ids assigned here.")
+    groups: int = Field(default=0, description="Model-load groups assigned here.")
+    commit: str | None = Field(default=None, description="The git commit the shard ran.")
+    machine: str = Field(description="The machine id (as saved runs name it) of the shard.")
+    costs: str = Field(
+        default="estimate",
+        description="What balanced the shards: 'estimate' or the saved runs' files.",
+    )
+
+    @property
+    def label(self) -> str:
+        """``K/N``."""
+        return f"{self.index}/{self.count}"
+
+
+class PartialRecord(_Record):
+    """Why a merged record of shards is incomplete (``llem merge --allow-partial``)."""
+
+    missing_shards: list[str] = Field(description="The shards not merged, as K/N.")
+    expected_cases: int = Field(description="llem cases in the whole session.")
+    present_cases: int = Field(description="llem cases assigned to the merged shards.")
+
+
 class RunRecord(_Record):
     """One pytest session's benchmark results: the document reports are built from."""
 
@@ -455,4 +492,13 @@ class RunRecord(_Record):
         default=None,
         description="When the run was compared with a baseline: the baseline and, per case and "
         "metric, baseline, current, ratio, its interval and the verdict.",
+    )
+    shard: ShardManifest | None = Field(
+        default=None, description="The shard this run is (--llem-shard=K/N; None: not sharded)."
+    )
+    shards: list[ShardManifest] = Field(
+        default_factory=list, description="The shards a merged record was made of."
+    )
+    partial: PartialRecord | None = Field(
+        default=None, description="A merged record of shards with shards missing (None: whole)."
     )
