@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 from pytest_llem.exceptions import ResultStoreError
 from pytest_llem.report.tables import case_machine, case_rows, table_columns
 from pytest_llem.results.models import CaseRecord, MachineInfo, RunRecord
+from pytest_llem.results.shards import check_shards
 from pytest_llem.results.store import read_run_record
 
 if TYPE_CHECKING:
@@ -90,8 +91,17 @@ def _unique_machines(machines: Sequence[MachineInfo]) -> list[MachineInfo]:
     return unique
 
 
-def merge_runs(records: Sequence[RunRecord]) -> Run:
+def merge_runs(
+    records: Sequence[RunRecord],
+    *,
+    labels: Sequence[str] | None = None,
+    allow_partial: bool = False,
+) -> Run:
     """Merge the run records of several machines (or several runs) into one.
+
+    Shards of one session (``--llem-shard``) are checked first (``results.shards``): every
+    shard once, one collection and commit, no case twice; the merged record lists them in
+    ``shards`` and, with ``allow_partial``, says what is missing in ``partial``.
 
     Every case keeps the machine it ran on (``CaseRecord.machine``); the merged record lists
     every machine in ``machines`` and, under ``options["merged"]``, each source run's id,
@@ -101,12 +111,15 @@ def merge_runs(records: Sequence[RunRecord]) -> Run:
 
     Args:
         records: The records, in the order their cases should appear; merged records are fine.
+        labels: How error messages name each record (default: its run id).
+        allow_partial: Merge shards of a session with shards missing, marked partial.
 
     Returns:
         The merged record; its ``machine`` is the first record's.
 
     Raises:
-        ResultStoreError: no records, or records of different schema versions.
+        ResultStoreError: no records, records of different schema versions, or shards that
+            do not make one whole session (``shard 2/3 missing``).
     """
     if not records:
         raise ResultStoreError("nothing to merge: no run records given")
@@ -115,6 +128,8 @@ def merge_runs(records: Sequence[RunRecord]) -> Run:
         raise ResultStoreError(
             f"cannot merge run records of different schema versions: {', '.join(versions)}"
         )
+    names = list(labels) if labels is not None else [r.run_id for r in records]
+    checked = check_shards(records, names, allow_partial=allow_partial)
     owners: dict[str, int] = {}
     for record in records:
         for case_id in {case.id for case in record.cases}:
@@ -148,5 +163,7 @@ def merge_runs(records: Sequence[RunRecord]) -> Run:
         machines=_unique_machines([*machines, *(c.machine for c in cases if c.machine)]),
         options={"merged": sources},
         cases=cases,
+        shards=checked.shards if checked else [s for r in records for s in r.shards],
+        partial=checked.partial if checked else next((r.partial for r in records if r.partial), None),
     )
     return Run.from_record(merged)
