@@ -233,3 +233,22 @@ def test_past_durations_balance_the_shards(pytester: pytest.Pytester) -> None:
     record = read_run_record(pytester.path / "s1" / "llem-report.json")
     assert record.shard is not None
     assert "0001_past_" in record.shard.costs
+
+
+def test_a_shard_under_xdist_runs_the_same_cases_and_records_its_manifest(
+    pytester: pytest.Pytester,
+) -> None:
+    pytest.importorskip("xdist", reason="pytest-xdist is not installed")
+    loads = _suite(pytester)
+    _run(pytester, "serial", "--llem-shard=2/3").assert_outcomes(passed=2, deselected=5)
+    serial = read_run_record(pytester.path / "serial" / "llem-report.json")
+    loads.unlink()
+    result = _run(pytester, "parallel", "--llem-shard=2/3", "-n", "2")
+    result.assert_outcomes(passed=2)
+    parallel = read_run_record(pytester.path / "parallel" / "llem-report.json")
+    assert sorted(c.id for c in parallel.cases) == sorted(c.id for c in serial.cases)
+    assert parallel.shard is not None and serial.shard is not None
+    assert parallel.shard.ids == serial.shard.ids
+    assert parallel.shard.assignment_digest == serial.shard.assignment_digest
+    # the group stays whole on one worker, which loads its model once
+    assert len(loads.read_text().split()) == 1
