@@ -432,7 +432,9 @@ def _add_record_commands(commands: Any) -> None:
     export.add_argument("run", type=Path, help="run record (JSON)")
     export.add_argument("--csv", type=Path, default=None, help="output (default: RUN.csv)")
     export.set_defaults(func=_cmd_export)
-    merge = commands.add_parser("merge", help="merge run records from several machines, or the shards of one session (checked complete)"
+    merge = commands.add_parser(
+        "merge",
+        help="merge run records from several machines, or the shards of one session (checked complete)",
     )
     merge.add_argument("runs", type=Path, nargs="+", help="run records (JSON)")
     merge.add_argument("-o", "--output", type=Path, required=True, help="merged record")

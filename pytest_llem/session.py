@@ -24,9 +24,9 @@ from pytest_llem.results.models import (
     BaselineRecord,
     CaseRecord,
     LoadRecord,
-    ShardManifest,
     MeterRecord,
     RunRecord,
+    ShardManifest,
 )
 
 if TYPE_CHECKING:

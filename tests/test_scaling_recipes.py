@@ -15,7 +15,9 @@ import pytest
 from pytest_llem.options.table import OPTIONS
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "scaling.md"
-_RECIPE = re.compile(r"<!-- recipe: (?P<name>[\w.-]+) -->\n```(?P<lang>\w+)\n(?P<body>.*?)\n```", re.S)
+_RECIPE = re.compile(
+    r"<!-- recipe: (?P<name>[\w.-]+) -->\n```(?P<lang>\w+)\n(?P<body>.*?)\n```", re.S
+)
 
 
 def _recipes() -> dict[str, tuple[str, str]]:
@@ -56,7 +58,8 @@ def _yaml(name: str) -> Any:
 def test_the_kubernetes_job_is_indexed_with_a_shared_volume() -> None:
     job = _yaml("llem-shards.yaml")
     spec = job["spec"]
-    assert job["kind"] == "Job" and spec["completionMode"] == "Indexed"
+    assert job["kind"] == "Job"
+    assert spec["completionMode"] == "Indexed"
     args = " ".join(spec["template"]["spec"]["containers"][0]["args"])
     assert f"--llem-shard=$((JOB_COMPLETION_INDEX + 1))/{spec['completions']}" in args
     assert spec["template"]["spec"]["volumes"][0]["persistentVolumeClaim"]
@@ -70,16 +73,18 @@ def test_the_github_workflow_has_a_matrix_and_a_merge_job() -> None:
     shards = jobs["shard"]["strategy"]["matrix"]["shard"]
     runs = " ".join(step.get("run", "") for step in jobs["shard"]["steps"])
     assert f"--llem-shard=${{{{ matrix.shard }}}}/{len(shards)}" in runs
-    assert jobs["merge"]["needs"] == "shard" and jobs["merge"]["if"] == "always()"
+    assert jobs["merge"]["needs"] == "shard"
+    assert jobs["merge"]["if"] == "always()"
     assert any("llem merge" in step.get("run", "") for step in jobs["merge"]["steps"])
 
 
 def test_the_slurm_array_gives_one_shard_per_task_and_merges_after_any() -> None:
     recipes = _recipes()
     shards = recipes["slurm-shards.sbatch"][1]
-    assert "--llem-shard=\"$SHARD/$SLURM_ARRAY_TASK_COUNT\"" in shards
-    assert "SHARD=$((SLURM_ARRAY_TASK_ID + 1))" in shards and "--llem-gpus=" in shards
-    assert "--dependency=\"afterany:" in recipes["slurm-submit.sh"][1]
+    assert '--llem-shard="$SHARD/$SLURM_ARRAY_TASK_COUNT"' in shards
+    assert "SHARD=$((SLURM_ARRAY_TASK_ID + 1))" in shards
+    assert "--llem-gpus=" in shards
+    assert '--dependency="afterany:' in recipes["slurm-submit.sh"][1]
     assert "llem merge" in recipes["slurm-merge.sbatch"][1]
 
 

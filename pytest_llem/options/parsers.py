@@ -21,8 +21,8 @@ from pytest_llem.exceptions import ConfigurationError, GateError
 from pytest_llem.options.model import MAX_SECONDS, CooldownSpec
 
 if TYPE_CHECKING:
-    from pytest_llem.sharding import ShardSpec
     from pytest_llem.results.gate import GateRule
+    from pytest_llem.sharding import ShardSpec
 
 __all__ = [
     "Assignment",

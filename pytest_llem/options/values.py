@@ -4,11 +4,10 @@ as ``LLEM_SHARD``) over the ini file over the row's default."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
-
-import os
 
 import pytest
 

@@ -164,6 +164,8 @@ def merge_runs(
         options={"merged": sources},
         cases=cases,
         shards=checked.shards if checked else [s for r in records for s in r.shards],
-        partial=checked.partial if checked else next((r.partial for r in records if r.partial), None),
+        partial=checked.partial
+        if checked
+        else next((r.partial for r in records if r.partial), None),
     )
     return Run.from_record(merged)
