@@ -5,6 +5,7 @@ group; a merge with a shard missing fails naming it; ``--allow-partial`` marks t
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -231,12 +232,27 @@ def test_the_environment_and_the_ini_give_the_shard_and_the_command_line_wins(
     assert not env_ids & cli_ids
 
 
+def _shard_ids(pytester: pytest.Pytester, report: str) -> list[str]:
+    assert _run(pytester, report, "--llem-shard=1/2").ret == 0
+    record = read_run_record(pytester.path / report / "llem-report.json")
+    assert record.shard is not None
+    return record.shard.ids
+
+
 def test_past_durations_balance_the_shards(pytester: pytest.Pytester) -> None:
     """A saved run of the suite gives each case its measured seconds; the manifest says so."""
     _suite(pytester)
+    # by the estimate, the three-case group is the largest and goes to shard 1
+    assert all("test_b" in case for case in _shard_ids(pytester, "before"))
     _run(pytester, "saved", "--llem-save=past").assert_outcomes(passed=7)
-    _run(pytester, "s1", "--llem-shard=1/2")
-    record = read_run_record(pytester.path / "s1" / "llem-report.json")
+    (saved,) = (pytester.path / ".llem").glob("*/0001_past_*.json")
+    data = json.loads(saved.read_text())
+    for case in data["cases"]:  # the past run says test_c took far longer than the others
+        if case["id"].endswith("::test_c"):
+            case["repetitions"][0]["duration_s"] = 1000.0
+    saved.write_text(json.dumps(data))
+    assert _shard_ids(pytester, "after") == ["test_suite.py::test_c"]
+    record = read_run_record(pytester.path / "after" / "llem-report.json")
     assert record.shard is not None
     assert "0001_past_" in record.shard.costs
 
@@ -259,3 +275,26 @@ def test_a_shard_under_xdist_runs_the_same_cases_and_records_its_manifest(
     assert parallel.shard.assignment_digest == serial.shard.assignment_digest
     # the group stays whole on one worker, which loads its model once
     assert len(loads.read_text().split()) == 1
+
+
+def test_each_case_keeps_the_machine_of_its_shard(
+    pytester: pytest.Pytester, shards: dict[str, Any]
+) -> None:
+    records = [read_run_record(Path(p)) for p in _paths(pytester, 1, 2, 3)]
+    records[1].machine = records[1].machine.model_copy(update={"hostname": "node2"})
+    merged = merge_runs(records, labels=["a", "b", "c"])
+    hosts = {case.id: case.machine.hostname for case in merged.cases if case.machine}
+    assert len(hosts) == len(merged.cases)
+    assert {hosts[case.id] for case in records[1].cases} == {"node2"}
+    assert {hosts[case.id] for case in records[0].cases} == {records[0].machine.hostname}
+    assert {m.hostname for m in merged.machines} == {"node2", records[0].machine.hostname}
+
+
+def test_a_case_recorded_by_two_shards_is_refused(
+    pytester: pytest.Pytester, shards: dict[str, Any]
+) -> None:
+    records = [read_run_record(Path(p)) for p in _paths(pytester, 1, 2, 3)]
+    stray = records[0].cases[0].model_copy()
+    records[2].cases.append(stray)
+    with pytest.raises(Exception, match=rf"case {re.escape(stray.id)} is in shard 1/3 and"):
+        merge_runs(records, labels=["a", "b", "c"])
