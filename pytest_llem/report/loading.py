@@ -91,6 +91,33 @@ def _unique_machines(machines: Sequence[MachineInfo]) -> list[MachineInfo]:
     return unique
 
 
+def _source(record: RunRecord) -> dict[str, Any]:
+    """What a merged record keeps of one source run under ``options["merged"]``."""
+    return {
+        "run_id": record.run_id,
+        "machine": record.machine.hostname,
+        "created_at": record.created_at.isoformat(),
+        "finished_at": record.finished_at.isoformat() if record.finished_at else None,
+        "options": record.options,
+    }
+
+
+def _merged_cases(records: Sequence[RunRecord]) -> list[CaseRecord]:
+    """Every case with its machine; an id that several records hold gets ``@machine``."""
+    owners: dict[str, int] = {}
+    for record in records:
+        for case_id in {case.id for case in record.cases}:
+            owners[case_id] = owners.get(case_id, 0) + 1
+    cases: list[CaseRecord] = []
+    for record, label in zip(records, _machine_labels(records), strict=True):
+        for case in record.cases:
+            update: dict[str, Any] = {"machine": case_machine(record, case)}
+            if owners[case.id] > 1:
+                update |= {"id": f"{case.id}@{label}", "name": f"{case.name}@{label}"}
+            cases.append(case.model_copy(update=update, deep=True))
+    return cases
+
+
 def merge_runs(
     records: Sequence[RunRecord],
     *,
@@ -130,30 +157,8 @@ def merge_runs(
         )
     names = list(labels) if labels is not None else [r.run_id for r in records]
     checked = check_shards(records, names, allow_partial=allow_partial)
-    owners: dict[str, int] = {}
-    for record in records:
-        for case_id in {case.id for case in record.cases}:
-            owners[case_id] = owners.get(case_id, 0) + 1
-    labels = _machine_labels(records)
-    cases: list[CaseRecord] = []
-    machines: list[MachineInfo] = []
-    sources: list[dict[str, Any]] = []
-    for record, label in zip(records, labels, strict=True):
-        machines += record.machines or [record.machine]
-        sources.append(
-            {
-                "run_id": record.run_id,
-                "machine": record.machine.hostname,
-                "created_at": record.created_at.isoformat(),
-                "finished_at": record.finished_at.isoformat() if record.finished_at else None,
-                "options": record.options,
-            }
-        )
-        for case in record.cases:
-            update: dict[str, Any] = {"machine": case_machine(record, case)}
-            if owners[case.id] > 1:
-                update |= {"id": f"{case.id}@{label}", "name": f"{case.name}@{label}"}
-            cases.append(case.model_copy(update=update, deep=True))
+    cases = _merged_cases(records)
+    machines = [m for record in records for m in record.machines or [record.machine]]
     finished = [r.finished_at for r in records if r.finished_at is not None]
     merged = RunRecord(
         run_id=_merged_id(records),
@@ -161,7 +166,7 @@ def merge_runs(
         finished_at=max(finished) if len(finished) == len(records) else None,
         machine=records[0].machine,
         machines=_unique_machines([*machines, *(c.machine for c in cases if c.machine)]),
-        options={"merged": sources},
+        options={"merged": [_source(record) for record in records]},
         cases=cases,
         shards=checked.shards if checked else [s for r in records for s in r.shards],
         partial=checked.partial
