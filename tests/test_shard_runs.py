@@ -298,3 +298,18 @@ def test_a_case_recorded_by_two_shards_is_refused(
     records[2].cases.append(stray)
     with pytest.raises(Exception, match=rf"case {re.escape(stray.id)} is in shard 1/3 and"):
         merge_runs(records, labels=["a", "b", "c"])
+
+
+def test_more_shards_than_groups_still_write_every_shards_record(
+    pytester: pytest.Pytester, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _suite(pytester)
+    for k in range(1, 6):
+        assert _run(pytester, f"shard{k}", f"--llem-shard={k}/5").ret in (0, 5)
+    empty = read_run_record(Path(_paths(pytester, 5)[0]))
+    assert empty.shard is not None
+    assert empty.shard.ids == []
+    assert empty.cases == []
+    merged = pytester.path / "merged.json"
+    assert main(["merge", *_paths(pytester, 1, 2, 3, 4, 5), "-o", str(merged)]) == 0
+    assert len(read_run_record(merged).cases) == 6
