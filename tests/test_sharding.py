@@ -137,3 +137,20 @@ def test_estimates_and_their_calibration_to_seconds() -> None:
     # the case with history took 2 s for 16 units: 0.125 s per unit
     assert calibration({"a": 16.0, "b": 32.0}, {"a": 2.0}) == pytest.approx(0.125)
     assert calibration({"a": 16.0}, {}) == 1.0
+
+
+def test_the_command_line_wins_over_the_environment_over_the_ini() -> None:
+    from pytest_llem.options import build_options
+
+    def shard(cli: dict[str, str], env: dict[str, str]) -> tuple[object, str]:
+        options = build_options(cli=cli, ini={"shard": "1/4"}, environ=env, invocation_dir=Path())
+        return options.shard, options.origin("shard")
+
+    assert shard({}, {}) == (ShardSpec(1, 4), "ini option llem_shard")
+    assert shard({}, {"LLEM_SHARD": "2/4"}) == (
+        ShardSpec(2, 4),
+        "environment variable LLEM_SHARD",
+    )
+    assert shard({"shard": "3/4"}, {"LLEM_SHARD": "2/4"}) == (ShardSpec(3, 4), "--llem-shard")
+    with pytest.raises(ConfigurationError, match="environment variable LLEM_SHARD: expected K/N"):
+        shard({}, {"LLEM_SHARD": "0/4"})
