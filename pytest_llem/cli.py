@@ -307,9 +307,17 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     from pytest_llem.results.store import atomic_write_text, read_run_record, refuse_overwriting
 
     refuse_overwriting(args.output, args.runs, what="-o")
-    merged = merge_runs([read_run_record(path) for path in args.runs])
+    merged = merge_runs(
+        [read_run_record(path) for path in args.runs],
+        labels=[str(path) for path in args.runs],
+        allow_partial=args.allow_partial,
+    )
     atomic_write_text(args.output, merged.model_dump_json(indent=2) + "\n")
     print(f"{args.output}: {len(merged.cases)} cases from {len(args.runs)} runs")
+    if merged.partial is not None:
+        from pytest_llem.results.shards import partial_note
+
+        print(f"llem merge: warning: {partial_note(merged.partial)}", file=sys.stderr)
     return 0
 
 
@@ -443,9 +451,17 @@ def _add_record_commands(commands: Any) -> None:
     export.add_argument("run", type=Path, help="run record (JSON)")
     export.add_argument("--csv", type=Path, default=None, help="output (default: RUN.csv)")
     export.set_defaults(func=_cmd_export)
-    merge = commands.add_parser("merge", help="merge run records from several machines")
+    merge = commands.add_parser(
+        "merge",
+        help="merge run records from several machines, or the shards of one session (checked complete)",
+    )
     merge.add_argument("runs", type=Path, nargs="+", help="run records (JSON)")
     merge.add_argument("-o", "--output", type=Path, required=True, help="merged record")
+    merge.add_argument(
+        "--allow-partial",
+        action="store_true",
+        help="merge the shards of a session with shards missing, marking the record partial",
+    )
     merge.set_defaults(func=_cmd_merge)
 
 

@@ -38,6 +38,7 @@ __all__ = [
     "budget_rules",
     "case_node_id",
     "gpu_visible",
+    "item_load_key",
     "mark_load_groups",
     "marker_layers",
     "order_by_load",
@@ -276,7 +277,9 @@ def sweep_case_of(item: pytest.Item) -> SweepCase | None:
     return case if isinstance(case, SweepCase) else None
 
 
-def _item_load_key(item: pytest.Item, session: LlemSession) -> object:
+def item_load_key(item: pytest.Item, session: LlemSession) -> object:
+    """The model-load key of an llem item (None when its parameters do not resolve), kept in
+    the item's stash."""
     if _LOAD_KEY in item.stash:
         return item.stash[_LOAD_KEY]
     from pytest_llem.backends.base import load_key
@@ -297,7 +300,7 @@ def order_by_load(items: list[pytest.Item], session: LlemSession) -> list[pytest
     groups: dict[str, list[pytest.Item]] = {}
     for item in items:
         if "llem" in getattr(item, "fixturenames", ()):
-            groups.setdefault(repr(_item_load_key(item, session)), []).append(item)
+            groups.setdefault(repr(item_load_key(item, session)), []).append(item)
     seed = session.options.shuffle_seed
     if seed is None and len(groups) <= 1:
         return items
@@ -335,7 +338,7 @@ def mark_load_groups(items: list[pytest.Item], session: LlemSession) -> dict[str
     for item in items:
         if "llem" not in getattr(item, "fixturenames", ()):
             continue
-        name = load_group_name(_item_load_key(item, session))
+        name = load_group_name(item_load_key(item, session))
         item.stash[LOAD_GROUP] = name
         item.add_marker(pytest.mark.xdist_group(name=name))
         groups[item.nodeid] = name

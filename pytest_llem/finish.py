@@ -207,6 +207,7 @@ def run_record(session: LlemSession, *, root: Path) -> RunRecord:
         baseline=baseline,
         cases=session.cases,
         manifest=this_manifest(root, machine=machine),
+        shard=session.shard,
     )
 
 

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from pytest_llem import hookspecs, xdist_scheduling
+from pytest_llem import hookspecs, shard_session, xdist_scheduling
 from pytest_llem.collection import (
     BUDGET_MARKER,
     MARKER,
@@ -86,6 +86,12 @@ def pytest_configure(config: pytest.Config) -> None:
 def pytest_configure_node(node: Any) -> None:
     """Tell each xdist worker whether, and through which file, load groups are scheduled."""
     xdist_scheduling.configure_node(node)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node: Any, error: Any) -> None:
+    """Take the shard manifest (``--llem-shard``) a finished xdist worker computed."""
+    shard_session.take_worker_manifest(node, node.config.stash.get(SESSION_KEY, None))
 
 
 @pytest.hookimpl(optionalhook=True)
@@ -171,11 +177,13 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Run cases that share a model load together (and shuffle within groups if asked); under
-    ``--dist loadgroup`` (the default with ``-n``) each load group goes to one xdist worker."""
+    """Keep this shard's cases (``--llem-shard``), run cases that share a model load together
+    (and shuffle within groups if asked); under ``--dist loadgroup`` (the default with ``-n``)
+    each load group goes to one xdist worker."""
     session = config.stash.get(SESSION_KEY, None)
     if session is None:
         return
+    shard_session.shard_items(config, items, session)
     items[:] = order_by_load(items, session)
     xdist_scheduling.share_load_groups(config, items, session)
     session.llem_items = {i.nodeid for i in items if "llem" in getattr(i, "fixturenames", ())}

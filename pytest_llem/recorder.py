@@ -163,8 +163,11 @@ class RunRecorder:
         store = llem_session.options.store
         # a gate must judge a run without llem cases too (every baseline case is gone)
         comparing = store is not None and store.compare_baseline is not None
+        # a shard with no case assigned still writes its manifest: the merge must see it
+        collect_only = bool(getattr(self.config.option, "collectonly", False))
+        wanted = llem_session.cases or comparing or (llem_session.shard and not collect_only)
         try:
-            if (llem_session.cases or comparing) and not hasattr(self.config, "workerinput"):
+            if wanted and not hasattr(self.config, "workerinput"):
                 record = run_record(llem_session, root=self.config.rootpath)
                 llem_session.record = record
                 llem_session.finish = finish_run(record, llem_session.options)

@@ -26,6 +26,7 @@ from pytest_llem.results.models import (
     LoadRecord,
     MeterRecord,
     RunRecord,
+    ShardManifest,
 )
 
 if TYPE_CHECKING:
@@ -330,6 +331,7 @@ class LlemSession:
     finish: Any = None
     journal: Any = None
     llem_items: set[str] = field(default_factory=set)
+    shard: ShardManifest | None = None
     store_error: str | None = None
     journal_error: str | None = None
     baseline: BaselineState | None = None

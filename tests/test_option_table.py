@@ -21,6 +21,7 @@ from pytest_llem.options import (
     option,
 )
 from pytest_llem.options.parsers import Assignment, SweepAxis
+from pytest_llem.sharding import ShardSpec
 
 pytest_plugins = ["pytester"]
 
@@ -56,6 +57,7 @@ EXAMPLES: dict[str, tuple[Any, Any, tuple[str, str] | None]] = {
         SweepAxis("batch_size", (1, 2), "batch_size=1,2"),
         ("batch_size", "expected KEY=V1,V2"),
     ),
+    "shard": ("2/3", ShardSpec(2, 3), ("4/3", "expected K/N with 1 <= K <= N")),
     "shuffle": ("7", 7, ("-1", "the seed must be >= 0")),
     "save": ("nightly", "nightly", None),
     "autosave": (True, True, None),

@@ -74,7 +74,13 @@ def test_only_a_running_llem_test_without_a_case_is_marked_interrupted() -> None
 
 def _session(**fields: Any) -> Any:
     given = {"options": SimpleNamespace(given={"repeat": 1}, store=None)}
-    state = {"record": None, "store_error": None, "journal_error": None, "finish": None}
+    state = {
+        "record": None,
+        "store_error": None,
+        "journal_error": None,
+        "finish": None,
+        "shard": None,
+    }
     return SimpleNamespace(**{**given, **state, "journal": None, **fields})
 
 

@@ -43,6 +43,7 @@ def build_options(
     cli: Mapping[str, Any],
     ini: Mapping[str, Any],
     invocation_dir: Path,
+    environ: Mapping[str, str] | None = None,
     backend_names: Sequence[str] = BUILTIN_BACKENDS,
     meter_names: Sequence[str] = METER_CHOICES,
 ) -> LlemOptions:
@@ -55,7 +56,7 @@ def build_options(
         ConfigurationError: naming the option or ini key, the problem and the allowed values.
     """
     return options_from_values(
-        OptionValues.from_text(cli, ini),
+        OptionValues.from_text(cli, ini, environ),
         invocation_dir=invocation_dir,
         backend_names=backend_names,
         meter_names=meter_names,
@@ -107,6 +108,7 @@ def options_from_values(
     energy = _energy(values)
     report_dir = _absolute(values.get(option("report_dir")), invocation_dir)
     isolation = values.get(option("isolation"))
+    shard = values.get(option("shard"))
     shuffle_seed = values.cli(option("shuffle"))
     origins = {row.name: values.chosen(row).origin for row in OPTIONS}
     given = {
@@ -121,6 +123,8 @@ def options_from_values(
         "cooldown": str(energy.cooldown),
         "isolation": isolation,
     }
+    if shard is not None:
+        given["shard"] = str(shard)
     return LlemOptions(
         cli_layer=cli_layer,
         ini_layer=ini_layer,
@@ -137,6 +141,7 @@ def options_from_values(
         gpu_groups=values.get(option("gpus")),
         isolation=isolation,
         timeout_s=values.get(option("timeout_s")) or None,
+        shard=shard,
         origins=origins,
     )
 

@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from pytest_llem.config.meter_names import METER_CHOICES
 from pytest_llem.config.models import BUILTIN_BACKENDS
 from pytest_llem.results.models import RunRecord
+from pytest_llem.sharding import ShardSpec
 
 __all__ = [
     "DEFAULT_BASELINE_S",
@@ -121,6 +122,7 @@ class LlemOptions(_Frozen):
     gpu_groups: tuple[tuple[int, ...], ...] | None = None
     isolation: Literal["warn", "skip", "fail"] = "warn"
     timeout_s: float | None = None
+    shard: ShardSpec | None = None
     origins: dict[str, str] = Field(default_factory=dict)
 
     @property

@@ -22,6 +22,7 @@ from pytest_llem.options.model import MAX_SECONDS, CooldownSpec
 
 if TYPE_CHECKING:
     from pytest_llem.results.gate import GateRule
+    from pytest_llem.sharding import ShardSpec
 
 __all__ = [
     "Assignment",
@@ -37,6 +38,7 @@ __all__ = [
     "parse_path",
     "parse_seconds",
     "parse_seed",
+    "parse_shard",
     "parse_sweep_line",
     "parse_text",
 ]
@@ -169,6 +171,13 @@ def parse_seed(text: str) -> int:
     if seed < 0:
         raise ConfigurationError(f"the seed must be >= 0, got {seed}")
     return seed
+
+
+def parse_shard(text: str) -> ShardSpec:
+    """``K/N``: shard K of N, ``1 <= K <= N``."""
+    from pytest_llem.sharding import parse_shard as parse
+
+    return parse(text)
 
 
 def parse_fail_on(text: str) -> tuple[GateRule, ...]:

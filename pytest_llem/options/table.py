@@ -36,6 +36,7 @@ from pytest_llem.options.parsers import (
     parse_path,
     parse_seconds,
     parse_seed,
+    parse_shard,
     parse_sweep_line,
     parse_text,
 )
@@ -88,6 +89,7 @@ class Option(Generic[T]):
     ini: bool = True
     ini_help: str | None = None
     show: Callable[[Any], Any] = _shown
+    env: str | None = None
 
     @property
     def flag(self) -> str:
@@ -103,6 +105,11 @@ class Option(Generic[T]):
     def ini_key(self) -> str | None:
         """The ini key, ``llem_NAME``; None for a command-line-only option."""
         return f"llem_{self.name}" if self.ini else None
+
+    @property
+    def env_origin(self) -> str:
+        """How a message names the environment variable."""
+        return f"environment variable {self.env}"
 
     @property
     def ini_origin(self) -> str:
@@ -253,6 +260,16 @@ OPTIONS: tuple[Option[Any], ...] = (
         form="lines",
         metavar="KEY=V1,V2",
         ini_help="Sweep axes as KEY=V1,V2 lines.",
+    ),
+    _row(
+        "shard",
+        "Run shard K of N of the session: whole model-load groups are assigned to N shards, "
+        "balanced by expected cost, the same on every node; the other cases are deselected "
+        "(also env LLEM_SHARD; command line > env > ini).",
+        parse_shard,
+        metavar="K/N",
+        env="LLEM_SHARD",
+        ini_help="Run shard K of N (K/N). Overridden by LLEM_SHARD and --llem-shard.",
     ),
     _row(
         "shuffle",

@@ -1,8 +1,10 @@
 """Each option's value from each source, parsed by its row of the option table, and the rule
-that picks one: the command line over the ini file over the row's default."""
+that picks one: the command line over the environment (for the rows that name a variable, such
+as ``LLEM_SHARD``) over the ini file over the row's default."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
@@ -33,12 +35,19 @@ def _given(value: Any) -> bool:
 
 
 class OptionValues:
-    """The parsed values of every option, as the command line and the ini file give them."""
+    """The parsed values of every option, as the command line, the environment and the ini
+    file give them."""
 
-    def __init__(self, cli: Mapping[str, Any], ini: Mapping[str, Any]) -> None:
+    def __init__(
+        self,
+        cli: Mapping[str, Any],
+        ini: Mapping[str, Any],
+        env: Mapping[str, Any] | None = None,
+    ) -> None:
         """Keep values already parsed, by option name (absent or None: not given)."""
         self._cli = dict(cli)
         self._ini = dict(ini)
+        self._env = dict(env or {})
 
     @classmethod
     def from_config(cls, config: pytest.Config) -> OptionValues:
@@ -52,12 +61,17 @@ class OptionValues:
         for row in OPTIONS:
             if row.ini_key is not None:
                 ini[row.name] = _read(row, config.getini(row.ini_key), row.ini_origin)
-        return cls(cli, ini)
+        return cls(cli, ini, _environment(os.environ))
 
     @classmethod
-    def from_text(cls, cli: Mapping[str, Any], ini: Mapping[str, Any]) -> OptionValues:
+    def from_text(
+        cls,
+        cli: Mapping[str, Any],
+        ini: Mapping[str, Any],
+        environ: Mapping[str, str] | None = None,
+    ) -> OptionValues:
         """Values as a user writes them, by option name: a string, a list of lines for a
-        repeatable option, a bool for a flag.
+        repeatable option, a bool for a flag; ``environ`` holds environment variables by name.
 
         Raises:
             ConfigurationError: a value its parser refuses, naming the flag or ini key.
@@ -68,7 +82,7 @@ class OptionValues:
             for row in OPTIONS
             if row.ini_key is not None
         }
-        return cls(parsed_cli, parsed_ini)
+        return cls(parsed_cli, parsed_ini, _environment(environ or {}))
 
     def cli(self, option: Option[T]) -> T | None:
         """The command line's value of ``option``; None when not given there."""
@@ -78,6 +92,11 @@ class OptionValues:
     def ini(self, option: Option[T]) -> T | None:
         """The ini file's value of ``option``; None when not given there."""
         value = self._ini.get(option.name)
+        return value if _given(value) else None
+
+    def env(self, option: Option[T]) -> T | None:
+        """The environment's value of ``option``; None when not given there."""
+        value = self._env.get(option.name)
         return value if _given(value) else None
 
     def lines(self, option: Option[T], *, ini: bool = False) -> tuple[T, ...]:
@@ -90,10 +109,14 @@ class OptionValues:
         return bool(self._cli.get(option.name))
 
     def chosen(self, option: Option[T]) -> Chosen[T]:
-        """The winning value: the command line's, else the ini file's, else the default."""
+        """The winning value: the command line's, else the environment's, else the ini
+        file's, else the default."""
         value = self.cli(option)
         if value is not None:
             return Chosen(value, option.flag, from_command_line=True)
+        value = self.env(option)
+        if value is not None:
+            return Chosen(value, option.env_origin)
         value = self.ini(option)
         if value is not None:
             return Chosen(value, option.ini_origin)
@@ -116,6 +139,19 @@ class OptionValues:
             else:
                 shown[row.name] = row.show(value)
         return shown
+
+
+def _environment(environ: Mapping[str, str]) -> dict[str, Any]:
+    """The values the environment gives for the rows that name a variable, parsed.
+
+    Raises:
+        ConfigurationError: a value its parser refuses, naming the variable.
+    """
+    found: dict[str, Any] = {}
+    for row in OPTIONS:
+        if row.env is not None and row.env in environ:
+            found[row.name] = _read(row, environ[row.env], row.env_origin)
+    return found
 
 
 def _read(row: Option[Any], raw: Any, origin: str) -> Any:

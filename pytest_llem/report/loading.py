@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 from pytest_llem.exceptions import ResultStoreError
 from pytest_llem.report.tables import case_machine, case_rows, table_columns
 from pytest_llem.results.models import CaseRecord, MachineInfo, RunRecord
+from pytest_llem.results.shards import check_shards
 from pytest_llem.results.store import read_run_record
 
 if TYPE_CHECKING:
@@ -90,8 +91,45 @@ def _unique_machines(machines: Sequence[MachineInfo]) -> list[MachineInfo]:
     return unique
 
 
-def merge_runs(records: Sequence[RunRecord]) -> Run:
+def _source(record: RunRecord) -> dict[str, Any]:
+    """What a merged record keeps of one source run under ``options["merged"]``."""
+    return {
+        "run_id": record.run_id,
+        "machine": record.machine.hostname,
+        "created_at": record.created_at.isoformat(),
+        "finished_at": record.finished_at.isoformat() if record.finished_at else None,
+        "options": record.options,
+        "manifest": record.manifest.model_dump(mode="json") if record.manifest else None,
+    }
+
+
+def _merged_cases(records: Sequence[RunRecord]) -> list[CaseRecord]:
+    """Every case with its machine; an id that several records hold gets ``@machine``."""
+    owners: dict[str, int] = {}
+    for record in records:
+        for case_id in {case.id for case in record.cases}:
+            owners[case_id] = owners.get(case_id, 0) + 1
+    cases: list[CaseRecord] = []
+    for record, label in zip(records, _machine_labels(records), strict=True):
+        for case in record.cases:
+            update: dict[str, Any] = {"machine": case_machine(record, case)}
+            if owners[case.id] > 1:
+                update |= {"id": f"{case.id}@{label}", "name": f"{case.name}@{label}"}
+            cases.append(case.model_copy(update=update, deep=True))
+    return cases
+
+
+def merge_runs(
+    records: Sequence[RunRecord],
+    *,
+    labels: Sequence[str] | None = None,
+    allow_partial: bool = False,
+) -> Run:
     """Merge the run records of several machines (or several runs) into one.
+
+    Shards of one session (``--llem-shard``) are checked first (``results.shards``): every
+    shard once, one collection and commit, no case twice; the merged record lists them in
+    ``shards`` and, with ``allow_partial``, says what is missing in ``partial``.
 
     Every case keeps the machine it ran on (``CaseRecord.machine``); the merged record lists
     every machine in ``machines`` and, under ``options["merged"]``, each source run's id,
@@ -102,12 +140,15 @@ def merge_runs(records: Sequence[RunRecord]) -> Run:
 
     Args:
         records: The records, in the order their cases should appear; merged records are fine.
+        labels: How error messages name each record (default: its run id).
+        allow_partial: Merge shards of a session with shards missing, marked partial.
 
     Returns:
         The merged record; its ``machine`` is the first record's.
 
     Raises:
-        ResultStoreError: no records, or records of different schema versions.
+        ResultStoreError: no records, records of different schema versions, or shards that
+            do not make one whole session (``shard 2/3 missing``).
     """
     if not records:
         raise ResultStoreError("nothing to merge: no run records given")
@@ -116,31 +157,10 @@ def merge_runs(records: Sequence[RunRecord]) -> Run:
         raise ResultStoreError(
             f"cannot merge run records of different schema versions: {', '.join(versions)}"
         )
-    owners: dict[str, int] = {}
-    for record in records:
-        for case_id in {case.id for case in record.cases}:
-            owners[case_id] = owners.get(case_id, 0) + 1
-    labels = _machine_labels(records)
-    cases: list[CaseRecord] = []
-    machines: list[MachineInfo] = []
-    sources: list[dict[str, Any]] = []
-    for record, label in zip(records, labels, strict=True):
-        machines += record.machines or [record.machine]
-        sources.append(
-            {
-                "run_id": record.run_id,
-                "machine": record.machine.hostname,
-                "created_at": record.created_at.isoformat(),
-                "finished_at": record.finished_at.isoformat() if record.finished_at else None,
-                "options": record.options,
-                "manifest": record.manifest.model_dump(mode="json") if record.manifest else None,
-            }
-        )
-        for case in record.cases:
-            update: dict[str, Any] = {"machine": case_machine(record, case)}
-            if owners[case.id] > 1:
-                update |= {"id": f"{case.id}@{label}", "name": f"{case.name}@{label}"}
-            cases.append(case.model_copy(update=update, deep=True))
+    names = list(labels) if labels is not None else [r.run_id for r in records]
+    checked = check_shards(records, names, allow_partial=allow_partial)
+    cases = _merged_cases(records)
+    machines = [m for record in records for m in record.machines or [record.machine]]
     finished = [r.finished_at for r in records if r.finished_at is not None]
     merged = RunRecord(
         run_id=_merged_id(records),
@@ -148,11 +168,15 @@ def merge_runs(records: Sequence[RunRecord]) -> Run:
         finished_at=max(finished) if len(finished) == len(records) else None,
         machine=records[0].machine,
         machines=_unique_machines([*machines, *(c.machine for c in cases if c.machine)]),
-        options={"merged": sources},
+        options={"merged": [_source(record) for record in records]},
         cases=cases,
         # One manifest stands for the merged run only where every source had the same.
         manifest=records[0].manifest
         if all(record.manifest == records[0].manifest for record in records)
         else None,
+        shards=checked.shards if checked else [s for r in records for s in r.shards],
+        partial=checked.partial
+        if checked
+        else next((r.partial for r in records if r.partial), None),
     )
     return Run.from_record(merged)

@@ -200,4 +200,20 @@ def summary_lines(record: RunRecord) -> list[str]:
     baseline = _baseline_line(record)
     if baseline is not None:
         lines.append(baseline)
-    return [*lines, *_flag_lines(record), *_skip_lines(record)]
+    return [*lines, *_shard_lines(record), *_flag_lines(record), *_skip_lines(record)]
+
+
+def _shard_lines(record: RunRecord) -> list[str]:
+    """What share of a sharded session the record holds, and what a partial merge lacks."""
+    from pytest_llem.results.shards import partial_note
+
+    lines = []
+    if record.shard is not None:
+        shard = record.shard
+        lines.append(
+            f"shard {shard.label}: {len(shard.ids)} of {shard.collection_size} llem cases, "
+            f"{shard.groups} model-load group(s), balanced by {shard.costs}"
+        )
+    if record.partial is not None:
+        lines.append(partial_note(record.partial))
+    return lines

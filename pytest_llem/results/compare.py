@@ -273,7 +273,8 @@ def _gone_metric(base: CaseRecord, rule: GateRule, *, gate_estimated: bool) -> M
 
 
 def _run_problems(baseline: RunRecord, current: RunRecord) -> list[str]:
-    """Why nothing at all can be judged: no measured baseline case, or no current case."""
+    """Why nothing at all can be judged: no measured baseline case, or no current case; or
+    why some cannot: a partial merged record of shards on either side."""
     problems = []
     if not any(_measured(case) for case in baseline.cases):
         counts: dict[str, int] = {}
@@ -284,6 +285,11 @@ def _run_problems(baseline: RunRecord, current: RunRecord) -> list[str]:
         problems.append(f"the baseline has {what}: nothing to compare against")
     if not current.cases:
         problems.append("the current run has no case: nothing to judge")
+    for which, record in (("baseline", baseline), ("current run", current)):
+        if record.partial is not None:
+            from pytest_llem.results.shards import partial_note
+
+            problems.append(f"the {which} is a {partial_note(record.partial)}")
     return problems
 
 

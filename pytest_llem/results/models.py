@@ -13,6 +13,15 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from pytest_llem.results.manifests import (
+    ContainerInfo,
+    GpuManifest,
+    PartialRecord,
+    PythonEnvironment,
+    RunManifest,
+    ShardManifest,
+)
+
 __all__ = [
     "SCHEMA_VERSION",
     "SUPPORTED_SCHEMA_VERSIONS",
@@ -34,6 +43,7 @@ __all__ = [
     "MeterRecord",
     "MetricSummary",
     "MetricUnavailableError",
+    "PartialRecord",
     "PowerTimelineRecord",
     "PromptsRecord",
     "PythonEnvironment",
@@ -41,6 +51,7 @@ __all__ = [
     "RunManifest",
     "RunRecord",
     "ServerLoadRecord",
+    "ShardManifest",
     "UncheckedDevice",
     "unsupported_schema_version",
 ]
@@ -445,96 +456,6 @@ class MachineInfo(_Record):
     git_dirty: bool | None = None
 
 
-class GpuManifest(_Record):
-    """One GPU's settings that change what it draws, read from NVML when the run ended.
-
-    A value NVML could not give is None and ``unknown`` says why, field by field.
-    """
-
-    index: int = Field(description="The index this process sees (after CUDA_VISIBLE_DEVICES).")
-    name: str
-    uuid: str | None = None
-    power_limit_w: float | None = Field(
-        default=None, description="Enforced power limit, W (nvmlDeviceGetEnforcedPowerLimit)."
-    )
-    default_power_limit_w: float | None = Field(
-        default=None,
-        description="The board's default power limit, W "
-        "(nvmlDeviceGetPowerManagementDefaultLimit).",
-    )
-    persistence_mode: bool | None = Field(
-        default=None, description="Driver persistence mode on (nvmlDeviceGetPersistenceMode)."
-    )
-    ecc_enabled: bool | None = Field(
-        default=None, description="ECC memory on, current mode (nvmlDeviceGetEccMode)."
-    )
-    mig_enabled: bool | None = Field(
-        default=None, description="MIG mode on, current mode (nvmlDeviceGetMigMode)."
-    )
-    application_sm_clock_mhz: float | None = Field(
-        default=None, description="Application SM clock, MHz (nvmlDeviceGetApplicationsClock)."
-    )
-    application_memory_clock_mhz: float | None = Field(
-        default=None, description="Application memory clock, MHz (nvmlDeviceGetApplicationsClock)."
-    )
-    unknown: dict[str, str] = Field(
-        default_factory=dict, description="Field -> why NVML could not give it."
-    )
-
-
-class ContainerInfo(_Record):
-    """Whether the run was in a container, and which image, as far as it can be known.
-
-    The image and its digest come only from ``LLEM_CONTAINER_IMAGE`` (a container cannot see
-    the digest of its own image); a digest is never guessed.
-    """
-
-    detected: bool = Field(description="A container runtime's marker was found (see evidence).")
-    runtime: str | None = Field(default=None, description="docker, podman, kubernetes, ...")
-    evidence: list[str] = Field(default_factory=list, description="What the detection saw.")
-    image: str | None = Field(default=None, description="The image reference the user gave.")
-    image_digest: str | None = Field(
-        default=None, description="sha256:<64 hex> from LLEM_CONTAINER_IMAGE, else None."
-    )
-    note: str | None = None
-
-
-class PythonEnvironment(_Record):
-    """The Python environment: every installed distribution and a digest of the list."""
-
-    version: str
-    implementation: str
-    packages: dict[str, str] = Field(
-        default_factory=dict, description="Normalised distribution name -> version, sorted."
-    )
-    packages_digest: str = Field(
-        description="sha256:<hex> of the sorted name==version lines joined by newlines."
-    )
-
-
-class RunManifest(_Record):
-    """What a run needs to be reproduced: driver, CUDA, GPU settings, container, Python
-    environment, commit and profile, collected when the run ended."""
-
-    driver_version: str | None = Field(default=None, description="NVIDIA driver (NVML).")
-    cuda_driver_version: str | None = Field(
-        default=None,
-        description="The CUDA version the driver supports (nvmlSystemGetCudaDriverVersion).",
-    )
-    cuda_runtime_version: str | None = Field(
-        default=None,
-        description="The CUDA version the loaded torch was built with (None: torch not loaded "
-        "or a CPU build).",
-    )
-    gpus: list[GpuManifest] = Field(default_factory=list)
-    gpu_note: str | None = Field(default=None, description="Why there are no GPUs, if none.")
-    container: ContainerInfo
-    python: PythonEnvironment
-    git_commit: str | None = None
-    git_dirty: bool | None = None
-    profile: str | None = Field(default=None, description="The workload profile that ran.")
-
-
 class RunRecord(_Record):
     """One pytest session's benchmark results: the document reports are built from."""
 
@@ -559,4 +480,13 @@ class RunRecord(_Record):
     manifest: RunManifest | None = Field(
         default=None,
         description="What the run needs to be reproduced (None: a record from before it).",
+    )
+    shard: ShardManifest | None = Field(
+        default=None, description="The shard this run is (--llem-shard=K/N; None: not sharded)."
+    )
+    shards: list[ShardManifest] = Field(
+        default_factory=list, description="The shards a merged record was made of."
+    )
+    partial: PartialRecord | None = Field(
+        default=None, description="A merged record of shards with shards missing (None: whole)."
     )

@@ -24,6 +24,7 @@ __all__ = [
     "resolve_baseline",
     "safe_name",
     "save_run",
+    "saved_runs_newest_first",
 ]
 
 #: Storage folder when neither ``--llem-storage`` nor the ini key is given.
@@ -125,6 +126,13 @@ def _machines(storage: Path) -> list[str]:
     return sorted(
         p.name for p in storage.iterdir() if p.is_dir() and list_saved_runs(storage, p.name)
     )
+
+
+def saved_runs_newest_first(storage: Path) -> list[SavedRun]:
+    """Every machine's saved runs, newest first by their time stamp (then machine id and
+    counter, so the order is the same wherever the folder is read)."""
+    runs = [run for machine in _machines(storage) for run in list_saved_runs(storage, machine)]
+    return sorted(runs, key=lambda run: (run.stamp, run.machine, run.counter), reverse=True)
 
 
 def save_run(record: RunRecord, storage: Path, name: str | None = None) -> Path:
