@@ -194,6 +194,7 @@ def test_the_run_record_carries_the_manifest(
         cases=[CaseRecord(id="a", name="a")],
         baseline=None,
         options=SimpleNamespace(given={}),
+        shard=None,
     )
 
     record = run_record(session, root=tmp_path)  # type: ignore[arg-type]
