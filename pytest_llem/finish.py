@@ -199,6 +199,7 @@ def run_record(session: LlemSession, *, root: Path) -> RunRecord:
         machine=this_machine(root),
         options=session.options.given,
         baseline=baseline,
+        profile=session.options.profile,
         cases=session.cases,
     )
 

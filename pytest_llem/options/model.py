@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from pytest_llem.config.meter_names import METER_CHOICES
 from pytest_llem.config.models import BUILTIN_BACKENDS
-from pytest_llem.results.models import RunRecord
+from pytest_llem.results.models import ProfileRecord, RunRecord
 
 __all__ = [
     "DEFAULT_BASELINE_S",
@@ -122,6 +122,9 @@ class LlemOptions(_Frozen):
     isolation: Literal["warn", "skip", "fail"] = "warn"
     timeout_s: float | None = None
     origins: dict[str, str] = Field(default_factory=dict)
+    profile: ProfileRecord = Field(
+        default_factory=lambda: ProfileRecord(name="smoke", reason="the default")
+    )
 
     @property
     def sweep_axes(self) -> dict[str, list[Any]]:
