@@ -11,6 +11,8 @@ the grid a paper would publish. docs/profiles.md gives each shape's lengths and 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 
 from pytest_llem.config.profiles import by_profile
@@ -19,15 +21,20 @@ from pytest_llem.config.profiles import by_profile
 SLO = {"ttft_ms": 2000, "tpot_ms": 100}
 
 
-def shape(workload: str, **lengths: object) -> pytest.MarkDecorator:
-    """The ``llem`` marker of a shape: its label, its lengths, its per-profile request count."""
-    return pytest.mark.llem(
-        workload=workload,
-        prompts="synthetic",
-        num_prompts=by_profile(smoke=8, standard=128, full=512),
-        repeat=by_profile(smoke=3, full=5),
-        **lengths,
-    )
+def shape(workload: str, **lengths: object) -> Callable[[type], type]:
+    """The markers of a shape: its label (a one-value sweep, so every id names the shape), its
+    lengths and its per-profile request count."""
+
+    def mark(cls: type) -> type:
+        cls = pytest.mark.llem_sweep(workload=[workload])(cls)
+        return pytest.mark.llem(
+            prompts="synthetic",
+            num_prompts=by_profile(smoke=4, standard=128, full=512),
+            repeat=by_profile(smoke=3, full=5),
+            **lengths,
+        )(cls)
+
+    return mark
 
 
 def exact(input_tokens: object, output_tokens: object) -> dict[str, object]:
@@ -60,7 +67,7 @@ class Scenarios:
         assert energy.median is None or energy.median > 0  # no meter: no figure, never a zero
 
     @pytest.mark.llem(
-        scenario="single_stream", num_prompts=by_profile(smoke=4, standard=8, full=32)
+        scenario="single_stream", num_prompts=by_profile(smoke=3, standard=8, full=32)
     )
     def test_single_stream(self, llem):
         result = llem.run()
@@ -78,7 +85,7 @@ class Scenarios:
         slo=SLO,
     )
     @pytest.mark.llem_sweep(
-        **{"traffic.rate": by_profile(smoke=[8], standard=[1, 4, 16], full=[1, 2, 4, 8, 16, 32])}
+        **{"traffic.rate": by_profile(smoke=[4], standard=[1, 4, 16], full=[1, 2, 4, 8, 16, 32])}
     )
     def test_server(self, llem):
         result = llem.run()
@@ -93,19 +100,19 @@ class Scenarios:
 @shape(
     "chat",
     lengths="sharegpt",
-    max_input_tokens=by_profile(smoke=64, standard=2048),
-    max_new_tokens=by_profile(smoke=16, standard=512),
+    max_input_tokens=by_profile(smoke=48, standard=2048),
+    max_new_tokens=by_profile(smoke=8, standard=512),
 )
 class TestChat(Scenarios):
     """Chat: a ShareGPT-like mix of short and long turns, lengths drawn per request."""
 
 
-@shape("summarisation", **exact(by_profile(smoke=96, standard=2048), by_profile(smoke=4, standard=128)))
+@shape("summarisation", **exact(by_profile(smoke=64, standard=2048), by_profile(smoke=4, standard=128)))
 class TestSummarisation(Scenarios):
     """Summarisation: long input, short output (prefill-heavy)."""
 
 
-@shape("generation", **exact(by_profile(smoke=8, standard=128), by_profile(smoke=32, standard=512)))
+@shape("generation", **exact(by_profile(smoke=8, standard=128), by_profile(smoke=16, standard=512)))
 class TestGeneration(Scenarios):
     """Generation: short input, long output (decode-heavy)."""
 
