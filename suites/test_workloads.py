@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 import pytest
 
-from pytest_llem.config.profiles import by_profile
+from pytest_llem import by_profile
 
 #: The server SLO of every shape (MLPerf's bounds for Llama 3.1 8B as a server).
 SLO = {"ttft_ms": 2000, "tpot_ms": 100}

@@ -201,7 +201,7 @@ def test_the_record_says_which_profile_ran_and_why(pytester: pytest.Pytester) ->
     pytester.makepyfile(
         """
         import pytest
-        from pytest_llem.config.profiles import by_profile
+        from pytest_llem import by_profile
 
         @pytest.mark.llem(num_prompts=by_profile(smoke=2, standard=3), max_new_tokens=2, warmup=0)
         def test_case(llem):
