@@ -107,7 +107,9 @@ class TestChat(Scenarios):
     """Chat: a ShareGPT-like mix of short and long turns, lengths drawn per request."""
 
 
-@shape("summarisation", **exact(by_profile(smoke=64, standard=2048), by_profile(smoke=4, standard=128)))
+@shape(
+    "summarisation", **exact(by_profile(smoke=64, standard=2048), by_profile(smoke=4, standard=128))
+)
 class TestSummarisation(Scenarios):
     """Summarisation: long input, short output (prefill-heavy)."""
 

@@ -91,9 +91,12 @@ def test_auto_picks_standard_only_where_a_cuda_gpu_will_run(
 ) -> None:
     for name in files:
         (tmp_path / name).touch()
-    chosen = choose_profile("auto", "the default", layers=layers, device_files=tmp_path, environ=environ)
+    chosen = choose_profile(
+        "auto", "the default", layers=layers, device_files=tmp_path, environ=environ
+    )
     assert chosen.name == expected
-    assert chosen.reason.startswith("auto: ") and why in chosen.reason
+    assert chosen.reason.startswith("auto: ")
+    assert why in chosen.reason
 
 
 def test_a_missing_device_folder_means_no_gpu(tmp_path: Path) -> None:
@@ -142,8 +145,10 @@ def test_smoke_collects_every_shape_small(pytester: pytest.Pytester) -> None:
     assert "TestChat::test_offline[chat-bs1]" in cases
     assert "TestFixed::test_server[fixed-rate4]" in cases
     for case in cases.values():
-        assert case.model == "llem-tiny" and case.prompts == "synthetic"
-        assert case.max_input_tokens <= 64 and case.max_new_tokens <= 16
+        assert case.model == "llem-tiny"
+        assert case.prompts == "synthetic"
+        assert case.max_input_tokens <= 64
+        assert case.max_new_tokens <= 16
         assert case.num_prompts <= 4
 
 
@@ -157,9 +162,11 @@ def test_standard_collects_every_shape_in_every_scenario_with_realistic_lengths(
         assert sorted(c.batch_size for c in grid[shape, "offline"]) == [16, 64, 128]
         assert sorted(c.traffic.rate for c in grid[shape, "server"]) == [1, 4, 16]
         for case in grid[shape, "server"]:
-            assert case.slo.ttft_ms is not None and case.traffic.duration_s == 10
+            assert case.slo.ttft_ms is not None
+            assert case.traffic.duration_s == 10
     for case in cases.values():
-        assert case.max_input_tokens <= 2048 and case.max_new_tokens <= 512
+        assert case.max_input_tokens <= 2048
+        assert case.max_new_tokens <= 512
     chat = grid["chat", "offline"][0]
     assert (chat.lengths, chat.max_input_tokens, chat.max_new_tokens) == ("sharegpt", 2048, 512)
     summarisation = grid["summarisation", "offline"][0]
@@ -182,7 +189,9 @@ def test_a_long_run_prints_its_estimate_and_the_header_names_the_profile(
     pytester: pytest.Pytester,
 ) -> None:
     shutil.copy(SUITE, pytester.path / SUITE.name)
-    standard = pytester.runpytest("--collect-only", "-p", "no:cacheprovider", "--llem-profile=standard")
+    standard = pytester.runpytest(
+        "--collect-only", "-p", "no:cacheprovider", "--llem-profile=standard"
+    )
     standard.stdout.fnmatch_lines(
         [
             "llem profile: standard (--llem-profile=standard)",

@@ -104,15 +104,23 @@ def test_synthetic_prompts_feed_the_backend_their_ids(fake: FakeBackend) -> None
 
 def test_sharegpt_lengths_are_drawn_per_request_within_the_caps(fake: FakeBackend) -> None:
     case = _case(
-        prompts="synthetic", lengths="sharegpt", num_prompts=40, max_input_tokens=50,
-        max_new_tokens=1000, min_new_tokens=2, seed=3,
+        prompts="synthetic",
+        lengths="sharegpt",
+        num_prompts=40,
+        max_input_tokens=50,
+        max_new_tokens=1000,
+        min_new_tokens=2,
+        seed=3,
     )
     got = build_prompt_set(case, fake)
     inputs = [len(r.token_ids or ()) for r in got.requests]
     outputs = [r.output_tokens for r in got.requests]
-    assert inputs == got.input_lengths and got.truncated == 0
-    assert all(4 <= n <= 50 for n in inputs) and len(set(inputs)) > 5
-    assert all(o is not None and 2 <= o <= 1000 for o in outputs) and len(set(outputs)) > 5
+    assert inputs == got.input_lengths
+    assert got.truncated == 0
+    assert all(4 <= n <= 50 for n in inputs)
+    assert len(set(inputs)) > 5
+    assert all(o is not None and 2 <= o <= 1000 for o in outputs)
+    assert len(set(outputs)) > 5
     assert "ShareGPT-like mix (seed 3)" in got.notes[0]
     # the backend generates each request's own length
     out = fake.generate(got.requests, params=GenerateParams(max_new_tokens=1000))
@@ -129,7 +137,9 @@ def test_the_sharegpt_mix_has_the_documented_means() -> None:
     from pytest_llem.data.lengths import SHAREGPT_MIX, draw_lengths
 
     case = _case(
-        prompts="synthetic", lengths="sharegpt", max_input_tokens=1_000_000,
+        prompts="synthetic",
+        lengths="sharegpt",
+        max_input_tokens=1_000_000,
         max_new_tokens=1_000_000,
     )
     drawn = draw_lengths(case, 20_000)

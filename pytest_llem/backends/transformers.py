@@ -489,7 +489,6 @@ class _TokenClock:
             if self.on_token is not None:
                 self.on_token(self.request_indices[row], token, now)
 
-
     def limit(self, row: int) -> int | None:
         """The row's own output length, if it has one."""
         return None if self.limits is None else self.limits[row]

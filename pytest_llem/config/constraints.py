@@ -129,7 +129,9 @@ CONSTRAINTS: tuple[Constraint, ...] = (
         "synthetic-needs-input-tokens",
         ("prompts", "input_tokens"),
         "input_tokens is set exactly when prompts='synthetic'",
-        lambda c: c.lengths != "exact" or (c.prompts == "synthetic") == (c.input_tokens is not None),
+        lambda c: (
+            c.lengths != "exact" or (c.prompts == "synthetic") == (c.input_tokens is not None)
+        ),
     ),
     Constraint(
         "drawn-lengths-are-synthetic",

@@ -34,7 +34,7 @@ class ByProfile:
         given = dict(self.values)
         if profile not in PROFILES:
             raise ValueError(f"unknown profile {profile!r}; choose from: {', '.join(PROFILES)}")
-        for name in reversed(PROFILES[: PROFILES.index(profile) + 1]):  # type: ignore[arg-type]
+        for name in reversed(PROFILES[: PROFILES.index(profile) + 1]):
             if name in given:
                 return given[name]
         raise AssertionError("by_profile always has a smoke value")  # pragma: no cover

@@ -67,9 +67,7 @@ def _mean_lengths(config: CaseConfig) -> tuple[float, float]:
         if drawn.outputs is not None:
             return mean_in, sum(drawn.outputs) / _SAMPLE
         return mean_in, float(config.max_new_tokens)
-    return float(min(_DEFAULT_PROMPT_TOKENS, config.max_input_tokens)), float(
-        config.max_new_tokens
-    )
+    return float(min(_DEFAULT_PROMPT_TOKENS, config.max_input_tokens)), float(config.max_new_tokens)
 
 
 def _offline_s(config: CaseConfig, model: CostModel, requests: int, batch: int) -> float:

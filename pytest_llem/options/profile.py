@@ -48,7 +48,7 @@ def choose_profile(
         environ: The environment (default: this process's).
     """
     if requested not in (None, "auto"):
-        return ProfileRecord(name=requested, reason=f"{origin}={requested}")  # type: ignore[arg-type]
+        return ProfileRecord(name=requested, reason=f"{origin}={requested}")
     env = os.environ if environ is None else environ
     for layer in layers:
         if layer.get("device") == "cpu":
