@@ -279,12 +279,8 @@ class TransformersBackend(EngineAdapter):
         batch = self._left_padded(rows)
         generation_config = self._generation_config(params)
         stop_ids = _as_id_set(generation_config.eos_token_id)
-        clock = _TokenClock(
-            [request.index for request in requests],
-            stop_ids=stop_ids,
-            on_token=on_token,
-            limits=limits,
-        )
+        indices = [request.index for request in requests]
+        clock = _TokenClock(indices, stop_ids=stop_ids, on_token=on_token, limits=limits)
         if params.sampling.do_sample:
             torch.manual_seed(params.seed)
         issued_at = time.perf_counter()

@@ -111,7 +111,6 @@ def options_from_values(
     shuffle_seed = values.cli(option("shuffle"))
     origins = {row.name: values.chosen(row).origin for row in OPTIONS}
     asked = values.chosen(option("profile"))
-    profile = choose_profile(asked.value, asked.origin, layers=(cli_layer, ini_layer))
     given = {
         "command_line": values.shown(),
         "ini": values.shown(ini=True),
@@ -141,7 +140,7 @@ def options_from_values(
         isolation=isolation,
         timeout_s=values.get(option("timeout_s")) or None,
         origins=origins,
-        profile=profile,
+        profile=choose_profile(asked.value, asked.origin, layers=(cli_layer, ini_layer)),
     )
 
 
