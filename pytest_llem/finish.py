@@ -199,7 +199,7 @@ def run_record(session: LlemSession, *, root: Path) -> RunRecord:
         machine=this_machine(root),
         options=session.options.given,
         baseline=baseline,
-        profile=session.options.profile,
+        profile=getattr(session.options, "profile", None),  # options built by hand may lack it
         cases=session.cases,
     )
 
