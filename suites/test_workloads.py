@@ -2,7 +2,7 @@
 
 The same tests run at every profile (``--llem-profile``; auto: ``smoke`` without a CUDA GPU,
 ``standard`` with one); each ``by_profile`` value takes the run's profile. ``smoke`` runs the
-built-in tiny model in about a minute on two CPU cores; ``standard`` realistic lengths (inputs
+built-in tiny model in about 30 seconds on two CPU cores; ``standard`` realistic lengths (inputs
 up to 2,048 tokens, outputs up to 512), about 30 minutes for a 7-8B model on one H100; ``full``
 the grid a paper would publish. docs/profiles.md gives each shape's lengths and why it is here.
 
