@@ -17,7 +17,7 @@ from pytest_llem.options.profile import choose_profile
 
 pytest_plugins = ["pytester"]
 
-SUITE = Path(__file__).resolve().parents[1] / "suites" / "test_workloads.py"
+SUITE = Path(__file__).resolve().parents[1] / "suites" / "test_shapes.py"
 SHAPES = {"chat", "summarisation", "generation", "fixed"}
 SCENARIOS = {"offline", "single_stream", "server"}
 
