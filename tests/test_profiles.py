@@ -4,6 +4,7 @@ profile (collected, not run), the header line, the estimate and the record's ``p
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -183,6 +184,11 @@ def test_a_case_in_two_profiles_keeps_its_id(pytester: pytest.Pytester) -> None:
     assert "TestGeneration::test_offline[generation-bs1]" in full
     assert set(smoke) & set(full) >= {f"Test{s.title()}::test_single_stream[{s}]" for s in SHAPES}
     assert len(full) > len(smoke)
+    full_grid = _by_shape_and_scenario(full)
+    for shape in SHAPES:
+        assert len(full_grid[shape, "offline"]) == 7
+        assert len(full_grid[shape, "server"]) == 6
+    assert {case.repeat for case in full.values()} == {5}
 
 
 def test_a_long_run_prints_its_estimate_and_the_header_names_the_profile(
@@ -198,6 +204,9 @@ def test_a_long_run_prints_its_estimate_and_the_header_names_the_profile(
             "llem profile standard: 28 cases, estimated * min for a 7-8B model on one H100*",
         ]
     )
+    minutes = re.search(r"estimated (\d+) min", standard.stdout.str())
+    assert minutes is not None
+    assert 15 <= int(minutes.group(1)) <= 30  # standard's budget, under the documented model
     smoke = pytester.runpytest("--collect-only", "-p", "no:cacheprovider", "--llem-profile=smoke")
     assert "estimated" not in smoke.stdout.str()
 
