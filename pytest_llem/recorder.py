@@ -88,6 +88,7 @@ class RunRecorder:
                     run_id=llem_session.run_id,
                     created_at=llem_session.started_at,
                     options=llem_session.options.given,
+                    profile=getattr(llem_session.options, "profile", None),
                 )
             for case in cases:
                 llem_session.journal.append(case)
