@@ -74,7 +74,7 @@ def _layers(node: Any, name: str, profile: str = "smoke") -> list[dict[str, Any]
     return layers
 
 
-def budget_rules(node: Any) -> list[Any]:
+def budget_rules(node: Any, profile: str = "smoke") -> list[Any]:
     """The limits of the ``llem_budget`` markers on ``node`` (closest marker wins per metric).
 
     Raises:
@@ -83,7 +83,7 @@ def budget_rules(node: Any) -> list[Any]:
     from pytest_llem.results.gate import parse_budget
 
     merged: dict[str, float] = {}
-    for layer in _layers(node, BUDGET_MARKER):
+    for layer in _layers(node, BUDGET_MARKER, profile):
         merged.update(layer)
     return list(parse_budget(merged)) if merged else []
 
@@ -231,7 +231,7 @@ def sweep_cases(definition: pytest.Function, session: LlemSession) -> list[Sweep
         LlemError: a marker or sweep names an unknown parameter or a value it cannot take, or
             (without a sweep) the test's parameters do not resolve.
     """
-    budget_rules(definition)
+    budget_rules(definition, session.options.profile.name)
     axes, origins = _axes(definition, session)
     if not axes:
         resolve_for(definition, session, {})

@@ -95,7 +95,9 @@ class LlemFixture:
         case_id = node_id if self._runs == 1 else f"{node_id}#{self._runs}"
         name = self._item.name if self._runs == 1 else f"{self._item.name}#{self._runs}"
         case, base = self._resolve(overrides, CaseRecord(id=case_id, name=name))
-        outcome = case_runner(self._session).run(case, base, budget=budget_rules(self._item))
+        outcome = case_runner(self._session).run(
+            case, base, budget=budget_rules(self._item, self.profile)
+        )
         self._record(outcome.record)
         if outcome.exception is not None:
             raise outcome.exception

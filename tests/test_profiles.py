@@ -236,6 +236,25 @@ def test_the_record_says_which_profile_ran_and_why(pytester: pytest.Pytester) ->
     assert record["cases"][0]["params"]["num_prompts"] == 3
 
 
+def test_a_budget_can_depend_on_the_profile(pytester: pytest.Pytester) -> None:
+    pytester.makeconftest(CONFTEST)
+    pytester.makepyfile(
+        """
+        import pytest
+        from pytest_llem import by_profile
+
+        @pytest.mark.llem(num_prompts=2, max_new_tokens=2, warmup=0)
+        @pytest.mark.llem_budget(output_tokens_per_s_min=by_profile(smoke=0, standard=1e12))
+        def test_case(llem):
+            llem.run()
+        """
+    )
+    pytester.runpytest(*QUICK, "--llem-profile=smoke").assert_outcomes(passed=1)
+    failed = pytester.runpytest(*QUICK, "--llem-profile=standard")
+    failed.assert_outcomes(failed=1)
+    failed.stdout.fnmatch_lines(["*output_tokens_per_s*"])
+
+
 # -- the estimate --------------------------------------------------------------------------------
 
 
