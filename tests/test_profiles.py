@@ -80,6 +80,9 @@ def test_an_explicit_profile_wins_and_says_where_it_came_from(tmp_path: Path) ->
         (["nvidia0"], {"CUDA_VISIBLE_DEVICES": "-1"}, (), "smoke", "hides every GPU"),
         (["nvidia0"], {"CUDA_VISIBLE_DEVICES": "1"}, (), "standard", "nvidia0"),
         (["nvidia0"], {}, ({"device": "cpu"},), "smoke", "device=cpu"),
+        ([], {}, ({"device": "cuda"},), "standard", "device=cuda"),
+        (["nvidia0"], {}, ({}, {"device": "cpu"}), "smoke", "device=cpu"),
+        ([], {}, ({"device": "cuda"}, {"device": "cpu"}), "standard", "device=cuda"),
     ],
 )
 def test_auto_picks_standard_only_where_a_cuda_gpu_will_run(

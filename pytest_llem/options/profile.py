@@ -3,8 +3,9 @@
 ``auto`` (the default) picks ``standard`` when the run will use a CUDA GPU and ``smoke``
 otherwise, decided at start-up without importing torch or initialising NVML:
 
-1. a device set to ``cpu`` (``--llem-device``, ``--llem-set device=cpu`` or the ini file)
-   means ``smoke``;
+1. a device set on the command line or in the ini file (``--llem-device``, ``--llem-set
+   device=...``; the command line first) decides: ``cpu`` means ``smoke``, ``cuda`` means
+   ``standard``;
 2. ``CUDA_VISIBLE_DEVICES`` set to nothing or ``-1`` hides every GPU: ``smoke``;
 3. an NVIDIA device file (``/dev/nvidia0``, ``/dev/nvidia1``, ...) means a CUDA GPU:
    ``standard``;
@@ -50,9 +51,11 @@ def choose_profile(
     if requested not in (None, "auto"):
         return ProfileRecord(name=requested, reason=f"{origin}={requested}")
     env = os.environ if environ is None else environ
-    for layer in layers:
-        if layer.get("device") == "cpu":
-            return ProfileRecord(name="smoke", reason="auto: device=cpu was asked for")
+    for layer in layers:  # the command line's layer first: it wins
+        device = layer.get("device")
+        if device in ("cpu", "cuda"):
+            name = "smoke" if device == "cpu" else "standard"
+            return ProfileRecord(name=name, reason=f"auto: device={device} was asked for")
     visible = env.get("CUDA_VISIBLE_DEVICES")
     if visible is not None and visible.strip() in ("", "-1"):
         return ProfileRecord(
