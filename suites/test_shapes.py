@@ -100,7 +100,7 @@ class Scenarios:
 @shape(
     "chat",
     lengths="sharegpt",
-    max_input_tokens=by_profile(smoke=48, standard=2048),
+    max_input_tokens=by_profile(smoke=128, standard=2048),
     max_new_tokens=by_profile(smoke=8, standard=512),
 )
 class TestChat(Scenarios):

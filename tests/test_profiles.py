@@ -151,7 +151,7 @@ def test_smoke_collects_every_shape_small(pytester: pytest.Pytester) -> None:
     for case in cases.values():
         assert case.model == "llem-tiny"
         assert case.prompts == "synthetic"
-        assert case.max_input_tokens <= 64
+        assert case.max_input_tokens <= 128
         assert case.max_new_tokens <= 16
         assert case.num_prompts <= 4
 
