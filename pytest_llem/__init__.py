@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from pytest_llem.config.models import CaseConfig
+    from pytest_llem.config.profiles import by_profile
     from pytest_llem.exceptions import (
         ConfigurationError,
         LlemError,
@@ -35,6 +36,7 @@ __all__ = [
     "Run",
     "RunRecord",
     "__version__",
+    "by_profile",
     "load_run",
 ]
 
@@ -49,6 +51,7 @@ _HOMES = {
     "ModelLoadError": "pytest_llem.exceptions",
     "Run": "pytest_llem.report.loading",
     "RunRecord": "pytest_llem.results.models",
+    "by_profile": "pytest_llem.config.profiles",
     "load_run": "pytest_llem.report.loading",
 }
 

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from pytest_llem.config.models import CaseConfig
+from pytest_llem.config.profiles import resolve_profile_values
 from pytest_llem.config.resolve import (
     flatten_paths,
     lookup_path,
@@ -62,18 +63,19 @@ _LOAD_KEY = pytest.StashKey[object]()
 _GPU = pytest.StashKey[bool]()
 
 
-def _layers(node: Any, name: str) -> list[dict[str, Any]]:
+def _layers(node: Any, name: str, profile: str = "smoke") -> list[dict[str, Any]]:
+    """The markers' keyword parameters, farthest first, ``by_profile`` values resolved."""
     layers = []
     for marker in reversed(list(node.iter_markers(name))):
         if marker.args:
             raise ConfigurationError(
                 f"@pytest.mark.{name} takes keyword parameters only, got {marker.args!r}"
             )
-        layers.append(dict(marker.kwargs))
+        layers.append(resolve_profile_values(dict(marker.kwargs), profile))
     return layers
 
 
-def budget_rules(node: Any) -> list[Any]:
+def budget_rules(node: Any, profile: str = "smoke") -> list[Any]:
     """The limits of the ``llem_budget`` markers on ``node`` (closest marker wins per metric).
 
     Raises:
@@ -82,18 +84,19 @@ def budget_rules(node: Any) -> list[Any]:
     from pytest_llem.results.gate import parse_budget
 
     merged: dict[str, float] = {}
-    for layer in _layers(node, BUDGET_MARKER):
+    for layer in _layers(node, BUDGET_MARKER, profile):
         merged.update(layer)
     return list(parse_budget(merged)) if merged else []
 
 
-def marker_layers(node: Any) -> list[dict[str, Any]]:
-    """The ``llem`` markers' parameters on ``node``, farthest (module) first.
+def marker_layers(node: Any, profile: str = "smoke") -> list[dict[str, Any]]:
+    """The ``llem`` markers' parameters on ``node``, farthest (module) first, with every
+    ``by_profile`` value taken for ``profile``.
 
     Raises:
         ConfigurationError: a marker has positional arguments.
     """
-    return _layers(node, MARKER)
+    return _layers(node, MARKER, profile)
 
 
 def sweep_layer(values: Mapping[str, Any]) -> dict[str, Any]:
@@ -122,10 +125,11 @@ def _settings_layers(
 ) -> list[dict[str, Any]]:
     options = session.options
     sweep = sweep or SweepCase({}, "")
+    profile = options.profile.name
     return [
-        *marker_layers(node),
+        *marker_layers(node, profile),
         sweep.layer(MARKER_ORIGIN),
-        dict(overrides),
+        resolve_profile_values(dict(overrides), profile),
         options.ini_layer,
         sweep.layer(INI_ORIGIN),
         options.cli_layer,
@@ -228,7 +232,7 @@ def sweep_cases(definition: pytest.Function, session: LlemSession) -> list[Sweep
         LlemError: a marker or sweep names an unknown parameter or a value it cannot take, or
             (without a sweep) the test's parameters do not resolve.
     """
-    budget_rules(definition)
+    budget_rules(definition, session.options.profile.name)
     axes, origins = _axes(definition, session)
     if not axes:
         resolve_for(definition, session, {})
@@ -251,7 +255,7 @@ def _axes(
     to one value has its axis replaced by that value, so the test id names the value that runs
     (combinations that differ only there collapse into one)."""
     options = session.options
-    axes = merge_axes(_layers(definition, SWEEP_MARKER))
+    axes = merge_axes(_layers(definition, SWEEP_MARKER, options.profile.name))
     origins = dict.fromkeys(axes, MARKER_ORIGIN)
     for origin, more in (
         (INI_ORIGIN, options.ini_sweep_axes),

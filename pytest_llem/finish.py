@@ -198,6 +198,7 @@ def run_record(session: LlemSession, *, root: Path) -> RunRecord:
     if baseline is None:  # measured on xdist workers: each case carries its own
         baseline = next((case.baseline for case in session.cases if case.baseline), None)
     machine = this_machine(root)
+    profile = session.options.profile
     return RunRecord(
         run_id=session.run_id,
         created_at=session.started_at,
@@ -205,8 +206,11 @@ def run_record(session: LlemSession, *, root: Path) -> RunRecord:
         machine=machine,
         options=session.options.given,
         baseline=baseline,
+        profile=profile,
         cases=session.cases,
-        manifest=this_manifest(root, machine=machine),
+        manifest=this_manifest(
+            root, machine=machine, profile=profile.name if profile is not None else None
+        ),
         shard=session.shard,
     )
 

@@ -24,6 +24,7 @@ from pytest_llem.collection import (
     sweep_mismatch,
 )
 from pytest_llem.config.models import CaseConfig
+from pytest_llem.config.profiles import resolve_profile_values
 from pytest_llem.exceptions import ConfigurationError, LlemError
 from pytest_llem.interop import record_benchmark
 from pytest_llem.results.models import CaseError, CaseRecord, CaseResult
@@ -75,6 +76,11 @@ class LlemFixture:
         self._runs = 0
 
     @property
+    def profile(self) -> str:
+        """The run's workload profile: ``smoke``, ``standard`` or ``full``."""
+        return self._session.options.profile.name
+
+    @property
     def config(self) -> CaseConfig:
         """The case's config as resolved from markers, ini and command line."""
         return resolve_for(self._item, self._session, {}, self._sweep)
@@ -88,11 +94,14 @@ class LlemFixture:
         recorded for the run record automatically.
         """
         self._runs += 1
+        overrides = resolve_profile_values(overrides, self.profile)
         node_id = case_node_id(self._item)
         case_id = node_id if self._runs == 1 else f"{node_id}#{self._runs}"
         name = self._item.name if self._runs == 1 else f"{self._item.name}#{self._runs}"
         case, base = self._resolve(overrides, CaseRecord(id=case_id, name=name))
-        outcome = case_runner(self._session).run(case, base, budget=budget_rules(self._item))
+        outcome = case_runner(self._session).run(
+            case, base, budget=budget_rules(self._item, self.profile)
+        )
         self._record(outcome.record)
         if outcome.exception is not None:
             raise outcome.exception

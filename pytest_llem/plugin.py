@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from pytest_llem import hookspecs, shard_session, xdist_scheduling
+from pytest_llem import hookspecs, profile_report, shard_session, xdist_scheduling
 from pytest_llem.collection import (
     BUDGET_MARKER,
     MARKER,
@@ -185,10 +185,17 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         return
     shard_session.shard_items(config, items, session)
     items[:] = order_by_load(items, session)
+    profile_report.write_estimate(config, items, session)
     xdist_scheduling.share_load_groups(config, items, session)
     session.llem_items = {i.nodeid for i in items if "llem" in getattr(i, "fixturenames", ())}
     if session.llem_items:  # a session without llem cases writes nothing of ours
         check_outputs(config)
+
+
+def pytest_report_header(config: pytest.Config) -> list[str]:
+    """Which workload profile runs, and why."""
+    session = config.stash.get(SESSION_KEY, None)
+    return [] if session is None else profile_report.header_lines(session.options)
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:

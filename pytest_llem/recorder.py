@@ -143,6 +143,7 @@ class RunRecorder:
                     run_id=llem_session.run_id,
                     created_at=llem_session.started_at,
                     options=llem_session.options.given,
+                    profile=llem_session.options.profile,
                 )
             for case in cases:
                 llem_session.journal.append(case)

@@ -106,6 +106,21 @@ def test_counts_come_from_ids_and_fixed_lengths_hold(contract: Backend) -> None:
         assert all(isinstance(token, int) for token in g.output_token_ids)
 
 
+def test_per_request_output_lengths_hold(contract: Backend) -> None:
+    lengths = [3, 7, 5]
+    requests = [
+        Request(index=i, prompt=p, output_tokens=n)
+        for i, (p, n) in enumerate(zip(PROMPTS, lengths, strict=True))
+    ]
+    calls: list[int] = []
+    out = contract.generate(
+        requests, params=GenerateParams(max_new_tokens=4), on_token=lambda i, t, at: calls.append(i)
+    )
+    assert [g.output_tokens for g in out] == lengths
+    assert [len(g.token_times) for g in out] == lengths
+    assert [calls.count(i) for i in range(3)] == lengths  # no token reported past a row's end
+
+
 def test_unfixed_lengths_stay_within_the_maximum(contract: Backend) -> None:
     out = contract.generate(_requests(), params=GenerateParams(max_new_tokens=6))
     for g in out:

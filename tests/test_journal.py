@@ -38,6 +38,23 @@ def test_journal_round_trip_and_damaged_last_line(tmp_path: Path):
     assert ":4: damaged journal line skipped" in contents.warnings[0]
 
 
+def test_the_header_keeps_the_profile_for_the_rebuilt_record(tmp_path: Path):
+    from pytest_llem.results.models import ProfileRecord
+
+    profile = ProfileRecord(name="standard", reason="auto: a CUDA GPU is present (/dev/nvidia0)")
+    path = tmp_path / "kept.jsonl"
+    journal = Journal(path)
+    journal.start(run_id="abc123", created_at=START, options={}, profile=profile)
+    journal.close()
+    assert read_journal(path, machine=MACHINE).record.profile == profile
+
+    older = tmp_path / "older.jsonl"
+    journal = Journal(older)
+    journal.start(run_id="abc123", created_at=START, options={})
+    journal.close()
+    assert read_journal(older, machine=MACHINE).record.profile is None
+
+
 def test_the_header_carries_the_schema_version_and_is_checked(tmp_path: Path):
     path = tmp_path / "j.jsonl"
     journal = Journal(path)

@@ -27,6 +27,7 @@ from pytest_llem.results.models import (
     ContainerInfo,
     GpuManifest,
     MachineInfo,
+    ProfileRecord,
     PythonEnvironment,
     RunManifest,
     RunRecord,
@@ -193,7 +194,9 @@ def test_the_run_record_carries_the_manifest(
         started_at=datetime(2026, 1, 2, tzinfo=timezone.utc),
         cases=[CaseRecord(id="a", name="a")],
         baseline=None,
-        options=SimpleNamespace(given={}),
+        options=SimpleNamespace(
+            given={}, profile=ProfileRecord(name="smoke", reason="--llem-profile=smoke")
+        ),
         shard=None,
     )
 
@@ -202,7 +205,9 @@ def test_the_run_record_carries_the_manifest(
     assert record.manifest is not None
     assert record.manifest.gpus[0].power_limit_w == 500.0
     assert record.manifest.cuda_driver_version == "13.0"
-    assert record.manifest.profile is None  # the lead wires the profile in
+    assert record.manifest.profile == "smoke"
+    assert record.profile is not None
+    assert record.profile.reason == "--llem-profile=smoke"
     assert record.manifest.git_commit == record.machine.git_commit
     again = RunRecord.model_validate_json(record.model_dump_json())
     assert again.manifest == record.manifest

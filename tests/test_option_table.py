@@ -45,6 +45,7 @@ EXAMPLES: dict[str, tuple[Any, Any, tuple[str, str] | None]] = {
     "country": ("fra", "FRA", ("France", "expected a three-letter ISO code")),
     "gpus": ("0-1,2-3", ((0, 1), (2, 3)), ("zero", "'zero' is not a GPU index")),
     "isolation": ("SKIP", "skip", ("maybe", "expected one of warn, skip, fail")),
+    "profile": ("Standard", "standard", ("huge", "expected one of smoke, standard, full, auto")),
     "timeout_s": ("60", 60.0, ("-1", "expected seconds")),
     "endpoint": ("http://127.0.0.1:8000/", "http://127.0.0.1:8000", ("ftp://x", "endpoint.url")),
     "set": (

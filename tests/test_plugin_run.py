@@ -270,14 +270,19 @@ def test_jsonl_prompts_file(pytester: pytest.Pytester, tiny_model):
 
 def test_shipped_suites_run_end_to_end(pytester: pytest.Pytester, tiny_model):
     suites = Path(__file__).resolve().parent.parent / "suites"
-    result = pytester.runpytest(str(suites), *QUICK, "--llem-repeat=1")
-    result.assert_outcomes(passed=6)
+    result = pytester.runpytest(str(suites), *QUICK, "--llem-repeat=1", "--llem-profile=smoke")
+    result.assert_outcomes(passed=16)
     record = _record(pytester)
-    assert len(record["cases"]) == 6
-    scenarios = {case["params"]["scenario"] for case in record["cases"]}
-    assert scenarios == {"offline", "single_stream", "server"}
+    assert len(record["cases"]) == 16
+    assert record["profile"] == {"name": "smoke", "reason": "--llem-profile=smoke"}
+    grid = {(case["params"]["workload"], case["params"]["scenario"]) for case in record["cases"]}
+    assert grid == {
+        (shape, scenario)
+        for shape in ("chat", "summarisation", "generation", "fixed")
+        for scenario in ("offline", "single_stream", "server")
+    }
     page = (pytester.path / "reports" / "llem-report.html").read_text()
-    assert "test_offline_batch_size" in page
+    assert "test_offline[chat-bs1]" in page
 
 
 @pytest.mark.parametrize("attempt", [1, 2])

@@ -13,7 +13,7 @@ import pytest
 from pytest_llem.finish import Finish, run_record, with_compare_baseline, write_summary
 from pytest_llem.fixtures import CASE_PROPERTY
 from pytest_llem.recorder import cases_from, failure_of, interrupted_case
-from pytest_llem.results.models import CaseRecord
+from pytest_llem.results.models import CaseRecord, ProfileRecord
 
 
 def _report(outcome: str, *properties: tuple[str, object], longrepr: Any = None) -> Any:
@@ -73,7 +73,8 @@ def test_only_a_running_llem_test_without_a_case_is_marked_interrupted() -> None
 
 
 def _session(**fields: Any) -> Any:
-    given = {"options": SimpleNamespace(given={"repeat": 1}, store=None)}
+    profile = ProfileRecord(name="full", reason="--llem-profile=full")
+    given = {"options": SimpleNamespace(given={"repeat": 1}, store=None, profile=profile)}
     state = {
         "record": None,
         "store_error": None,
@@ -93,6 +94,7 @@ def test_the_record_holds_the_sessions_cases_and_this_machine(tmp_path: Path) ->
     record = run_record(session, root=tmp_path)
     assert (record.run_id, record.created_at, record.options) == ("r1", started, {"repeat": 1})
     assert [case.id for case in record.cases] == ["a", "b"]
+    assert record.profile == ProfileRecord(name="full", reason="--llem-profile=full")
     assert record.finished_at is not None
     assert record.finished_at >= started
     assert record.machine.hostname

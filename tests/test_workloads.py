@@ -102,6 +102,69 @@ def test_synthetic_prompts_feed_the_backend_their_ids(fake: FakeBackend) -> None
     assert [g.input_tokens for g in out] == got.input_lengths == [7, 7, 7]
 
 
+def test_sharegpt_lengths_are_drawn_per_request_within_the_caps(fake: FakeBackend) -> None:
+    case = _case(
+        prompts="synthetic",
+        lengths="sharegpt",
+        num_prompts=40,
+        max_input_tokens=50,
+        max_new_tokens=1000,
+        min_new_tokens=2,
+        seed=3,
+    )
+    got = build_prompt_set(case, fake)
+    inputs = [len(r.token_ids or ()) for r in got.requests]
+    outputs = [r.output_tokens for r in got.requests]
+    assert inputs == got.input_lengths
+    assert got.truncated == 0
+    assert all(4 <= n <= 50 for n in inputs)
+    assert len(set(inputs)) > 5
+    assert all(o is not None and 2 <= o <= 1000 for o in outputs)
+    assert len(set(outputs)) > 5
+    assert "ShareGPT-like mix (seed 3)" in got.notes[0]
+    # the backend generates each request's own length
+    out = fake.generate(got.requests, params=GenerateParams(max_new_tokens=1000))
+    assert [g.output_tokens for g in out] == outputs
+    # a larger count extends a smaller one; another seed draws other lengths
+    more = build_prompt_set(case.model_copy(update={"num_prompts": 60}), fake)
+    assert [r.token_ids for r in more.requests[:40]] == [r.token_ids for r in got.requests]
+    assert [r.output_tokens for r in more.requests[:40]] == outputs
+    other = build_prompt_set(case.model_copy(update={"seed": 4}), fake)
+    assert [r.output_tokens for r in other.requests] != outputs
+
+
+def test_the_sharegpt_mix_has_the_documented_means() -> None:
+    from pytest_llem.data.lengths import SHAREGPT_MIX, draw_lengths
+
+    case = _case(
+        prompts="synthetic",
+        lengths="sharegpt",
+        max_input_tokens=1_000_000,
+        max_new_tokens=1_000_000,
+    )
+    drawn = draw_lengths(case, 20_000)
+    assert drawn.outputs is not None
+    assert sum(drawn.inputs) / 20_000 == pytest.approx(SHAREGPT_MIX.input_mean, rel=0.05)
+    assert sum(drawn.outputs) / 20_000 == pytest.approx(SHAREGPT_MIX.output_mean, rel=0.05)
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"lengths": "sharegpt"}, "lengths='sharegpt' draws the lengths of prompts='synthetic'"),
+        (
+            {"lengths": "sharegpt", "prompts": "synthetic", "input_tokens": 8},
+            "takes no input_tokens",
+        ),
+    ],
+)
+def test_drawn_lengths_need_synthetic_prompts_without_input_tokens(
+    fields: dict[str, Any], message: str
+) -> None:
+    with pytest.raises(ValueError, match=message):
+        _case(**fields)
+
+
 def test_synthetic_longer_than_max_input_tokens(fake: FakeBackend) -> None:
     case = _case(prompts="synthetic", input_tokens=12, max_input_tokens=5, num_prompts=4)
     got = build_prompt_set(case, fake)

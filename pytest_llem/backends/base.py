@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal, Protocol, runtime_checkable
 
 from pytest_llem.config.models import CaseConfig, SamplingConfig
@@ -57,6 +57,29 @@ class GenerateParams:
             seed=config.seed,
             cache_implementation=config.transformers.cache_implementation,
         )
+
+    def for_request(self, request: Request) -> GenerateParams:
+        """These settings for one request: a request with its own ``output_tokens`` generates
+        exactly that many (``min_new_tokens == max_new_tokens``, end of sequence ignored)."""
+        if request.output_tokens is None:
+            return self
+        return replace(
+            self, max_new_tokens=request.output_tokens, min_new_tokens=request.output_tokens
+        )
+
+    def for_batch(self, requests: Sequence[Request]) -> tuple[GenerateParams, list[int] | None]:
+        """Settings for a static batch, where every row runs as many steps as the longest.
+
+        Returns:
+            These settings and None when no request has its own ``output_tokens``; else
+            settings that generate the longest request's length for every row (end of
+            sequence ignored) and each row's own length, at which the engine cuts the row.
+        """
+        if all(request.output_tokens is None for request in requests):
+            return self, None
+        limits = [request.output_tokens or self.max_new_tokens for request in requests]
+        longest = max(limits)
+        return replace(self, max_new_tokens=longest, min_new_tokens=longest), limits
 
 
 @dataclass

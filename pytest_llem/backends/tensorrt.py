@@ -267,7 +267,11 @@ class TensorRTBackend(EngineScheduledBackend):
         loop = require_loaded(self._loop, backend=_NAME, what="generate")
         prompts = self._prompt_ids(requests, max_input_tokens=params.max_input_tokens)
         return [
-            loop.submit(self._stream(request, ids, self._sampling_params(params), on_token))
+            loop.submit(
+                self._stream(
+                    request, ids, self._sampling_params(params.for_request(request)), on_token
+                )
+            )
             for request, ids in zip(requests, prompts, strict=True)
         ]
 

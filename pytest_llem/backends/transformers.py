@@ -274,13 +274,13 @@ class TransformersBackend(EngineAdapter):
             return []
         torch, model, tokenizer = self._torch, self._model, self._tokenizer
         rows = self._prompt_ids(requests, max_input_tokens=params.max_input_tokens)
+        params, limits = params.for_batch(requests)
         input_tokens = [len(ids) for ids in rows]
         batch = self._left_padded(rows)
         generation_config = self._generation_config(params)
         stop_ids = _as_id_set(generation_config.eos_token_id)
-        clock = _TokenClock(
-            [request.index for request in requests], stop_ids=stop_ids, on_token=on_token
-        )
+        indices = [request.index for request in requests]
+        clock = _TokenClock(indices, stop_ids=stop_ids, on_token=on_token, limits=limits)
         if params.sampling.do_sample:
             torch.manual_seed(params.seed)
         issued_at = time.perf_counter()
@@ -299,7 +299,7 @@ class TransformersBackend(EngineAdapter):
         generated = output[:, prompt_width:].tolist()
         results: list[Generation] = []
         for row, request in enumerate(requests):
-            ids = _until_stop(generated[row], stop_ids)
+            ids = _until_stop(generated[row], stop_ids)[: clock.limit(row)]
             if ids != clock.token_ids[row]:
                 raise BackendInferenceError(
                     f"{_NAME}: the streamed tokens of request {request.index} do not match the "
@@ -453,8 +453,12 @@ class _TokenClock:
         *,
         stop_ids: frozenset[int],
         on_token: TokenCallback | None,
+        limits: list[int] | None = None,
     ) -> None:
         self.request_indices = request_indices
+        # A row with its own output length is cut there: later steps of the batch still run
+        # (they are padding for that row) but are not its output.
+        self.limits = limits
         self.stop_ids = stop_ids
         self.on_token = on_token
         self.token_ids: list[list[int]] = [[] for _ in request_indices]
@@ -475,9 +479,15 @@ class _TokenClock:
                 continue  # generate fills finished rows with padding
             self.token_ids[row].append(token)
             self.token_times[row].append(now)
-            self.finished[row] = token in self.stop_ids
+            limit = self.limit(row)
+            cut = limit is not None and len(self.token_ids[row]) >= limit
+            self.finished[row] = cut or token in self.stop_ids
             if self.on_token is not None:
                 self.on_token(self.request_indices[row], token, now)
+
+    def limit(self, row: int) -> int | None:
+        """The row's own output length, if it has one."""
+        return None if self.limits is None else self.limits[row]
 
 
 def _make_streamer(clock: _TokenClock) -> Any:

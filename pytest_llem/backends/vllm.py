@@ -297,7 +297,6 @@ class VllmBackend(EngineScheduledBackend):
                 raise BackendInferenceError(f"{_NAME}: the backend was closed")
             rows = self._prompt_ids(requests, max_input_tokens=params.max_input_tokens)
             _check_lengths(requests, rows, params, limit=self._max_model_len)
-            fixed = _fixed_length(params)
             streams = [
                 EngineStream(
                     request_index=request.index,
@@ -305,7 +304,7 @@ class VllmBackend(EngineScheduledBackend):
                     issued_at=issued_at,
                     future=future,
                     on_token=on_token,
-                    expected_tokens=fixed,
+                    expected_tokens=_fixed_length(params.for_request(request)),
                 )
                 for request, ids, future in zip(requests, rows, futures, strict=True)
             ]
@@ -347,6 +346,7 @@ class VllmBackend(EngineScheduledBackend):
         at a stop string. Sampling request ``i`` is seeded with ``seed + i``, so its output does
         not depend on what it was batched with.
         """
+        params = params.for_request(request)
         sampling = params.sampling
         kwargs: dict[str, Any] = {
             "n": 1,

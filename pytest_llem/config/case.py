@@ -106,6 +106,22 @@ class CaseConfig(StrictModel):
         description="Exact prompt length in tokens for prompts='synthetic'.",
         json_schema_extra=field_meta(sweep=[128, 512, 2048], short="isl"),
     )
+    lengths: Literal["exact", "sharegpt"] = Field(
+        default="exact",
+        description="Lengths of prompts='synthetic': 'exact' (every prompt input_tokens long, "
+        "outputs as max_new_tokens and min_new_tokens say) or 'sharegpt' (input and output "
+        "lengths drawn per request from a seeded ShareGPT-like mix, capped at max_input_tokens "
+        "and max_new_tokens; input_tokens is not used).",
+        json_schema_extra=field_meta(short="len"),
+    )
+    workload: Literal["chat", "summarisation", "generation", "fixed"] | None = Field(
+        default=None,
+        description="Label of the workload shape the case runs (the shipped suites set it; "
+        "the scorecard groups by it): chat, summarisation, generation or fixed.",
+        json_schema_extra=field_meta(
+            sweep=["chat", "summarisation", "generation", "fixed"], short="wl"
+        ),
+    )
     prompt_split: str = Field(
         default="train",
         min_length=1,

@@ -129,7 +129,15 @@ CONSTRAINTS: tuple[Constraint, ...] = (
         "synthetic-needs-input-tokens",
         ("prompts", "input_tokens"),
         "input_tokens is set exactly when prompts='synthetic'",
-        lambda c: (c.prompts == "synthetic") == (c.input_tokens is not None),
+        lambda c: (
+            c.lengths != "exact" or (c.prompts == "synthetic") == (c.input_tokens is not None)
+        ),
+    ),
+    Constraint(
+        "drawn-lengths-are-synthetic",
+        ("lengths", "prompts", "input_tokens"),
+        "lengths='sharegpt' draws the lengths of prompts='synthetic' and takes no input_tokens",
+        lambda c: c.lengths == "exact" or (c.prompts == "synthetic" and c.input_tokens is None),
     ),
     Constraint(
         "cuda-needs-gpu",

@@ -20,11 +20,15 @@ class Request:
 
     When ``token_ids`` is set, the backend feeds exactly these ids as the prompt (truncated to
     ``max_input_tokens`` like a text prompt) and ``prompt`` is only a description of them.
+    When ``output_tokens`` is set, the request generates exactly that many tokens (end of
+    sequence ignored) in place of the call's ``max_new_tokens``/``min_new_tokens``: a workload
+    whose output lengths are drawn per request.
     """
 
     index: int
     prompt: str
     token_ids: tuple[int, ...] | None = None
+    output_tokens: int | None = None
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pytest_llem.config.models import CaseConfig
+from pytest_llem.data.lengths import DrawnLengths, draw_lengths
 from pytest_llem.data.prompts import BUILTIN_PROMPT_SETS, builtin_set, parse_jsonl
 from pytest_llem.data.requests import PromptTokenizer, Request
 from pytest_llem.exceptions import BackendInferenceError, ConfigurationError
@@ -119,17 +120,18 @@ def build_prompt_set(
 
 
 def _synthetic(config: CaseConfig, backend: PromptTokenizer, *, count: int) -> PromptSet:
-    """``count`` prompts of exactly ``input_tokens`` ids, uniform over the non-special ids."""
+    """``count`` prompts of ``input_tokens`` ids each (or of drawn lengths, with drawn output
+    lengths, for ``lengths="sharegpt"``), uniform over the non-special ids."""
     import numpy as np
 
-    length = config.input_tokens
-    if length is None:
+    if config.input_tokens is None and config.lengths == "exact":
         raise ConfigurationError("prompts='synthetic' needs input_tokens (the prompt length)")
+    drawn = draw_lengths(config, count)
     limit = config.max_input_tokens
-    if length > limit and config.prompt_overflow == "filter":
+    if min(drawn.inputs) > limit and config.prompt_overflow == "filter":
         raise ConfigurationError(
-            f"no prompt fits: synthetic prompts of input_tokens={length} are longer than "
-            f"max_input_tokens={limit} and prompt_overflow='filter' drops them all"
+            f"no prompt fits: synthetic prompts of input_tokens={config.input_tokens} are longer "
+            f"than max_input_tokens={limit} and prompt_overflow='filter' drops them all"
         )
     vocabulary = backend.vocabulary()
     allowed = np.setdiff1d(
@@ -140,27 +142,48 @@ def _synthetic(config: CaseConfig, backend: PromptTokenizer, *, count: int) -> P
         raise ConfigurationError("the model's vocabulary has no ordinary (non-special) token")
     # Row i depends only on the seed and i, so a larger count extends a smaller one.
     rng = np.random.default_rng(config.seed)
-    draws = allowed[rng.integers(0, allowed.size, size=(count, length))]
-    description = f"<synthetic {length} tokens>"
+    if drawn.outputs is None:
+        length = drawn.inputs[0]
+        rows = allowed[rng.integers(0, allowed.size, size=(count, length))].tolist()
+    else:
+        flat = allowed[rng.integers(0, allowed.size, size=sum(drawn.inputs))]
+        rows = [part.tolist() for part in np.split(flat, np.cumsum(drawn.inputs)[:-1])]
+    outputs: list[int | None] = list(drawn.outputs) if drawn.outputs else [None] * count
     requests = [
-        Request(index=i, prompt=description, token_ids=tuple(row))
-        for i, row in enumerate(draws.tolist())
+        Request(
+            index=i,
+            prompt=f"<synthetic {len(row)} tokens>",
+            token_ids=tuple(row),
+            output_tokens=out,
+        )
+        for i, (row, out) in enumerate(zip(rows, outputs, strict=True))
     ]
-    truncated = count if length > limit else 0
-    notes = [
-        f"{count} synthetic prompts of {length} token ids drawn uniformly from "
-        f"{allowed.size} non-special ids (seed {config.seed})"
-    ]
+    truncated = sum(n > limit for n in drawn.inputs)
+    notes = [_synthetic_note(config, drawn, count, int(allowed.size))]
     if truncated:
         notes.append(f"truncated all {count} prompts to max_input_tokens={limit}")
     return PromptSet(
         requests=requests,
-        input_lengths=[min(length, limit)] * count,
+        input_lengths=[min(n, limit) for n in drawn.inputs],
         source=config.prompts,
         overflow=config.prompt_overflow,
         truncated=truncated,
         filtered=0,
         notes=notes,
+    )
+
+
+def _synthetic_note(config: CaseConfig, drawn: DrawnLengths, count: int, ids: int) -> str:
+    if drawn.outputs is None:
+        return (
+            f"{count} synthetic prompts of {drawn.inputs[0]} token ids drawn uniformly from "
+            f"{ids} non-special ids (seed {config.seed})"
+        )
+    return (
+        f"{count} synthetic prompts, lengths drawn from the ShareGPT-like mix (seed "
+        f"{config.seed}): input {min(drawn.inputs)}-{max(drawn.inputs)} tokens (mean "
+        f"{sum(drawn.inputs) / count:.0f}), output {min(drawn.outputs)}-{max(drawn.outputs)} "
+        f"tokens (mean {sum(drawn.outputs) / count:.0f}), ids uniform over {ids} non-special ids"
     )
 
 

@@ -16,6 +16,7 @@ from pytest_llem.config.resolve import check_value, lookup_path, set_path
 from pytest_llem.exceptions import ConfigurationError, ResultStoreError
 from pytest_llem.options.model import CompareBaseline, EnergyOptions, LlemOptions, StoreOptions
 from pytest_llem.options.parsers import Assignment, SweepAxis
+from pytest_llem.options.profile import choose_profile
 from pytest_llem.options.table import OPTIONS, option
 from pytest_llem.options.values import OptionValues
 
@@ -111,6 +112,7 @@ def options_from_values(
     shard = values.get(option("shard"))
     shuffle_seed = values.cli(option("shuffle"))
     origins = {row.name: values.chosen(row).origin for row in OPTIONS}
+    asked = values.chosen(option("profile"))
     given = {
         "command_line": values.shown(),
         "ini": values.shown(ini=True),
@@ -143,6 +145,7 @@ def options_from_values(
         timeout_s=values.get(option("timeout_s")) or None,
         shard=shard,
         origins=origins,
+        profile=choose_profile(asked.value, asked.origin, layers=(cli_layer, ini_layer)),
     )
 
 

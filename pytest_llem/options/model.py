@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from pytest_llem.config.meter_names import METER_CHOICES
 from pytest_llem.config.models import BUILTIN_BACKENDS
-from pytest_llem.results.models import RunRecord
+from pytest_llem.results.models import ProfileRecord, RunRecord
 from pytest_llem.sharding import ShardSpec
 
 __all__ = [
@@ -124,6 +124,9 @@ class LlemOptions(_Frozen):
     timeout_s: float | None = None
     shard: ShardSpec | None = None
     origins: dict[str, str] = Field(default_factory=dict)
+    profile: ProfileRecord = Field(
+        default_factory=lambda: ProfileRecord(name="smoke", reason="the default")
+    )
 
     @property
     def sweep_axes(self) -> dict[str, list[Any]]:

@@ -36,6 +36,7 @@ __all__ = [
     "parse_isolation",
     "parse_names",
     "parse_path",
+    "parse_profile",
     "parse_seconds",
     "parse_seed",
     "parse_shard",
@@ -205,3 +206,14 @@ def parse_sweep_line(text: str) -> SweepAxis:
     key, values = parse_sweep_option(text)
     ((path, checked),) = merge_axes([{key: values}]).items()
     return SweepAxis(path, tuple(checked), text)
+
+
+def parse_profile(text: str) -> str:
+    """``smoke``, ``standard``, ``full`` or ``auto``."""
+    from pytest_llem.config.profiles import PROFILES
+
+    name = text.strip().lower()
+    choices = (*PROFILES, "auto")
+    if name not in choices:
+        raise ConfigurationError(f"expected one of {', '.join(choices)}, got {name!r}")
+    return name

@@ -34,6 +34,7 @@ from pytest_llem.options.parsers import (
     parse_isolation,
     parse_names,
     parse_path,
+    parse_profile,
     parse_seconds,
     parse_seed,
     parse_shard,
@@ -218,6 +219,15 @@ OPTIONS: tuple[Option[Any], ...] = (
         parse_gpus,
         metavar="LIST",
         show=_shown_groups,
+    ),
+    _row(
+        "profile",
+        "Workload size of the suites: smoke (the tiny CPU test), standard (realistic lengths, "
+        "about 30 minutes for a 7-8B model on one H100), full (the published grid), or auto: "
+        "smoke without a CUDA GPU, standard with one (docs/profiles.md; default: auto).",
+        parse_profile,
+        default="auto",
+        metavar="NAME",
     ),
     _row(
         "isolation",

@@ -287,10 +287,8 @@ def _renamed(row: ScorecardRow, case: CaseRecord) -> ScorecardRow:
 
 def _profile(record: RunRecord) -> str | None:
     """The profile's name: the record's ``profile`` where it has one, else the manifest's."""
-    profile = getattr(record, "profile", None)
-    name = profile.get("name") if isinstance(profile, Mapping) else getattr(profile, "name", None)
-    if isinstance(name, str):
-        return name
+    if record.profile is not None:
+        return record.profile.name
     return record.manifest.profile if record.manifest is not None else None
 
 

@@ -22,6 +22,7 @@ from pytest_llem.results.models import (
     SCHEMA_VERSION,
     CaseRecord,
     MachineInfo,
+    ProfileRecord,
     RunRecord,
     unsupported_schema_version,
 )
@@ -50,17 +51,25 @@ class Journal:
         self._handle.flush()
         os.fsync(self._handle.fileno())
 
-    def start(self, *, run_id: str, created_at: datetime, options: dict[str, Any]) -> None:
-        """Write the run's header line."""
-        self._write(
-            {
-                "type": "run",
-                "schema_version": SCHEMA_VERSION,
-                "run_id": run_id,
-                "created_at": created_at.isoformat(),
-                "options": options,
-            }
-        )
+    def start(
+        self,
+        *,
+        run_id: str,
+        created_at: datetime,
+        options: dict[str, Any],
+        profile: ProfileRecord | None = None,
+    ) -> None:
+        """Write the run's header line (with the workload profile, when there is one)."""
+        header: dict[str, Any] = {
+            "type": "run",
+            "schema_version": SCHEMA_VERSION,
+            "run_id": run_id,
+            "created_at": created_at.isoformat(),
+            "options": options,
+        }
+        if profile is not None:
+            header["profile"] = profile.model_dump(mode="json")
+        self._write(header)
 
     def append(self, case: CaseRecord) -> None:
         """Write one finished case."""
@@ -158,6 +167,19 @@ def read_journal(path: Path, *, machine: MachineInfo) -> JournalContents:
         created_at=created_at,
         machine=machine,
         options={**options, "rebuilt_from_journal": str(path)},
+        profile=_profile(header, path, warnings),
         cases=cases,
     )
     return JournalContents(record, warnings)
+
+
+def _profile(header: dict[str, Any], path: Path, warnings: list[str]) -> ProfileRecord | None:
+    """The header's workload profile (None: a journal written before it was kept)."""
+    raw = header.get("profile")
+    if raw is None:
+        return None
+    try:
+        return ProfileRecord.model_validate(raw)
+    except ValidationError:
+        warnings.append(f"{path}: the run header line's profile is not readable; left out")
+        return None

@@ -45,6 +45,7 @@ __all__ = [
     "MetricUnavailableError",
     "PartialRecord",
     "PowerTimelineRecord",
+    "ProfileRecord",
     "PromptsRecord",
     "PythonEnvironment",
     "RepetitionRecord",
@@ -456,6 +457,15 @@ class MachineInfo(_Record):
     git_dirty: bool | None = None
 
 
+class ProfileRecord(_Record):
+    """The workload profile a run used and why (``--llem-profile``; docs/profiles.md)."""
+
+    name: Literal["smoke", "standard", "full"]
+    reason: str = Field(
+        description="Why this profile: the option or ini key that set it, or what 'auto' saw."
+    )
+
+
 class RunRecord(_Record):
     """One pytest session's benchmark results: the document reports are built from."""
 
@@ -470,6 +480,9 @@ class RunRecord(_Record):
     )
     baseline: BaselineRecord | None = Field(
         default=None, description="The session's idle baseline (None: disabled or no meter)."
+    )
+    profile: ProfileRecord | None = Field(
+        default=None, description="The workload profile of the run (None: an older record)."
     )
     cases: list[CaseRecord] = Field(default_factory=list)
     comparison: dict[str, Any] | None = Field(

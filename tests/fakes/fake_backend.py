@@ -156,7 +156,7 @@ class FakeBackend:
         issued = self.clock()
         out: list[Generation] = []
         for r in requests:
-            n = self.lengths.get(r.index, params.max_new_tokens)
+            n = self.lengths.get(r.index, params.for_request(r).max_new_tokens)
             prompt = len(r.token_ids) if r.token_ids is not None else len(r.prompt.split())
             out.append(
                 Generation(
@@ -232,6 +232,7 @@ class SchedulingFakeBackend(FakeBackend):
         self._lock = lock
         self.submitted.append(request.index)
         issued = time.perf_counter()
+        params = params.for_request(request)
 
         def work() -> Generation:
             with lock:

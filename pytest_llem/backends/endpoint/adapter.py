@@ -236,6 +236,7 @@ class EndpointBackend(EngineScheduledBackend):
         transport = self._client()
         assert self._facts is not None
         probed = self._facts.features.method
+        params = params.for_request(request)
         payload, sent_ids = self._payload(request, params)
         live = (
             _LiveTokens(request.index, probed, on_token)
