@@ -32,7 +32,13 @@ from pytest_llem.sharding import (
     shard_of,
 )
 
-__all__ = ["MAX_HISTORY", "WORKER_OUTPUT_KEY", "shard_items", "take_worker_manifest"]
+__all__ = [
+    "MAX_HISTORY",
+    "WORKER_OUTPUT_KEY",
+    "nothing_assigned",
+    "shard_items",
+    "take_worker_manifest",
+]
 
 logger = logging.getLogger("pytest_llem")
 
@@ -190,3 +196,10 @@ def take_worker_manifest(node: Any, session: LlemSession | None) -> None:
     text = getattr(node, "workeroutput", {}).get(WORKER_OUTPUT_KEY)
     if text:
         session.shard = ShardManifest.model_validate_json(text)
+
+
+def nothing_assigned(manifest: ShardManifest | None) -> bool:
+    """Whether this is a shard of a session with llem cases that got none of them (more shards
+    than model-load groups): an empty share of the work, which is not a failure, unlike an
+    empty selection."""
+    return manifest is not None and manifest.collection_size > 0 and not manifest.ids
