@@ -357,7 +357,21 @@ def test_the_html_report_has_the_scorecard() -> None:
     section = page.split('<section id="scorecard">', 1)[1].split("</section>", 1)[0]
     assert "m on vllm 0.9.1 (NVIDIA H100 80GB HBM3)" in section
     assert "J/1k out tok" in section
-    assert "2 [1.8, 2.4]" in section
+    assert '<td class="n">2 [1.8, 2.4]<' in section  # measured: no mark
+
+
+def test_the_html_scorecard_marks_an_estimate_once() -> None:
+    run = record(
+        case(
+            "test_a", case_params=params(workload="chat"), metrics=full_metrics(source="estimated")
+        )
+    )
+    page = render_html(run)
+
+    section = page.split('<section id="scorecard">', 1)[1].split("</section>", 1)[0]
+    # the cell's class marks it (the page's CSS writes "est." after it), not its text too
+    assert '<td class="n e">2 [1.8, 2.4]<' in section
+    assert "2 [1.8, 2.4] est." not in section
 
 
 def _write(tmp_path: Path, run: RunRecord) -> Path:

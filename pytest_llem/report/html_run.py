@@ -190,7 +190,8 @@ def scorecard_section(record: RunRecord) -> dict[str, Any]:
                     "setting": row.setting,
                     "cells": [
                         {
-                            "text": figure_text(row.figures[spec.key], notes),
+                            # the cell's class marks an estimated figure "est."
+                            "text": figure_text(row.figures[spec.key], notes, mark_estimated=False),
                             "estimated": row.figures[spec.key].estimated,
                         }
                         for spec in FIGURES

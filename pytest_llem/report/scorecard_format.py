@@ -59,9 +59,10 @@ def format_number(value: float | None) -> str:
     return f"{value:.3g}"
 
 
-def figure_text(figure: Figure, notes: dict[str, int]) -> str:
+def figure_text(figure: Figure, notes: dict[str, int], *, mark_estimated: bool = True) -> str:
     """A figure as one cell: ``239 [217, 710] est.``, or ``n/a (N)`` where N numbers its
-    reason in ``notes`` (reason -> number, added to as reasons come)."""
+    reason in ``notes`` (reason -> number, added to as reasons come). ``mark_estimated=False``
+    leaves ``est.`` to the caller (the HTML page marks the cell instead)."""
     if figure.value is None:
         reason = figure.missing or "no value"
         number = notes.setdefault(reason, len(notes) + 1)
@@ -69,7 +70,7 @@ def figure_text(figure: Figure, notes: dict[str, int]) -> str:
     text = format_number(figure.value)
     if figure.low is not None and figure.high is not None:
         text += f" [{format_number(figure.low)}, {format_number(figure.high)}]"
-    return text + " est." if figure.estimated else text
+    return text + " est." if figure.estimated and mark_estimated else text
 
 
 def row_label(row: ScorecardRow) -> str:
