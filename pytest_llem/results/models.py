@@ -21,6 +21,7 @@ from pytest_llem.results.manifests import (
     RunManifest,
     ShardManifest,
 )
+from pytest_llem.results.search import CapacityRecord, SearchRecord
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -399,6 +400,15 @@ class CaseResult(_Record):
     shared_domains: list[str] = Field(
         default_factory=list,
         description="Domains shared with other xdist workers: not attributable to this case.",
+    )
+    capacity: CapacityRecord | None = Field(
+        default=None, description="llem.capacity: the highest rate meeting the SLO, and each rate."
+    )
+    search: SearchRecord | None = Field(
+        default=None, description="llem.search: the best configuration, frontier, evaluated."
+    )
+    part_of: str | None = Field(
+        default=None, description="The case whose search measured this point (None: its own)."
     )
 
     def __getitem__(self, name: str) -> MetricSummary:

@@ -1,0 +1,415 @@
+"""Search for the configuration that optimises a metric under bounds on others, evaluating
+fewer points than the full grid.
+
+Like the capacity search it knows nothing of pytest: ``evaluate(params)`` measures the case
+with those parameter values (the ``llem`` fixture runs it through the case runner) and returns
+its :class:`~pytest_llem.results.CaseResult`.
+
+How points are skipped. The grid is split into *lines*: the values of the last monotone axis
+for each combination of the other axes. Along a monotone axis (``batch_size``,
+``traffic.rate``, ``traffic.max_concurrency`` by default: more load) latency bounds only get
+harder to meet and efficiency or throughput objectives only get better. So:
+
+- a point that broke a latency bound proves every point with at least as much of every
+  monotone axis (the other axes equal) infeasible: those are never evaluated;
+- with an objective that improves with load, a line's best is its highest feasible value:
+  the top of the line is tried first, then the boundary is bisected (at most
+  1 + ceil(log2(n)) evaluations for n values);
+- the assumption is checked on what was evaluated: a line where a lower feasible value did
+  better than its highest feasible one (beyond the medians' intervals, or by more than 5%
+  without them) is evaluated in full below its boundary, and a note says so.
+
+Other objectives (a latency, say) are evaluated on every point not proven infeasible. With
+``frontier=True`` every point not proven infeasible is evaluated after the best, so that the
+frontier is the full grid's. ``budget`` caps the evaluations.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from pytest_llem.exceptions import ConfigurationError
+from pytest_llem.results.catalogue import lookup
+from pytest_llem.results.models import CaseResult
+from pytest_llem.results.search import FrontierPoint, SearchPoint, SearchRecord
+
+__all__ = [
+    "DEFAULT_MONOTONE",
+    "Evaluate",
+    "SearchAnswer",
+    "find_best",
+]
+
+#: Axes along which more means more load (see the module docstring).
+DEFAULT_MONOTONE: tuple[str, ...] = ("batch_size", "traffic.rate", "traffic.max_concurrency")
+#: Without intervals, a lower point must beat a line's top by this share to break monotonicity.
+MONOTONE_SLACK = 0.05
+#: The frontier's other axis when no bound is given.
+DEFAULT_FRONTIER_METRIC = "e2e_ms.p99"
+
+#: ``evaluate(params)``: the case's result with those values and its point's case id.
+Evaluate = Callable[[dict[str, Any]], tuple[CaseResult, str | None]]
+Key = tuple[Any, ...]
+
+
+@dataclass
+class SearchAnswer:
+    """What :func:`find_best` returns (the fixture's ``llem.search`` answer).
+
+    Attributes:
+        best: The best feasible point (params, objective, ...), None when none was feasible.
+        result: The best point's :class:`CaseResult` (None with no feasible point).
+        frontier: The objective / first-bound Pareto points among the feasible evaluated ones.
+        evaluated: Every point evaluated, in order, feasible or with the bounds it broke.
+        record: The ``search`` section of the case's record.
+    """
+
+    best: SearchPoint | None
+    result: CaseResult | None
+    frontier: list[FrontierPoint]
+    evaluated: list[SearchPoint]
+    record: SearchRecord
+
+
+@dataclass(frozen=True)
+class _Problem:
+    axes: list[str]
+    values: dict[str, list[Any]]
+    objective: str
+    direction: Literal["minimize", "maximize"]
+    subject_to: dict[str, float]
+    monotone: list[str]
+
+    def better(self, a: float, b: float) -> bool:
+        return a < b if self.direction == "minimize" else a > b
+
+    def params(self, key: Key) -> dict[str, Any]:
+        return dict(zip(self.axes, key, strict=True))
+
+    def improves_with_load(self) -> bool:
+        entry = lookup(self.objective)
+        if entry is None or entry.kind not in ("efficiency", "throughput"):
+            return False
+        return (entry.better == "lower") == (self.direction == "minimize")
+
+
+def _problem(
+    space: Mapping[str, Sequence[Any]],
+    objective: str,
+    direction: str,
+    subject_to: Mapping[str, float],
+    monotone: Sequence[str],
+) -> _Problem:
+    """The checked search problem; monotone axes sorted ascending."""
+    if not space or any(len(list(v)) == 0 for v in space.values()):
+        raise ConfigurationError("llem.search needs a space with at least one value per axis")
+    if direction not in ("minimize", "maximize"):
+        raise ConfigurationError(f"direction must be minimize or maximize, got {direction!r}")
+    for name in (objective, *subject_to):
+        entry = lookup(name)
+        if entry is None or entry.better == "neither":
+            raise ConfigurationError(f"llem.search cannot optimise or bound {name!r}")
+    values = {axis: list(v) for axis, v in space.items()}
+    axes_monotone = [axis for axis in values if axis in monotone]
+    for axis in axes_monotone:
+        if not all(isinstance(v, (int, float)) for v in values[axis]):
+            raise ConfigurationError(f"monotone axis {axis!r} needs numbers, got {values[axis]}")
+        values[axis] = sorted(values[axis])
+    return _Problem(
+        axes=list(values),
+        values=values,
+        objective=objective,
+        direction=direction,  # type: ignore[arg-type]  # checked above
+        subject_to=dict(subject_to),
+        monotone=axes_monotone,
+    )
+
+
+def _broken(problem: _Problem, result: CaseResult) -> tuple[dict[str, float | None], list[str]]:
+    """Each bounded metric's median, and the bounds it broke ('name value > limit')."""
+    values: dict[str, float | None] = {}
+    broke = []
+    for name, limit in problem.subject_to.items():
+        value = result.value(name) if name in result else None
+        values[name] = value
+        entry = lookup(name)
+        higher = entry is not None and entry.better == "higher"
+        if value is None:
+            broke.append(f"{name} unmeasured")
+        elif (value < limit) if higher else (value > limit):
+            broke.append(f"{name} {value:.4g} {'<' if higher else '>'} {limit:g}")
+    return values, broke
+
+
+@dataclass
+class _Search:
+    problem: _Problem
+    evaluate: Evaluate
+    budget: int | None
+    points: dict[Key, SearchPoint] = field(default_factory=dict)
+    results: dict[Key, CaseResult] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    exhausted: bool = False
+
+    def at(self, key: Key) -> SearchPoint | None:
+        """The point evaluated at ``key`` (evaluating it now), None when out of budget."""
+        if key in self.points:
+            return self.points[key]
+        if self.budget is not None and len(self.points) >= self.budget:
+            self.exhausted = True
+            return None
+        params = self.problem.params(key)
+        result, case_id = self.evaluate(params)
+        values, broke = _broken(self.problem, result)
+        objective = (
+            result.value(self.problem.objective) if self.problem.objective in result else None
+        )
+        if objective is None:
+            broke.append(f"{self.problem.objective} unmeasured")
+        point = SearchPoint(
+            params=params,
+            case_id=case_id,
+            objective=objective,
+            values=values,
+            feasible=not broke,
+            broke=broke,
+        )
+        self.points[key], self.results[key] = point, result
+        return point
+
+    def proven_infeasible(self, key: Key) -> bool:
+        """Whether an evaluated point that broke only latency bounds has no more of every
+        monotone axis than ``key`` and equals it on the other axes."""
+        problem = self.problem
+        for done, point in self.points.items():
+            if point.feasible or not _latency_only(point):
+                continue
+            if all(
+                (a <= b) if axis in problem.monotone else (a == b)
+                for axis, a, b in zip(problem.axes, done, key, strict=True)
+            ):
+                return True
+        return False
+
+
+def _latency_only(point: SearchPoint) -> bool:
+    for broke in point.broke:
+        entry = lookup(broke.split(" ", 1)[0])
+        if entry is None or entry.kind != "latency" or broke.endswith("unmeasured"):
+            return False
+    return True
+
+
+def _lines(problem: _Problem) -> list[list[Key]]:
+    """The grid as lines along the last monotone axis (single points without one), walked
+    with the first axis changing least, so that points sharing a model load come together."""
+    grid = list(itertools.product(*(problem.values[a] for a in problem.axes)))
+    if not problem.monotone:
+        return [[key] for key in grid]
+    along = problem.axes.index(problem.monotone[-1])
+    lines: dict[Key, list[Key]] = {}
+    for key in grid:
+        lines.setdefault(key[:along] + key[along + 1 :], []).append(key)
+    return list(lines.values())
+
+
+def _clearly_better(search: _Search, low: Key, top: Key) -> bool:
+    """Whether the lower point beat the line's top beyond noise (intervals, else 5%)."""
+    problem = search.problem
+    a, b = search.points[low].objective, search.points[top].objective
+    if a is None or b is None or not problem.better(a, b):
+        return False
+    low_m = search.results[low][problem.objective]
+    top_m = search.results[top][problem.objective]
+    if None not in (low_m.ci95_low, low_m.ci95_high, top_m.ci95_low, top_m.ci95_high):
+        if problem.direction == "minimize":
+            return float(low_m.ci95_high or 0) < float(top_m.ci95_low or 0)
+        return float(low_m.ci95_low or 0) > float(top_m.ci95_high or 0)
+    return abs(a - b) > MONOTONE_SLACK * abs(b)
+
+
+def _exhaust(search: _Search, line: Sequence[Key]) -> None:
+    """Evaluate the line upwards, skipping what a latency breach proved infeasible."""
+    for key in line:
+        if search.proven_infeasible(key):
+            continue
+        if search.at(key) is None:
+            return
+
+
+def _boundary(search: _Search, candidates: list[Key]) -> int | None:
+    """Index of the highest feasible candidate (-1: none), None when the line needs to be
+    evaluated in full (a bound other than latency broke, so nothing can be assumed)."""
+    top = search.at(candidates[-1])
+    if top is None:
+        return -1
+    if top.feasible:
+        return len(candidates) - 1
+    if not _latency_only(top):
+        return None
+    low, high = -1, len(candidates) - 1
+    while high - low > 1:
+        mid = (low + high) // 2
+        point = search.at(candidates[mid])
+        if point is None:
+            return low
+        if point.feasible:
+            low = mid
+        elif _latency_only(point):
+            high = mid
+        else:
+            return None
+    return low
+
+
+def _search_line(search: _Search, line: list[Key]) -> None:
+    """The highest feasible point of a line, checked against what was seen below it."""
+    candidates = [key for key in line if not search.proven_infeasible(key)]
+    if not candidates:
+        return
+    if not search.problem.improves_with_load():
+        _exhaust(search, candidates)
+        return
+    boundary = _boundary(search, candidates)
+    if boundary is None:
+        _exhaust(search, candidates)
+        return
+    if boundary < 0:
+        return
+    top = candidates[boundary]
+    below = [
+        key for key in candidates[:boundary] if key in search.points and search.points[key].feasible
+    ]
+    if any(_clearly_better(search, key, top) for key in below):
+        params = search.problem.params(top)
+        search.notes.append(
+            f"the objective did not improve along {search.problem.monotone[-1]} up to "
+            f"{params}: evaluated that line in full below its boundary"
+        )
+        _exhaust(search, candidates[:boundary])
+
+
+def _interval(result: CaseResult, name: str) -> tuple[float, float] | None:
+    summary = result[name]
+    if summary.ci95_low is None or summary.ci95_high is None:
+        return None
+    return (float(summary.ci95_low), float(summary.ci95_high))
+
+
+def _frontier(search: _Search, other: str) -> list[FrontierPoint]:
+    """The Pareto points of the objective against ``other`` among the feasible ones."""
+    problem = search.problem
+    entry = lookup(other)
+    other_higher = entry is not None and entry.better == "higher"
+    rows = []
+    for key, point in search.points.items():
+        result = search.results[key]
+        value = result.value(other) if other in result else None
+        if point.feasible and point.objective is not None and value is not None:
+            rows.append((key, point.objective, value))
+
+    def dominates(a: tuple[Key, float, float], b: tuple[Key, float, float]) -> bool:
+        obj_ok = a[1] == b[1] or problem.better(a[1], b[1])
+        oth_ok = a[2] == b[2] or ((a[2] > b[2]) if other_higher else (a[2] < b[2]))
+        return obj_ok and oth_ok and (a[1], a[2]) != (b[1], b[2])
+
+    front = [row for row in rows if not any(dominates(o, row) for o in rows)]
+    front.sort(key=lambda row: row[2])
+    return [
+        FrontierPoint(
+            params=problem.params(key),
+            objective=objective,
+            objective_ci=_interval(search.results[key], problem.objective),
+            other=value,
+            other_ci=_interval(search.results[key], other),
+        )
+        for key, objective, value in front
+    ]
+
+
+def _best(search: _Search) -> Key | None:
+    best: Key | None = None
+    for key, point in search.points.items():
+        if not point.feasible or point.objective is None:
+            continue
+        current = search.points[best].objective if best is not None else None
+        if current is None or search.problem.better(point.objective, current):
+            best = key
+    return best
+
+
+def find_best(
+    evaluate: Evaluate,
+    *,
+    space: Mapping[str, Sequence[Any]],
+    objective: str = "energy_per_output_token_j",
+    direction: str = "minimize",
+    subject_to: Mapping[str, float] | None = None,
+    monotone: Sequence[str] = DEFAULT_MONOTONE,
+    budget: int | None = None,
+    frontier: bool = False,
+) -> SearchAnswer:
+    """Find the feasible point of ``space`` with the best ``objective``.
+
+    Args:
+        evaluate: Measures the case at a point (see :data:`Evaluate`).
+        space: Parameter path -> the values to try.
+        objective: The metric to optimise (a catalogue name, ``ttft_ms.p99`` style allowed).
+        direction: ``minimize`` or ``maximize``.
+        subject_to: Bounds, metric -> limit: a lower-is-better metric must be at most its
+            limit, a higher-is-better one at least.
+        monotone: Axes along which more is more load (see the module docstring).
+        budget: The most evaluations (None: no cap).
+        frontier: Also evaluate every point not proven infeasible, for the full frontier.
+
+    Raises:
+        ConfigurationError: An empty space, an unknown metric or direction, a monotone axis
+            with values that are not numbers.
+    """
+    if budget is not None and budget < 1:
+        raise ConfigurationError(f"budget must be at least 1 evaluation, got {budget}")
+    problem = _problem(space, objective, direction, subject_to or {}, monotone)
+    search = _Search(problem, evaluate, budget)
+    lines = _lines(problem)
+    for line in lines:
+        _search_line(search, line)
+    if frontier:
+        for line in lines:
+            _exhaust(search, line)
+    return _answer(search, grid_size=sum(len(line) for line in lines))
+
+
+def _answer(search: _Search, *, grid_size: int) -> SearchAnswer:
+    problem = search.problem
+    best = _best(search)
+    other = next(iter(problem.subject_to), DEFAULT_FRONTIER_METRIC)
+    front = _frontier(search, other)
+    evaluated = list(search.points.values())
+    notes = list(search.notes)
+    if search.exhausted:
+        notes.append(f"stopped at the budget of {search.budget} evaluations")
+    record = SearchRecord(
+        objective=problem.objective,
+        direction=problem.direction,
+        subject_to=problem.subject_to,
+        space=problem.values,
+        monotone=problem.monotone,
+        grid_size=grid_size,
+        best=search.points[best] if best is not None else None,
+        evaluated=evaluated,
+        frontier_metric=other,
+        frontier=front,
+        skipped=grid_size - len(evaluated),
+        stop_reason="budget" if search.exhausted else "done",
+        notes=notes,
+    )
+    return SearchAnswer(
+        best=record.best,
+        result=search.results[best] if best is not None else None,
+        frontier=front,
+        evaluated=evaluated,
+        record=record,
+    )
