@@ -82,8 +82,9 @@ class Slotted:
         self.calls.append((rate, attempt))
         fraction, saturated = _slotted(rate)
         fraction = min(1.0, max(0.0, fraction + (self.shift if attempt == 0 else 0.0)))
+        throughput = min(rate, CAPACITY * 0.98)  # a saturated run's window has a tail
         result = _result(
-            {"energy_per_good_request_j": 2.0 / max(fraction, 1e-9)},
+            {"energy_per_good_request_j": 2.0 / max(fraction, 1e-9), "requests_per_s": throughput},
             good_fraction=fraction,
             requests=REQUESTS,
             saturated=saturated,
@@ -113,6 +114,23 @@ def test_a_saturated_rate_fails_even_when_the_short_run_met_the_slo():
     assert answer.rate_rps is not None and answer.rate_rps <= CAPACITY * 1.01
 
 
+def test_a_rate_above_the_saturated_throughput_fails_even_when_not_flagged():
+    def lucky(rate: float, attempt: int) -> tuple[CaseResult, str | None]:
+        # A schedule that realised less than its target: fine up to 1.3 x capacity, and
+        # flagged saturated only at twice the capacity, where it completed 43 requests/s.
+        del attempt
+        saturated = rate > 2 * CAPACITY
+        fraction = 1.0 if rate <= 1.3 * CAPACITY else 0.2
+        metrics = {"requests_per_s": min(rate, 43.0)}
+        return _result(metrics, good_fraction=fraction, saturated=saturated), None
+
+    answer = find_capacity(lucky, slo={"e2e_ms": 400}, rate=(10.0, 100.0))
+    assert answer.rate_rps is not None and answer.rate_rps <= 43.0
+    above = [p for p in answer.tried if 43.0 < p.rate_rps <= 1.3 * CAPACITY]
+    assert above and all(not p.passed for p in above)
+    assert "completed when saturated" in (above[0].note or "")
+
+
 def test_a_fraction_within_noise_of_the_bound_is_measured_again_and_pooled():
     measure = Slotted(shift=-0.11)  # first look at every rate: 0.89, a hair under 0.9
     answer = find_capacity(measure, slo={"e2e_ms": 400}, rate=(5.0, 100.0))
@@ -121,6 +139,18 @@ def test_a_fraction_within_noise_of_the_bound_is_measured_again_and_pooled():
     assert first.measurements == 2 and first.requests == 2 * REQUESTS
     assert first.good_fraction == pytest.approx((0.89 + 1.0) / 2)
     assert first.passed and "within noise" in (first.note or "")
+
+
+def test_without_a_range_capacity_is_bracketed_by_doubling_from_the_cases_rate():
+    measure = Slotted()
+    answer = find_capacity(measure, slo={"e2e_ms": 400}, start_rps=4.0)
+    assert [rate for rate, _ in measure.calls][:5] == [4.0, 8.0, 16.0, 32.0, 64.0]
+    assert answer.rate_rps is not None and CAPACITY / 1.05 <= answer.rate_rps <= CAPACITY * 1.01
+    assert answer.record.rate_range is None
+    down = Slotted()
+    answer = find_capacity(down, slo={"e2e_ms": 400}, start_rps=200.0)
+    assert [rate for rate, _ in down.calls][:3] == [200.0, 100.0, 50.0]
+    assert answer.rate_rps is not None and answer.rate_rps <= CAPACITY * 1.01
 
 
 def test_capacity_below_and_above_the_range():
@@ -219,8 +249,16 @@ def test_search_finds_the_true_optimum_with_fewer_evaluations_than_the_grid():
     assert answer.record.skipped == len(BATCHES) * len(MODES) - len(evaluate.calls)
     assert answer.result is not None
     assert answer.record.space["batch_size"] == BATCHES
-    # Every frontier point it names is on the full grid's frontier.
-    assert {(p.params["batch_size"], p.params["mode"]) for p in answer.frontier} <= _pareto(grid)
+    # Its frontier is the evaluated points' (and says so), each one a trade-off among them.
+    assert not answer.record.frontier_complete
+    evaluated = [
+        (p.params["batch_size"], p.params["mode"], p.objective, p.values["ttft_ms.p99"])
+        for p in answer.evaluated
+        if p.feasible
+    ]
+    assert {(p.params["batch_size"], p.params["mode"]) for p in answer.frontier} == _pareto(
+        evaluated  # type: ignore[arg-type]
+    )
 
 
 def test_infeasible_points_name_the_bound_they_broke_and_prune_larger_batches():
@@ -245,6 +283,7 @@ def test_with_frontier_the_frontier_is_the_full_grids_and_still_fewer_evaluation
     answer = find_best(evaluate, space=SPACE, subject_to={"ttft_ms.p99": 500}, frontier=True)
     grid = _grid(_surface, 500)
     assert {(p.params["batch_size"], p.params["mode"]) for p in answer.frontier} == _pareto(grid)
+    assert answer.record.frontier_complete
     assert len(evaluate.calls) < len(BATCHES) * len(MODES)
     assert answer.record.frontier_metric == "ttft_ms.p99"
     assert [p.other for p in answer.frontier] == sorted(p.other for p in answer.frontier)

@@ -4,11 +4,16 @@ The search knows nothing of pytest or of how a rate is measured: it calls ``meas
 attempt)`` and gets the :class:`~pytest_llem.results.CaseResult` of the case at that target
 rate (the ``llem`` fixture runs it through the case runner, with the same seeded arrivals and
 request set at every rate). A rate *passes* when at least ``good_fraction`` of its requests met
-every SLO bound and the server kept up (not saturated: a backlog that grows through the run
-would break the SLO on a longer run, whatever this run's fraction says).
+every SLO bound and the server kept up: not saturated (a backlog that grows through the run
+would break the SLO on a longer run, whatever this run's fraction says), and not above the
+most requests per second the server completed in any saturated run (a seeded schedule of a
+finite request set can realise less than its target rate, and so look sustainable above the
+server's throughput).
 
 Stopping rules: the two ends of ``rate`` are measured first (the low end failing ends the
-search with ``below_range``, the high end passing with ``above_range``); then the bracket
+search with ``below_range``, the high end passing with ``above_range``); without ``rate``, the
+case's own rate is doubled while it passes (halved while it fails), at most 8 times, until
+one rate passes and the next fails (else ``above_range`` / ``below_range``); then the bracket
 (highest passing, lowest failing) is bisected at its geometric mean until high / low - 1 is at
 most ``tolerance``, or until ``max_measurements``. A rate whose good fraction lies within
 1.96 binomial standard errors of the bound is measured again (arrival seed + 1) and decided on
@@ -35,6 +40,8 @@ __all__ = [
     "good_requests",
 ]
 
+#: Doublings (or halvings) tried to bracket the capacity when no range is given.
+BRACKET_STEPS = 8
 #: A good fraction within this many binomial standard errors of the bound is measured again.
 NOISE_Z = 1.96
 
@@ -104,6 +111,28 @@ class _Search:
     points: list[CapacityPoint] = field(default_factory=list)
     results: dict[float, CaseResult] = field(default_factory=dict)
     measurements: int = 0
+    #: The most requests/s the server completed in a saturated run: no rate above it is
+    #: sustainable, whatever a finite run's good fraction says.
+    ceiling: float | None = None
+
+    def passes(self, point: CapacityPoint) -> bool:
+        """Enough good requests, not saturated, and not above the saturated throughput."""
+        if point.good_fraction is None or point.good_fraction < self.target or point.saturated:
+            return False
+        return self.ceiling is None or point.rate_rps <= self.ceiling
+
+    def bracket(self) -> tuple[CapacityPoint | None, CapacityPoint | None]:
+        """The highest passing rate and the lowest failing rate above it."""
+        passing = max(
+            (p for p in self.points if self.passes(p)), key=lambda p: p.rate_rps, default=None
+        )
+        floor = passing.rate_rps if passing is not None else 0.0
+        failing = min(
+            (p for p in self.points if not self.passes(p) and p.rate_rps > floor),
+            key=lambda p: p.rate_rps,
+            default=None,
+        )
+        return passing, failing
 
     def try_rate(self, rate: float) -> CapacityPoint:
         result, case_id = self.measure(rate, 0)
@@ -129,6 +158,7 @@ class _Search:
         point = CapacityPoint(
             rate_rps=rate,
             good_fraction=fraction,
+            achieved_rate_rps=_achieved(result),
             requests=total,
             measurements=2 if note else 1,
             saturated=saturated,
@@ -137,12 +167,37 @@ class _Search:
             case_id=case_id,
             note=note,
         )
+        throughput = result.value("requests_per_s") if "requests_per_s" in result else None
+        if saturated and throughput is not None:
+            self.ceiling = max(self.ceiling or 0.0, throughput)
         self.points.append(point)
         return point
 
     def _within_noise(self, fraction: float, total: int) -> bool:
         error = math.sqrt(self.target * (1 - self.target) / total)
         return abs(fraction - self.target) < NOISE_Z * max(error, 1 / total)
+
+
+def _judged(search: _Search, point: CapacityPoint) -> CapacityPoint:
+    """The point as finally judged: a rate above the saturated throughput fails, and says so."""
+    passed = search.passes(point)
+    if passed or not point.passed:
+        return point.model_copy(update={"passed": passed})
+    why = (
+        f"above the {search.ceiling:.3g} requests/s the server completed when saturated: not "
+        "sustainable"
+    )
+    note = f"{point.note}; {why}" if point.note else why
+    return point.model_copy(update={"passed": False, "note": note})
+
+
+def _achieved(result: CaseResult) -> float | None:
+    rates = sorted(
+        rep.server.achieved_rate_rps
+        for rep in result.repetitions
+        if rep.server is not None and rep.server.achieved_rate_rps is not None
+    )
+    return rates[len(rates) // 2] if rates else None
 
 
 def _saturated(result: CaseResult) -> bool:
@@ -154,7 +209,8 @@ def find_capacity(
     *,
     slo: Mapping[str, float],
     good_fraction: float = 0.9,
-    rate: tuple[float, float],
+    rate: tuple[float, float] | None = None,
+    start_rps: float = 4.0,
     tolerance: float = 0.05,
     max_measurements: int = 30,
 ) -> CapacityAnswer:
@@ -164,41 +220,58 @@ def find_capacity(
         measure: Measures the case at a target rate (see :data:`Measure`).
         slo: The bounds a request must meet (recorded; ``measure`` applies them).
         good_fraction: Share of requests that must meet every bound.
-        rate: The (low, high) rates, requests/s, the answer is searched between.
+        rate: The (low, high) rates, requests/s, to search between; None: bracket from
+            ``start_rps`` by doubling (or halving) until one rate passes and one fails.
+        start_rps: Where bracketing starts without ``rate`` (the case's ``traffic.rate``).
         tolerance: Bisection stops when high / low - 1 is at most this.
         max_measurements: The most measurements (re-measurements included).
 
     Raises:
         ConfigurationError: The arguments cannot be searched (:func:`check_capacity_args`).
     """
-    check_capacity_args(slo, good_fraction, rate, tolerance)
+    check_capacity_args(slo, good_fraction, rate or (start_rps, 2 * start_rps), tolerance)
     search = _Search(measure, good_fraction, max_measurements)
-    low, high = rate
-    passing: CapacityPoint | None = None
-    failing: CapacityPoint | None = None
-    stop: StopReason = "tolerance"
-    first = search.try_rate(low)
-    if not first.passed:
-        failing, stop = first, "below_range"
+    if rate is None:
+        _bracket(search, start_rps)
     else:
-        passing = first
-        top = search.try_rate(high)
-        if top.passed:
-            passing, stop = top, "above_range"
-        else:
-            failing = top
-    while stop == "tolerance" and passing is not None and failing is not None:
-        if failing.rate_rps / passing.rate_rps - 1 <= tolerance:
-            break
-        if search.measurements >= max_measurements:
+        _ends(search, rate)
+    while True:
+        passing, failing = search.bracket()
+        stop: StopReason = "tolerance"
+        if passing is None:
+            stop = "below_range"
+        elif failing is None:
+            stop = "above_range"
+        elif failing.rate_rps / passing.rate_rps - 1 <= tolerance:
+            stop = "tolerance"
+        elif search.measurements >= max_measurements:
             stop = "budget"
-            break
-        point = search.try_rate(math.sqrt(passing.rate_rps * failing.rate_rps))
-        if point.passed:
-            passing = point
         else:
-            failing = point
-    return _answer(search, passing, failing, stop, slo=slo, rate=rate, tolerance=tolerance)
+            search.try_rate(math.sqrt(passing.rate_rps * failing.rate_rps))
+            continue
+        return _answer(search, passing, failing, stop, slo=slo, rate=rate, tolerance=tolerance)
+
+
+def _ends(search: _Search, rate: tuple[float, float]) -> None:
+    """Measure the range's low end and, when it passes, its high end."""
+    if search.passes(search.try_rate(rate[0])):
+        search.try_rate(rate[1])
+
+
+def _bracket(search: _Search, start: float) -> None:
+    """Double (or halve) from ``start`` until one rate passes and a higher one fails."""
+    search.try_rate(start)
+    for _ in range(BRACKET_STEPS):
+        passing, failing = search.bracket()
+        if (passing is not None and failing is not None) or (
+            search.measurements >= search.max_measurements
+        ):
+            return
+        if failing is None:
+            assert passing is not None  # a point was measured: one of the two exists
+            search.try_rate(passing.rate_rps * 2)
+        else:
+            search.try_rate(failing.rate_rps / 2)
 
 
 def _answer(
@@ -208,14 +281,18 @@ def _answer(
     stop: StopReason,
     *,
     slo: Mapping[str, float],
-    rate: tuple[float, float],
+    rate: tuple[float, float] | None,
     tolerance: float,
 ) -> CapacityAnswer:
     notes = []
+    tried = [point.rate_rps for point in search.points]
+    points = [_judged(search, point) for point in search.points]
     if stop == "below_range":
-        notes.append(f"the SLO was not met even at the lowest rate, {rate[0]:g} requests/s")
+        notes.append(f"the SLO was not met even at the lowest rate, {min(tried):g} requests/s")
     elif stop == "above_range":
-        notes.append(f"the SLO was still met at the highest rate, {rate[1]:g} requests/s")
+        notes.append(f"the SLO was still met at the highest rate, {max(tried):g} requests/s")
+    elif stop == "budget":
+        notes.append(f"stopped after {search.measurements} measurements (max_measurements)")
     record = CapacityRecord(
         rate_rps=passing.rate_rps if passing is not None else None,
         good_fraction=passing.good_fraction if passing is not None else None,
@@ -228,7 +305,7 @@ def _answer(
             failing.rate_rps if failing is not None else None,
         ),
         stop_reason=stop,
-        tried=list(search.points),
+        tried=points,
         notes=notes,
     )
     return CapacityAnswer(

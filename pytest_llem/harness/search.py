@@ -379,15 +379,18 @@ def find_best(
     if frontier:
         for line in lines:
             _exhaust(search, line)
-    return _answer(search, grid_size=sum(len(line) for line in lines))
+    return _answer(search, lines)
 
 
-def _answer(search: _Search, *, grid_size: int) -> SearchAnswer:
+def _answer(search: _Search, lines: list[list[Key]]) -> SearchAnswer:
     problem = search.problem
     best = _best(search)
     other = next(iter(problem.subject_to), DEFAULT_FRONTIER_METRIC)
     front = _frontier(search, other)
     evaluated = list(search.points.values())
+    grid = [key for line in lines for key in line]
+    grid_size = len(grid)
+    complete = all(key in search.points or search.proven_infeasible(key) for key in grid)
     notes = list(search.notes)
     if search.exhausted:
         notes.append(f"stopped at the budget of {search.budget} evaluations")
@@ -402,6 +405,7 @@ def _answer(search: _Search, *, grid_size: int) -> SearchAnswer:
         evaluated=evaluated,
         frontier_metric=other,
         frontier=front,
+        frontier_complete=complete,
         skipped=grid_size - len(evaluated),
         stop_reason="budget" if search.exhausted else "done",
         notes=notes,

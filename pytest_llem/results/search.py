@@ -33,6 +33,11 @@ class CapacityPoint(_Section):
         description="Requests meeting every SLO bound / requests, over every measurement at "
         "this rate (None: not measured)."
     )
+    achieved_rate_rps: float | None = Field(
+        default=None,
+        description="Requests issued per second, median over the windows (seeded Poisson "
+        "arrivals of a finite request set realise the target only to about 1/sqrt(requests)).",
+    )
     requests: int = Field(description="Requests the good fraction is counted over.")
     measurements: int = Field(
         default=1, description="Times measured (2: within noise of the bound the first time)."
@@ -57,7 +62,9 @@ class CapacityRecord(_Section):
     good_fraction: float | None = Field(description="The good fraction at that rate.")
     slo: dict[str, float] = Field(description="The bounds a request had to meet, ms.")
     target_good_fraction: float = Field(description="The share of requests that had to be good.")
-    rate_range: tuple[float, float] = Field(description="The (low, high) rates asked for.")
+    rate_range: tuple[float, float] | None = Field(
+        description="The (low, high) rates asked for (None: bracketed from the case's rate)."
+    )
     tolerance: float = Field(description="Relative width at which bisection stopped.")
     bracket: tuple[float | None, float | None] = Field(
         description="The highest passing and lowest failing rate at the end."
@@ -117,6 +124,12 @@ class SearchRecord(_Section):
         default=None, description="The frontier's other axis (the first bound's metric)."
     )
     frontier: list[FrontierPoint] = Field(default_factory=list)
+    frontier_complete: bool = Field(
+        default=False,
+        description="Whether every point not proven infeasible was evaluated, so the frontier "
+        "is the full grid's (otherwise it is the evaluated points' and a point on it may be "
+        "dominated by one never evaluated).",
+    )
     skipped: int = Field(
         default=0, description="Grid points never evaluated (proven infeasible or not better)."
     )
