@@ -99,19 +99,25 @@ def test_capacity_of_a_slotted_server_is_within_the_tolerance_below_the_analytic
     assert CAPACITY / 1.05 <= answer.rate_rps <= CAPACITY
     assert answer.record.stop_reason == "tolerance"
     low, high = answer.record.bracket
-    assert low == answer.rate_rps and high is not None and high / low - 1 <= 0.05
+    assert low == answer.rate_rps
+    assert high is not None
+    assert high / low - 1 <= 0.05
     assert [p.rate_rps for p in answer.tried][:2] == [5.0, 100.0]
-    assert answer.tried[1].saturated and not answer.tried[1].passed
-    assert answer.result is not None and good_requests(answer.result) == (REQUESTS, REQUESTS)
+    assert answer.tried[1].saturated
+    assert not answer.tried[1].passed
+    assert answer.result is not None
+    assert good_requests(answer.result) == (REQUESTS, REQUESTS)
     assert answer.record.tried[-1].case_id is not None
 
 
 def test_a_saturated_rate_fails_even_when_the_short_run_met_the_slo():
     fraction, saturated = _slotted(CAPACITY * 1.05)
-    assert fraction >= 0.9 and saturated  # the trap: a short run at this rate looks fine
+    assert fraction >= 0.9
+    assert saturated
     answer = find_capacity(Slotted(), slo={"e2e_ms": 400}, rate=(5.0, 100.0), tolerance=0.02)
     # Counting the good fraction alone would have answered about 48 requests/s.
-    assert answer.rate_rps is not None and answer.rate_rps <= CAPACITY * 1.01
+    assert answer.rate_rps is not None
+    assert answer.rate_rps <= CAPACITY * 1.01
 
 
 def test_a_rate_above_the_saturated_throughput_fails_even_when_not_flagged():
@@ -125,9 +131,11 @@ def test_a_rate_above_the_saturated_throughput_fails_even_when_not_flagged():
         return _result(metrics, good_fraction=fraction, saturated=saturated), None
 
     answer = find_capacity(lucky, slo={"e2e_ms": 400}, rate=(10.0, 100.0))
-    assert answer.rate_rps is not None and answer.rate_rps <= 43.0
+    assert answer.rate_rps is not None
+    assert answer.rate_rps <= 43.0
     above = [p for p in answer.tried if 43.0 < p.rate_rps <= 1.3 * CAPACITY]
-    assert above and all(not p.passed for p in above)
+    assert above
+    assert all(not p.passed for p in above)
     assert "completed when saturated" in (above[0].note or "")
 
 
@@ -136,30 +144,36 @@ def test_a_fraction_within_noise_of_the_bound_is_measured_again_and_pooled():
     answer = find_capacity(measure, slo={"e2e_ms": 400}, rate=(5.0, 100.0))
     assert (5.0, 1) in measure.calls
     first = answer.tried[0]
-    assert first.measurements == 2 and first.requests == 2 * REQUESTS
+    assert first.measurements == 2
+    assert first.requests == 2 * REQUESTS
     assert first.good_fraction == pytest.approx((0.89 + 1.0) / 2)
-    assert first.passed and "within noise" in (first.note or "")
+    assert first.passed
+    assert "within noise" in (first.note or "")
 
 
 def test_without_a_range_capacity_is_bracketed_by_doubling_from_the_cases_rate():
     measure = Slotted()
     answer = find_capacity(measure, slo={"e2e_ms": 400}, start_rps=4.0)
     assert [rate for rate, _ in measure.calls][:5] == [4.0, 8.0, 16.0, 32.0, 64.0]
-    assert answer.rate_rps is not None and CAPACITY / 1.05 <= answer.rate_rps <= CAPACITY * 1.01
+    assert answer.rate_rps is not None
+    assert CAPACITY / 1.05 <= answer.rate_rps <= CAPACITY * 1.01
     assert answer.record.rate_range is None
     down = Slotted()
     answer = find_capacity(down, slo={"e2e_ms": 400}, start_rps=200.0)
     assert [rate for rate, _ in down.calls][:3] == [200.0, 100.0, 50.0]
-    assert answer.rate_rps is not None and answer.rate_rps <= CAPACITY * 1.01
+    assert answer.rate_rps is not None
+    assert answer.rate_rps <= CAPACITY * 1.01
 
 
 def test_capacity_below_and_above_the_range():
     below = find_capacity(Slotted(), slo={"e2e_ms": 400}, rate=(80.0, 100.0))
-    assert below.rate_rps is None and below.result is None
+    assert below.rate_rps is None
+    assert below.result is None
     assert below.record.stop_reason == "below_range"
     assert "not met even at the lowest rate" in below.record.notes[0]
     above = find_capacity(Slotted(), slo={"e2e_ms": 400}, rate=(5.0, 20.0))
-    assert above.rate_rps == 20.0 and above.record.stop_reason == "above_range"
+    assert above.rate_rps == 20.0
+    assert above.record.stop_reason == "above_range"
 
 
 def test_capacity_stops_at_its_measurement_budget():
@@ -267,7 +281,8 @@ def test_infeasible_points_name_the_bound_they_broke_and_prune_larger_batches():
     broken = [p for p in answer.evaluated if not p.feasible]
     assert broken
     for point in broken:
-        assert point.broke and point.broke[0].startswith("ttft_ms.p99 ")
+        assert point.broke
+        assert point.broke[0].startswith("ttft_ms.p99 ")
         assert "> 500" in point.broke[0]
     for point in broken:  # nothing larger in the same mode was measured after it broke
         later = answer.evaluated[answer.evaluated.index(point) + 1 :]
@@ -338,8 +353,11 @@ def test_maximize_and_budget():
 
 def test_no_feasible_point_has_no_best():
     answer = find_best(Surface(), space=SPACE, subject_to={"ttft_ms.p99": 1})
-    assert answer.best is None and answer.result is None and answer.frontier == []
-    assert answer.evaluated and all(not p.feasible for p in answer.evaluated)
+    assert answer.best is None
+    assert answer.result is None
+    assert answer.frontier == []
+    assert answer.evaluated
+    assert all(not p.feasible for p in answer.evaluated)
 
 
 @pytest.mark.parametrize(

@@ -100,14 +100,13 @@ def test_capacity(llem):
 """
     )
     with _rapl(tmp_path, monkeypatch):
-        result = pytester.runpytest(
-            *QUICK, "--llem-meter=rapl", "--llem-baseline-s=0.5"
-        )
+        result = pytester.runpytest(*QUICK, "--llem-meter=rapl", "--llem-baseline-s=0.5")
     result.assert_outcomes(passed=1)
     record = _record(pytester)
     main = next(c for c in record["cases"] if c["capacity"] is not None)
     capacity = main["capacity"]
-    assert main["part_of"] is None and main["id"].endswith("test_capacity")
+    assert main["part_of"] is None
+    assert main["id"].endswith("test_capacity")
     assert main["params"]["traffic"]["rate"] == capacity["rate_rps"]
     points = [c for c in record["cases"] if c["part_of"] == main["id"]]
     assert {p["id"] for p in points} == {p["case_id"] for p in capacity["tried"]}
@@ -139,14 +138,13 @@ def test_best_batch(llem):
 """
     )
     with _rapl(tmp_path, monkeypatch):
-        result = pytester.runpytest(
-            *QUICK, "--llem-meter=rapl", "--llem-baseline-s=0.5", "-s"
-        )
+        result = pytester.runpytest(*QUICK, "--llem-meter=rapl", "--llem-baseline-s=0.5", "-s")
     result.assert_outcomes(passed=1)
     record = _record(pytester)
     main = next(c for c in record["cases"] if c["search"] is not None)
     search = main["search"]
-    assert search["grid_size"] == 5 and len(search["evaluated"]) < 5
+    assert search["grid_size"] == 5
+    assert len(search["evaluated"]) < 5
     assert main["params"]["batch_size"] == search["best"]["params"]["batch_size"]
     points = [c for c in record["cases"] if c["part_of"] == main["id"]]
     assert len(points) == len(search["evaluated"])

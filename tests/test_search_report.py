@@ -136,12 +136,14 @@ def test_capacity_probes_are_not_listed_as_saturated_cases() -> None:
 
 def test_html_draws_the_capacity_curves_and_the_frontier_with_the_chosen_point() -> None:
     page = render_html(_record())
-    assert '<section id="searches">' in page and 'href="#searches"' in page
+    assert '<section id="searches">' in page
+    assert 'href="#searches"' in page
     text = html.unescape(page)
     assert "Good fraction against arrival rate" in text
     assert "Energy per good request against arrival rate" in text
     assert "energy_per_output_token_j against ttft_ms.p99 (feasible points evaluated)" in text
-    assert "chosen: batch_size=8" in text and "frontier: batch_size=4" in text
+    assert "chosen: batch_size=8" in text
+    assert "frontier: batch_size=4" in text
     assert "batch_size=16" not in text.split('id="searches"')[1].split("</section>")[0]
 
 
@@ -149,7 +151,8 @@ def test_the_sections_survive_the_json_record(tmp_path) -> None:
     path = tmp_path / "run.json"
     path.write_text(_record().model_dump_json())
     again = read_run_record(path)
-    assert [c.capacity for c in again.cases][0] == CAPACITY
+    assert next(c.capacity for c in again.cases) == CAPACITY
     assert [c.search for c in again.cases][1] == SEARCH
-    assert isinstance(again.cases[2], CaseRecord) and again.cases[2].part_of == again.cases[1].id
+    assert isinstance(again.cases[2], CaseRecord)
+    assert again.cases[2].part_of == again.cases[1].id
     assert render_html(again) == render_html(_record())
