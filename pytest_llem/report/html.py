@@ -446,7 +446,10 @@ def _context(record: RunRecord, comparison: Mapping[str, Any] | None) -> dict[st
     views = _case_views(record, common, common_notes)
     sweeps = _sweeps(record)
     pareto = _pareto(record)
-    searches = search_sections(record)
+    searches = [
+        {**section, "charts": [_chart(c) for c in section["charts"]]}
+        for section in search_sections(record)
+    ]
     power_charts = sum(v.power_chart is not None for v in views)
     # Without a power timeline in any case, one note for the record instead of one per case.
     no_power = None if power_charts else _chart(svg.power_timeline(None))

@@ -7,8 +7,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from markupsafe import Markup
-
 from pytest_llem.report import svg
 from pytest_llem.report.search_lines import capacity_line, search_line
 from pytest_llem.results.catalogue import unit_of
@@ -18,14 +16,7 @@ from pytest_llem.results.search import CapacityRecord, SearchRecord
 __all__ = ["search_sections"]
 
 
-def _markup(drawing: svg.Svg) -> Markup:
-    """Charts svg.py built from escaped text are the only markup this section inserts."""
-    if not isinstance(drawing, svg.Svg):
-        raise TypeError("only charts drawn by pytest_llem.report.svg are inserted as markup")
-    return Markup(str(drawing))
-
-
-def _capacity_charts(capacity: CapacityRecord) -> list[Markup]:
+def _capacity_charts(capacity: CapacityRecord) -> list[svg.Svg]:
     points = sorted(capacity.tried, key=lambda p: p.rate_rps)
     target = capacity.target_good_fraction
     fraction = svg.line_chart(
@@ -50,14 +41,14 @@ def _capacity_charts(capacity: CapacityRecord) -> list[Markup]:
         y_label="energy per good request (J/request)",
         x_axis="linear",
     )
-    return [_markup(fraction), _markup(energy)]
+    return [fraction, energy]
 
 
 def _label(params: dict[str, Any]) -> str:
     return ",".join(f"{path}={value}" for path, value in params.items())
 
 
-def _search_chart(search: SearchRecord) -> Markup:
+def _search_chart(search: SearchRecord) -> svg.Svg:
     other = search.frontier_metric or ""
     chosen = search.best.params if search.best is not None else None
     on_front = {_label(p.params) for p in search.frontier}
@@ -82,11 +73,12 @@ def _search_chart(search: SearchRecord) -> Markup:
         drawing = svg.line_chart(
             series, title=title, x_label=axis_x, y_label=axis_y, x_axis="linear"
         )
-    return _markup(drawing)
+    return drawing
 
 
 def search_sections(record: RunRecord) -> list[dict[str, Any]]:
-    """Per case with a capacity or search section: its name, its answer line and charts."""
+    """Per case with a capacity or search section: its name, its answer line and charts (the
+    page inserts them through its one markup gate)."""
     sections = []
     for case in record.cases:
         if case.capacity is not None:
