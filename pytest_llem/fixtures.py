@@ -145,6 +145,7 @@ class LlemFixture:
             ``rate_rps``, ``good_fraction``, ``result`` (the CaseResult at that rate) and
             ``tried`` (each rate with its good fraction and whether it saturated).
         """
+        from pytest_llem.harness.search import PointFailedError
         from pytest_llem.searching import run_capacity
 
         points, base = self._points({**overrides, "scenario": "server"})
@@ -159,7 +160,7 @@ class LlemFixture:
                 tolerance=tolerance,
                 max_measurements=max_measurements,
             )
-        except ConfigurationError as e:
+        except (ConfigurationError, PointFailedError) as e:
             pytest.fail(f"llem.capacity: {e}", pytrace=False)
 
     def search(
@@ -229,6 +230,8 @@ class LlemFixture:
 
     def _points(self, overrides: dict[str, Any]) -> tuple[Points, CaseConfig]:
         """How a search measures and records its points, and the case as the test resolves."""
+        from pytest_llem.backends.support.failures import says_out_of_memory
+        from pytest_llem.harness.search import PointFailedError
         from pytest_llem.searching import Points
 
         identity = self._identity()
@@ -247,7 +250,11 @@ class LlemFixture:
                 raise outcome.exception
             if outcome.skip_reason is not None:
                 pytest.skip(outcome.skip_reason)
-            pytest.fail(f"{name}: {outcome.failure}", pytrace=False)
+            error = outcome.record.error
+            oom = error is not None and (
+                error.type == "RetryableError" or says_out_of_memory(error.message)
+            )
+            raise PointFailedError(f"{name}: {outcome.failure}", out_of_memory=oom)
 
         budgeted = bool(budget_rules(self._item, self.profile))
         points = Points(measure, self._record, identity.id, identity.name, budgeted=budgeted)

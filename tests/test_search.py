@@ -11,7 +11,7 @@ import pytest
 
 from pytest_llem.exceptions import ConfigurationError
 from pytest_llem.harness.capacity import find_capacity, good_requests
-from pytest_llem.harness.search import find_best
+from pytest_llem.harness.search import PointFailedError, find_best
 from pytest_llem.results.models import (
     CaseResult,
     MetricSummary,
@@ -375,3 +375,38 @@ def test_search_rejects_what_it_cannot_search(kwargs: dict[str, Any], message: s
     args: dict[str, Any] = {"space": SPACE, **kwargs}
     with pytest.raises(ConfigurationError, match=message):
         find_best(Surface(), **args)
+
+
+def test_a_point_that_runs_out_of_memory_is_infeasible_and_so_is_every_larger_batch():
+    class Oom(Surface):
+        def __call__(self, params: dict[str, Any]) -> tuple[CaseResult, str | None]:
+            if params["batch_size"] >= 16:
+                self.calls.append(params)
+                raise PointFailedError("CUDA out of memory", out_of_memory=True)
+            return super().__call__(params)
+
+    evaluate = Oom()
+    answer = find_best(evaluate, space=SPACE, subject_to={"ttft_ms.p99": 10_000})
+    assert answer.best is not None
+    assert answer.best.params["batch_size"] == 8
+    failed = [p for p in answer.evaluated if not p.feasible]
+    assert failed
+    assert all(p.broke == ["out of memory: CUDA out of memory"] for p in failed)
+    assert all(p.params["batch_size"] != 32 for p in answer.evaluated)  # proven by 16 or 64
+    assert len(evaluate.calls) < len(BATCHES) * len(MODES)
+
+
+def test_a_point_that_fails_otherwise_proves_nothing_about_its_neighbours():
+    class Flaky(Surface):
+        def __call__(self, params: dict[str, Any]) -> tuple[CaseResult, str | None]:
+            if params["batch_size"] == 64:
+                self.calls.append(params)
+                raise PointFailedError("engine crashed")
+            return super().__call__(params)
+
+    evaluate = Flaky()
+    answer = find_best(evaluate, space={"mode": ["eager"], "batch_size": BATCHES})
+    assert answer.evaluated[0].broke == ["failed: engine crashed"]
+    assert len(evaluate.calls) == len(BATCHES)  # the rest of the line was run in full
+    assert answer.best is not None
+    assert answer.best.params["batch_size"] == 32

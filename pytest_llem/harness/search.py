@@ -19,7 +19,9 @@ harder to meet and efficiency or throughput objectives only get better. So:
   better than its highest feasible one (beyond the medians' intervals, or by more than 5%
   without them) is evaluated in full below its boundary, and a note says so.
 
-Other objectives (a latency, say) are evaluated on every point not proven infeasible. With
+A point whose case fails (``evaluate`` raises :class:`PointFailedError`) is infeasible, and says
+why; running out of memory counts like a latency breach (more load, more memory). Other
+objectives (a latency, say) are evaluated on every point not proven infeasible. With
 ``frontier=True`` every point not proven infeasible is evaluated after the best, so that the
 frontier is the full grid's. ``budget`` caps the evaluations.
 """
@@ -31,7 +33,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from pytest_llem.exceptions import ConfigurationError
+from pytest_llem.exceptions import ConfigurationError, LlemError
 from pytest_llem.results.catalogue import lookup
 from pytest_llem.results.models import CaseResult
 from pytest_llem.results.search import FrontierPoint, SearchPoint, SearchRecord
@@ -39,6 +41,7 @@ from pytest_llem.results.search import FrontierPoint, SearchPoint, SearchRecord
 __all__ = [
     "DEFAULT_MONOTONE",
     "Evaluate",
+    "PointFailedError",
     "SearchAnswer",
     "find_best",
 ]
@@ -49,6 +52,19 @@ DEFAULT_MONOTONE: tuple[str, ...] = ("batch_size", "traffic.rate", "traffic.max_
 MONOTONE_SLACK = 0.05
 #: The frontier's other axis when no bound is given.
 DEFAULT_FRONTIER_METRIC = "e2e_ms.p99"
+
+
+class PointFailedError(LlemError):
+    """A point's case failed (``evaluate`` raises it): the point is infeasible, and when memory
+    ran out, so is every point with more of each monotone axis."""
+
+    def __init__(self, message: str, *, out_of_memory: bool = False) -> None:
+        super().__init__(message)
+        self.out_of_memory = out_of_memory
+
+
+#: Start of a failed point's ``broke`` entry when memory ran out (it grows with load).
+OUT_OF_MEMORY = "out of memory"
 
 #: ``evaluate(params)``: the case's result with those values and its point's case id.
 Evaluate = Callable[[dict[str, Any]], tuple[CaseResult, str | None]]
@@ -162,7 +178,13 @@ class _Search:
             self.exhausted = True
             return None
         params = self.problem.params(key)
-        result, case_id = self.evaluate(params)
+        try:
+            result, case_id = self.evaluate(params)
+        except PointFailedError as e:
+            failed = f"{OUT_OF_MEMORY}: {e}" if e.out_of_memory else f"failed: {e}"
+            point = SearchPoint(params=params, objective=None, feasible=False, broke=[failed])
+            self.points[key] = point
+            return point
         values, broke = _broken(self.problem, result)
         objective = (
             result.value(self.problem.objective) if self.problem.objective in result else None
@@ -196,7 +218,10 @@ class _Search:
 
 
 def _latency_only(point: SearchPoint) -> bool:
+    """Whether every bound it broke only gets harder with load: latency, or memory."""
     for broke in point.broke:
+        if broke.startswith(f"{OUT_OF_MEMORY}: "):
+            continue
         entry = lookup(broke.split(" ", 1)[0])
         if entry is None or entry.kind != "latency" or broke.endswith("unmeasured"):
             return False
@@ -221,6 +246,8 @@ def _clearly_better(search: _Search, low: Key, top: Key) -> bool:
     problem = search.problem
     a, b = search.points[low].objective, search.points[top].objective
     if a is None or b is None or not problem.better(a, b):
+        return False
+    if low not in search.results or top not in search.results:
         return False
     low_m = search.results[low][problem.objective]
     top_m = search.results[top][problem.objective]
@@ -306,7 +333,9 @@ def _frontier(search: _Search, other: str) -> list[FrontierPoint]:
     other_higher = entry is not None and entry.better == "higher"
     rows = []
     for key, point in search.points.items():
-        result = search.results[key]
+        result = search.results.get(key)
+        if result is None:
+            continue
         value = result.value(other) if other in result else None
         if point.feasible and point.objective is not None and value is not None:
             rows.append((key, point.objective, value))
