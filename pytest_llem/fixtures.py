@@ -161,7 +161,8 @@ class LlemFixture:
                 max_measurements=max_measurements,
             )
         except (ConfigurationError, PointFailedError) as e:
-            pytest.fail(f"llem.capacity: {e}", pytrace=False)
+            problem = str(e)
+        pytest.fail(f"llem.capacity: {problem}", pytrace=False)  # outside: no chained traceback
 
     def search(
         self,
@@ -218,7 +219,8 @@ class LlemFixture:
                 frontier=frontier,
             )
         except ConfigurationError as e:
-            pytest.fail(f"llem.search: {e}", pytrace=False)
+            problem = str(e)
+        pytest.fail(f"llem.search: {problem}", pytrace=False)  # outside: no chained traceback
 
     def _identity(self) -> CaseRecord:
         """The next case's id and name: the node id, then ``#2``, ``#3`` for later cases."""
@@ -238,14 +240,16 @@ class LlemFixture:
         overrides = resolve_profile_values(overrides, self.profile)
         base, _ = self._resolve(overrides, identity)
 
-        def measure(
+        def resolve(
             point: dict[str, Any], case_id: str, name: str
-        ) -> tuple[CaseConfig, CaseResult, CaseRecord]:
-            case, start = self._resolve(point, CaseRecord(id=case_id, name=name))
+        ) -> tuple[CaseConfig, CaseRecord]:
+            return self._resolve(point, CaseRecord(id=case_id, name=name))
+
+        def run(case: CaseConfig, start: CaseRecord) -> tuple[CaseResult, CaseRecord]:
             outcome = case_runner(self._session).run(case, start)
             if outcome.result is not None and outcome.failure is None:
-                return case, outcome.result, outcome.record
-            self._record(outcome.record.model_copy(update={"part_of": identity.id}))
+                return outcome.result, outcome.record
+            self._record(outcome.record)
             if outcome.exception is not None:
                 raise outcome.exception
             if outcome.skip_reason is not None:
@@ -254,10 +258,10 @@ class LlemFixture:
             oom = error is not None and (
                 error.type == "RetryableError" or says_out_of_memory(error.message)
             )
-            raise PointFailedError(f"{name}: {outcome.failure}", out_of_memory=oom)
+            raise PointFailedError(f"{start.name}: {outcome.failure}", out_of_memory=oom)
 
         budgeted = bool(budget_rules(self._item, self.profile))
-        points = Points(measure, self._record, identity.id, identity.name, budgeted=budgeted)
+        points = Points(resolve, run, self._record, identity.id, identity.name, budgeted=budgeted)
         return points, base
 
     def _resolve(

@@ -33,16 +33,19 @@ class Points:
     """How the searches measure a point and record cases (the fixture supplies these).
 
     Attributes:
-        measure: Runs the case with these overrides as the case ``(id, name)``; returns the
-            resolved case, its result and its record (the test fails or skips as ``llem.run``
-            would when the point cannot be measured).
+        resolve: The case with these overrides, and the start of its record as the case
+            ``(id, name)`` (a test whose case cannot resolve fails, as with ``llem.run``).
+        run: Runs a resolved case; returns its result and record (the test fails or skips as
+            with ``llem.run``; a case that failed raises
+            :class:`~pytest_llem.harness.search.PointFailedError` after recording it).
         record: Adds a case record to the run record.
         case_id: The test's case id; points are ``case_id@values``.
         name: The test's case name.
         budgeted: Whether the test has budget rules (they are not applied; a note says so).
     """
 
-    measure: Callable[[dict[str, Any], str, str], tuple[CaseConfig, CaseResult, CaseRecord]]
+    resolve: Callable[[dict[str, Any], str, str], tuple[CaseConfig, CaseRecord]]
+    run: Callable[[CaseConfig, CaseRecord], tuple[CaseResult, CaseRecord]]
     record: Callable[[CaseRecord], None]
     case_id: str
     name: str
@@ -50,11 +53,13 @@ class Points:
 
     def point(
         self, overrides: dict[str, Any], values: Mapping[str, Any], label: str
-    ) -> tuple[CaseConfig, CaseResult, CaseRecord]:
-        """Measure and record one point, its values checked to have reached the case."""
-        case, result, record = self.measure(
-            overrides, f"{self.case_id}@{label}", f"{self.name}@{label}"
-        )
+    ) -> tuple[CaseResult, CaseRecord]:
+        """Measure and record one point, after checking that its values reached the case.
+
+        Raises:
+            ConfigurationError: The command line or ini fixes one of the values.
+        """
+        case, start = self.resolve(overrides, f"{self.case_id}@{label}", f"{self.name}@{label}")
         dumped = case.model_dump(mode="json")
         for path, value in values.items():
             got = _at(dumped, path)
@@ -63,11 +68,13 @@ class Points:
                     f"{path} is fixed at {got!r} by the command line or ini; the search cannot "
                     f"set it to {value!r}"
                 )
-        record = record.model_copy(
-            update={"part_of": self.case_id, "sweep": {**record.sweep, **values}}
+        start = start.model_copy(
+            update={"part_of": self.case_id, "sweep": {**start.sweep, **values}}
         )
+        result, record = self.run(case, start)
+        record = record.model_copy(update={"part_of": self.case_id, "sweep": start.sweep})
         self.record(record)
-        return case, result, record
+        return result, record
 
     def finish(self, record: CaseRecord, **section: Any) -> None:
         """Record the test's own case: ``record``'s figures under the test's id, with the
@@ -114,7 +121,7 @@ def run_capacity(
         values = {"traffic.rate": rate_rps, "traffic.seed": seed}
         label = f"rate={rate_rps:.4g}" + (f",seed={seed}" if attempt else "")
         point = {**overrides, "scenario": "server", **bounds, **values}
-        _, result, record = points.point(point, values, label)
+        result, record = points.point(point, values, label)
         if attempt == 0:
             records[rate_rps] = record
         return result, record.id
@@ -150,7 +157,7 @@ def run_search(
 
     def evaluate(params: dict[str, Any]) -> tuple[CaseResult, str | None]:
         label = ",".join(f"{path}={value}" for path, value in params.items())
-        _, result, record = points.point({**overrides, **params}, params, label)
+        result, record = points.point({**overrides, **params}, params, label)
         records[record.id] = record
         return result, record.id
 

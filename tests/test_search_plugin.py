@@ -180,3 +180,27 @@ def test_both(llem):
             "*llem.search: give minimize or maximize, not both*",
         ]
     )
+
+
+def test_a_value_the_command_line_fixes_cannot_be_searched(
+    pytester: pytest.Pytester, tiny_model: Path
+) -> None:
+    pytester.makepyfile(
+        """
+import pytest
+
+@pytest.mark.llem(model="llem-tiny")
+def test_best(llem):
+    llem.search(space={"batch_size": [1, 2]})
+"""
+    )
+    result = pytester.runpytest(*QUICK, "--llem-meter=none", "--llem-set", "batch_size=4")
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(
+        [
+            "*llem.search: batch_size is fixed at 4 by the command line or ini; the search cannot "
+            "set it to 1*"
+        ]
+    )
+    assert "loading llem-tiny" not in result.stdout.str()  # nothing ran
+    assert "During handling" not in result.stdout.str()
