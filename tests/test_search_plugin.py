@@ -199,7 +199,7 @@ def test_best(llem):
     result.stdout.fnmatch_lines(
         [
             "*llem.search: batch_size is fixed at 4 by the command line or ini; the search cannot "
-            "set it to 1*"
+            "set it to 2*"
         ]
     )
     assert "loading llem-tiny" not in result.stdout.str()  # nothing ran
