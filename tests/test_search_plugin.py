@@ -151,6 +151,31 @@ def test_best_batch(llem):
     result.stdout.fnmatch_lines(["*search*best batch_size=*energy_per_output_token_j*"])
 
 
+@pytest.mark.slow
+def test_capacity_on_the_tiny_model_end_to_end(pytester: pytest.Pytester, tiny_model: Path) -> None:
+    pytester.makepyfile(
+        """
+import pytest
+
+@pytest.mark.llem(model="llem-tiny", max_new_tokens=4, min_new_tokens=4, repeat=1,
+                  batch_size=4, traffic={"num_requests": 12, "arrival": "constant"})
+def test_tiny_capacity(llem):
+    cap = llem.capacity(slo={"e2e_ms": 20000}, rate=(2.0, 64.0), tolerance=1.0)
+    assert cap.tried[0].rate_rps == 2.0
+    assert cap.record.stop_reason in ("tolerance", "above_range", "below_range")
+    if cap.rate_rps is not None:
+        assert cap.result.params["traffic"]["rate"] == cap.rate_rps
+"""
+    )
+    result = pytester.runpytest(*QUICK, "--llem-meter=none")
+    result.assert_outcomes(passed=1)
+    (main,) = [c for c in _record(pytester)["cases"] if c["capacity"] is not None]
+    assert main["capacity"]["tried"]
+    assert main["capacity"]["slo"] == {"e2e_ms": 20000.0}
+    assert main["params"]["scenario"] == "server"
+    result.stdout.fnmatch_lines(["capacity test_tiny_capacity: *"])
+
+
 def test_bad_search_arguments_fail_the_test_with_one_line(
     pytester: pytest.Pytester, tiny_model: Path
 ) -> None:

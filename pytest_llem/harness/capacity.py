@@ -90,7 +90,7 @@ def check_capacity_args(
 
     Raises:
         ConfigurationError: No bound, a fraction outside (0, 1], a range that is not
-            0 < low < high, or a tolerance outside (0, 1).
+            0 < low < high, or a tolerance that is not above 0.
     """
     if not slo:
         raise ConfigurationError("llem.capacity needs at least one SLO bound, e.g. e2e_ms=400")
@@ -99,8 +99,8 @@ def check_capacity_args(
     low, high = rate
     if not 0 < low < high:
         raise ConfigurationError(f"rate must be (low, high) with 0 < low < high, got {rate}")
-    if not 0 < tolerance < 1:
-        raise ConfigurationError(f"tolerance must be in (0, 1), got {tolerance}")
+    if not tolerance > 0:
+        raise ConfigurationError(f"tolerance must be above 0, got {tolerance}")
 
 
 @dataclass
