@@ -410,3 +410,20 @@ def test_a_point_that_fails_otherwise_proves_nothing_about_its_neighbours():
     assert len(evaluate.calls) == len(BATCHES)  # the rest of the line was run in full
     assert answer.best is not None
     assert answer.best.params["batch_size"] == 32
+
+
+def test_a_bound_inside_the_interval_is_marked_uncertain():
+    class Noisy(Surface):
+        def __call__(self, params: dict[str, Any]) -> tuple[CaseResult, str | None]:
+            self.calls.append(params)
+            costs = _surface(params["batch_size"], params["mode"])
+            return _result(costs, spread=0.2), None
+
+    answer = find_best(
+        Noisy(), space={"mode": ["eager"], "batch_size": BATCHES}, subject_to={"ttft_ms.p99": 500}
+    )
+    by_batch = {p.params["batch_size"]: p for p in answer.evaluated}
+    # TTFT at batch 16 is 440 ms: feasible on the median, but its interval [352, 528] holds 500.
+    assert by_batch[16].feasible
+    assert by_batch[16].uncertain == ["ttft_ms.p99 [352, 528] holds 500"]
+    assert by_batch[4].uncertain == []

@@ -107,6 +107,16 @@ def test_terminal_prints_each_answer_in_one_line() -> None:
     )
 
 
+def test_terminal_says_when_the_best_is_within_noise_of_a_bound() -> None:
+    best = _search_point(8, 0.11, 420.0).model_copy(
+        update={"uncertain": ["ttft_ms.p99 [380, 520] holds 500"]}
+    )
+    search = SEARCH.model_copy(update={"best": best})
+    record = make_record([make_case(0, name="test_best").model_copy(update={"search": search})])
+    (line,) = [line for line in summary_lines(record) if line.startswith("search ")]
+    assert line.endswith("points evaluated; within noise: ttft_ms.p99 [380, 520] holds 500")
+
+
 def test_terminal_says_when_there_is_no_answer() -> None:
     none = CAPACITY.model_copy(
         update={"rate_rps": None, "good_fraction": None, "stop_reason": "below_range"}

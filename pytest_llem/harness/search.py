@@ -160,6 +160,21 @@ def _broken(problem: _Problem, result: CaseResult) -> tuple[dict[str, float | No
     return values, broke
 
 
+def _uncertain(problem: _Problem, result: CaseResult) -> list[str]:
+    """The bounds whose limit lies inside the metric's 95% interval of the median: decided on
+    the median, but within noise."""
+    within = []
+    for name, limit in problem.subject_to.items():
+        summary = result.metrics.get(name)
+        if summary is None or summary.ci95_low is None or summary.ci95_high is None:
+            continue
+        if summary.ci95_low <= limit <= summary.ci95_high:
+            within.append(
+                f"{name} [{summary.ci95_low:.4g}, {summary.ci95_high:.4g}] holds {limit:g}"
+            )
+    return within
+
+
 @dataclass
 class _Search:
     problem: _Problem
@@ -186,6 +201,7 @@ class _Search:
             self.points[key] = point
             return point
         values, broke = _broken(self.problem, result)
+        uncertain = _uncertain(self.problem, result)
         objective = (
             result.value(self.problem.objective) if self.problem.objective in result else None
         )
@@ -198,6 +214,7 @@ class _Search:
             values=values,
             feasible=not broke,
             broke=broke,
+            uncertain=uncertain,
         )
         self.points[key], self.results[key] = point, result
         return point

@@ -54,8 +54,10 @@ def search_line(name: str, search: SearchRecord) -> str:
         f"{metric} {got:.4g}" for metric, got in best.values.items() if got is not None
     )
     within = f" with {held} ({_bounds(search.subject_to)})" if held else ""
+    noise = f"; within noise: {'; '.join(best.uncertain)}" if best.uncertain else ""
     return (
-        f"search {name}: best {_params(best.params)}: {search.objective} {value}{within}; {counted}"
+        f"search {name}: best {_params(best.params)}: {search.objective} {value}{within}; "
+        f"{counted}{noise}"
     )
 
 

@@ -92,6 +92,11 @@ class SearchPoint(_Section):
         default_factory=list,
         description="The bounds it broke, e.g. 'ttft_ms.p99 812 > 500' (empty when feasible).",
     )
+    uncertain: list[str] = Field(
+        default_factory=list,
+        description="Bounds whose limit lies inside the metric's 95% interval of the median: "
+        "decided on the median, but within noise (more windows would settle it).",
+    )
 
 
 class FrontierPoint(_Section):
