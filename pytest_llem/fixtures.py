@@ -258,7 +258,8 @@ class LlemFixture:
             oom = error is not None and (
                 error.type == "RetryableError" or says_out_of_memory(error.message)
             )
-            raise PointFailedError(f"{start.name}: {outcome.failure}", out_of_memory=oom)
+            message = f"{start.name}: {outcome.failure}"
+            raise PointFailedError(message, out_of_memory=oom, case_id=start.id)
 
         budgeted = bool(budget_rules(self._item, self.profile))
         points = Points(resolve, run, self._record, identity.id, identity.name, budgeted=budgeted)

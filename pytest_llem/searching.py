@@ -18,7 +18,7 @@ from pytest_llem.exceptions import ConfigurationError
 from pytest_llem.harness.capacity import CapacityAnswer, find_capacity
 from pytest_llem.harness.search import DEFAULT_MONOTONE, SearchAnswer, find_best
 from pytest_llem.results.catalogue import SLO_BOUNDS
-from pytest_llem.results.models import CaseRecord, CaseResult
+from pytest_llem.results.models import CaseError, CaseRecord, CaseResult
 
 __all__ = ["Points", "run_capacity", "run_search"]
 
@@ -171,6 +171,12 @@ def run_search(
         budget=budget,
         frontier=frontier,
     )
-    chosen = answer.best if answer.best is not None else answer.evaluated[-1]
-    points.finish(records[str(chosen.case_id)], search=answer.record)
+    measured = [p for p in answer.evaluated if p.case_id in records]
+    chosen = answer.best if answer.best is not None else (measured[-1] if measured else None)
+    if chosen is None:
+        error = CaseError(type="SearchFailed", message="every point evaluated failed")
+        empty = CaseRecord(id=points.case_id, name=points.name, outcome="failed", error=error)
+        points.finish(empty, search=answer.record)
+    else:
+        points.finish(records[str(chosen.case_id)], search=answer.record)
     return answer

@@ -229,3 +229,67 @@ def test_best(llem):
     )
     assert "loading llem-tiny" not in result.stdout.str()  # nothing ran
     assert "During handling" not in result.stdout.str()
+
+
+OOM_CONFTEST = """
+import time
+
+from pytest_llem.exceptions import RetryableError
+from tests.fakes.fake_backend import FakeBackend, FakeClock
+from tests.fakes.fake_meter import FakeMeter
+
+
+class SmallMemory(FakeBackend):
+    def generate(self, requests, **kwargs):
+        if len(requests) >= 8:
+            raise RetryableError("CUDA out of memory: tried to allocate 2.00 GiB")
+        return super().generate(requests, **kwargs)
+
+
+def pytest_llem_backend_names():
+    return ["small"]
+
+
+def pytest_llem_meter_names():
+    return ["steady"]
+
+
+def pytest_llem_make_backend(name, case, progress):
+    return SmallMemory(FakeClock(), lengths={}) if name == "small" else None
+
+
+def pytest_llem_make_meter(name, config, options):
+    if name == "steady":
+        return FakeMeter("steady", time.perf_counter, power_w={"gpu": 100.0})
+    return None
+"""
+
+
+def test_a_point_out_of_memory_is_infeasible_and_the_search_goes_on(
+    pytester: pytest.Pytester,
+) -> None:
+    pytester.makeconftest(OOM_CONFTEST)
+    pytester.makepyfile(
+        """
+import pytest
+
+@pytest.mark.llem(num_prompts=16, max_new_tokens=3)
+def test_batch(llem):
+    answer = llem.search(space={"batch_size": [1, 2, 4, 8, 16]}, maximize="output_tokens_per_s")
+    assert answer.best is not None
+    assert answer.best.params == {"batch_size": 4}
+    assert answer.best.result is answer.result
+    failed = [p for p in answer.evaluated if not p.feasible]
+    assert {p.params["batch_size"] for p in failed} == {8, 16}
+    assert all(p.broke[0].startswith("out of memory: ") for p in failed)
+"""
+    )
+    result = pytester.runpytest(
+        *QUICK, "--llem-backend=small", "--llem-meter=steady", "--llem-repeat=1"
+    )
+    result.assert_outcomes(passed=1)
+    cases = {c["id"].rsplit("::", 1)[1]: c for c in _record(pytester)["cases"]}
+    assert cases["test_batch@batch_size=16"]["outcome"] == "failed"
+    assert cases["test_batch@batch_size=16"]["part_of"].endswith("::test_batch")
+    assert cases["test_batch"]["search"]["best"]["params"] == {"batch_size": 4}
+    assert "batch_size=32" not in cases

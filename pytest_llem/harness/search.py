@@ -41,6 +41,7 @@ from pytest_llem.results.search import FrontierPoint, SearchPoint, SearchRecord
 __all__ = [
     "DEFAULT_MONOTONE",
     "Evaluate",
+    "Point",
     "PointFailedError",
     "SearchAnswer",
     "find_best",
@@ -58,9 +59,12 @@ class PointFailedError(LlemError):
     """A point's case failed (``evaluate`` raises it): the point is infeasible, and when memory
     ran out, so is every point with more of each monotone axis."""
 
-    def __init__(self, message: str, *, out_of_memory: bool = False) -> None:
+    def __init__(
+        self, message: str, *, out_of_memory: bool = False, case_id: str | None = None
+    ) -> None:
         super().__init__(message)
         self.out_of_memory = out_of_memory
+        self.case_id = case_id
 
 
 #: Start of a failed point's ``broke`` entry when memory ran out (it grows with load).
@@ -72,21 +76,61 @@ Key = tuple[Any, ...]
 
 
 @dataclass
+class Point:
+    """One evaluated point as a test sees it: the record's fields and the measured result.
+
+    Attributes:
+        params: The searched parameters' values.
+        result: Its :class:`CaseResult` (None when its case failed).
+        objective: The objective's median (None: unmeasured or failed).
+        values: Each bounded metric's median.
+        feasible: Whether it met every bound.
+        broke: The bounds it broke (``ttft_ms.p99 812 > 500``) or why it failed.
+        uncertain: Bounds decided on the median whose interval holds the limit.
+        case_id: Its case in the run record.
+    """
+
+    params: dict[str, Any]
+    result: CaseResult | None
+    objective: float | None
+    values: dict[str, float | None]
+    feasible: bool
+    broke: list[str]
+    uncertain: list[str]
+    case_id: str | None
+
+    @classmethod
+    def of(cls, point: SearchPoint, result: CaseResult | None) -> Point:
+        """The point of the record's entry and its result."""
+        return cls(
+            params=dict(point.params),
+            result=result,
+            objective=point.objective,
+            values=dict(point.values),
+            feasible=point.feasible,
+            broke=list(point.broke),
+            uncertain=list(point.uncertain),
+            case_id=point.case_id,
+        )
+
+
+@dataclass
 class SearchAnswer:
     """What :func:`find_best` returns (the fixture's ``llem.search`` answer).
 
     Attributes:
-        best: The best feasible point (params, objective, ...), None when none was feasible.
+        best: The best feasible point (``params``, ``result``, ``objective``, ...), None when
+            none was feasible.
         result: The best point's :class:`CaseResult` (None with no feasible point).
         frontier: The objective / first-bound Pareto points among the feasible evaluated ones.
         evaluated: Every point evaluated, in order, feasible or with the bounds it broke.
         record: The ``search`` section of the case's record.
     """
 
-    best: SearchPoint | None
+    best: Point | None
     result: CaseResult | None
     frontier: list[FrontierPoint]
-    evaluated: list[SearchPoint]
+    evaluated: list[Point]
     record: SearchRecord
 
 
@@ -197,7 +241,9 @@ class _Search:
             result, case_id = self.evaluate(params)
         except PointFailedError as e:
             failed = f"{OUT_OF_MEMORY}: {e}" if e.out_of_memory else f"failed: {e}"
-            point = SearchPoint(params=params, objective=None, feasible=False, broke=[failed])
+            point = SearchPoint(
+                params=params, case_id=e.case_id, objective=None, feasible=False, broke=[failed]
+            )
             self.points[key] = point
             return point
         values, broke = _broken(self.problem, result)
@@ -456,10 +502,11 @@ def _answer(search: _Search, lines: list[list[Key]]) -> SearchAnswer:
         stop_reason="budget" if search.exhausted else "done",
         notes=notes,
     )
+    points = {key: Point.of(point, search.results.get(key)) for key, point in search.points.items()}
     return SearchAnswer(
-        best=record.best,
+        best=points[best] if best is not None else None,
         result=search.results[best] if best is not None else None,
         frontier=front,
-        evaluated=evaluated,
+        evaluated=list(points.values()),
         record=record,
     )
