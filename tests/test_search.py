@@ -427,3 +427,17 @@ def test_a_bound_inside_the_interval_is_marked_uncertain():
     assert by_batch[16].feasible
     assert by_batch[16].uncertain == ["ttft_ms.p99 [352, 528] holds 500"]
     assert by_batch[4].uncertain == []
+
+
+def test_points_that_share_a_model_load_run_one_after_another():
+    calls: list[dict[str, Any]] = []
+
+    def evaluate(params: dict[str, Any]) -> tuple[CaseResult, str | None]:
+        calls.append(params)
+        return _result({"ttft_ms.p99": 10.0 * params["batch_size"]}), None
+
+    space = {"batch_size": [1, 2, 4], "dtype": ["float32", "bfloat16"]}
+    find_best(evaluate, space=space, objective="ttft_ms.p99")  # a latency: every point runs
+    dtypes = [params["dtype"] for params in calls]
+    assert dtypes == ["float32"] * 3 + ["bfloat16"] * 3  # one load each, not six
+    assert list(calls[0]) == ["batch_size", "dtype"]  # params keep the space's order

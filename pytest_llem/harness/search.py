@@ -23,7 +23,8 @@ A point whose case fails (``evaluate`` raises :class:`PointFailedError`) is infe
 why; running out of memory counts like a latency breach (more load, more memory). Other
 objectives (a latency, say) are evaluated on every point not proven infeasible. With
 ``frontier=True`` every point not proven infeasible is evaluated after the best, so that the
-frontier is the full grid's. ``budget`` caps the evaluations.
+frontier is the full grid's. ``budget`` caps the evaluations. Points that share a loaded
+model are evaluated one after another (the axes that need a new load change least).
 """
 
 from __future__ import annotations
@@ -291,10 +292,28 @@ def _latency_only(point: SearchPoint) -> bool:
     return True
 
 
+def _grid(problem: _Problem) -> list[Key]:
+    """Every point, the axes that need a new model load (``model``, ``dtype``, engine
+    settings) changing least, so that points sharing a loaded model run one after another;
+    then the axes in the order given."""
+    from pytest_llem.config.models import load_fields
+
+    loads = set(load_fields())
+    order = sorted(range(len(problem.axes)), key=lambda i: problem.axes[i] not in loads)
+    walked = itertools.product(*(problem.values[problem.axes[i]] for i in order))
+    grid = []
+    for values in walked:
+        key: list[Any] = [None] * len(order)
+        for i, value in zip(order, values, strict=True):
+            key[i] = value
+        grid.append(tuple(key))
+    return grid
+
+
 def _lines(problem: _Problem) -> list[list[Key]]:
-    """The grid as lines along the last monotone axis (single points without one), walked
-    with the first axis changing least, so that points sharing a model load come together."""
-    grid = list(itertools.product(*(problem.values[a] for a in problem.axes)))
+    """The grid as lines along the last monotone axis (single points without one), in the
+    order of :func:`_grid`."""
+    grid = _grid(problem)
     if not problem.monotone:
         return [[key] for key in grid]
     along = problem.axes.index(problem.monotone[-1])
