@@ -174,14 +174,14 @@ class LlemFixture:
         budget: int | None = None,
         frontier: bool = False,
         monotone: Sequence[str] | None = None,
+        screen: bool = False,
         **overrides: Any,
     ) -> SearchAnswer:
         """The configuration of ``space`` that minimises (or maximises) a metric under bounds.
 
-        Evaluates fewer points than the grid where it can prove the rest infeasible or not
-        better (:func:`pytest_llem.harness.search.find_best`). Each evaluated point is recorded
-        as a case of its own; this test's case gets the best point's result and the ``search``
-        section.
+        Fewer points than the grid are evaluated (:func:`pytest_llem.harness.search.find_best`);
+        each is a case of its own, and this test's case gets the best point's result and the
+        ``search`` section.
 
         Args:
             space: Parameter path -> values, e.g. ``{"batch_size": [1, 2, 4, 8, 16]}``.
@@ -193,11 +193,12 @@ class LlemFixture:
             frontier: Evaluate every point not proven infeasible, for the full frontier.
             monotone: Axes along which more is more load (default: batch_size, traffic.rate,
                 traffic.max_concurrency); ``()`` assumes nothing.
+            screen: Rank the lines on one window each first and search only the better half
+                in full (successive halving).
             **overrides: Case parameters, as for :meth:`run`.
 
         Returns:
-            ``best`` (params, objective; ``result`` its CaseResult), ``frontier`` and
-            ``evaluated``.
+            ``best`` (``params``, ``objective``, ``result``), ``frontier``, ``evaluated``.
         """
         from pytest_llem.harness.search import DEFAULT_MONOTONE
         from pytest_llem.searching import run_search
@@ -217,6 +218,7 @@ class LlemFixture:
                 monotone=DEFAULT_MONOTONE if monotone is None else monotone,
                 budget=budget,
                 frontier=frontier,
+                screen=screen,
             )
         except ConfigurationError as e:
             problem = str(e)

@@ -22,6 +22,8 @@ from pytest_llem.results.models import CaseError, CaseRecord, CaseResult
 
 __all__ = ["Points", "run_capacity", "run_search"]
 
+#: Windows of a screening measurement (``llem.search(screen=True)``).
+SCREEN_REPEAT = 1
 #: A budget marker is not applied to the points of a search; the record says so.
 BUDGET_NOTE = (
     "llem_budget is not checked by llem.capacity or llem.search: assert on the answer's result"
@@ -151,15 +153,24 @@ def run_search(
     monotone: Sequence[str] = DEFAULT_MONOTONE,
     budget: int | None = None,
     frontier: bool = False,
+    screen: bool = False,
 ) -> SearchAnswer:
-    """Run the configuration search (see :func:`find_best`)."""
+    """Run the configuration search (see :func:`find_best`); with ``screen``, lines are
+    ranked on one measured window each first (``repeat=1``; ids end in ``,screen``)."""
     records: dict[str, CaseRecord] = {}
 
-    def evaluate(params: dict[str, Any]) -> tuple[CaseResult, str | None]:
+    def evaluate(params: dict[str, Any], *, short: bool = False) -> tuple[CaseResult, str | None]:
         label = ",".join(f"{path}={value}" for path, value in params.items())
-        result, record = points.point({**overrides, **params}, params, label)
+        point = {**overrides, **params}
+        if short:
+            point["repeat"] = SCREEN_REPEAT
+            label += ",screen"
+        result, record = points.point(point, params, label)
         records[record.id] = record
         return result, record.id
+
+    def screened(params: dict[str, Any]) -> tuple[CaseResult, str | None]:
+        return evaluate(params, short=True)
 
     answer = find_best(
         evaluate,
@@ -170,6 +181,7 @@ def run_search(
         monotone=monotone,
         budget=budget,
         frontier=frontier,
+        screen=screened if screen else None,
     )
     measured = [p for p in answer.evaluated if p.case_id in records]
     chosen = answer.best if answer.best is not None else (measured[-1] if measured else None)

@@ -441,3 +441,26 @@ def test_points_that_share_a_model_load_run_one_after_another():
     dtypes = [params["dtype"] for params in calls]
     assert dtypes == ["float32"] * 3 + ["bfloat16"] * 3  # one load each, not six
     assert list(calls[0]) == ["batch_size", "dtype"]  # params keep the space's order
+
+
+def test_screening_on_short_windows_searches_only_the_better_half_in_full():
+    full, short = Surface(), Surface()
+    answer = find_best(full, space=SPACE, subject_to={"ttft_ms.p99": 500}, screen=short)
+    truth = min(_grid(_surface, 500), key=lambda row: row[2])
+    assert answer.best is not None
+    assert (answer.best.params["batch_size"], answer.best.params["mode"]) == truth[:2]
+    assert not answer.best.screening
+    modes = {params["mode"] for params in full.calls}
+    assert len(modes) == 2  # the better 2 of 3 lines, ranked on the short windows
+    assert len(full.calls) <= 4 * 2
+    screened = [p for p in answer.record.evaluated if p.screening]
+    assert len(screened) == len(short.calls)
+    assert answer.record.skipped == len(BATCHES) * len(MODES) - len(full.calls)
+    assert any(note.startswith("screened 3 lines on short windows") for note in answer.record.notes)
+
+
+def test_screening_shares_the_budget():
+    full, short = Surface(), Surface()
+    answer = find_best(full, space=SPACE, subject_to={"ttft_ms.p99": 500}, screen=short, budget=5)
+    assert len(full.calls) + len(short.calls) == 5
+    assert answer.record.stop_reason == "budget"

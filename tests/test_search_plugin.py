@@ -293,3 +293,29 @@ def test_batch(llem):
     assert cases["test_batch@batch_size=16"]["part_of"].endswith("::test_batch")
     assert cases["test_batch"]["search"]["best"]["params"] == {"batch_size": 4}
     assert "batch_size=32" not in cases
+
+
+def test_screening_runs_one_window_per_point_first(pytester: pytest.Pytester) -> None:
+    pytester.makeconftest(OOM_CONFTEST)
+    pytester.makepyfile(
+        """
+import pytest
+
+@pytest.mark.llem(num_prompts=8, max_new_tokens=3, repeat=2)
+def test_batch(llem):
+    answer = llem.search(
+        space={"max_new_tokens": [3, 4, 5], "batch_size": [1, 2, 4]},
+        maximize="output_tokens_per_s",
+        screen=True,
+    )
+    assert answer.best is not None and not answer.best.screening
+    screened = [p for p in answer.evaluated if p.screening]
+    assert screened and all(p.result.params["repeat"] == 1 for p in screened)
+    assert {len(p.result.repetitions) for p in answer.evaluated if not p.screening} == {2}
+"""
+    )
+    result = pytester.runpytest(*QUICK, "--llem-backend=small", "--llem-meter=steady")
+    result.assert_outcomes(passed=1)
+    ids = [c["id"] for c in _record(pytester)["cases"]]
+    assert any(i.endswith(",screen") for i in ids)
+    result.stdout.fnmatch_lines(["search test_batch: *(and * on short windows to rank them)*"])

@@ -30,6 +30,7 @@ model are evaluated one after another (the axes that need a new load change leas
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -99,6 +100,7 @@ class Point:
     broke: list[str]
     uncertain: list[str]
     case_id: str | None
+    screening: bool = False
 
     @classmethod
     def of(cls, point: SearchPoint, result: CaseResult | None) -> Point:
@@ -112,6 +114,7 @@ class Point:
             broke=list(point.broke),
             uncertain=list(point.uncertain),
             case_id=point.case_id,
+            screening=point.screening,
         )
 
 
@@ -462,6 +465,7 @@ def find_best(
     monotone: Sequence[str] = DEFAULT_MONOTONE,
     budget: int | None = None,
     frontier: bool = False,
+    screen: Evaluate | None = None,
 ) -> SearchAnswer:
     """Find the feasible point of ``space`` with the best ``objective``.
 
@@ -475,6 +479,9 @@ def find_best(
         monotone: Axes along which more is more load (see the module docstring).
         budget: The most evaluations (None: no cap).
         frontier: Also evaluate every point not proven infeasible, for the full frontier.
+        screen: Measures a point on a short window: with it and an objective that improves
+            with load, every line is searched on short windows first and only the better half
+            of the lines (at least one) is searched again in full (successive halving).
 
     Raises:
         ConfigurationError: An empty space, an unknown metric or direction, a monotone axis
@@ -483,22 +490,64 @@ def find_best(
     if budget is not None and budget < 1:
         raise ConfigurationError(f"budget must be at least 1 evaluation, got {budget}")
     problem = _problem(space, objective, direction, subject_to or {}, monotone)
-    search = _Search(problem, evaluate, budget)
     lines = _lines(problem)
-    for line in lines:
+    quick: _Search | None = None
+    chosen = lines
+    if screen is not None and len(lines) > 1 and problem.improves_with_load():
+        quick = _Search(problem, screen, budget)
+        chosen = _halve(quick, lines)
+    spent = len(quick.points) if quick is not None else 0
+    search = _Search(problem, evaluate, None if budget is None else max(budget - spent, 0))
+    if quick is not None:
+        search.exhausted = quick.exhausted
+        search.notes.append(
+            f"screened {len(lines)} lines on short windows ({spent} evaluations); searched "
+            f"the better {len(chosen)} in full"
+        )
+    for line in chosen:
         _search_line(search, line)
     if frontier:
         for line in lines:
             _exhaust(search, line)
-    return _answer(search, lines)
+    return _answer(search, lines, quick)
 
 
-def _answer(search: _Search, lines: list[list[Key]]) -> SearchAnswer:
+def _line_best(search: _Search, line: Sequence[Key]) -> float | None:
+    """The best objective among the line's feasible evaluated points."""
+    best: float | None = None
+    for key in line:
+        point = search.points.get(key)
+        if point is None or not point.feasible or point.objective is None:
+            continue
+        if best is None or search.problem.better(point.objective, best):
+            best = point.objective
+    return best
+
+
+def _halve(quick: _Search, lines: list[list[Key]]) -> list[list[Key]]:
+    """Search every line on short windows; the better half of the lines with a feasible
+    point (at least one), in their walking order."""
+    ranked = []
+    for index, line in enumerate(lines):
+        _search_line(quick, line)
+        best = _line_best(quick, line)
+        if best is not None:
+            ranked.append((best if quick.problem.direction == "minimize" else -best, index))
+    ranked.sort()
+    kept = sorted(index for _, index in ranked[: max(1, math.ceil(len(ranked) / 2))])
+    return [lines[index] for index in kept]
+
+
+def _answer(search: _Search, lines: list[list[Key]], quick: _Search | None) -> SearchAnswer:
     problem = search.problem
     best = _best(search)
     other = next(iter(problem.subject_to), DEFAULT_FRONTIER_METRIC)
     front = _frontier(search, other)
-    evaluated = list(search.points.values())
+    screened = [
+        point.model_copy(update={"screening": True})
+        for point in (quick.points.values() if quick is not None else ())
+    ]
+    evaluated = [*screened, *search.points.values()]
     grid = [key for line in lines for key in line]
     grid_size = len(grid)
     complete = all(key in search.points or search.proven_infeasible(key) for key in grid)
@@ -517,15 +566,19 @@ def _answer(search: _Search, lines: list[list[Key]]) -> SearchAnswer:
         frontier_metric=other,
         frontier=front,
         frontier_complete=complete,
-        skipped=grid_size - len(evaluated),
+        skipped=grid_size - len(search.points),
         stop_reason="budget" if search.exhausted else "done",
         notes=notes,
     )
     points = {key: Point.of(point, search.results.get(key)) for key, point in search.points.items()}
+    early = [
+        Point.of(point, quick.results.get(key) if quick is not None else None)
+        for key, point in zip(quick.points if quick is not None else (), screened, strict=True)
+    ]
     return SearchAnswer(
         best=points[best] if best is not None else None,
         result=search.results[best] if best is not None else None,
         frontier=front,
-        evaluated=list(points.values()),
+        evaluated=[*early, *points.values()],
         record=record,
     )

@@ -42,7 +42,11 @@ def capacity_line(name: str, capacity: CapacityRecord) -> str:
 
 def search_line(name: str, search: SearchRecord) -> str:
     """``search NAME: best PARAMS: OBJECTIVE VALUE UNIT (...)`` or why there is no best."""
-    counted = f"{len(search.evaluated)} of {search.grid_size} points evaluated"
+    full = sum(1 for point in search.evaluated if not point.screening)
+    short = len(search.evaluated) - full
+    counted = f"{full} of {search.grid_size} points evaluated"
+    if short:
+        counted += f" (and {short} on short windows to rank them)"
     if search.best is None:
         broke = next((p for p in search.evaluated if p.broke), None)
         example = f"; e.g. {_params(broke.params)} broke {broke.broke[0]}" if broke else ""

@@ -92,6 +92,10 @@ class SearchPoint(_Section):
         default_factory=list,
         description="The bounds it broke, e.g. 'ttft_ms.p99 812 > 500' (empty when feasible).",
     )
+    screening: bool = Field(
+        default=False,
+        description="Measured on a short window to rank its line (screen=True), not to decide.",
+    )
     uncertain: list[str] = Field(
         default_factory=list,
         description="Bounds whose limit lies inside the metric's 95% interval of the median: "
