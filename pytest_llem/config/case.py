@@ -162,9 +162,12 @@ class CaseConfig(StrictModel):
     )
     repeat: Annotated[int, Field(ge=1, le=10_000)] | Literal["auto"] = Field(
         default=3,
-        description="Measured repetitions (one window each), or auto: until the gate's "
-        "verdicts are decided or the intervals are narrow enough (--llem-max-repeat, "
-        "--llem-max-case-s, --llem-target-ci).",
+        description="Measured repetitions (one window each), or auto: windows until every "
+        "gated verdict is decided (with --llem-compare and --llem-fail-on) or, without a gate, "
+        "every reported metric's interval is narrower than --llem-target-ci, up to "
+        "--llem-max-repeat windows or --llem-max-case-s seconds; it looks after 3, 5, 8, 12, "
+        "18, 27 and 30 windows at a Bonferroni-corrected level (99.3% for 30), and the gate "
+        "judges at that level (docs/ci.md, Adaptive repetitions).",
         json_schema_extra=field_meta(sweep=[3, 5, 10], short="rep"),
     )
     scenario: Literal["offline", "single_stream", "server"] = Field(

@@ -242,6 +242,7 @@ def run_case(
     notes = [
         *workload.notes,
         *_extension_notes(repetitions, policy),
+        *_adaptive_notes(record),
         *case_notes(
             repetitions, metered=bool(meters), non_embedding_parameters=non_embedding_parameters
         ),
@@ -281,6 +282,17 @@ def _measure_windows(
         if stop is not None and reason is not None:
             return repetitions, latencies, stop.record(len(repetitions), reason)
     return repetitions, latencies, None
+
+
+def _adaptive_notes(record: AdaptiveRecord | None) -> list[str]:
+    """The note of a ``repeat=auto`` case: its windows, why it stopped, its looks' level."""
+    if record is None:
+        return []
+    looks = ", ".join(str(n) for n in record.looks) or "none"
+    return [
+        f"repeat=auto: {record.summary}; rule {record.rule}, looked after {looks} windows "
+        f"at {record.confidence:.2%} (Bonferroni over {record.planned_looks} planned looks)"
+    ]
 
 
 def _warm_up(workload: Workload, warmup: int, clock: Clock) -> float | None:
