@@ -13,39 +13,29 @@ from typing import Any
 
 import pytest
 
+from tests import test_gating
 from tests.fakes.paced_server import running_paced_server
 
 pytest_plugins = ["pytester"]
 
-CONFTEST = """
-import os
-
-from tests.fakes.fake_backend import FakeBackend, WallClock
-
-
-def pytest_llem_backend_names():
-    return ["paced"]
-
-
-def pytest_llem_make_backend(name, case, progress):
-    if name != "paced":
-        return None
-    step_s = float(os.environ["LLEM_TEST_STEP_S"])
-    return FakeBackend(WallClock(), prefill_s=step_s, step_s=step_s)
-"""
-
-CASE = """
-import pytest
-
-@pytest.mark.llem(num_prompts=4, batch_size=4, max_new_tokens=4, min_new_tokens=4, warmup=0)
-def test_throughput(llem):
-    llem.run()
-"""
-
-QUICK = ["--llem-backend=paced", "--llem-meter=none", "-p", "no:cacheprovider"]
-GATE = "--llem-fail-on=output_tokens_per_s:-5%"
+#: The engine is test_gating's FakeBackend on the wall clock, paced by LLEM_TEST_STEP_S.
+CONFTEST, CASE, QUICK, GATE = (
+    test_gating.CONFTEST,
+    test_gating.CASE,
+    test_gating.QUICK,
+    test_gating.GATE,
+)
 #: The corrected level of the default plan: 7 looks up to 30 windows.
 LEVEL = 1 - 0.05 / 7
+
+
+@pytest.fixture
+def project(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> pytest.Pytester:
+    """A project of one case on the paced FakeBackend, at 5 ms per token to start with."""
+    pytester.makeconftest(CONFTEST)
+    pytester.makepyfile(CASE)
+    monkeypatch.setenv("LLEM_TEST_STEP_S", "0.005")
+    return pytester
 
 
 def _record(pytester: pytest.Pytester) -> dict[str, Any]:
@@ -53,11 +43,9 @@ def _record(pytester: pytest.Pytester) -> dict[str, Any]:
 
 
 def test_auto_stops_when_the_gate_is_decided_and_judges_at_the_corrected_level(
-    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+    project: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    pytester.makeconftest(CONFTEST)
-    pytester.makepyfile(CASE)
-    monkeypatch.setenv("LLEM_TEST_STEP_S", "0.005")
+    pytester = project
     saved = pytester.runpytest(*QUICK, "--llem-repeat=auto", "--llem-save=base")
     saved.assert_outcomes(passed=1)
     base = _record(pytester)["cases"][0]
@@ -87,11 +75,25 @@ def test_auto_stops_when_the_gate_is_decided_and_judges_at_the_corrected_level(
     )
 
 
-def test_the_limits_come_from_the_ini_file_and_bad_values_are_usage_errors(
-    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+def test_an_xdist_worker_measures_against_the_baseline_too(
+    project: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    pytester.makeconftest(CONFTEST)
-    pytester.makepyfile(CASE)
+    pytester = project
+    pytester.runpytest(*QUICK, "--llem-repeat=3", "--llem-save=base").assert_outcomes(passed=1)
+    monkeypatch.setenv("LLEM_TEST_STEP_S", "0.05")
+    result = pytester.runpytest_subprocess(
+        *QUICK, "-n", "1", "--llem-repeat=auto", "--llem-compare=base", GATE
+    )
+    assert result.ret == 1
+    adaptive = _record(pytester)["cases"][0]["adaptive"]
+    assert adaptive["rule"] == "gate"  # the worker read the baseline
+    assert (adaptive["stop_reason"], adaptive["windows"]) == ("decided", 3)
+
+
+def test_the_limits_come_from_the_ini_file_and_bad_values_are_usage_errors(
+    project: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pytester = project
     pytester.makeini("[pytest]\nllem_repeat = auto\nllem_max_repeat = 4\nllem_target_ci = 0.001%\n")
     monkeypatch.setenv("LLEM_TEST_STEP_S", "0.002")
     result = pytester.runpytest(*QUICK)
