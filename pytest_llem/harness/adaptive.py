@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Literal
 
 from pytest_llem.harness.window import Clock
 from pytest_llem.results.adaptive import FIRST_LOOK, AdaptivePlan, AdaptiveRecord, StopReason
@@ -41,10 +42,10 @@ class AdaptiveStop:
     baseline: CaseRecord | None = None
     rules: Sequence[GateRule] = ()
     gate_estimated: bool = False
-    _started: float | None = None
-    _looks: list[int] = field(default_factory=list)
-    _last: Look | None = None
-    _rule: str = "target_ci"
+    _started: float | None = field(default=None, init=False)
+    _looks: list[int] = field(default_factory=list, init=False)
+    _last: Look | None = field(default=None, init=False)
+    _rule: Literal["gate", "target_ci"] = field(default="target_ci", init=False)
 
     def start(self) -> None:
         """Start the case's time budget (before the warmup)."""
@@ -106,7 +107,7 @@ class AdaptiveStop:
         return AdaptiveRecord(
             windows=windows,
             stop_reason=reason,
-            rule="gate" if self._rule == "gate" else "target_ci",
+            rule=self._rule,
             looks=list(self._looks),
             planned_looks=len(self.plan.looks),
             confidence=self.plan.confidence,
