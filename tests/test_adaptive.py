@@ -20,7 +20,7 @@ from pytest_llem.harness.runner import CaseMeasurement, run_case
 from pytest_llem.results.adaptive import AdaptivePlan, AdaptiveRecord, look_schedule
 from pytest_llem.results.adaptive_rule import gate_look, width_look
 from pytest_llem.results.compare import compare_runs
-from pytest_llem.results.comparison import ratio_interval
+from pytest_llem.results.comparison import classify, ratio_interval
 from pytest_llem.results.gate import parse_fail_on
 from pytest_llem.results.models import CaseRecord, MachineInfo, RepetitionRecord, RunRecord
 from pytest_llem.results.stats import bootstrap_median_ci
@@ -290,3 +290,36 @@ def test_the_final_verdict_uses_the_corrected_level() -> None:
     assert corrected.ratio is not None
     assert corrected.ratio.low < fixed.ratio.low
     assert corrected.ratio.high > fixed.ratio.high
+
+
+# --- the false-alarm rate ----------------------------------------------------------------------
+
+
+def _false_alarms(looks: Sequence[int], confidence: float, *, trials: int) -> float:
+    """How often a current run exactly at the -5% threshold ends ``regressed`` when it stops at
+    the first decided look (seeded, so the figure is the same on every machine)."""
+    import numpy as np
+
+    (rule,) = GATE
+    rng = np.random.default_rng(7)
+    regressed = 0
+    for _ in range(trials):
+        base = rng.normal(1.0, 0.05, 10)
+        current = rng.normal(0.95, 0.05 * 0.95, max(looks))
+        for n in looks:
+            interval = ratio_interval(list(base), list(current[:n]), confidence)
+            assert interval is not None
+            verdict = classify(rule, interval[1], interval[2])
+            if verdict != "inconclusive":
+                break
+        regressed += verdict == "regressed"
+    return regressed / trials
+
+
+@pytest.mark.slow
+def test_the_corrected_looks_keep_the_false_alarm_rate_that_naive_looks_inflate() -> None:
+    plan = AdaptivePlan()
+    corrected = _false_alarms(plan.looks, plan.confidence, trials=120)
+    naive = _false_alarms(range(3, 31), 0.95, trials=120)  # a 95% look after every window
+    assert corrected <= 0.05  # one-sided nominal 2.5%; 5% is the two-sided level
+    assert naive > 2 * corrected
