@@ -65,6 +65,7 @@ def comparison_rows(comparison: Any) -> list[dict[str, Any]]:
                 "verdict": item.verdict,
                 "gated": item.gated,
                 "reason": item.reason,
+                "confidence": item.confidence,
             }
         )
     return rows

@@ -27,7 +27,8 @@ from pytest_llem.config.models import CaseConfig
 from pytest_llem.config.profiles import resolve_profile_values
 from pytest_llem.exceptions import ConfigurationError, LlemError
 from pytest_llem.interop import record_benchmark
-from pytest_llem.results.models import CaseError, CaseRecord, CaseResult
+from pytest_llem.options import StoreOptions
+from pytest_llem.results.models import CaseError, CaseRecord, CaseResult, RunRecord
 from pytest_llem.session import LlemSession
 from pytest_llem.sweep import SweepCase
 from pytest_llem.workers import SHARED_DOMAINS, worker_info
@@ -172,6 +173,9 @@ def case_runner(session: LlemSession) -> CaseRunner:
         cooldown_s=energy.cooldown.seconds,
         timeout_s=options.timeout_s,
         gate_estimated=store.gate_estimated if store is not None else False,
+        adaptive=options.adaptive,
+        gate_baseline=_gate_baseline(store),
+        gate_rules=tuple(store.rules) if store is not None else (),
     )
     return CaseRunner(
         backends=session.backends,
@@ -180,6 +184,14 @@ def case_runner(session: LlemSession) -> CaseRunner:
         settings=settings,
         progress=session.progress,
     )
+
+
+def _gate_baseline(store: StoreOptions | None) -> RunRecord | None:
+    """The baseline an adaptive case measures against until its verdicts are decided: the
+    ``--llem-compare`` run when ``--llem-fail-on`` gates (None otherwise)."""
+    if store is None or store.compare_baseline is None or not store.rules:
+        return None
+    return store.compare_baseline.record
 
 
 def record_test_failure(properties: list[tuple[str, object]], error: CaseError) -> None:

@@ -19,6 +19,7 @@ from pytest_llem.options.parsers import Assignment, SweepAxis
 from pytest_llem.options.profile import choose_profile
 from pytest_llem.options.table import OPTIONS, option
 from pytest_llem.options.values import OptionValues
+from pytest_llem.results.adaptive import DEFAULT_MAX_REPEAT, DEFAULT_TARGET_CI, AdaptivePlan
 
 __all__ = [
     "OPTION_PATHS",
@@ -145,6 +146,7 @@ def options_from_values(
         timeout_s=values.get(option("timeout_s")) or None,
         shard=shard,
         origins=origins,
+        adaptive=_adaptive(values),
         profile=choose_profile(asked.value, asked.origin, layers=(cli_layer, ini_layer)),
     )
 
@@ -267,6 +269,16 @@ def _energy(values: OptionValues) -> EnergyOptions:
         min_window_s=values.get(option("min_window_s")),
         cooldown=values.get(option("cooldown")),
         country_iso_code=values.get(option("country")),
+    )
+
+
+def _adaptive(values: OptionValues) -> AdaptivePlan:
+    """The limits of ``repeat=auto``; ``--llem-max-case-s=0`` means no limit, as for
+    ``--llem-timeout-s``."""
+    return AdaptivePlan(
+        max_repeat=values.get(option("max_repeat")) or DEFAULT_MAX_REPEAT,
+        max_case_s=values.get(option("max_case_s")) or None,
+        target_ci=values.get(option("target_ci")) or DEFAULT_TARGET_CI,
     )
 
 

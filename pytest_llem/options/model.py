@@ -16,14 +16,17 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from pytest_llem.config.meter_names import METER_CHOICES
 from pytest_llem.config.models import BUILTIN_BACKENDS
+from pytest_llem.results.adaptive import DEFAULT_MAX_REPEAT, DEFAULT_TARGET_CI, AdaptivePlan
 from pytest_llem.results.models import ProfileRecord, RunRecord
 from pytest_llem.sharding import ShardSpec
 
 __all__ = [
     "DEFAULT_BASELINE_S",
+    "DEFAULT_MAX_REPEAT",
     "DEFAULT_MIN_WINDOW_S",
     "DEFAULT_REPORT_DIR",
     "DEFAULT_STORAGE",
+    "DEFAULT_TARGET_CI",
     "MAX_SECONDS",
     "CompareBaseline",
     "CooldownSpec",
@@ -124,6 +127,7 @@ class LlemOptions(_Frozen):
     timeout_s: float | None = None
     shard: ShardSpec | None = None
     origins: dict[str, str] = Field(default_factory=dict)
+    adaptive: AdaptivePlan = Field(default_factory=AdaptivePlan)
     profile: ProfileRecord = Field(
         default_factory=lambda: ProfileRecord(name="smoke", reason="the default")
     )

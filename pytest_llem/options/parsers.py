@@ -34,6 +34,7 @@ __all__ = [
     "parse_fail_on",
     "parse_gpus",
     "parse_isolation",
+    "parse_max_repeat",
     "parse_names",
     "parse_path",
     "parse_profile",
@@ -41,6 +42,7 @@ __all__ = [
     "parse_seed",
     "parse_shard",
     "parse_sweep_line",
+    "parse_target_ci",
     "parse_text",
 ]
 
@@ -111,6 +113,31 @@ def parse_seconds(text: str) -> float:
     except ValueError as e:
         raise ConfigurationError(expected) from e
     if not (0 <= value <= MAX_SECONDS):  # also false for nan
+        raise ConfigurationError(expected)
+    return value
+
+
+def parse_max_repeat(text: str) -> int:
+    """The most windows of an adaptive case: a whole number from 3 (the first look) to 10000."""
+    expected = f"expected a whole number of windows, 3 <= N <= 10000, got {text!r}"
+    try:
+        value = int(text.strip())
+    except ValueError as e:
+        raise ConfigurationError(expected) from e
+    if not 3 <= value <= 10_000:
+        raise ConfigurationError(expected)
+    return value
+
+
+def parse_target_ci(text: str) -> float:
+    """A relative half-width: ``5%`` or ``0.05``, above 0 and below 100%."""
+    raw = text.strip()
+    expected = f"expected a relative width such as 5% or 0.05 (above 0, below 100%), got {text!r}"
+    try:
+        value = float(raw[:-1]) / 100 if raw.endswith("%") else float(raw)
+    except ValueError as e:
+        raise ConfigurationError(expected) from e
+    if not 0 < value < 1:  # also false for nan
         raise ConfigurationError(expected)
     return value
 

@@ -19,9 +19,11 @@ import pytest
 from pytest_llem.exceptions import ConfigurationError
 from pytest_llem.options.model import (
     DEFAULT_BASELINE_S,
+    DEFAULT_MAX_REPEAT,
     DEFAULT_MIN_WINDOW_S,
     DEFAULT_REPORT_DIR,
     DEFAULT_STORAGE,
+    DEFAULT_TARGET_CI,
     CooldownSpec,
 )
 from pytest_llem.options.parsers import (
@@ -32,6 +34,7 @@ from pytest_llem.options.parsers import (
     parse_fail_on,
     parse_gpus,
     parse_isolation,
+    parse_max_repeat,
     parse_names,
     parse_path,
     parse_profile,
@@ -39,6 +42,7 @@ from pytest_llem.options.parsers import (
     parse_seed,
     parse_shard,
     parse_sweep_line,
+    parse_target_ci,
     parse_text,
 )
 
@@ -165,15 +169,41 @@ OPTIONS: tuple[Option[Any], ...] = (
     ),
     _row(
         "repeat",
-        "Measured repetitions per case (default: 3).",
+        "Measured repetitions per case, or auto: measure windows until the gate's verdicts are "
+        "decided (or, without a gate, the intervals are narrower than --llem-target-ci), up to "
+        "--llem-max-repeat and --llem-max-case-s (default: 3).",
         case_value("repeat"),
-        metavar="N",
+        metavar="N|auto",
     ),
     _row(
         "warmup",
         "Unmeasured warmup repetitions per case (default: 1).",
         case_value("warmup"),
         metavar="N",
+    ),
+    _row(
+        "max_repeat",
+        "With repeat=auto: the most windows a case measures (default: 30).",
+        parse_max_repeat,
+        default=DEFAULT_MAX_REPEAT,
+        metavar="N",
+    ),
+    _row(
+        "max_case_s",
+        "With repeat=auto: stop adding windows when the next would take a case's warmup and "
+        "windows past this many seconds; 3 windows always run (default: no limit).",
+        parse_seconds,
+        metavar="SECONDS",
+    ),
+    _row(
+        "target_ci",
+        "With repeat=auto and no gate: stop once every reported metric's interval is narrower "
+        "than this either side of its median, e.g. 5%% or 0.05 (default: 5%%).",
+        parse_target_ci,
+        default=DEFAULT_TARGET_CI,
+        metavar="FRACTION",
+        ini_help="With repeat=auto and no gate: the relative interval half-width to reach, "
+        "e.g. 5% or 0.05 (default: 5%). Overridden by --llem-target-ci.",
     ),
     _row(
         "report_dir",

@@ -215,8 +215,10 @@ def _compare_metric(
     cur_values, cur_median = _values(cur, metric)
     sources = {_source(base, metric), _source(cur, metric)}
     source = "estimated" if "estimated" in sources else _source(cur, metric)
-    ratio = ratio_interval(base_values, cur_values)
-    difference = difference_interval(base_values, cur_values)
+    # an adaptive case looked several times: its verdict takes the level its looks used
+    confidence = cur.adaptive.confidence if cur.adaptive is not None else 0.95
+    ratio = ratio_interval(base_values, cur_values, confidence)
+    difference = difference_interval(base_values, cur_values, confidence)
     used = ratio if rule.relative else difference
     reason: str | None = None
     verdict: Verdict
@@ -246,6 +248,7 @@ def _compare_metric(
         verdict=verdict,
         gated=gated,
         reason=reason,
+        confidence=confidence,
     )
 
 

@@ -13,6 +13,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from pytest_llem.results.adaptive import AdaptiveRecord
 from pytest_llem.results.manifests import (
     ContainerInfo,
     GpuManifest,
@@ -399,6 +400,9 @@ class CaseResult(_Record):
     shared_domains: list[str] = Field(
         default_factory=list,
         description="Domains shared with other xdist workers: not attributable to this case.",
+    )
+    adaptive: AdaptiveRecord | None = Field(
+        default=None, description="How many windows repeat=auto took and why it stopped."
     )
 
     def __getitem__(self, name: str) -> MetricSummary:
