@@ -214,8 +214,6 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     except GateError as e:
         print(f"llem compare: error: --fail-on: {e}", file=sys.stderr)
         return 4
-    if len(args.runs) < 2:
-        raise UsageError("give a baseline and the current run: BASE [BASE ...] CURRENT")
     *bases, current_path = args.runs
     try:
         records = [read_run_record(path) for path in bases]
@@ -434,6 +432,23 @@ def _add_reference_commands(commands: Any) -> None:
     params.set_defaults(func=_cmd_params)
 
 
+class _BaseAndCurrent(argparse.Action):
+    """``BASE [BASE ...] CURRENT``: at least two records, else a usage error (exit 4)."""
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: Any,
+        option_string: str | None = None,
+    ) -> None:
+        if len(values) < 2:
+            raise argparse.ArgumentError(
+                self, "give a baseline and the current run: BASE [BASE ...] CURRENT"
+            )
+        setattr(namespace, self.dest, values)
+
+
 def _add_compare_command(commands: Any) -> None:
     """``llem compare``: two run records, and the regression gate."""
     compare = commands.add_parser(
@@ -445,6 +460,7 @@ def _add_compare_command(commands: Any) -> None:
         "runs",
         type=Path,
         nargs="+",
+        action=_BaseAndCurrent,
         metavar="RUN",
         help="BASE [BASE ...] CURRENT: the baseline run record(s), oldest first, then the "
         "current one; several baselines are a history (between-run variation is resampled)",

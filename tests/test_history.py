@@ -201,7 +201,9 @@ def test_llem_compare_needs_two_runs_and_readable_files(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ):
     only = _write(tmp_path / "only.json", _history(1.0)[0])
-    assert main(["compare", str(only)]) == 4
+    with pytest.raises(SystemExit) as exit_info:
+        main(["compare", str(only)])
+    assert exit_info.value.code == 4
     assert "BASE [BASE ...] CURRENT" in capsys.readouterr().err
     assert main(["compare", str(only), str(tmp_path / "missing.json"), str(only)]) == 2
     assert main(["compare", str(only), str(only), "--fail-on=nonsense"]) == 4

@@ -270,10 +270,12 @@ def _recommended(
             recommended[rule.metric] = rule.text
             continue
         chosen = _recommend(rule, pooled[rule.text])
-        if chosen is None:
+        if not pooled[rule.text]:
+            notes.append(f"{rule.metric}: no A/A pair (no case has it in two runs): left out")
+        elif chosen is None:
             notes.append(
                 f"{rule.metric}: no threshold up to {THRESHOLD_LADDER[-1]:.0%} keeps A/A false "
-                "alarms within the limit (or no A/A pair): do not gate it on this machine"
+                "alarms within the limit: do not gate it on this machine"
             )
         else:
             recommended[rule.metric] = chosen
