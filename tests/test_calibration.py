@@ -24,6 +24,7 @@ from pytest_llem.results.gate import parse_fail_on
 from pytest_llem.results.models import RunRecord
 from tests.test_compare import case, run
 from tests.test_gating import FAST, _run
+from tests.test_gating import project as project  # the paced fake-backend project
 
 pytest_plugins = ["pytester"]
 
@@ -184,15 +185,6 @@ def test_llem_calibrate_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixture
 
 
 # --- --llem-calibrate through pytest ---------------------------------------------------------
-
-
-@pytest.fixture
-def project(pytester: pytest.Pytester) -> pytest.Pytester:
-    from tests.test_gating import CASE, CONFTEST
-
-    pytester.makeconftest(CONFTEST)
-    pytester.makepyfile(CASE)
-    return pytester
 
 
 def test_calibrate_runs_each_case_n_times_and_reports(

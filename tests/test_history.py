@@ -25,6 +25,7 @@ from pytest_llem.results.models import RunRecord
 from pytest_llem.results.storage import machine_id, save_run
 from tests.test_compare import case, run
 from tests.test_gating import FAST, _run
+from tests.test_gating import project as project  # the paced fake-backend project
 
 pytest_plugins = ["pytester"]
 
@@ -250,12 +251,3 @@ def test_compare_with_history_after_several_saves(
     bad = _run(project, monkeypatch, FAST, "--llem-compare=history:0")
     assert bad.ret == pytest.ExitCode.USAGE_ERROR
     bad.stderr.fnmatch_lines(["*history:K needs a whole number of runs*"])
-
-
-@pytest.fixture
-def project(pytester: pytest.Pytester) -> pytest.Pytester:
-    from tests.test_gating import CASE, CONFTEST
-
-    pytester.makeconftest(CONFTEST)
-    pytester.makepyfile(CASE)
-    return pytester
