@@ -226,3 +226,25 @@ def test_calibrate_needs_two_runs(project: pytest.Pytester, monkeypatch: pytest.
     result = _run(project, monkeypatch, FAST, "--llem-calibrate=1")
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     result.stderr.fnmatch_lines(["*--llem-calibrate*expected a number of runs, 2 <= N <= 100*"])
+
+
+def test_a_few_quiet_pairs_do_not_talk_the_threshold_down() -> None:
+    # two runs 25% apart whose windows are so noisy that neither A/A pair regresses at 1%:
+    # the normal model of the between-run spread still keeps the recommendation high
+    noisy = (0.85, 0.92, 1.0, 1.08, 1.15)
+    runs = [
+        run(case("t.py::test_a", {TPS: [level * j for j in noisy]}), run_id=f"r{i}")
+        for i, level in enumerate((1.0, 1.25))
+    ]
+    calibration = calibrate_runs(runs, parse_fail_on(f"{TPS}:-1%"))
+    (item,) = calibration.metrics
+    assert item.false_alarms == 0
+    assert item.between_run_cv is not None
+    assert item.half_width is not None
+    floor = 1.6449 * math.sqrt(2) * item.between_run_cv - item.half_width
+    assert floor > 0.1
+    recommended = calibration.recommended[TPS]
+    assert float(recommended.split(":-")[1].rstrip("%")) / 100 >= floor
+    assert any(
+        "2 runs: a false-alarm rate from so few A/A pairs is rough" in n for n in calibration.notes
+    )

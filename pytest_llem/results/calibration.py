@@ -8,7 +8,8 @@ baseline with a current run: a pair reported ``regressed`` is a false alarm), an
 regression the gate catches in 80% of those pairs (one side of each pair scaled until the
 interval clears the threshold). From these it recommends a ``--llem-fail-on`` expression: per
 metric, the smallest threshold of :data:`THRESHOLD_LADDER` whose A/A false-alarm rate over all
-cases is at most :data:`MAX_FALSE_ALARM_RATE`.
+cases is at most :data:`MAX_FALSE_ALARM_RATE` and which a normal model of the between-run
+spread allows too (:func:`_model_floor`: a few pairs without a false alarm prove little).
 
 Everything here reads run records only (no harness), so the pytest form and ``llem calibrate``
 share it, and the result goes into the run record as ``RunRecord.calibration``.
@@ -32,6 +33,7 @@ from pytest_llem.results.gate import GateRule
 from pytest_llem.results.models import CaseRecord, RunRecord
 
 __all__ = [
+    "FEW_RUNS",
     "MAX_FALSE_ALARM_RATE",
     "POWER",
     "THRESHOLD_LADDER",
@@ -47,6 +49,8 @@ __all__ = [
 POWER = 0.8
 #: The highest A/A false-alarm rate a recommended threshold may have.
 MAX_FALSE_ALARM_RATE = 0.05
+#: Fewer runs than this get a note that the rates are rough.
+FEW_RUNS = 5
 #: Relative thresholds tried for the recommendation, smallest first.
 THRESHOLD_LADDER: tuple[float, ...] = (0.01, 0.02, 0.03, 0.05, 0.07, 0.1, 0.15, 0.2, 0.3, 0.5)
 
@@ -59,7 +63,8 @@ class MetricCalibration:
 
     ``detectable`` is the smallest regression the rule catches in :data:`POWER` of the A/A
     pairs: a fraction (0.08 for 8%) for a relative rule, an amount in ``unit`` for an absolute
-    one; None with ``note`` saying why when it cannot be computed.
+    one; None with ``note`` saying why when it cannot be computed. ``half_width`` is the median
+    half-width of the A/A pairs' intervals (of the ratio, or in ``unit`` for an absolute rule).
     """
 
     case_id: str
@@ -73,6 +78,7 @@ class MetricCalibration:
     between_run_cv: float | None
     within_run_cv: float | None
     pairs: int
+    half_width: float | None
     false_alarms: int
     false_alarm_rate: float | None
     detectable: float | None
@@ -195,7 +201,8 @@ def detectable_regression(rule: GateRule, intervals: Sequence[Triple]) -> float 
         return None
     needs = sorted(_needed(rule, low, high) for _, low, high in intervals)
     value = needs[math.ceil(POWER * len(needs)) - 1]
-    return value if math.isfinite(value) and (not rule.relative or value < 1.0) else None
+    falls_to_zero = rule.relative and rule.direction == "-" and value >= 1.0
+    return value if math.isfinite(value) and not falls_to_zero else None
 
 
 def _false_alarms(rule: GateRule, intervals: Sequence[Triple]) -> int:
@@ -234,6 +241,9 @@ def _metric(
         between_run_cv=_cv(medians),
         within_run_cv=float(np.median(within)) if within else None,
         pairs=len(intervals),
+        half_width=float(np.median([(high - low) / 2 for _, low, high in intervals]))
+        if intervals
+        else None,
         false_alarms=alarms,
         false_alarm_rate=alarms / len(intervals) if intervals else None,
         detectable=detectable_regression(rule, intervals),
@@ -241,8 +251,27 @@ def _metric(
     )
 
 
-def _recommend(rule: GateRule, intervals: Sequence[Triple]) -> str | None:
-    """The smallest ladder threshold with an A/A false-alarm rate within the limit."""
+def _model_floor(rule: GateRule, metrics: Sequence[MetricCalibration]) -> float:
+    """The smallest threshold the normal model allows over the rule's cases.
+
+    Between two runs the ratio of medians varies with a relative spread of about
+    ``sqrt(2) * between_run_cv``; the gate reports ``regressed`` when it moves past the
+    threshold plus the interval's half-width. Keeping that below :data:`MAX_FALSE_ALARM_RATE`
+    (one-sided, z = 1.645) needs ``threshold >= 1.645 * sqrt(2) * cv - half_width``. This guards
+    the recommendation where a few pairs happened to show no false alarm.
+    """
+    z = 1.6448536269514722  # the normal quantile of 1 - MAX_FALSE_ALARM_RATE
+    floors = [
+        z * math.sqrt(2) * m.between_run_cv - m.half_width
+        for m in metrics
+        if m.rule == rule.text and m.between_run_cv is not None and m.half_width is not None
+    ]
+    return max(floors, default=0.0)
+
+
+def _recommend(rule: GateRule, intervals: Sequence[Triple], floor: float) -> str | None:
+    """The smallest ladder threshold at or above ``floor`` whose A/A false-alarm rate is
+    within the limit."""
     if not intervals:
         return None
     for threshold in THRESHOLD_LADDER:
@@ -253,13 +282,16 @@ def _recommend(rule: GateRule, intervals: Sequence[Triple]) -> str | None:
             relative=True,
             text="",
         )
-        if _false_alarms(candidate, intervals) / len(intervals) <= MAX_FALSE_ALARM_RATE:
+        rate = _false_alarms(candidate, intervals) / len(intervals)
+        if threshold >= floor and rate <= MAX_FALSE_ALARM_RATE:
             return f"{rule.metric}:{rule.direction}{threshold * 100:g}%"
     return None
 
 
 def _recommended(
-    rules: Sequence[GateRule], pooled: dict[str, list[Triple]]
+    rules: Sequence[GateRule],
+    pooled: dict[str, list[Triple]],
+    metrics: Sequence[MetricCalibration],
 ) -> tuple[dict[str, str], list[str]]:
     """Per rule, the recommended rule text, and notes for the rules without one."""
     recommended: dict[str, str] = {}
@@ -269,7 +301,7 @@ def _recommended(
             notes.append(f"{rule.text}: an absolute threshold, kept as given")
             recommended[rule.metric] = rule.text
             continue
-        chosen = _recommend(rule, pooled[rule.text])
+        chosen = _recommend(rule, pooled[rule.text], _model_floor(rule, metrics))
         if not pooled[rule.text]:
             notes.append(f"{rule.metric}: no A/A pair (no case has it in two runs): left out")
         elif chosen is None:
@@ -301,7 +333,12 @@ def calibrate_runs(runs: Sequence[RunRecord], rules: Sequence[GateRule]) -> Cali
             intervals = _pair_intervals([g for g in groups if len(g) >= MIN_WINDOWS], rule)
             pooled[rule.text].extend(intervals)
             metrics.append(_metric(case_id, group, rule, groups, intervals))
-    recommended, notes = _recommended(rules, pooled)
+    recommended, notes = _recommended(rules, pooled, metrics)
+    if len(runs) < FEW_RUNS:
+        notes.append(
+            f"{len(runs)} runs: a false-alarm rate from so few A/A pairs is rough; calibrate with "
+            f"at least {FEW_RUNS} runs (10 is better)"
+        )
     return Calibration(
         runs=len(runs),
         fail_on=",".join(rule.text for rule in rules),
