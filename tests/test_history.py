@@ -92,17 +92,24 @@ def test_too_few_windows_give_no_interval() -> None:
 
 
 @pytest.mark.parametrize(
-    ("spec", "runs"), [("history", DEFAULT_HISTORY_RUNS), ("history:3", 3), (" history:1 ", 1)]
+    ("spec", "runs", "name"),
+    [
+        ("history", DEFAULT_HISTORY_RUNS, None),
+        ("history:3", 3, None),
+        (" history:1 ", 1, None),
+        ("history:4:main", 4, "main"),
+    ],
 )
-def test_history_spec(spec: str, runs: int) -> None:
+def test_history_spec(spec: str, runs: int, name: str | None) -> None:
     parsed = parse_history(spec)
     assert parsed is not None
     assert parsed.runs == runs
+    assert parsed.name == name
 
 
-@pytest.mark.parametrize("spec", ["history:0", "history:x", "history:"])
+@pytest.mark.parametrize("spec", ["history:0", "history:x", "history:", "history:3:", "history::a"])
 def test_a_bad_history_spec_says_what_is_expected(spec: str) -> None:
-    with pytest.raises(ResultStoreError, match="history:K needs a whole number"):
+    with pytest.raises(ResultStoreError, match=r"history:K\[:NAME\] needs a whole number"):
         parse_history(spec)
 
 
@@ -250,4 +257,10 @@ def test_compare_with_history_after_several_saves(
 
     bad = _run(project, monkeypatch, FAST, "--llem-compare=history:0")
     assert bad.ret == pytest.ExitCode.USAGE_ERROR
-    bad.stderr.fnmatch_lines(["*history:K needs a whole number of runs*"])
+    bad.stderr.fnmatch_lines(["*history:K[[]:NAME[]] needs a whole number of runs*"])
+
+    # the pull request's own runs are saved under another name; NAME picks main's
+    _run(project, monkeypatch, FAST, "--llem-repeat=3", "--llem-save=pr")
+    named = _run(project, monkeypatch, FAST, "--llem-repeat=3", "--llem-compare=history:2:nightly")
+    assert named.ret == 0
+    named.stdout.fnmatch_lines(["*compared with history of 2 runs (0004_nightly .. 0005_nightly)*"])

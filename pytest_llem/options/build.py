@@ -339,7 +339,9 @@ def load_compare_baseline(options: LlemOptions, machine: str) -> LlemOptions:
         history = parse_history(store.compare)
         if history is not None:
             baseline = CompareBaseline(
-                **load_history(store.storage, machine, runs=history.runs, name=store.save_name)
+                **load_history(
+                    store.storage, machine, runs=history.runs, name=history.name or store.save_name
+                )
             )
         else:
             path = resolve_baseline(store.compare, store.storage, machine)

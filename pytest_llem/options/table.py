@@ -312,11 +312,12 @@ OPTIONS: tuple[Option[Any], ...] = (
     _row(
         "compare",
         "Compare with a saved run (default: the latest saved on this machine), or with "
-        "history[:K]: the last K (default 5) saved runs of this machine under one name.",
+        "history[:K[:NAME]]: the last K (default 5) saved runs of this machine named NAME "
+        "(default: the --llem-save name, else the newest run's).",
         parse_text,
         form="optional",
         const="latest",
-        metavar="NAME|PATH|latest|history[:K]",
+        metavar="NAME|PATH|latest|history[:K[:NAME]]",
         ini=False,
     ),
     _row(

@@ -1,7 +1,7 @@
 """History: comparing a run with several saved runs, so the verdict sees between-run variation.
 
-``--llem-compare=history[:K]`` (and ``llem compare BASE [BASE ...] CURRENT``) takes the last K
-saved runs of this machine under one name as the baseline. One run's windows say nothing about
+``--llem-compare=history[:K[:NAME]]`` (and ``llem compare BASE [BASE ...] CURRENT``) takes the
+last K saved runs of this machine under one name as the baseline. One run's windows say nothing about
 how much a whole run moves (thermal state, other tenants, clocks), so the baseline side's
 median is resampled hierarchically: the runs with replacement, then the windows within each
 picked run, pooled. When the runs differ, that interval is wider than a single run's; when they
@@ -53,16 +53,20 @@ _SPEC = re.compile(r"^history(?::(.*))?$")
 
 @dataclass(frozen=True)
 class HistorySpec:
-    """A parsed ``history[:K]``: how many saved runs to take."""
+    """A parsed ``history[:K[:NAME]]``: how many saved runs to take, and under which name
+    (None: the caller's default)."""
 
     runs: int
+    name: str | None = None
 
 
 def parse_history(spec: str) -> HistorySpec | None:
-    """``history`` or ``history:K`` as a :class:`HistorySpec`; None for any other spec.
+    """``history``, ``history:K`` or ``history:K:NAME`` as a :class:`HistorySpec`; None for
+    any other spec.
 
     Raises:
-        ResultStoreError: ``history:`` followed by something other than an integer >= 1.
+        ResultStoreError: ``history:`` followed by something other than an integer >= 1 (and
+            an optional name).
     """
     match = _SPEC.match(spec.strip())
     if match is None:
@@ -70,15 +74,17 @@ def parse_history(spec: str) -> HistorySpec | None:
     raw = match.group(1)
     if raw is None:
         return HistorySpec(DEFAULT_HISTORY_RUNS)
+    count, colon, name = raw.partition(":")
     try:
-        runs = int(raw)
+        runs = int(count)
     except ValueError:
         runs = 0
-    if runs < 1:
+    if runs < 1 or (colon and not name.strip()):
         raise ResultStoreError(
-            f"history:K needs a whole number of runs K >= 1, got {raw!r} (e.g. history:5)"
+            f"history:K[:NAME] needs a whole number of runs K >= 1 and, after a second colon, "
+            f"a name; got {spec.strip()!r} (e.g. history:5 or history:5:main)"
         )
-    return HistorySpec(runs)
+    return HistorySpec(runs, name.strip() or None)
 
 
 def select_history(
