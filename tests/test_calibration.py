@@ -116,7 +116,14 @@ def test_the_recommendation_keeps_false_alarms_within_the_limit() -> None:
     assert rate <= 0.05
     assert calibration.recommendation == recommended
     lines = calibration_lines(calibration)
-    assert lines[-1] == f"recommended: --llem-fail-on={recommended}"
+    assert lines[-2] == f"recommended: --llem-fail-on={recommended}"
+    # what the recommended gate catches is the calibration of that gate
+    caught = calibration.recommended_detectable[TPS]
+    assert caught == calibrate_runs(runs, looser).metrics[0].detectable
+    assert caught is not None
+    assert lines[-1] == (
+        f"  it catches in 80% of the A/A pairs a regression of: {TPS} {caught * 100:.1f}%"
+    )
     assert any("t.py::test_a" in line and "/20" in line for line in lines)
 
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from pytest_llem.results.compare import _values
@@ -29,7 +29,7 @@ from pytest_llem.results.comparison import (
     difference_interval,
     ratio_interval,
 )
-from pytest_llem.results.gate import GateRule
+from pytest_llem.results.gate import GateRule, parse_fail_on
 from pytest_llem.results.models import CaseRecord, RunRecord
 
 __all__ = [
@@ -94,6 +94,7 @@ class Calibration:
     metrics: tuple[MetricCalibration, ...]
     recommended: dict[str, str]
     notes: tuple[str, ...] = ()
+    recommended_detectable: dict[str, float | None] = field(default_factory=dict)
 
     @property
     def recommendation(self) -> str | None:
@@ -111,6 +112,7 @@ class Calibration:
             "metrics": [asdict(m) for m in self.metrics],
             "recommended": dict(self.recommended),
             "recommendation": self.recommendation,
+            "recommended_detectable": dict(self.recommended_detectable),
             "notes": list(self.notes),
         }
 
@@ -334,6 +336,12 @@ def calibrate_runs(runs: Sequence[RunRecord], rules: Sequence[GateRule]) -> Cali
             pooled[rule.text].extend(intervals)
             metrics.append(_metric(case_id, group, rule, groups, intervals))
     recommended, notes = _recommended(rules, pooled, metrics)
+    # what the recommended gate catches: the smallest regression in 80% of all cases' pairs
+    caught = {
+        metric: detectable_regression(parse_fail_on(text)[0], pooled[rule.text])
+        for rule in rules
+        if rule.relative and (text := recommended.get(metric := rule.metric)) is not None
+    }
     if len(runs) < FEW_RUNS:
         notes.append(
             f"{len(runs)} runs: a false-alarm rate from so few A/A pairs is rough; calibrate with "
@@ -345,6 +353,7 @@ def calibrate_runs(runs: Sequence[RunRecord], rules: Sequence[GateRule]) -> Cali
         metrics=tuple(metrics),
         recommended=recommended,
         notes=tuple(notes),
+        recommended_detectable=caught,
     )
 
 
@@ -399,6 +408,12 @@ def calibration_lines(calibration: Calibration) -> list[str]:
     lines.extend(f"note: {note}" for note in calibration.notes)
     if calibration.recommendation:
         lines.append(f"recommended: --llem-fail-on={calibration.recommendation}")
+        caught = ", ".join(
+            f"{metric} {_percent(d) if d is not None else 'no regression up to the limit'}"
+            for metric, d in calibration.recommended_detectable.items()
+        )
+        if caught:
+            lines.append(f"  it catches in 80% of the A/A pairs a regression of: {caught}")
     else:
         lines.append("recommended: nothing can be gated reliably from these runs")
     return lines
