@@ -255,3 +255,13 @@ def test_a_few_quiet_pairs_do_not_talk_the_threshold_down() -> None:
     assert any(
         "2 runs: a false-alarm rate from so few A/A pairs is rough" in n for n in calibration.notes
     )
+
+
+def test_a_metric_whose_intervals_are_too_wide_to_catch_anything_is_left_out() -> None:
+    wild = (0.2, 0.6, 1.0, 1.8, 3.0)
+    runs = [run(case("t.py::test_a", {TPS: list(wild)}), run_id=f"r{i}") for i in range(5)]
+    calibration = calibrate_runs(runs, parse_fail_on(f"{TPS}:-5%"))
+    (item,) = calibration.metrics
+    assert item.false_alarms == 0  # identical runs never disagree
+    assert TPS not in calibration.recommended
+    assert any("no regression up to 50% is caught" in note for note in calibration.notes)

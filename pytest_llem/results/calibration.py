@@ -29,7 +29,7 @@ from pytest_llem.results.comparison import (
     difference_interval,
     ratio_interval,
 )
-from pytest_llem.results.gate import GateRule, parse_fail_on
+from pytest_llem.results.gate import GateRule
 from pytest_llem.results.models import CaseRecord, RunRecord
 
 __all__ = [
@@ -271,22 +271,23 @@ def _model_floor(rule: GateRule, metrics: Sequence[MetricCalibration]) -> float:
     return max(floors, default=0.0)
 
 
-def _recommend(rule: GateRule, intervals: Sequence[Triple], floor: float) -> str | None:
-    """The smallest ladder threshold at or above ``floor`` whose A/A false-alarm rate is
-    within the limit."""
+def _relative(rule: GateRule, threshold: float) -> GateRule:
+    text = f"{rule.metric}:{rule.direction}{threshold * 100:g}%"
+    return GateRule(
+        metric=rule.metric, direction=rule.direction, threshold=threshold, relative=True, text=text
+    )
+
+
+def _recommend(rule: GateRule, intervals: Sequence[Triple], floor: float) -> GateRule | None:
+    """The rule with the smallest ladder threshold at or above ``floor`` whose A/A
+    false-alarm rate is within the limit."""
     if not intervals:
         return None
     for threshold in THRESHOLD_LADDER:
-        candidate = GateRule(
-            metric=rule.metric,
-            direction=rule.direction,
-            threshold=threshold,
-            relative=True,
-            text="",
-        )
+        candidate = _relative(rule, threshold)
         rate = _false_alarms(candidate, intervals) / len(intervals)
         if threshold >= floor and rate <= MAX_FALSE_ALARM_RATE:
-            return f"{rule.metric}:{rule.direction}{threshold * 100:g}%"
+            return candidate
     return None
 
 
@@ -294,26 +295,41 @@ def _recommended(
     rules: Sequence[GateRule],
     pooled: dict[str, list[Triple]],
     metrics: Sequence[MetricCalibration],
-) -> tuple[dict[str, str], list[str]]:
-    """Per rule, the recommended rule text, and notes for the rules without one."""
+) -> tuple[dict[str, str], dict[str, float | None], list[str]]:
+    """Per rule, the recommended rule text and the regression it catches with 80% power (over
+    every case's pairs), and notes for the rules left out.
+
+    A rule that keeps false alarms down only because its intervals are so wide that it catches
+    nothing up to the top of the ladder is left out too: it would never fail.
+    """
     recommended: dict[str, str] = {}
+    caught: dict[str, float | None] = {}
     notes: list[str] = []
+    top = THRESHOLD_LADDER[-1]
     for rule in rules:
         if not rule.relative:
             notes.append(f"{rule.text}: an absolute threshold, kept as given")
             recommended[rule.metric] = rule.text
             continue
         chosen = _recommend(rule, pooled[rule.text], _model_floor(rule, metrics))
+        detectable = detectable_regression(chosen, pooled[rule.text]) if chosen else None
         if not pooled[rule.text]:
             notes.append(f"{rule.metric}: no A/A pair (no case has it in two runs): left out")
         elif chosen is None:
             notes.append(
-                f"{rule.metric}: no threshold up to {THRESHOLD_LADDER[-1]:.0%} keeps A/A false "
-                "alarms within the limit: do not gate it on this machine"
+                f"{rule.metric}: no threshold up to {top:.0%} keeps A/A false alarms within the "
+                "limit: do not gate it on this machine"
+            )
+        elif detectable is None or detectable > top:
+            notes.append(
+                f"{rule.metric}: its windows vary so much that no regression up to {top:.0%} is "
+                "caught in 80% of the pairs: left out (more windows, --llem-repeat, or a longer "
+                "workload narrow the interval)"
             )
         else:
-            recommended[rule.metric] = chosen
-    return recommended, notes
+            recommended[rule.metric] = chosen.text
+            caught[rule.metric] = detectable
+    return recommended, caught, notes
 
 
 def calibrate_runs(runs: Sequence[RunRecord], rules: Sequence[GateRule]) -> Calibration:
@@ -335,13 +351,7 @@ def calibrate_runs(runs: Sequence[RunRecord], rules: Sequence[GateRule]) -> Cali
             intervals = _pair_intervals([g for g in groups if len(g) >= MIN_WINDOWS], rule)
             pooled[rule.text].extend(intervals)
             metrics.append(_metric(case_id, group, rule, groups, intervals))
-    recommended, notes = _recommended(rules, pooled, metrics)
-    # what the recommended gate catches: the smallest regression in 80% of all cases' pairs
-    caught = {
-        metric: detectable_regression(parse_fail_on(text)[0], pooled[rule.text])
-        for rule in rules
-        if rule.relative and (text := recommended.get(metric := rule.metric)) is not None
-    }
+    recommended, caught, notes = _recommended(rules, pooled, metrics)
     if len(runs) < FEW_RUNS:
         notes.append(
             f"{len(runs)} runs: a false-alarm rate from so few A/A pairs is rough; calibrate with "
@@ -409,8 +419,7 @@ def calibration_lines(calibration: Calibration) -> list[str]:
     if calibration.recommendation:
         lines.append(f"recommended: --llem-fail-on={calibration.recommendation}")
         caught = ", ".join(
-            f"{metric} {_percent(d) if d is not None else 'no regression up to the limit'}"
-            for metric, d in calibration.recommended_detectable.items()
+            f"{metric} {_percent(d)}" for metric, d in calibration.recommended_detectable.items()
         )
         if caught:
             lines.append(f"  it catches in 80% of the A/A pairs a regression of: {caught}")
