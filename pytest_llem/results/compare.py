@@ -38,6 +38,7 @@ from pytest_llem.results.comparison import (
     ratio_interval,
 )
 from pytest_llem.results.gate import GateRule
+from pytest_llem.results.history import history_intervals, older_cases, pooled_values
 from pytest_llem.results.models import CaseRecord, MachineInfo, RunManifest, RunRecord
 
 __all__ = [
@@ -222,8 +223,6 @@ def _compare_metric(
     sources = {_source(base, metric), _source(cur, metric)}
     source = "estimated" if "estimated" in sources else _source(cur, metric)
     if older:  # a history: the older runs' windows with the newest's, resampled by run
-        from pytest_llem.results.history import history_intervals, pooled_values
-
         groups = [_values(case, metric)[0] for case in (*older, base)]
         base_values, base_median = pooled_values(groups)
         ratio, difference = history_intervals(groups, cur_values)
@@ -347,10 +346,7 @@ def compare_runs(
         UnmatchedCase(case, _outcome(case)) for case in baseline.cases if not _measured(case)
     ]
     skipped = {u.case.id for u in unmeasured if u.case.outcome == "skipped"}
-    older = {
-        case.id: [c for record in history for c in record.cases if c.id == case.id]
-        for case in baseline.cases
-    }
+    older = older_cases(baseline, history)
     metrics = [
         _compare_metric(
             base, cur, rule, gate=gate, gate_estimated=gate_estimated, older=older[base.id]

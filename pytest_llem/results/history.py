@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from pytest_llem.exceptions import ResultStoreError
 from pytest_llem.results.comparison import MIN_WINDOWS, difference_interval, ratio_interval
+from pytest_llem.results.models import CaseRecord, RunRecord
 from pytest_llem.results.stats import BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED
 from pytest_llem.results.storage import SavedRun, list_saved_runs, safe_name
 
@@ -36,6 +37,7 @@ __all__ = [
     "history_intervals",
     "history_label",
     "load_history",
+    "older_cases",
     "parse_history",
     "pooled_values",
     "select_history",
@@ -250,4 +252,12 @@ def load_history(
         "history": tuple(records[:-1]),
         "label": history_label(selected),
         "note": short_history_note(len(selected), runs),
+    }
+
+
+def older_cases(baseline: RunRecord, history: Sequence[RunRecord]) -> dict[str, list[CaseRecord]]:
+    """Per baseline case id, the same case in each older run of the history (oldest first)."""
+    return {
+        case.id: [c for record in history for c in record.cases if c.id == case.id]
+        for case in baseline.cases
     }
