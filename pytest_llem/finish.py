@@ -117,8 +117,12 @@ def _comparison_record(comparison: Comparison, store: StoreOptions) -> dict[str,
     metric."""
     from pytest_llem.results.compare import format_breaches
 
+    loaded = store.compare_baseline
+    history = [r.run_id for r in (*loaded.history, loaded.record)] if loaded else []
     return {
         "baseline": comparison.baseline.label,
+        # --llem-compare=history: the run ids of the history, oldest first
+        **({"history": history} if len(history) > 1 else {}),
         "gated": comparison.gate,
         "problems": list(comparison.problems),
         "breaches": format_breaches(comparison, fail_inconclusive=store.fail_inconclusive)

@@ -252,6 +252,9 @@ def test_compare_with_history_after_several_saves(
     )
     record = json.loads((project.path / "reports" / "llem-report.json").read_text())
     assert record["comparison"]["baseline"].startswith("history of 3 runs")
+    saved = sorted((project.path / ".llem").glob("*/*_nightly_*.json"))
+    ids = [json.loads(p.read_text())["run_id"] for p in saved[1:4]]
+    assert record["comparison"]["history"] == ids
     (row,) = record["comparison"]["rows"]
     assert row["verdict"] == "unchanged"
 
