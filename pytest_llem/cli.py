@@ -224,6 +224,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     label = bases[0].name
     if len(bases) > 1:  # a history: oldest to newest as given, the last is the newest
         label = f"history of {len(bases)} runs ({bases[0].name} .. {bases[-1].name})"
+        _warn_mixed_history(records)
     comparison = compare_runs(
         records[-1],
         current,
@@ -252,6 +253,19 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         for line in format_breaches(comparison, fail_inconclusive=args.fail_inconclusive):
             print(line)
     return comparison.exit_code(args.fail_inconclusive) if args.fail_on else 0
+
+
+def _warn_mixed_history(records: Sequence[Any]) -> None:
+    """A history is meant to be one machine's runs: say so when the baselines are not."""
+    from pytest_llem.results.storage import machine_id
+
+    machines = sorted({machine_id(record) for record in records})
+    if len(machines) > 1:
+        print(
+            f"llem compare: warning: the baselines come from {len(machines)} machines "
+            f"({', '.join(machines)}): their spread includes the machines' differences",
+            file=sys.stderr,
+        )
 
 
 def _cmd_calibrate(args: argparse.Namespace) -> int:

@@ -200,9 +200,17 @@ def test_llem_compare_takes_several_baselines(tmp_path: Path, capsys: pytest.Cap
     assert main(["compare", bases[-1], str(current), gate]) == 1  # one run: regressed
     capsys.readouterr()
     assert main(["compare", *bases, str(current), gate, "--format=json"]) == 0
-    out = json.loads(capsys.readouterr().out)
+    captured = capsys.readouterr()
+    out = json.loads(captured.out)
     assert out["baseline"]["label"] == "history of 5 runs (b0.json .. b4.json)"
     assert out["metrics"][0]["verdict"] == "inconclusive"
+    assert "warning" not in captured.err
+    elsewhere = history[0].model_copy(
+        update={"machine": history[0].machine.model_copy(update={"hostname": "other"})}
+    )
+    _write(tmp_path / "b0.json", elsewhere)
+    assert main(["compare", *bases, str(current), gate]) == 0
+    assert "the baselines come from 2 machines" in capsys.readouterr().err
 
 
 def test_llem_compare_needs_two_runs_and_readable_files(
