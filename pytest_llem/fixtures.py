@@ -34,7 +34,7 @@ from pytest_llem.sweep import SweepCase
 from pytest_llem.workers import SHARED_DOMAINS, worker_info
 
 if TYPE_CHECKING:
-    from pytest_llem.harness.case import CaseRunner
+    from pytest_llem.harness.case import CaseOutcome, CaseRunner
 
 __all__ = [
     "CASE_PROPERTY",
@@ -100,9 +100,7 @@ class LlemFixture:
         case_id = node_id if self._runs == 1 else f"{node_id}#{self._runs}"
         name = self._item.name if self._runs == 1 else f"{self._item.name}#{self._runs}"
         case, base = self._resolve(overrides, CaseRecord(id=case_id, name=name))
-        outcome = case_runner(self._session).run(
-            case, base, budget=budget_rules(self._item, self.profile)
-        )
+        outcome = self._measure(case, base)
         self._record(outcome.record)
         if outcome.exception is not None:
             raise outcome.exception
@@ -114,6 +112,17 @@ class LlemFixture:
             pytest.fail(outcome.failure, pytrace=False)
         assert outcome.result is not None  # a case neither skipped nor failed was measured
         return outcome.result
+
+    def _measure(self, case: CaseConfig, base: CaseRecord) -> CaseOutcome:
+        """Run the case once, or N times under ``--llem-calibrate=N``."""
+        runner = case_runner(self._session)
+        budget = budget_rules(self._item, self.profile)
+        store = self._session.options.store
+        if store is not None and store.calibrate:
+            from pytest_llem.harness.calibration import run_calibrated
+
+            return run_calibrated(runner, case, base, runs=store.calibrate, budget=budget)
+        return runner.run(case, base, budget=budget)
 
     def _resolve(
         self, overrides: dict[str, Any], identity: CaseRecord

@@ -73,6 +73,7 @@ EXAMPLES: dict[str, tuple[Any, Any, tuple[str, str] | None]] = {
         ("nonsense", "fail-on part 'nonsense'"),
     ),
     "fail_inconclusive": (True, True, None),
+    "calibrate": ("3", 3, ("1", "expected a number of runs, 2 <= N <= 100")),
     "gate_estimated": (True, True, None),
     "compare_strict": (True, True, None),
     "csv": ("out.csv", "out.csv", None),

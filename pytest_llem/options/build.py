@@ -300,7 +300,8 @@ def _refuse_report_path(csv_path: Path, report_dir: Path) -> None:
 def _store(values: OptionValues, invocation_dir: Path, report_dir: Path) -> StoreOptions:
     compare = values.cli(option("compare"))
     rules = values.cli(option("fail_on")) or ()
-    if rules and compare is None:
+    calibrate = values.cli(option("calibrate"))
+    if rules and compare is None and calibrate is None:  # calibrating measures the gate itself
         raise ConfigurationError("--llem-fail-on needs a baseline: add --llem-compare[=NAME]")
     csv = values.cli(option("csv"))
     csv_path = None
@@ -318,6 +319,7 @@ def _store(values: OptionValues, invocation_dir: Path, report_dir: Path) -> Stor
         gate_estimated=values.flag(option("gate_estimated")),
         strict=values.flag(option("compare_strict")),
         csv=csv_path,
+        calibrate=calibrate,
     )
 
 
@@ -341,17 +343,24 @@ def load_compare_baseline(options: LlemOptions, machine: str) -> LlemOptions:
     store = options.store
     if store is None or store.compare is None:
         return options
+    from pytest_llem.results.history import load_history, parse_history
     from pytest_llem.results.storage import resolve_baseline
     from pytest_llem.results.store import read_run_record
 
     try:
-        path = resolve_baseline(store.compare, store.storage, machine)
-        record = read_run_record(path)
+        history = parse_history(store.compare)
+        if history is not None:
+            baseline = CompareBaseline(
+                **load_history(
+                    store.storage, machine, runs=history.runs, name=history.name or store.save_name
+                )
+            )
+        else:
+            path = resolve_baseline(store.compare, store.storage, machine)
+            baseline = CompareBaseline(path=path, record=read_run_record(path))
     except (ResultStoreError, OSError) as e:
         # one line: a usage error is read in a CI log, a validation error spans several
         detail = " ".join(str(e).split())
         raise ConfigurationError(f"--llem-compare={store.compare}: {detail}") from e
-    loaded = store.model_copy(
-        update={"compare_baseline": CompareBaseline(path=path, record=record)}
-    )
+    loaded = store.model_copy(update={"compare_baseline": baseline})
     return options.model_copy(update={"store": loaded})

@@ -62,10 +62,17 @@ class CooldownSpec(_Frozen):
 
 
 class CompareBaseline(_Frozen):
-    """The saved run ``--llem-compare`` names, found and read before any case runs."""
+    """The saved run ``--llem-compare`` names, found and read before any case runs.
+
+    Under ``--llem-compare=history[:K]`` ``record`` is the newest run of the history,
+    ``history`` the older ones (oldest first) and ``note`` says when the history was too short.
+    """
 
     path: Path
     record: RunRecord
+    history: tuple[RunRecord, ...] = ()
+    label: str | None = None
+    note: str | None = None
 
 
 class StoreOptions(_Frozen):
@@ -85,6 +92,7 @@ class StoreOptions(_Frozen):
     strict: bool = False
     csv: Path | None = None
     compare_baseline: CompareBaseline | None = None
+    calibrate: int | None = None
 
 
 class EnergyOptions(_Frozen):

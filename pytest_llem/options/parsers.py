@@ -38,6 +38,7 @@ __all__ = [
     "parse_names",
     "parse_path",
     "parse_profile",
+    "parse_runs",
     "parse_seconds",
     "parse_seed",
     "parse_shard",
@@ -185,6 +186,22 @@ def parse_gpus(text: str) -> tuple[tuple[int, ...], ...]:
     if groups is None:
         raise ConfigurationError("no GPU given")
     return groups
+
+
+#: The most runs ``--llem-calibrate`` takes (each is a whole measured run of every case).
+MAX_CALIBRATION_RUNS = 100
+
+
+def parse_runs(text: str) -> int:
+    """A number of independent runs for ``--llem-calibrate``: 2 to 100 (A/A pairs need two)."""
+    expected = f"expected a number of runs, 2 <= N <= {MAX_CALIBRATION_RUNS}, got {text!r}"
+    try:
+        runs = int(text.strip())
+    except ValueError as e:
+        raise ConfigurationError(expected) from e
+    if not 2 <= runs <= MAX_CALIBRATION_RUNS:
+        raise ConfigurationError(expected)
+    return runs
 
 
 def parse_seed(text: str) -> int:

@@ -38,6 +38,7 @@ from pytest_llem.options.parsers import (
     parse_names,
     parse_path,
     parse_profile,
+    parse_runs,
     parse_seconds,
     parse_seed,
     parse_shard,
@@ -340,11 +341,13 @@ OPTIONS: tuple[Option[Any], ...] = (
     ),
     _row(
         "compare",
-        "Compare with a saved run (default: the latest saved on this machine).",
+        "Compare with a saved run (default: the latest saved on this machine), or with "
+        "history[:K[:NAME]]: the last K (default 5) saved runs of this machine named NAME "
+        "(default: the --llem-save name, else the newest run's).",
         parse_text,
         form="optional",
         const="latest",
-        metavar="NAME|PATH|latest",
+        metavar="NAME|PATH|latest|history[:K[:NAME]]",
         ini=False,
     ),
     _row(
@@ -360,6 +363,17 @@ OPTIONS: tuple[Option[Any], ...] = (
         "Also fail when a comparison's interval straddles a threshold.",
         parse_text,
         form="flag",
+        ini=False,
+    ),
+    _row(
+        "calibrate",
+        "Run each case N times (default 5), each run with its warmup, and report per gated "
+        "metric the between-run spread, the A/A false-alarm rate of --llem-fail-on (or the "
+        "default gate), the regression caught with 80%% power and a recommended --llem-fail-on.",
+        parse_runs,
+        form="optional",
+        const="5",
+        metavar="N",
         ini=False,
     ),
     _row(

@@ -432,6 +432,11 @@ class CaseRecord(CaseResult):
         default=None,
         description="The machine of this case in a merged record (None: the run's machine).",
     )
+    calibration_runs: list[list[RepetitionRecord]] = Field(
+        default_factory=list,
+        description="--llem-calibrate=N: the measured windows of runs 2..N of the case (run 1's "
+        "are `repetitions`).",
+    )
 
 
 class GpuInfo(_Record):
@@ -493,6 +498,12 @@ class RunRecord(_Record):
         default=None,
         description="When the run was compared with a baseline: the baseline and, per case and "
         "metric, baseline, current, ratio, its interval and the verdict.",
+    )
+    calibration: dict[str, Any] | None = Field(
+        default=None,
+        description="--llem-calibrate=N: per case and gated metric the between-run spread, "
+        "the A/A false-alarm rate and the regression caught with 80% power; the recommended "
+        "--llem-fail-on (see docs/ci.md, Calibrating the gate).",
     )
     manifest: RunManifest | None = Field(
         default=None,
