@@ -27,7 +27,8 @@ from pytest_llem.config.models import CaseConfig
 from pytest_llem.config.profiles import resolve_profile_values
 from pytest_llem.exceptions import ConfigurationError, LlemError
 from pytest_llem.interop import record_benchmark
-from pytest_llem.results.models import CaseError, CaseRecord, CaseResult
+from pytest_llem.options import StoreOptions
+from pytest_llem.results.models import CaseError, CaseRecord, CaseResult, RunRecord
 from pytest_llem.session import LlemSession
 from pytest_llem.sweep import SweepCase
 from pytest_llem.workers import SHARED_DOMAINS, worker_info
@@ -36,7 +37,7 @@ if TYPE_CHECKING:
     from collections.abc import Sequence
 
     from pytest_llem.harness.capacity import CapacityAnswer
-    from pytest_llem.harness.case import CaseRunner
+    from pytest_llem.harness.case import CaseOutcome, CaseRunner
     from pytest_llem.harness.search import SearchAnswer
     from pytest_llem.searching import Points
 
@@ -100,9 +101,7 @@ class LlemFixture:
         """
         overrides = resolve_profile_values(overrides, self.profile)
         case, base = self._resolve(overrides, self._identity())
-        outcome = case_runner(self._session).run(
-            case, base, budget=budget_rules(self._item, self.profile)
-        )
+        outcome = self._measure(case, base)
         self._record(outcome.record)
         if outcome.exception is not None:
             raise outcome.exception
@@ -114,6 +113,17 @@ class LlemFixture:
             pytest.fail(outcome.failure, pytrace=False)
         assert outcome.result is not None  # a case neither skipped nor failed was measured
         return outcome.result
+
+    def _measure(self, case: CaseConfig, base: CaseRecord) -> CaseOutcome:
+        """Run the case once, or N times under ``--llem-calibrate=N``."""
+        runner = case_runner(self._session)
+        budget = budget_rules(self._item, self.profile)
+        store = self._session.options.store
+        if store is not None and store.calibrate:
+            from pytest_llem.harness.calibration import run_calibrated
+
+            return run_calibrated(runner, case, base, runs=store.calibrate, budget=budget)
+        return runner.run(case, base, budget=budget)
 
     def capacity(
         self,
@@ -325,6 +335,9 @@ def case_runner(session: LlemSession) -> CaseRunner:
         cooldown_s=energy.cooldown.seconds,
         timeout_s=options.timeout_s,
         gate_estimated=store.gate_estimated if store is not None else False,
+        adaptive=options.adaptive,
+        gate_baseline=_gate_baseline(store),
+        gate_rules=tuple(store.rules) if store is not None else (),
     )
     return CaseRunner(
         backends=session.backends,
@@ -333,6 +346,14 @@ def case_runner(session: LlemSession) -> CaseRunner:
         settings=settings,
         progress=session.progress,
     )
+
+
+def _gate_baseline(store: StoreOptions | None) -> RunRecord | None:
+    """The baseline an adaptive case measures against until its verdicts are decided: the
+    ``--llem-compare`` run when ``--llem-fail-on`` gates (None otherwise)."""
+    if store is None or store.compare_baseline is None or not store.rules:
+        return None
+    return store.compare_baseline.record
 
 
 def record_test_failure(properties: list[tuple[str, object]], error: CaseError) -> None:
