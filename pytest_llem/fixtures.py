@@ -34,7 +34,12 @@ from pytest_llem.sweep import SweepCase
 from pytest_llem.workers import SHARED_DOMAINS, worker_info
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from pytest_llem.harness.capacity import CapacityAnswer
     from pytest_llem.harness.case import CaseOutcome, CaseRunner
+    from pytest_llem.harness.search import SearchAnswer
+    from pytest_llem.searching import Points
 
 __all__ = [
     "CASE_PROPERTY",
@@ -94,12 +99,8 @@ class LlemFixture:
         contradicts a marker sweep's value in the test id fails the case. The result is
         recorded for the run record automatically.
         """
-        self._runs += 1
         overrides = resolve_profile_values(overrides, self.profile)
-        node_id = case_node_id(self._item)
-        case_id = node_id if self._runs == 1 else f"{node_id}#{self._runs}"
-        name = self._item.name if self._runs == 1 else f"{self._item.name}#{self._runs}"
-        case, base = self._resolve(overrides, CaseRecord(id=case_id, name=name))
+        case, base = self._resolve(overrides, self._identity())
         outcome = self._measure(case, base)
         self._record(outcome.record)
         if outcome.exception is not None:
@@ -123,6 +124,158 @@ class LlemFixture:
 
             return run_calibrated(runner, case, base, runs=store.calibrate, budget=budget)
         return runner.run(case, base, budget=budget)
+
+    def capacity(
+        self,
+        *,
+        slo: dict[str, float],
+        good_fraction: float = 0.9,
+        rate: tuple[float, float] | None = None,
+        tolerance: float = 0.05,
+        max_measurements: int = 30,
+        **overrides: Any,
+    ) -> CapacityAnswer:
+        """The highest arrival rate at which at least ``good_fraction`` of requests meet ``slo``.
+
+        The case runs in the ``server`` scenario at each rate tried (same seeded arrivals, same
+        requests); see :func:`pytest_llem.harness.capacity.find_capacity` for the stopping
+        rules. Each rate is recorded as a case of its own; this test's case gets the result at
+        the answer and the ``capacity`` section.
+
+        Args:
+            slo: Bounds in ms: ``ttft_ms``, ``tpot_ms``, ``e2e_ms``.
+            good_fraction: Share of requests that must meet every bound.
+            rate: (low, high) requests/s to search between; None: bracket from the case's
+                ``traffic.rate`` by doubling or halving.
+            tolerance: Relative width of the final bracket.
+            max_measurements: The most measurements.
+            **overrides: Case parameters, as for :meth:`run`.
+
+        Returns:
+            ``rate_rps``, ``good_fraction``, ``result`` (the CaseResult at that rate) and
+            ``tried`` (each rate with its good fraction and whether it saturated).
+        """
+        from pytest_llem.harness.search import PointFailedError
+        from pytest_llem.searching import run_capacity
+
+        points, base = self._points({**overrides, "scenario": "server"})
+        try:
+            return run_capacity(
+                points,
+                base,
+                overrides,
+                slo=slo,
+                good_fraction=good_fraction,
+                rate=rate,
+                tolerance=tolerance,
+                max_measurements=max_measurements,
+            )
+        except (ConfigurationError, PointFailedError) as e:
+            problem = str(e)
+        pytest.fail(f"llem.capacity: {problem}", pytrace=False)  # outside: no chained traceback
+
+    def search(
+        self,
+        *,
+        space: dict[str, Sequence[Any]],
+        minimize: str | None = None,
+        maximize: str | None = None,
+        subject_to: dict[str, float] | None = None,
+        budget: int | None = None,
+        frontier: bool = False,
+        monotone: Sequence[str] | None = None,
+        screen: bool = False,
+        **overrides: Any,
+    ) -> SearchAnswer:
+        """The configuration of ``space`` that minimises (or maximises) a metric under bounds.
+
+        Fewer points than the grid are evaluated (:func:`pytest_llem.harness.search.find_best`);
+        each is a case of its own, and this test's case gets the best point's result and the
+        ``search`` section.
+
+        Args:
+            space: Parameter path -> values, e.g. ``{"batch_size": [1, 2, 4, 8, 16]}``.
+            minimize: The metric to minimise (default ``energy_per_output_token_j``).
+            maximize: The metric to maximise instead.
+            subject_to: Bounds, e.g. ``{"ttft_ms.p99": 500}`` (a lower-is-better metric at most
+                its limit, a higher-is-better one at least).
+            budget: The most evaluations (None: no cap).
+            frontier: Evaluate every point not proven infeasible, for the full frontier.
+            monotone: Axes along which more is more load (default: batch_size, traffic.rate,
+                traffic.max_concurrency); ``()`` assumes nothing.
+            screen: Rank the lines on one window each first and search only the better half
+                in full (successive halving).
+            **overrides: Case parameters, as for :meth:`run`.
+
+        Returns:
+            ``best`` (``params``, ``objective``, ``result``), ``frontier``, ``evaluated``.
+        """
+        from pytest_llem.harness.search import DEFAULT_MONOTONE
+        from pytest_llem.searching import run_search
+
+        if minimize is not None and maximize is not None:
+            pytest.fail("llem.search: give minimize or maximize, not both", pytrace=False)
+        objective = maximize or minimize or "energy_per_output_token_j"
+        points, _ = self._points(overrides)
+        try:
+            return run_search(
+                points,
+                overrides,
+                space=space,
+                objective=objective,
+                direction="maximize" if maximize is not None else "minimize",
+                subject_to=subject_to or {},
+                monotone=DEFAULT_MONOTONE if monotone is None else monotone,
+                budget=budget,
+                frontier=frontier,
+                screen=screen,
+            )
+        except ConfigurationError as e:
+            problem = str(e)
+        pytest.fail(f"llem.search: {problem}", pytrace=False)  # outside: no chained traceback
+
+    def _identity(self) -> CaseRecord:
+        """The next case's id and name: the node id, then ``#2``, ``#3`` for later cases."""
+        self._runs += 1
+        node_id = case_node_id(self._item)
+        case_id = node_id if self._runs == 1 else f"{node_id}#{self._runs}"
+        name = self._item.name if self._runs == 1 else f"{self._item.name}#{self._runs}"
+        return CaseRecord(id=case_id, name=name)
+
+    def _points(self, overrides: dict[str, Any]) -> tuple[Points, CaseConfig]:
+        """How a search measures and records its points, and the case as the test resolves."""
+        from pytest_llem.backends.support.failures import says_out_of_memory
+        from pytest_llem.harness.search import PointFailedError
+        from pytest_llem.searching import Points
+
+        identity = self._identity()
+        overrides = resolve_profile_values(overrides, self.profile)
+        base, _ = self._resolve(overrides, identity)
+
+        def resolve(
+            point: dict[str, Any], case_id: str, name: str
+        ) -> tuple[CaseConfig, CaseRecord]:
+            return self._resolve(point, CaseRecord(id=case_id, name=name))
+
+        def run(case: CaseConfig, start: CaseRecord) -> tuple[CaseResult, CaseRecord]:
+            outcome = case_runner(self._session).run(case, start)
+            if outcome.result is not None and outcome.failure is None:
+                return outcome.result, outcome.record
+            self._record(outcome.record)
+            if outcome.exception is not None:
+                raise outcome.exception
+            if outcome.skip_reason is not None:
+                pytest.skip(outcome.skip_reason)
+            error = outcome.record.error
+            oom = error is not None and (
+                error.type == "RetryableError" or says_out_of_memory(error.message)
+            )
+            message = f"{start.name}: {outcome.failure}"
+            raise PointFailedError(message, out_of_memory=oom, case_id=start.id)
+
+        budgeted = bool(budget_rules(self._item, self.profile))
+        points = Points(resolve, run, self._record, identity.id, identity.name, budgeted=budgeted)
+        return points, base
 
     def _resolve(
         self, overrides: dict[str, Any], identity: CaseRecord

@@ -409,7 +409,9 @@ BOUND_SHARE_LIMIT = 0.25
 def saturation(load: ServerLoad) -> str | None:
     """Why the run was saturated, or None: the queueing delay kept growing (the last quarter of
     requests waited more than twice as long as the first quarter, and longer than a mean
-    service time), or ``max_concurrency`` cut short more than a quarter of the batches."""
+    service time), the time from arrival to finish grew the same way (an engine with its own
+    scheduler queues inside, where the harness sees no wait), or ``max_concurrency`` cut short
+    more than a quarter of the batches."""
     reasons = []
     n = len(load.waits_s)
     if n >= 4:
@@ -422,9 +424,26 @@ def saturation(load: ServerLoad) -> str | None:
                 f"the queue kept growing: waits rose from {first * 1e3:.1f} ms (first quarter) "
                 f"to {last * 1e3:.1f} ms (last quarter)"
             )
+        else:
+            reasons.extend(_growing_sojourn(load, quarter))
     if load.concurrency_bound_share > BOUND_SHARE_LIMIT:
         reasons.append(
             f"max_concurrency={load.max_concurrency} was the binding limit for "
             f"{load.concurrency_bound_share:.0%} of issues"
         )
     return "; ".join(reasons) or None
+
+
+def _growing_sojourn(load: ServerLoad, quarter: int) -> list[str]:
+    """The saturation reason when requests spent ever longer from arrival to finish: the last
+    quarter's mean more than twice the first quarter's (which holds one service time, so
+    this is a backlog of more than one service time that built up over the run)."""
+    sojourns = [f - a for a, f in zip(load.arrivals, load.finishes, strict=True)]
+    first = sum(sojourns[:quarter]) / quarter
+    last = sum(sojourns[-quarter:]) / quarter
+    if first <= 0 or last <= 2 * first:
+        return []
+    return [
+        f"requests took ever longer from arrival to finish: {first * 1e3:.1f} ms (first "
+        f"quarter) rising to {last * 1e3:.1f} ms (last quarter)"
+    ]

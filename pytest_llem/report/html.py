@@ -23,6 +23,7 @@ from markupsafe import Markup
 
 from pytest_llem.report import svg
 from pytest_llem.report.html_run import json_text, kv, run_section, scorecard_section
+from pytest_llem.report.html_search import search_sections
 from pytest_llem.report.tables import case_machine
 from pytest_llem.results import catalogue
 from pytest_llem.results.models import CaseRecord, MetricSummary, RunRecord
@@ -445,6 +446,10 @@ def _context(record: RunRecord, comparison: Mapping[str, Any] | None) -> dict[st
     views = _case_views(record, common, common_notes)
     sweeps = _sweeps(record)
     pareto = _pareto(record)
+    searches = [
+        {**section, "charts": [_chart(c) for c in section["charts"]]}
+        for section in search_sections(record)
+    ]
     power_charts = sum(v.power_chart is not None for v in views)
     # Without a power timeline in any case, one note for the record instead of one per case.
     no_power = None if power_charts else _chart(svg.power_timeline(None))
@@ -454,6 +459,7 @@ def _context(record: RunRecord, comparison: Mapping[str, Any] | None) -> dict[st
         + (no_power is not None)
         + len(pareto)
         + sum(len(s["charts"]) for s in sweeps)
+        + sum(len(s["charts"]) for s in searches)
     )
     return {
         "record": record,
@@ -466,6 +472,7 @@ def _context(record: RunRecord, comparison: Mapping[str, Any] | None) -> dict[st
         "cases": views,
         "sweeps": sweeps,
         "pareto": pareto,
+        "searches": searches,
         "comparison": _comparison(comparison if comparison is not None else record.comparison),
         "chart_count": chart_count,
         "no_power": no_power,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from pytest_llem.report.search_lines import search_lines
 from pytest_llem.results.catalogue import metric
 from pytest_llem.results.models import CaseRecord, RunRecord
 
@@ -146,7 +147,7 @@ def _flag_lines(record: RunRecord) -> list[str]:
     saturated = [
         f"{case.name} ({_saturated(case)} of {len(case.repetitions)} windows{_rates(case)})"
         for case in record.cases
-        if _saturated(case)
+        if _saturated(case) and case.part_of is None  # a capacity search saturates on purpose
     ]
     if saturated:
         lines.append(
@@ -206,6 +207,7 @@ def summary_lines(record: RunRecord) -> list[str]:
         *_flag_lines(record),
         *_adaptive_lines(record),
         *_skip_lines(record),
+        *search_lines(record),
     ]
 
 

@@ -22,6 +22,7 @@ from pytest_llem.results.manifests import (
     RunManifest,
     ShardManifest,
 )
+from pytest_llem.results.search import CapacityRecord, SearchRecord
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -403,6 +404,15 @@ class CaseResult(_Record):
     )
     adaptive: AdaptiveRecord | None = Field(
         default=None, description="How many windows repeat=auto took and why it stopped."
+    )
+    capacity: CapacityRecord | None = Field(
+        default=None, description="llem.capacity: the highest rate meeting the SLO, and each rate."
+    )
+    search: SearchRecord | None = Field(
+        default=None, description="llem.search: the best configuration, frontier, evaluated."
+    )
+    part_of: str | None = Field(
+        default=None, description="The case whose search measured this point (None: its own)."
     )
 
     def __getitem__(self, name: str) -> MetricSummary:

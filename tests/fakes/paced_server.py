@@ -3,7 +3,9 @@ endpoint benchmark (``tests/benchmarks/bench_endpoint.py``). Standard library on
 
 Like an engine that takes one decoding step per ``interval_s``, every open stream gets one
 token per step (a token the tests can recognise: id 42, text ``" é"``); a request joins at the
-next step. It serves ``GET /v1/models``, ``GET /version``, ``GET /health``, ``POST /tokenize``
+next step. With ``slots`` set, at most that many streams decode at once, as an engine with a
+fixed batch: a request beyond them waits in a queue (first come, first served) and takes the
+slot a finished stream frees, from the step after. It serves ``GET /v1/models``, ``GET /version``, ``GET /health``, ``POST /tokenize``
 (one token per whitespace-separated word) and ``POST /v1/completions`` (streamed or not;
 ``max_tokens`` tokens, always; ``stream_options.include_usage`` and ``return_token_ids`` as in
 vLLM). Attributes make it misbehave for a test: write each event in pieces across steps
@@ -50,11 +52,19 @@ class PacedServer:
     Args:
         interval_s: Seconds per decoding step (one token per open stream each step).
         served_model: The model name it serves.
+        slots: Most streams decoding at once (None: no limit); the rest wait their turn.
     """
 
-    def __init__(self, *, interval_s: float = 0.001, served_model: str = "llem-tiny") -> None:
+    def __init__(
+        self,
+        *,
+        interval_s: float = 0.001,
+        served_model: str = "llem-tiny",
+        slots: int | None = None,
+    ) -> None:
         self.interval_s = interval_s
         self.served_model = served_model
+        self.slots = slots
         #: Write each event in three pieces on three steps, with CRLF line ends.
         self.split_events = False
         #: Seconds to wait before answering a completion.
@@ -69,6 +79,8 @@ class PacedServer:
         self.connections = 0
         self.most_open = 0
         self._streams: list[_Stream] = []
+        #: Streams waiting for a slot, oldest first.
+        self._waiting: list[_Stream] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self._server: asyncio.Server | None = None
         self._thread: threading.Thread | None = None
@@ -97,7 +109,7 @@ class PacedServer:
 
         async def close() -> None:
             server.close()
-            for stream in self._streams:
+            for stream in [*self._streams, *self._waiting]:
                 stream.writer.abort()
 
         asyncio.run_coroutine_threadsafe(close(), loop).result(timeout=10)
@@ -128,7 +140,11 @@ class PacedServer:
             b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
             b"Transfer-Encoding: chunked\r\n\r\n"
         )
-        self._streams.append(_Stream(writer, pieces, self.cut_after))
+        stream = _Stream(writer, pieces, self.cut_after)
+        if self.slots is not None and len(self._streams) >= self.slots:
+            self._waiting.append(stream)
+        else:
+            self._streams.append(stream)
         self.most_open = max(self.most_open, len(self._streams))
         if not self._ticking:
             self._ticking = True
@@ -150,6 +166,9 @@ class PacedServer:
             stream.written += 1
             if stream.written == len(stream.pieces):
                 streams.remove(stream)
+        # A freed slot goes to the oldest waiting stream; its first token comes next step.
+        while self._waiting and (self.slots is None or len(streams) < self.slots):
+            streams.append(self._waiting.pop(0))
         if not streams:
             self._ticking = False
             return
@@ -320,8 +339,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--interval-ms", type=float, default=1.0)
     parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--slots", type=int, default=None)
     args = parser.parse_args(argv)
-    server = PacedServer(interval_s=args.interval_ms / 1000)
+    server = PacedServer(interval_s=args.interval_ms / 1000, slots=args.slots)
 
     async def serve() -> None:
         await server.listen(asyncio.get_running_loop(), args.port)
