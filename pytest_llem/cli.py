@@ -213,6 +213,13 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     except GateError as e:
         print(f"llem compare: error: --fail-on: {e}", file=sys.stderr)
         return 4
+    from pytest_llem.results.drift import parse_drift_margin
+
+    try:
+        drift_margin = parse_drift_margin(args.drift_margin)
+    except ValueError as e:
+        print(f"llem compare: error: --drift-margin: {e}", file=sys.stderr)
+        return 4
     try:
         base, current = read_run_record(args.base), read_run_record(args.current)
     except ResultStoreError as e:
@@ -226,6 +233,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         gate=bool(args.fail_on),
         baseline_label=args.base.name,
         current_label=args.current.name,
+        drift_margin=drift_margin,
     )
     if comparison.environment:
         message = "; ".join(comparison.environment)
@@ -419,6 +427,14 @@ def _add_compare_command(commands: Any) -> None:
     compare.add_argument("--fail-inconclusive", action="store_true")
     compare.add_argument("--gate-estimated", action="store_true")
     compare.add_argument("--strict", action="store_true", help="refuse runs of different machines")
+    compare.add_argument(
+        "--drift-margin",
+        default="cpu=0.5,gpu_clock=10%",
+        metavar="MARGIN",
+        help="how far the machine's state may differ before a breach is inconclusive: other "
+        "processes' CPU use in cores, GPU SM clock, e.g. cpu=0.5,gpu_clock=10%% or off "
+        "(default: %(default)s)",
+    )
     compare.add_argument("--format", choices=("table", "json", "markdown"), default="table")
     compare.set_defaults(func=_cmd_compare)
 

@@ -65,6 +65,7 @@ def comparison_rows(comparison: Any) -> list[dict[str, Any]]:
                 "verdict": item.verdict,
                 "gated": item.gated,
                 "reason": item.reason,
+                "disturbed": item.disturbed,
             }
         )
     return rows
@@ -85,6 +86,7 @@ def _compare(
         gate_estimated=store.gate_estimated,
         gate=gating,
         baseline_label=loaded.path.name,
+        drift_margin=store.drift_margin,
     )
     if comparison.environment:
         what = "; ".join(comparison.environment)
@@ -97,6 +99,10 @@ def _compare(
         )
     finish.lines.append(f"compared with {loaded.path}")
     finish.lines.extend(format_table(comparison).splitlines())
+    finish.warnings.extend(f"llem: {d.case_id}: {w}" for d in comparison.drift for w in d.warnings)
+    finish.warnings.extend(
+        f"llem: {d.case_id}: disturbed: {d.reason}" for d in comparison.disturbed
+    )
     if not gating:  # under a gate they fail it, and are breaches
         finish.warnings.extend(f"llem: {problem}" for problem in comparison.problems)
     if gating and comparison.exit_code(store.fail_inconclusive):
@@ -112,6 +118,7 @@ def _comparison_record(comparison: Comparison, store: StoreOptions) -> dict[str,
     (why a metric could not be judged among them), run-level problems and one row per case and
     metric."""
     from pytest_llem.results.compare import format_breaches
+    from pytest_llem.results.compare_format import drift_json
 
     return {
         "baseline": comparison.baseline.label,
@@ -121,6 +128,8 @@ def _comparison_record(comparison: Comparison, store: StoreOptions) -> dict[str,
         if comparison.gate
         else [],
         "rows": comparison_rows(comparison),
+        "drift_margin": store.drift_margin.text,
+        "drift": [drift_json(d) for d in comparison.drift],
     }
 
 

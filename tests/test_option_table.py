@@ -21,6 +21,7 @@ from pytest_llem.options import (
     option,
 )
 from pytest_llem.options.parsers import Assignment, SweepAxis
+from pytest_llem.results.drift import DriftMargin
 from pytest_llem.sharding import ShardSpec
 
 pytest_plugins = ["pytester"]
@@ -72,6 +73,11 @@ EXAMPLES: dict[str, tuple[Any, Any, tuple[str, str] | None]] = {
     "fail_inconclusive": (True, True, None),
     "gate_estimated": (True, True, None),
     "compare_strict": (True, True, None),
+    "drift_margin": (
+        "cpu=1,gpu_clock=5%",
+        DriftMargin(cpu_cores=1.0, gpu_clock=0.05),
+        ("cpu=lots", "cpu: 'lots' is not a number"),
+    ),
     "csv": ("out.csv", "out.csv", None),
 }
 

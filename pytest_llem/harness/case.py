@@ -32,6 +32,11 @@ from pytest_llem.exceptions import (
     RetryableError,
 )
 from pytest_llem.harness.deadline import deadline
+from pytest_llem.harness.machine_state import (
+    MachineProbe,
+    gpu_process_counter,
+    summarise_machine_state,
+)
 from pytest_llem.harness.resources import (
     check_case_isolation,
     check_gpu_count,
@@ -45,6 +50,7 @@ from pytest_llem.harness.thermal import HOT_MARGIN_C, cool_down, measured_hot
 from pytest_llem.harness.traffic import request_count
 from pytest_llem.meters.base import EnergyMeter
 from pytest_llem.meters.registry import DomainAssignment
+from pytest_llem.results.drift import DEFAULT_DRIFT_MARGIN, DriftMargin
 from pytest_llem.results.models import (
     BaselineRecord,
     CaseError,
@@ -137,6 +143,8 @@ class CaseSettings:
         cooldown_s: Seconds to wait in the ``seconds`` mode.
         timeout_s: ``--llem-timeout-s``: the most a case's own work may take (None: no limit).
         gate_estimated: Whether estimated energy figures are checked against a budget.
+        probe_machine: Record the host's state at each window's edges (``/proc``).
+        drift_margin: ``--llem-drift-margin``: when the machine changed between windows.
     """
 
     isolation: str = "warn"
@@ -145,6 +153,8 @@ class CaseSettings:
     cooldown_s: float = 0.0
     timeout_s: float | None = None
     gate_estimated: bool = False
+    probe_machine: bool = True
+    drift_margin: DriftMargin = DEFAULT_DRIFT_MARGIN
 
 
 @dataclass(frozen=True)
@@ -335,6 +345,13 @@ class CaseRunner:
         notes.extend(flag_shared(measurement.metrics, shared))
         hot = measured_hot(measurement.repetitions, idle_temperatures)
         notes.extend(_resource_notes(case, ready, hot=hot))
+        machine = summarise_machine_state(
+            measurement.repetitions, measured_hot=hot, margin=self.settings.drift_margin
+        )
+        if machine is not None and machine.disturbed:
+            disturbed = f"machine disturbed during the case: {'; '.join(machine.disturbances)}"
+            notes.append(disturbed)
+            logger.warning("llem: %s: %s", base.name, disturbed)
         if spans_nodes is not None:
             notes.append(spans_nodes)
         backend_info = {k: v for k, v in vars(ready.info).items() if v is not None and v != {}}
@@ -360,6 +377,7 @@ class CaseRunner:
             worker=base.worker,
             visible_devices=base.visible_devices,
             shared_domains=shared,
+            machine_state=machine,
         )
 
     def _run(self, case: CaseConfig, ready: _Prepared) -> tuple[CaseMeasurement, bool]:
@@ -367,6 +385,11 @@ class CaseRunner:
         policy = WindowPolicy.for_meters(
             min_window_s=self.settings.min_window_s,
             update_periods=[r.update_period_s for r in ready.records if r.used_for],
+        )
+        probe = (
+            MachineProbe(gpu_processes=gpu_process_counter(ready.meters))
+            if self.settings.probe_machine
+            else None
         )
         # Only the case's own work counts against --llem-timeout-s: the idle baseline, the
         # model load and the cooldown are the session's, and may take any time.
@@ -381,6 +404,7 @@ class CaseRunner:
                 baseline=ready.baseline,
                 assignment=ready.assignment,
                 baseline_problem=self.baseline.problem if self.baseline is not None else None,
+                machine=probe,
             )
         return measurement, armed
 

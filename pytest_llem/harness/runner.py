@@ -19,6 +19,7 @@ from pytest_llem.backends.base import Backend, GenerateParams, Request
 from pytest_llem.config.models import CaseConfig
 from pytest_llem.exceptions import ConfigurationError, EnergyMeterError, InferenceError
 from pytest_llem.harness.case_summary import case_notes, summarise_case
+from pytest_llem.harness.machine_state import MachineProbe
 from pytest_llem.harness.metrics import RequestLatency
 from pytest_llem.harness.scenarios import Mark, Workload, build_workload
 from pytest_llem.harness.window import (
@@ -101,6 +102,7 @@ def measure_window(
     workload: Workload,
     clock: Clock = time.perf_counter,
     rounds: int = 1,
+    machine: MachineProbe | None = None,
 ) -> Window:
     """Run ``workload`` ``rounds`` times inside one measurement window (METRICS.md).
 
@@ -114,6 +116,7 @@ def measure_window(
         workload: The scenario's workload.
         clock: Wall clock of the window (``time.perf_counter``).
         rounds: Times the workload runs inside the window.
+        machine: Reads the host's state at the window's edges, outside it (None: not read).
 
     Returns:
         The window's generations, duration, meter readings and peak memory.
@@ -123,6 +126,7 @@ def measure_window(
     """
     backend.reset_peak_memory()
     backend.synchronize()
+    edge = machine.snapshot() if machine is not None else None
     start_meters(meters)
     marks: list[dict[str, Lap]] = [{} for _ in range(rounds)]
     try:
@@ -134,6 +138,11 @@ def measure_window(
         abandon_meters(meters)
         raise
     readings = stop_meters(meters)
+    state = (
+        machine.window(edge, machine.snapshot())
+        if machine is not None and edge is not None
+        else None
+    )
     generations = [g for run in runs for g in run.generations]
     arrivals: list[float | None] = []
     for run in runs:
@@ -149,6 +158,7 @@ def measure_window(
         loads,
         marks,
         runs[0].steady_from if runs else None,
+        state,
     )
 
 
@@ -174,6 +184,7 @@ def run_case(
     baseline: BaselineRecord | None = None,
     assignment: Mapping[str, str] | None = None,
     baseline_problem: str | None = None,
+    machine: MachineProbe | None = None,
 ) -> CaseMeasurement:
     """Measure one case: ``config.warmup`` unmeasured runs, then ``config.repeat`` windows.
 
@@ -195,6 +206,7 @@ def run_case(
         baseline: Idle power per domain, for dynamic energy (None: no dynamic figures).
         assignment: Domain -> the meter it is taken from (None: the first meter covering it).
         baseline_problem: Why there is no baseline, for the dynamic figures' notes.
+        machine: Reads the host's state at each window's edges (None: not read).
 
     Returns:
         The repetition records, pooled per-request latencies and their summaries.
@@ -225,7 +237,9 @@ def run_case(
         config, non_embedding_parameters, policy, baseline, assignment, baseline_problem
     )
     for index in range(config.repeat):
-        window = measure_extended_window(backend, meters, workload, clock, rounds, policy)
+        window = measure_extended_window(
+            backend, meters, workload, clock, rounds, policy, machine=machine
+        )
         rounds = window.rounds
         _check_window(window, workload.requests * window.rounds)
         repetition, window_latencies = record_window(index, window, context)
@@ -287,12 +301,19 @@ def measure_extended_window(
     clock: Clock,
     rounds: int,
     policy: WindowPolicy,
+    *,
+    machine: MachineProbe | None = None,
 ) -> Window:
     """A window lasting at least ``policy.target_s``: the workload runs ``rounds`` times, and
     while the window comes out shorter it is measured again with more rounds (a few times at
     most; the energy of a window still shorter than ``policy.floor_s`` is dropped later)."""
     window = measure_window(
-        backend=backend, meters=meters, workload=workload, clock=clock, rounds=rounds
+        backend=backend,
+        meters=meters,
+        workload=workload,
+        clock=clock,
+        rounds=rounds,
+        machine=machine,
     )
     for _ in range(_MAX_EXTENSIONS):
         if window.duration_s >= policy.target_s or window.rounds >= MAX_ROUNDS:
@@ -304,5 +325,6 @@ def measure_extended_window(
             workload=workload,
             clock=clock,
             rounds=max(more, window.rounds + 1),
+            machine=machine,
         )
     return window

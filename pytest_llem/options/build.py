@@ -19,6 +19,7 @@ from pytest_llem.options.parsers import Assignment, SweepAxis
 from pytest_llem.options.profile import choose_profile
 from pytest_llem.options.table import OPTIONS, option
 from pytest_llem.options.values import OptionValues
+from pytest_llem.results.drift import DEFAULT_DRIFT_MARGIN
 
 __all__ = [
     "OPTION_PATHS",
@@ -305,6 +306,7 @@ def _store(values: OptionValues, invocation_dir: Path, report_dir: Path) -> Stor
         fail_inconclusive=values.flag(option("fail_inconclusive")),
         gate_estimated=values.flag(option("gate_estimated")),
         strict=values.flag(option("compare_strict")),
+        drift_margin=values.get(option("drift_margin")) or DEFAULT_DRIFT_MARGIN,
         csv=csv_path,
     )
 

@@ -29,6 +29,7 @@ from pytest_llem.options.parsers import (
     parse_assignment_line,
     parse_cooldown,
     parse_country,
+    parse_drift_margin,
     parse_fail_on,
     parse_gpus,
     parse_isolation,
@@ -345,6 +346,17 @@ OPTIONS: tuple[Option[Any], ...] = (
         parse_text,
         form="flag",
         ini=False,
+    ),
+    _row(
+        "drift_margin",
+        "How far the machine's state may differ between the baseline and this run (or change "
+        "between windows) before a breach is inconclusive, not regressed: other processes' "
+        "CPU use in cores, GPU SM clock, e.g. 'cpu=0.5,gpu_clock=10%%', or off "
+        "(default: cpu=0.5,gpu_clock=10%%).",
+        parse_drift_margin,
+        metavar="MARGIN",
+        ini_help="How far the machine's state may differ before a breach is inconclusive "
+        "(default: cpu=0.5,gpu_clock=10%).",
     ),
     _row(
         "csv",
