@@ -197,7 +197,7 @@ class MachineProbe:
         except (OSError, ValueError) as e:
             unavailable["cpu_freq_mhz"] = f"CPU frequency unreadable: {_why(e)}"
         gpu = self.gpu_processes(ours) if self.gpu_processes is not None else None
-        if self.gpu_processes is None:
+        if gpu is None:
             unavailable["gpu_foreign_processes"] = "no meter lists the GPUs' processes"
         return HostSnapshot(now, cpu, count, own, processes, load, freq, gpu, unavailable)
 
