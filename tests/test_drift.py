@@ -169,8 +169,10 @@ def test_a_breach_on_a_disturbed_machine_is_inconclusive_with_the_evidence():
     comparison = compare_runs(*records(state(0.0), state(1.9)), GATE)
     (m,) = comparison.metrics
     assert m.verdict == "inconclusive"
-    assert m.disturbed and m.gated
-    assert m.reason is not None and m.reason.startswith("machine disturbed (")
+    assert m.disturbed
+    assert m.gated
+    assert m.reason is not None
+    assert m.reason.startswith("machine disturbed (")
     assert "other processes used 1.9 of 2 cores during the current run, 0.0 during" in m.reason
     assert comparison.exit_code() == 0
     assert comparison.exit_code(fail_inconclusive=True) == 1
@@ -310,7 +312,8 @@ def test_the_run_record_carries_machine_state_per_window_and_per_case(
     assert [r["machine_state"]["other_cpu_cores"] for r in found["repetitions"]] == [1.25] * 5
     summary = found["machine_state"]
     assert summary["other_cpu_cores_mean"] == 1.25
-    assert summary["busy"] is True and summary["disturbed"] is False
+    assert summary["busy"] is True
+    assert summary["disturbed"] is False
 
 
 def test_the_gate_calls_a_breach_under_drift_inconclusive_and_a_quiet_one_regressed(

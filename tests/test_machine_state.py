@@ -185,18 +185,21 @@ def test_a_steadily_busy_case_is_busy_not_disturbed():
     assert summary.windows == 3
     assert summary.other_cpu_cores_mean == pytest.approx(1.85)
     assert (summary.other_cpu_cores_min, summary.other_cpu_cores_max) == (1.8, pytest.approx(1.9))
-    assert summary.busy and not summary.disturbed
+    assert summary.busy
+    assert not summary.disturbed
 
 
 def test_load_that_comes_and_goes_between_windows_disturbs_the_case():
     reps = [_rep(0, 0.0), _rep(1, 1.9), _rep(2, 0.1)]
     summary = summarise_machine_state(reps, measured_hot=False, margin=DriftMargin())
-    assert summary is not None and summary.disturbed
+    assert summary is not None
+    assert summary.disturbed
     assert summary.disturbances == [
         "other processes' CPU use varied between windows from 0.0 to 1.9 of 2 cores"
     ]
     wide = summarise_machine_state(reps, measured_hot=False, margin=DriftMargin(cpu_cores=2.0))
-    assert wide is not None and not wide.disturbed
+    assert wide is not None
+    assert not wide.disturbed
 
 
 def test_gpu_state_over_the_windows_from_the_device_states():
@@ -239,7 +242,8 @@ def test_no_machine_state_gives_no_summary_and_unreadable_figures_keep_their_rea
     assert summary is not None
     assert summary.other_cpu_cores_mean is None
     assert summary.unavailable == {"other_cpu_cores": "no /proc here"}
-    assert not summary.busy and not summary.disturbed
+    assert not summary.busy
+    assert not summary.disturbed
 
 
 def test_fake_tick_matches_the_probe():
