@@ -21,7 +21,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pytest_llem.harness.isolation import check_isolation
+from pytest_llem.harness.isolation import check_isolation, descendants
 from pytest_llem.meters.base import EnergyMeter
 from pytest_llem.results.drift import DriftMargin, side_disturbances
 from pytest_llem.results.machine_state import (
@@ -104,18 +104,6 @@ def _read_process(proc: Path, pid: int) -> tuple[int, str, int, int, int] | None
     except (IndexError, ValueError):
         return None
     return ppid, name, own, children, started
-
-
-def _descendants(root: int, parents: dict[int, int]) -> set[int]:
-    ours = {root}
-    grew = True
-    while grew:
-        grew = False
-        for pid, parent in parents.items():
-            if parent in ours and pid not in ours:
-                ours.add(pid)
-                grew = True
-    return ours
 
 
 def _read_frequency(proc: Path, sys: Path) -> float:
@@ -215,7 +203,7 @@ class MachineProbe:
         if self.root_pid not in read:
             unavailable["own_cpu_cores"] = f"process {self.root_pid} not in {self.proc}"
             return None, {}, {self.root_pid}
-        ours = _descendants(self.root_pid, {pid: got[0] for pid, got in read.items()})
+        ours = descendants(self.root_pid, {pid: got[0] for pid, got in read.items()})
         own = sum(read[pid][2] + read[pid][3] for pid in ours)
         others = {pid: (got[1], got[2], got[4]) for pid, got in read.items() if pid not in ours}
         return own, others, ours
