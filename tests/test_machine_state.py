@@ -248,3 +248,20 @@ def test_no_machine_state_gives_no_summary_and_unreadable_figures_keep_their_rea
 
 def test_fake_tick_matches_the_probe():
     assert TICK == 100
+
+
+def test_the_mean_weighs_windows_by_length_and_short_windows_resolve_coarsely(tmp_path: Path):
+    fake = FakeProc(tmp_path, cpus=2, step_s=0.05)
+    state = _window(fake)
+    assert state.cpu_resolution_cores == pytest.approx(2 * 2 / TICK / 0.05)  # 0.8 core
+    long, short = _rep(0, 0.0), _rep(1, 1.0)
+    assert long.machine_state is not None
+    assert short.machine_state is not None
+    long.machine_state.seconds, short.machine_state.seconds = 3.0, 1.0
+    short.machine_state.cpu_resolution_cores = 0.3
+    summary = summarise_machine_state([long, short], measured_hot=False, margin=DriftMargin())
+    assert summary is not None
+    assert summary.other_cpu_cores_mean == pytest.approx(0.25)
+    assert summary.cpu_resolution_cores == pytest.approx(0.3)
+    # 0.0 and 1.0 differ by 1 core, but by less than 0.5 beyond twice the resolution (0.6).
+    assert not summary.disturbed

@@ -239,7 +239,10 @@ class MachineProbe:
                 busy_s = (end.cpu.busy - start.cpu.busy) / self.clock_tick
                 # Ticks are counted per CPU and per process apart: a few ticks' disagreement
                 # can make the difference slightly negative, which means none.
-                state.other_cpu_cores = max(busy_s - own_s, 0.0) / seconds
+                other = max(busy_s - own_s, 0.0) / seconds
+                count = end.cpu_count or None
+                state.other_cpu_cores = min(other, count) if count else other
+                state.cpu_resolution_cores = 2 * (count or 1) / self.clock_tick / seconds
             state.top_other = _top_other(start, end, seconds, self.clock_tick)
         else:
             unavailable.setdefault("other_cpu_cores", "this process tree's CPU time unreadable")
@@ -336,7 +339,11 @@ def summarise_machine_state(
     def values(name: str) -> list[float]:
         return [float(v) for s in states if (v := getattr(s, name)) is not None]
 
-    other_mean, other_min, other_max = _spread(values("other_cpu_cores"))
+    _, other_min, other_max = _spread(values("other_cpu_cores"))
+    timed = [(s.other_cpu_cores, s.seconds) for s in states if s.other_cpu_cores is not None]
+    wall = sum(seconds for _, seconds in timed)
+    other_mean = sum(c * t for c, t in timed) / wall if wall > 0 else None
+    resolution = max(values("cpu_resolution_cores"), default=None)
     steal_mean, steal_min, steal_max = _spread(values("steal_fraction"))
     load_mean, _, load_max = _spread(values("load_1m"))
     freq_mean, _, _ = _spread(values("cpu_freq_mhz"))
@@ -348,6 +355,7 @@ def summarise_machine_state(
         other_cpu_cores_mean=other_mean,
         other_cpu_cores_min=other_min,
         other_cpu_cores_max=other_max,
+        cpu_resolution_cores=resolution,
         steal_fraction_mean=steal_mean,
         steal_fraction_min=steal_min,
         steal_fraction_max=steal_max,

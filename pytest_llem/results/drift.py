@@ -140,7 +140,10 @@ def _cores(value: float, count: int | None) -> str:
 def _cpu_disturbances(state: MachineStateSummary, margin: DriftMargin) -> list[str]:
     found = []
     low, high = state.other_cpu_cores_min, state.other_cpu_cores_max
-    if low is not None and high is not None and high - low > margin.cpu_cores:
+    # A short window resolves CPU time coarsely (clock ticks): only variation beyond both
+    # extremes' resolution counts.
+    slack = 2 * (state.cpu_resolution_cores or 0.0)
+    if low is not None and high is not None and high - low - slack > margin.cpu_cores:
         found.append(
             f"other processes' CPU use varied between windows from {low:.1f} to "
             f"{_cores(high, state.cpu_count)}"

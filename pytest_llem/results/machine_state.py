@@ -38,6 +38,11 @@ class WindowMachineState(_Record):
         description="CPU time used by processes outside this pytest process tree over the "
         "edges' wall time, cores (all CPU busy time of /proc/stat less this tree's).",
     )
+    cpu_resolution_cores: float | None = Field(
+        default=None,
+        description="How finely the CPU figures resolve over this window, cores: /proc counts "
+        "in clock ticks, so 2 ticks per CPU over the wall time.",
+    )
     own_cpu_cores: float | None = Field(
         default=None, description="CPU time of this pytest process tree over the wall time."
     )
@@ -88,9 +93,14 @@ class MachineStateSummary(_Record):
 
     windows: int = Field(description="Windows with a machine-state record.")
     cpu_count: int | None = None
-    other_cpu_cores_mean: float | None = None
+    other_cpu_cores_mean: float | None = Field(
+        default=None, description="Over the windows' total wall time (each window by its length)."
+    )
     other_cpu_cores_min: float | None = None
     other_cpu_cores_max: float | None = None
+    cpu_resolution_cores: float | None = Field(
+        default=None, description="The coarsest window's resolution of the CPU figures, cores."
+    )
     steal_fraction_mean: float | None = None
     steal_fraction_min: float | None = None
     steal_fraction_max: float | None = None
