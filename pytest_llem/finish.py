@@ -99,10 +99,6 @@ def _compare(
         )
     finish.lines.append(f"compared with {loaded.path}")
     finish.lines.extend(format_table(comparison).splitlines())
-    finish.warnings.extend(f"llem: {d.case_id}: {w}" for d in comparison.drift for w in d.warnings)
-    finish.warnings.extend(
-        f"llem: {d.case_id}: disturbed: {d.reason}" for d in comparison.disturbed
-    )
     if not gating:  # under a gate they fail it, and are breaches
         finish.warnings.extend(f"llem: {problem}" for problem in comparison.problems)
     if gating and comparison.exit_code(store.fail_inconclusive):
