@@ -143,11 +143,6 @@ def finish_run(record: RunRecord, options: LlemOptions) -> Finish:
     from pytest_llem.results.storage import save_run
 
     finish = Finish()
-    finish.warnings.extend(
-        f"llem: {case.id}: machine disturbed during the case: {'; '.join(ms.disturbances)}"
-        for case in record.cases
-        if (ms := case.machine_state) is not None and ms.disturbed
-    )
     store = options.store
     if store is not None and store.compare_baseline is not None:
         comparison = _compare(record, store.compare_baseline, store, finish)

@@ -361,3 +361,26 @@ def test_the_margin_option_and_its_ini_key(
     bad = _run(pytester, monkeypatch, "0.02", "--llem-drift-margin=cpu=lots")
     assert bad.ret == pytest.ExitCode.USAGE_ERROR
     bad.stderr.fnmatch_lines(["*--llem-drift-margin*not a number*"])
+
+
+def test_a_case_disturbed_within_its_run_is_flagged_in_the_terminal_and_the_html():
+    from pytest_llem.finish import comparison_rows
+    from pytest_llem.report.html import render_html
+    from pytest_llem.report.terminal import summary_lines
+
+    varied = state(1.9, low=0.0).model_copy(
+        update={
+            "disturbed": True,
+            "disturbances": ["other processes' CPU use varied between windows from 0.0 to 1.9"],
+        }
+    )
+    base, cur = records(state(0.0), varied)
+    lines = "\n".join(summary_lines(cur))
+    assert "test_a (disturbed)" in lines
+    assert "disturbed (the machine changed between the case's windows" in lines
+    assert "varied between windows from 0.0 to 1.9" in lines
+    comparison = compare_runs(base, cur, GATE)
+    rows = comparison_rows(comparison)
+    assert rows[0]["disturbed"] is True
+    page = render_html(cur, comparison={"rows": rows})
+    assert "inconclusive (disturbed)" in page
