@@ -115,6 +115,23 @@ def test_load_that_varied_within_one_run_disturbs_it():
     )
 
 
+def test_on_a_saturated_machine_other_processes_demand_decides():
+    """With no idle CPU, what others used is capped by what this run took (1.4 and 1.7 cores
+    are within the margin), but four burners more asked for far more CPU."""
+    base = state(1.4, idle_cores_mean=0.0, other_runnable_mean=1.0)
+    cur = state(1.7, idle_cores_mean=0.0, other_runnable_mean=3.0)
+    assert assess_drift("c", base, cur).evidence == (
+        "other processes kept 3.0 runnable during the current run, 1.0 during the baseline, "
+        "with 0.0 of 2 cores idle",
+    )
+    assert not assess_drift(
+        "c", base, cur.model_copy(update={"other_runnable_mean": 1.3})
+    ).disturbed
+    idle = {"idle_cores_mean": 1.0}
+    spare = assess_drift("c", base.model_copy(update=idle), cur.model_copy(update=idle))
+    assert not spare.disturbed  # CPU to spare on both sides: demand did not compete
+
+
 def test_steal_differing_beyond_the_margin_disturbs():
     base = state(steal_fraction_mean=0.0, steal_fraction_min=0.0, steal_fraction_max=0.0)
     cur = state(steal_fraction_mean=0.4, steal_fraction_min=0.4, steal_fraction_max=0.4)

@@ -34,6 +34,8 @@ def test_other_processes_cpu_is_all_busy_time_less_this_process_tree(tmp_path: P
     assert state.load_1m == pytest.approx(1.8)
     assert state.cpu_freq_mhz == pytest.approx(2400)
     assert state.steal_fraction == pytest.approx(0.0)
+    assert state.idle_cores == pytest.approx(0.25)
+    assert state.other_runnable == 1  # the burner, at both edges
     assert [(p.pid, p.name) for p in state.top_other] == [(FakeProc.other_pid, "burner")]
     assert state.top_other[0].cores == pytest.approx(0.75)
 
@@ -44,6 +46,8 @@ def test_a_quiet_machine_has_no_other_cpu_use(tmp_path: Path):
     state = _window(fake)
     assert state.other_cpu_cores == pytest.approx(0.0)
     assert state.top_other == []
+    assert state.other_runnable == 0
+    assert state.idle_cores == pytest.approx(1.0)
 
 
 def test_a_reaped_child_of_this_run_counts_as_ours(tmp_path: Path):

@@ -56,6 +56,7 @@ _MIN_NAMED_CORES = 0.05
 class _CpuTimes:
     busy: int
     steal: int
+    idle: int
     total: int
 
 
@@ -72,6 +73,7 @@ class HostSnapshot:
     cpu_freq_mhz: float | None = None
     gpu_foreign: int | None = None
     unavailable: dict[str, str] = field(default_factory=dict)
+    other_runnable: int | None = None
 
 
 def _read_cpu(proc: Path) -> tuple[_CpuTimes, int]:
@@ -82,13 +84,13 @@ def _read_cpu(proc: Path) -> tuple[_CpuTimes, int]:
     # user nice system idle iowait irq softirq steal (guest time is inside user already)
     ticks = [int(v) for v in head.split()[1:9]]
     ticks += [0] * (8 - len(ticks))
-    user, nice, system, _idle, _iowait, irq, softirq, steal = ticks
-    return _CpuTimes(user + nice + system + irq + softirq, steal, sum(ticks)), count
+    user, nice, system, idle, iowait, irq, softirq, steal = ticks
+    return _CpuTimes(user + nice + system + irq + softirq, steal, idle + iowait, sum(ticks)), count
 
 
-def _read_process(proc: Path, pid: int) -> tuple[int, str, int, int, int] | None:
-    """``(ppid, name, own ticks, reaped children's ticks, start time)`` of one process, None
-    if gone."""
+def _read_process(proc: Path, pid: int) -> tuple[int, str, int, int, int, str] | None:
+    """``(ppid, name, own ticks, reaped children's ticks, start time, state)`` of one
+    process, None if gone."""
     try:
         stat = (proc / str(pid) / "stat").read_text()
     except OSError:
@@ -103,7 +105,7 @@ def _read_process(proc: Path, pid: int) -> tuple[int, str, int, int, int] | None
         started = int(fields[19])
     except (IndexError, ValueError):
         return None
-    return ppid, name, own, children, started
+    return ppid, name, own, children, started, fields[0]
 
 
 def _read_frequency(proc: Path, sys: Path) -> float:
@@ -177,7 +179,7 @@ class MachineProbe:
             cpu, count = _read_cpu(self.proc)
         except (OSError, StopIteration, ValueError) as e:
             unavailable["cpu"] = f"{self.proc / 'stat'} unreadable: {_why(e)}"
-        own, processes, ours = self._processes(unavailable)
+        own, processes, ours, runnable = self._processes(unavailable)
         load = self._load(unavailable)
         freq: float | None = None
         try:
@@ -187,26 +189,27 @@ class MachineProbe:
         gpu = self.gpu_processes(ours) if self.gpu_processes is not None else None
         if gpu is None:
             unavailable["gpu_foreign_processes"] = "no meter lists the GPUs' processes"
-        return HostSnapshot(now, cpu, count, own, processes, load, freq, gpu, unavailable)
+        return HostSnapshot(now, cpu, count, own, processes, load, freq, gpu, unavailable, runnable)
 
     def _processes(
         self, unavailable: dict[str, str]
-    ) -> tuple[int | None, dict[int, tuple[str, int, int]], set[int]]:
+    ) -> tuple[int | None, dict[int, tuple[str, int, int]], set[int], int | None]:
         """This tree's ticks (its reaped children's included), other processes' ticks by pid,
-        and this tree's pids."""
+        this tree's pids, and how many other processes are runnable now."""
         try:
             entries = [int(e.name) for e in self.proc.iterdir() if e.name.isdigit()]
         except OSError as e:
             unavailable["own_cpu_cores"] = f"{self.proc} unreadable: {_why(e)}"
-            return None, {}, {self.root_pid}
+            return None, {}, {self.root_pid}, None
         read = {pid: got for pid in entries if (got := _read_process(self.proc, pid)) is not None}
         if self.root_pid not in read:
             unavailable["own_cpu_cores"] = f"process {self.root_pid} not in {self.proc}"
-            return None, {}, {self.root_pid}
+            return None, {}, {self.root_pid}, None
         ours = descendants(self.root_pid, {pid: got[0] for pid, got in read.items()})
         own = sum(read[pid][2] + read[pid][3] for pid in ours)
         others = {pid: (got[1], got[2], got[4]) for pid, got in read.items() if pid not in ours}
-        return own, others, ours
+        runnable = sum(1 for pid, got in read.items() if pid not in ours and got[5] == "R")
+        return own, others, ours, runnable
 
     def _load(self, unavailable: dict[str, str]) -> float | None:
         try:
@@ -230,6 +233,10 @@ class MachineProbe:
             total = end.cpu.total - start.cpu.total
             if total > 0:
                 state.steal_fraction = (end.cpu.steal - start.cpu.steal) / total
+            if seconds > 0:
+                state.idle_cores = (end.cpu.idle - start.cpu.idle) / self.clock_tick / seconds
+        if start.other_runnable is not None and end.other_runnable is not None:
+            state.other_runnable = (start.other_runnable + end.other_runnable) / 2
         if seconds <= 0:
             unavailable.setdefault("other_cpu_cores", "the window had no wall time")
         elif start.own_ticks is not None and end.own_ticks is not None:
@@ -347,6 +354,8 @@ def summarise_machine_state(
     steal_mean, steal_min, steal_max = _spread(values("steal_fraction"))
     load_mean, _, load_max = _spread(values("load_1m"))
     freq_mean, _, _ = _spread(values("cpu_freq_mhz"))
+    idle_mean, _, _ = _spread(values("idle_cores"))
+    runnable_mean, _, _ = _spread(values("other_runnable"))
     gpu = [s.gpu_foreign_processes for s in states if s.gpu_foreign_processes is not None]
     counts = [s.cpu_count for s in states if s.cpu_count]
     summary = MachineStateSummary(
@@ -362,6 +371,8 @@ def summarise_machine_state(
         load_1m_mean=load_mean,
         load_1m_max=load_max,
         cpu_freq_mhz_mean=freq_mean,
+        idle_cores_mean=idle_mean,
+        other_runnable_mean=runnable_mean,
         gpu_foreign_processes_min=min(gpu) if gpu else None,
         gpu_foreign_processes_max=max(gpu) if gpu else None,
         gpus=_gpus(repetitions),

@@ -196,6 +196,8 @@ def _differ_cpu(
             f"other processes used {_cores(c, count)} during the current run, "
             f"{b:.1f} during the baseline"
         )
+    if not found:
+        found.extend(_differ_demand(base, cur, margin, count))
     b, c = base.steal_fraction_mean, cur.steal_fraction_mean
     if count and b is not None and c is not None and abs(c - b) * count > margin.cpu_cores:
         found.append(
@@ -209,6 +211,24 @@ def _differ_cpu(
             f"{b_gpu} during the baseline"
         )
     return found
+
+
+def _differ_demand(
+    base: MachineStateSummary, cur: MachineStateSummary, margin: DriftMargin, count: int | None
+) -> list[str]:
+    """On a machine with no idle CPU, what others *used* is capped by what this run took, so
+    their demand (runnable processes) tells whether they competed harder."""
+    idle = [s.idle_cores_mean for s in (base, cur) if s.idle_cores_mean is not None]
+    b, c = base.other_runnable_mean, cur.other_runnable_mean
+    if not idle or min(idle) >= margin.cpu_cores or b is None or c is None:
+        return []
+    if abs(c - b) <= margin.cpu_cores:
+        return []
+    cores = f" of {count} cores" if count else " cores"
+    return [
+        f"other processes kept {c:.1f} runnable during the current run, {b:.1f} during the "
+        f"baseline, with {min(idle):.1f}{cores} idle"
+    ]
 
 
 def _differ_gpu(

@@ -49,6 +49,14 @@ class WindowMachineState(_Record):
     steal_fraction: float | None = Field(
         default=None, description="Share of CPU time the hypervisor gave to other guests."
     )
+    idle_cores: float | None = Field(
+        default=None, description="Idle (and I/O wait) CPU time over the wall time, cores."
+    )
+    other_runnable: float | None = Field(
+        default=None,
+        description="Processes outside this tree that were runnable (state R: running or "
+        "waiting for a CPU), mean of the two edges: what they asked for, not what they got.",
+    )
     load_1m: float | None = Field(default=None, description="1-minute load average, end edge.")
     cpu_freq_mhz: float | None = Field(
         default=None, description="Mean current frequency over the CPUs, end edge, MHz."
@@ -107,6 +115,8 @@ class MachineStateSummary(_Record):
     load_1m_mean: float | None = None
     load_1m_max: float | None = None
     cpu_freq_mhz_mean: float | None = None
+    idle_cores_mean: float | None = None
+    other_runnable_mean: float | None = None
     gpu_foreign_processes_max: int | None = None
     gpu_foreign_processes_min: int | None = None
     gpus: dict[str, GpuMachineState] = Field(

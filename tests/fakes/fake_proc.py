@@ -31,9 +31,10 @@ class FakeProcess:
     ticks: float = 0.0
     child_ticks: float = 0.0
     start: int = 1
+    state: str = "S"
 
     def stat(self) -> str:
-        fields = ["S", self.ppid, 0, 0, 0, 0, 0, 0, 0, 0, 0]
+        fields = [self.state, self.ppid, 0, 0, 0, 0, 0, 0, 0, 0, 0]
         fields += [int(self.ticks), 0, int(self.child_ticks), 0, 20, 0, 1, 0, self.start]
         return f"{self.pid} ({self.name}) " + " ".join(str(f) for f in fields) + " 0 0\n"
 
@@ -114,6 +115,9 @@ class FakeProc:
         for folder in self.proc.iterdir():
             if folder.name.isdigit() and int(folder.name) not in self.processes:
                 shutil.rmtree(folder)  # the process is gone
+        burner = self.processes.get(self.other_pid)
+        if burner is not None:  # running while it burns
+            burner.state = "R" if self.other_cores > 0 else "S"
         for process in self.processes.values():
             folder = self.proc / str(process.pid)
             folder.mkdir(exist_ok=True)
