@@ -18,6 +18,7 @@ from pytest_llem.results.machine_state import GpuMachineState, MachineStateSumma
 from pytest_llem.results.models import RunRecord
 from tests.fakes.fake_proc import FakeProc
 from tests.test_compare import case, run
+from tests.test_gating import CASE, CONFTEST  # the paced engine, and a case for it
 
 pytest_plugins = ["pytester"]
 
@@ -265,32 +266,6 @@ def test_llem_compare_reports_a_disturbed_breach_inconclusive(tmp_path: Path):
 
 
 # --- the pytest gate, on a fake /proc --------------------------------------------------------
-
-CONFTEST = """
-import os
-
-from pytest_llem.exceptions import BackendNotAvailableError
-from tests.fakes.fake_backend import FakeBackend, WallClock
-
-
-def pytest_llem_backend_names():
-    return ["paced"]
-
-
-def pytest_llem_make_backend(name, case, progress):
-    if name != "paced":
-        return None
-    step_s = float(os.environ["LLEM_TEST_STEP_S"])
-    return FakeBackend(WallClock(), prefill_s=step_s, step_s=step_s)
-"""
-
-CASE = """
-import pytest
-
-@pytest.mark.llem(num_prompts=4, batch_size=4, max_new_tokens=4, min_new_tokens=4, warmup=0)
-def test_throughput(llem):
-    llem.run()
-"""
 
 QUICK = ["--llem-backend=paced", "--llem-meter=none", "-p", "no:cacheprovider", "--llem-repeat=5"]
 GATE_OPTION = f"--llem-fail-on={TPS}:-5%"
