@@ -90,6 +90,12 @@ def test_other_processes_cpu_differing_beyond_the_margin_disturbs_the_case():
     assert not assess_drift("c", state(0.0), state(1.9), DriftMargin(cpu_cores=2)).disturbed
 
 
+def test_runs_too_short_to_resolve_the_difference_are_not_disturbed():
+    coarse = {"mean_resolution_cores": 0.3}
+    assert not assess_drift("c", state(0.0, **coarse), state(0.9, **coarse)).disturbed
+    assert assess_drift("c", state(0.0, **coarse), state(1.2, **coarse)).disturbed
+
+
 def test_a_busy_baseline_and_a_quiet_run_disturb_too():
     drift = assess_drift("c", state(1.8), state(0.1))
     assert drift.evidence == (

@@ -267,5 +267,7 @@ def test_the_mean_weighs_windows_by_length_and_short_windows_resolve_coarsely(tm
     assert summary is not None
     assert summary.other_cpu_cores_mean == pytest.approx(0.25)
     assert summary.cpu_resolution_cores == pytest.approx(0.3)
+    # errors of 0 (no resolution given) and 0.3 core x 1 s, over 4 s
+    assert summary.mean_resolution_cores == pytest.approx(0.3 / 4)
     # 0.0 and 1.0 differ by 1 core, but by less than 0.5 beyond twice the resolution (0.6).
     assert not summary.disturbed

@@ -14,6 +14,7 @@ with the reason.
 
 from __future__ import annotations
 
+import math
 import os
 import statistics
 import time
@@ -351,6 +352,10 @@ def summarise_machine_state(
     wall = sum(seconds for _, seconds in timed)
     other_mean = sum(c * t for c, t in timed) / wall if wall > 0 else None
     resolution = max(values("cpu_resolution_cores"), default=None)
+    # Each window's figure is off by up to its resolution x its seconds (core-seconds), the
+    # windows independently: their combined error over the total wall time.
+    errors = [s.cpu_resolution_cores * s.seconds for s in states if s.cpu_resolution_cores]
+    mean_resolution = math.sqrt(sum(e * e for e in errors)) / wall if errors and wall else None
     steal_mean, steal_min, steal_max = _spread(values("steal_fraction"))
     load_mean, _, load_max = _spread(values("load_1m"))
     freq_mean, _, _ = _spread(values("cpu_freq_mhz"))
@@ -365,6 +370,7 @@ def summarise_machine_state(
         other_cpu_cores_min=other_min,
         other_cpu_cores_max=other_max,
         cpu_resolution_cores=resolution,
+        mean_resolution_cores=mean_resolution,
         steal_fraction_mean=steal_mean,
         steal_fraction_min=steal_min,
         steal_fraction_max=steal_max,

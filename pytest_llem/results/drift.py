@@ -191,7 +191,8 @@ def _differ_cpu(
     found = []
     count = cur.cpu_count or base.cpu_count
     b, c = base.other_cpu_cores_mean, cur.other_cpu_cores_mean
-    if b is not None and c is not None and abs(c - b) > margin.cpu_cores:
+    slack = (base.mean_resolution_cores or 0.0) + (cur.mean_resolution_cores or 0.0)
+    if b is not None and c is not None and abs(c - b) - slack > margin.cpu_cores:
         found.append(
             f"other processes used {_cores(c, count)} during the current run, "
             f"{b:.1f} during the baseline"

@@ -109,6 +109,11 @@ class MachineStateSummary(_Record):
     cpu_resolution_cores: float | None = Field(
         default=None, description="The coarsest window's resolution of the CPU figures, cores."
     )
+    mean_resolution_cores: float | None = Field(
+        default=None,
+        description="How finely the means over all windows resolve, cores (the windows' "
+        "clock-tick resolutions combined over their total wall time).",
+    )
     steal_fraction_mean: float | None = None
     steal_fraction_min: float | None = None
     steal_fraction_max: float | None = None
