@@ -382,3 +382,30 @@ def test_a_case_disturbed_within_its_run_is_flagged_in_the_terminal_and_the_html
     assert rows[0]["disturbed"] is True
     page = render_html(cur, comparison={"rows": rows})
     assert "inconclusive (disturbed)" in page
+
+
+def test_a_gpu_power_limit_changed_since_the_baseline_makes_a_breach_inconclusive(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, machine: FakeProc
+):
+    from tests.fakes.fake_pynvml import FakeGpu, install
+
+    gpu = FakeGpu(power_w=150.0, counter_step_s=0.01)
+    install(monkeypatch, [gpu])
+    nvml = ["--llem-meter=nvml", "--llem-baseline-s=0.2"]  # a fresh idle baseline, not cached
+    _run(pytester, monkeypatch, "0.002", *nvml, "--llem-save=base").assert_outcomes(passed=1)
+    (case,) = _record(pytester)["cases"]  # type: ignore[misc]
+    assert case["machine_state"]["gpus"]["gpu0"]["power_limits_w"] == [700.0]
+    assert case["machine_state"]["gpu_foreign_processes_max"] == 0
+    gpu.power_limit_w = 500.0
+    gpu.processes = [(4242, 1 << 30)]
+    done = _run(pytester, monkeypatch, "0.02", *nvml, "--llem-compare=base", GATE_OPTION)
+    assert done.ret == 0, done.stdout.str()
+    done.stdout.fnmatch_lines(
+        [
+            "*machine disturbed (*GPU gpu0 power limit 500 W in the current run, 700 W in the "
+            "baseline*",
+        ]
+    )
+    assert "1 foreign processes on the measured GPUs during the current run, 0 during" in (
+        done.stdout.str()
+    )
