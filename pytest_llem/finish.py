@@ -75,6 +75,7 @@ def _compare(
     record: RunRecord, loaded: CompareBaseline, store: StoreOptions, finish: Finish
 ) -> Comparison | None:
     from pytest_llem.results.compare import compare_runs, format_breaches, format_table
+    from pytest_llem.results.drift import DEFAULT_DRIFT_MARGIN
     from pytest_llem.results.gate import FAIL_ON_EXAMPLE, parse_fail_on
 
     gating = bool(store.rules)
@@ -86,7 +87,8 @@ def _compare(
         gate_estimated=store.gate_estimated,
         gate=gating,
         baseline_label=loaded.path.name,
-        drift_margin=store.drift_margin,
+        # A store built before the margin existed (a test's stand-in) judges with the default.
+        drift_margin=getattr(store, "drift_margin", DEFAULT_DRIFT_MARGIN),
     )
     if comparison.environment:
         what = "; ".join(comparison.environment)
@@ -115,6 +117,7 @@ def _comparison_record(comparison: Comparison, store: StoreOptions) -> dict[str,
     metric."""
     from pytest_llem.results.compare import format_breaches
     from pytest_llem.results.compare_format import drift_json
+    from pytest_llem.results.drift import DEFAULT_DRIFT_MARGIN
 
     return {
         "baseline": comparison.baseline.label,
@@ -124,7 +127,7 @@ def _comparison_record(comparison: Comparison, store: StoreOptions) -> dict[str,
         if comparison.gate
         else [],
         "rows": comparison_rows(comparison),
-        "drift_margin": store.drift_margin.text,
+        "drift_margin": getattr(store, "drift_margin", DEFAULT_DRIFT_MARGIN).text,
         "drift": [drift_json(d) for d in comparison.drift],
     }
 
