@@ -1,6 +1,6 @@
 """The ``llem`` command: the run record's schema, the parameter and metric references, the
-built-in tiny model, comparing and gating two records, rebuilding reports, the scorecard,
-exporting and merging records."""
+built-in tiny model, comparing and gating records (against one baseline or a history),
+calibrating the gate, rebuilding reports, the scorecard, exporting and merging records."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from pytest_llem import __version__
 from pytest_llem.config.introspection import Parameter, constraints, parameters
 from pytest_llem.config.models import BUILTIN_BACKENDS
 from pytest_llem.exceptions import LlemError
+from pytest_llem.results.drift import DEFAULT_DRIFT_MARGIN, MARGIN_HELP, parse_drift_margin
 
 __all__ = [
     "EXIT_BAD_FILE",
@@ -213,27 +214,27 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     except GateError as e:
         print(f"llem compare: error: --fail-on: {e}", file=sys.stderr)
         return 4
-    from pytest_llem.results.drift import parse_drift_margin
-
+    *bases, current_path = args.runs
     try:
-        drift_margin = parse_drift_margin(args.drift_margin)
-    except ValueError as e:
-        print(f"llem compare: error: --drift-margin: {e}", file=sys.stderr)
-        return 4
-    try:
-        base, current = read_run_record(args.base), read_run_record(args.current)
+        records = [read_run_record(path) for path in bases]
+        current = read_run_record(current_path)
     except ResultStoreError as e:
         print(f"llem compare: error: {e}", file=sys.stderr)
         return 2
+    label = bases[0].name
+    if len(bases) > 1:  # a history: oldest to newest as given, the last is the newest
+        label = f"history of {len(bases)} runs ({bases[0].name} .. {bases[-1].name})"
+        _warn_mixed_history(records)
     comparison = compare_runs(
-        base,
+        records[-1],
         current,
         rules,
         gate_estimated=args.gate_estimated,
         gate=bool(args.fail_on),
-        baseline_label=args.base.name,
-        current_label=args.current.name,
-        drift_margin=drift_margin,
+        baseline_label=label,
+        current_label=current_path.name,
+        history=records[:-1],
+        drift_margin=args.drift_margin,
     )
     if comparison.environment:
         message = "; ".join(comparison.environment)
@@ -253,6 +254,41 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         for line in format_breaches(comparison, fail_inconclusive=args.fail_inconclusive):
             print(line)
     return comparison.exit_code(args.fail_inconclusive) if args.fail_on else 0
+
+
+def _warn_mixed_history(records: Sequence[Any]) -> None:
+    """A history is meant to be one machine's runs: say so when the baselines are not."""
+    from pytest_llem.results.storage import machine_id
+
+    machines = sorted({machine_id(record) for record in records})
+    if len(machines) > 1:
+        print(
+            f"llem compare: warning: the baselines come from {len(machines)} machines "
+            f"({', '.join(machines)}): their spread includes the machines' differences",
+            file=sys.stderr,
+        )
+
+
+def _cmd_calibrate(args: argparse.Namespace) -> int:
+    from pytest_llem.results.calibration import calibrate_runs, calibration_lines, runs_of_record
+    from pytest_llem.results.gate import FAIL_ON_EXAMPLE, parse_fail_on
+    from pytest_llem.results.store import read_run_record
+
+    rules = parse_fail_on(args.fail_on or FAIL_ON_EXAMPLE)  # a GateError is a usage error
+    records = [read_run_record(path) for path in args.runs]
+    runs = runs_of_record(records[0]) if len(records) == 1 else records
+    if len(runs) < 2:
+        raise UsageError(
+            f"{args.runs[0]} is one run: give two or more runs of the same cases, or the record "
+            "of a pytest --llem-calibrate=N run"
+        )
+    calibration = calibrate_runs(runs, rules)
+    if args.json:
+        print(json.dumps(calibration.to_json(), indent=2))
+    else:
+        for line in calibration_lines(calibration):
+            print(line)
+    return 0
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
@@ -411,13 +447,39 @@ def _add_reference_commands(commands: Any) -> None:
     params.set_defaults(func=_cmd_params)
 
 
+class _BaseAndCurrent(argparse.Action):
+    """``BASE [BASE ...] CURRENT``: at least two records, else a usage error (exit 4)."""
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: Any,
+        option_string: str | None = None,
+    ) -> None:
+        if len(values) < 2:
+            raise argparse.ArgumentError(
+                self, "give a baseline and the current run: BASE [BASE ...] CURRENT"
+            )
+        setattr(namespace, self.dest, values)
+
+
 def _add_compare_command(commands: Any) -> None:
     """``llem compare``: two run records, and the regression gate."""
     compare = commands.add_parser(
-        "compare", help="compare two run records and gate on regressions (exit 1 on a breach)"
+        "compare",
+        help="compare a run record with a baseline (or a history of several) and gate on "
+        "regressions (exit 1 on a breach)",
     )
-    compare.add_argument("base", type=Path, help="baseline run record (JSON)")
-    compare.add_argument("current", type=Path, help="current run record (JSON)")
+    compare.add_argument(
+        "runs",
+        type=Path,
+        nargs="+",
+        action=_BaseAndCurrent,
+        metavar="RUN",
+        help="BASE [BASE ...] CURRENT: the baseline run record(s), oldest first, then the "
+        "current one; several baselines are a history (between-run variation is resampled)",
+    )
     compare.add_argument(
         "--fail-on",
         default=None,
@@ -428,15 +490,32 @@ def _add_compare_command(commands: Any) -> None:
     compare.add_argument("--gate-estimated", action="store_true")
     compare.add_argument("--strict", action="store_true", help="refuse runs of different machines")
     compare.add_argument(
-        "--drift-margin",
-        default="cpu=0.5,gpu_clock=10%",
-        metavar="MARGIN",
-        help="how far the machine's state may differ before a breach is inconclusive: other "
-        "processes' CPU use in cores, GPU SM clock, e.g. cpu=0.5,gpu_clock=10%% or off "
-        "(default: %(default)s)",
+        "--drift-margin", type=parse_drift_margin, default=DEFAULT_DRIFT_MARGIN, help=MARGIN_HELP
     )
     compare.add_argument("--format", choices=("table", "json", "markdown"), default="table")
     compare.set_defaults(func=_cmd_compare)
+    calibrate = commands.add_parser(
+        "calibrate",
+        help="from N runs of the same cases: between-run spread, the gate's A/A false-alarm "
+        "rate, the regression it catches with 80%% power, and a recommended --llem-fail-on",
+    )
+    calibrate.add_argument(
+        "runs",
+        type=Path,
+        nargs="+",
+        metavar="RUN",
+        help="two or more run records of the same cases, or one record of a pytest "
+        "--llem-calibrate=N run",
+    )
+    calibrate.add_argument(
+        "--fail-on",
+        default=None,
+        metavar="EXPR",
+        help="the gate to calibrate (default: "
+        "'energy_per_output_token_j:+5%%,output_tokens_per_s:-5%%,ttft_ms.p99:+10%%')",
+    )
+    calibrate.add_argument("--json", action="store_true", help="print the calibration as JSON")
+    calibrate.set_defaults(func=_cmd_calibrate)
 
 
 def _add_record_commands(commands: Any) -> None:

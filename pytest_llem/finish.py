@@ -43,6 +43,7 @@ class Finish:
     warnings: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
     breaches: list[str] = field(default_factory=list)
+    calibration: list[str] = field(default_factory=list)
     failed: bool = False
     paths: dict[str, Path] = field(default_factory=dict)
 
@@ -66,6 +67,7 @@ def comparison_rows(comparison: Any) -> list[dict[str, Any]]:
                 "gated": item.gated,
                 "reason": item.reason,
                 "disturbed": item.disturbed,
+                "confidence": item.confidence,
             }
         )
     return rows
@@ -86,10 +88,13 @@ def _compare(
         rules,
         gate_estimated=store.gate_estimated,
         gate=gating,
-        baseline_label=loaded.path.name,
+        baseline_label=loaded.label or loaded.path.name,
+        history=loaded.history,
         # A store built before the margin existed (a test's stand-in) judges with the default.
         drift_margin=getattr(store, "drift_margin", DEFAULT_DRIFT_MARGIN),
     )
+    if loaded.note is not None:
+        finish.warnings.append(f"llem: {loaded.note}")
     if comparison.environment:
         what = "; ".join(comparison.environment)
         if store.strict:
@@ -99,7 +104,7 @@ def _compare(
         finish.warnings.append(
             f"llem: the baseline ran elsewhere or with other settings, figures may differ: {what}"
         )
-    finish.lines.append(f"compared with {loaded.path}")
+    finish.lines.append(f"compared with {loaded.label or loaded.path}")
     finish.lines.extend(format_table(comparison).splitlines())
     if not gating:  # under a gate they fail it, and are breaches
         finish.warnings.extend(f"llem: {problem}" for problem in comparison.problems)
@@ -119,8 +124,12 @@ def _comparison_record(comparison: Comparison, store: StoreOptions) -> dict[str,
     from pytest_llem.results.compare_format import drift_json
     from pytest_llem.results.drift import DEFAULT_DRIFT_MARGIN
 
+    loaded = store.compare_baseline
+    history = [r.run_id for r in (*loaded.history, loaded.record)] if loaded else []
     return {
         "baseline": comparison.baseline.label,
+        # --llem-compare=history: the run ids of the history, oldest first
+        **({"history": history} if len(history) > 1 else {}),
         "gated": comparison.gate,
         "problems": list(comparison.problems),
         "breaches": format_breaches(comparison, fail_inconclusive=store.fail_inconclusive)
@@ -130,6 +139,22 @@ def _comparison_record(comparison: Comparison, store: StoreOptions) -> dict[str,
         "drift_margin": getattr(store, "drift_margin", DEFAULT_DRIFT_MARGIN).text,
         "drift": [drift_json(d) for d in comparison.drift],
     }
+
+
+def _calibrate(record: RunRecord, store: StoreOptions, finish: Finish) -> None:
+    """``--llem-calibrate=N``: the calibration of the gate from the N runs the cases hold,
+    into the record and the terminal."""
+    from pytest_llem.results.calibration import (
+        calibrate_runs,
+        calibration_lines,
+        runs_of_record,
+    )
+    from pytest_llem.results.gate import FAIL_ON_EXAMPLE, parse_fail_on
+
+    rules = list(store.rules) or parse_fail_on(FAIL_ON_EXAMPLE)
+    calibration = calibrate_runs(runs_of_record(record), rules)
+    record.calibration = calibration.to_json()
+    finish.calibration = calibration_lines(calibration)
 
 
 def finish_run(record: RunRecord, options: LlemOptions) -> Finish:
@@ -151,6 +176,8 @@ def finish_run(record: RunRecord, options: LlemOptions) -> Finish:
         comparison = _compare(record, store.compare_baseline, store, finish)
         if comparison is not None:
             record.comparison = _comparison_record(comparison, store)
+    if store is not None and store.calibrate:
+        _calibrate(record, store, finish)
     finish.paths["record"], _copy = write_run_record(record, options.report_dir)
     if store is not None and store.save:
         try:
@@ -283,6 +310,10 @@ def _write_finish(reporter: Any, finish: Finish, session: LlemSession) -> None:
     if finish.lines:
         reporter.write_sep("-", "llem comparison")
         for line in finish.lines:
+            reporter.write_line(line)
+    if finish.calibration:
+        reporter.write_sep("-", "llem calibration")
+        for line in finish.calibration:
             reporter.write_line(line)
     for line in finish.warnings:
         reporter.write_line(line, yellow=True)

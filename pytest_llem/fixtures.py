@@ -27,13 +27,14 @@ from pytest_llem.config.models import CaseConfig
 from pytest_llem.config.profiles import resolve_profile_values
 from pytest_llem.exceptions import ConfigurationError, LlemError
 from pytest_llem.interop import record_benchmark
-from pytest_llem.results.models import CaseError, CaseRecord, CaseResult
+from pytest_llem.options import StoreOptions
+from pytest_llem.results.models import CaseError, CaseRecord, CaseResult, RunRecord
 from pytest_llem.session import LlemSession
 from pytest_llem.sweep import SweepCase
 from pytest_llem.workers import SHARED_DOMAINS, worker_info
 
 if TYPE_CHECKING:
-    from pytest_llem.harness.case import CaseRunner
+    from pytest_llem.harness.case import CaseOutcome, CaseRunner
 
 __all__ = [
     "CASE_PROPERTY",
@@ -99,9 +100,7 @@ class LlemFixture:
         case_id = node_id if self._runs == 1 else f"{node_id}#{self._runs}"
         name = self._item.name if self._runs == 1 else f"{self._item.name}#{self._runs}"
         case, base = self._resolve(overrides, CaseRecord(id=case_id, name=name))
-        outcome = case_runner(self._session).run(
-            case, base, budget=budget_rules(self._item, self.profile)
-        )
+        outcome = self._measure(case, base)
         self._record(outcome.record)
         if outcome.exception is not None:
             raise outcome.exception
@@ -113,6 +112,17 @@ class LlemFixture:
             pytest.fail(outcome.failure, pytrace=False)
         assert outcome.result is not None  # a case neither skipped nor failed was measured
         return outcome.result
+
+    def _measure(self, case: CaseConfig, base: CaseRecord) -> CaseOutcome:
+        """Run the case once, or N times under ``--llem-calibrate=N``."""
+        runner = case_runner(self._session)
+        budget = budget_rules(self._item, self.profile)
+        store = self._session.options.store
+        if store is not None and store.calibrate:
+            from pytest_llem.harness.calibration import run_calibrated
+
+            return run_calibrated(runner, case, base, runs=store.calibrate, budget=budget)
+        return runner.run(case, base, budget=budget)
 
     def _resolve(
         self, overrides: dict[str, Any], identity: CaseRecord
@@ -174,6 +184,9 @@ def case_runner(session: LlemSession) -> CaseRunner:
         timeout_s=options.timeout_s,
         gate_estimated=store.gate_estimated if store is not None else False,
         drift_margin=store.drift_margin if store is not None else DEFAULT_DRIFT_MARGIN,
+        adaptive=options.adaptive,
+        gate_baseline=_gate_baseline(store),
+        gate_rules=tuple(store.rules) if store is not None else (),
     )
     return CaseRunner(
         backends=session.backends,
@@ -182,6 +195,14 @@ def case_runner(session: LlemSession) -> CaseRunner:
         settings=settings,
         progress=session.progress,
     )
+
+
+def _gate_baseline(store: StoreOptions | None) -> RunRecord | None:
+    """The baseline an adaptive case measures against until its verdicts are decided: the
+    ``--llem-compare`` run when ``--llem-fail-on`` gates (None otherwise)."""
+    if store is None or store.compare_baseline is None or not store.rules:
+        return None
+    return store.compare_baseline.record
 
 
 def record_test_failure(properties: list[tuple[str, object]], error: CaseError) -> None:

@@ -71,7 +71,10 @@ def configured_options(config: pytest.Config) -> LlemOptions:
         config.stash[OUTPUTS] = output_folders(options)
         if explicit_llem_run(config, options):
             check_outputs(config)
-        if not hasattr(config, "workerinput"):  # the controller compares, after pinning
+        # the controller compares, after pinning; a worker reads the baseline only for a gate,
+        # so a repeat=auto case there measures until its gated verdicts are decided
+        gated = options.store is not None and bool(options.store.rules)
+        if not hasattr(config, "workerinput") or gated:
             options = with_compare_baseline(options, root=config.rootpath)
     except ConfigurationError as e:
         raise pytest.UsageError(f"pytest-llem: {e}") from e

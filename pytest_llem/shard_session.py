@@ -60,7 +60,7 @@ def _estimate(item: pytest.Item, session: LlemSession) -> float:
     return estimate_case_cost(
         requests=case.traffic.num_requests or case.num_prompts,
         max_new_tokens=case.max_new_tokens,
-        repeat=case.repeat,
+        repeat=case.planned_repeat,
         warmup=case.warmup,
         duration_s=case.traffic.duration_s,
     )

@@ -35,6 +35,9 @@ EXAMPLES: dict[str, tuple[Any, Any, tuple[str, str] | None]] = {
     "meter": ("nvml, rapl", ("nvml", "rapl"), (",", "expected a name or names")),
     "repeat": ("2", 2, ("0", "greater than or equal to 1")),
     "warmup": ("0", 0, ("-1", "greater than or equal to 0")),
+    "max_repeat": ("12", 12, ("2", "expected a whole number of windows, 3 <= N <= 10000")),
+    "max_case_s": ("90", 90.0, ("-5", "expected seconds")),
+    "target_ci": ("2.5%", 0.025, ("0%", "expected a relative width such as 5% or 0.05")),
     "report_dir": ("out", Path("out"), None),
     "baseline_s": ("1.5", 1.5, ("inf", "expected seconds, 0 <= N <= 604800")),
     "min_window_s": ("0", 0.0, ("soon", "expected seconds")),
@@ -71,6 +74,7 @@ EXAMPLES: dict[str, tuple[Any, Any, tuple[str, str] | None]] = {
         ("nonsense", "fail-on part 'nonsense'"),
     ),
     "fail_inconclusive": (True, True, None),
+    "calibrate": ("3", 3, ("1", "expected a number of runs, 2 <= N <= 100")),
     "gate_estimated": (True, True, None),
     "compare_strict": (True, True, None),
     "drift_margin": (

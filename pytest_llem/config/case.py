@@ -3,7 +3,7 @@ traffic, SLO and sampling settings nested in it, and the rules between them enfo
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, Field, ValidationInfo, field_validator, model_validator
 
@@ -18,7 +18,11 @@ from pytest_llem.config.fields import StrictModel, field_meta
 from pytest_llem.config.sampling import SamplingConfig
 from pytest_llem.config.traffic import SloConfig, TrafficConfig
 
-__all__ = ["BUILTIN_BACKENDS", "CaseConfig", "load_fields"]
+__all__ = ["AUTO_REPEAT_PLANNED", "BUILTIN_BACKENDS", "CaseConfig", "load_fields"]
+
+#: Windows a ``repeat="auto"`` case counts as in duration and cost estimates: the default of
+#: ``--llem-max-repeat``, the most it takes (it usually stops sooner).
+AUTO_REPEAT_PLANNED = 30
 
 #: Backends shipped with the plugin. A conftest can add more through the plugin's hooks.
 BUILTIN_BACKENDS: tuple[str, ...] = ("transformers", "endpoint", "tensorrt", "vllm")
@@ -156,11 +160,14 @@ class CaseConfig(StrictModel):
         description="Unmeasured repetitions before measuring.",
         json_schema_extra=field_meta(sweep=[0, 1, 3], short="warmup"),
     )
-    repeat: int = Field(
+    repeat: Annotated[int, Field(ge=1, le=10_000)] | Literal["auto"] = Field(
         default=3,
-        ge=1,
-        le=10_000,
-        description="Measured repetitions (one window each).",
+        description="Measured repetitions (one window each), or auto: windows until every "
+        "gated verdict is decided (with --llem-compare and --llem-fail-on) or, without a gate, "
+        "every reported metric's interval is narrower than --llem-target-ci, up to "
+        "--llem-max-repeat windows or --llem-max-case-s seconds; it looks after 3, 5, 8, 12, "
+        "18, 27 and 30 windows at a Bonferroni-corrected level (99.3% for 30), and the gate "
+        "judges at that level (docs/ci.md, Adaptive repetitions).",
         json_schema_extra=field_meta(sweep=[3, 5, 10], short="rep"),
     )
     scenario: Literal["offline", "single_stream", "server"] = Field(
@@ -193,6 +200,11 @@ class CaseConfig(StrictModel):
         default_factory=VllmConfig,
         description="Settings of the vLLM backend.",
     )
+
+    @property
+    def planned_repeat(self) -> int:
+        """Windows to plan for: ``repeat``, or :data:`AUTO_REPEAT_PLANNED` for ``auto``."""
+        return AUTO_REPEAT_PLANNED if self.repeat == "auto" else self.repeat
 
     @model_validator(mode="before")
     @classmethod

@@ -12,7 +12,7 @@ import difflib
 import types
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, Union, get_args, get_origin
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import annotated_types
 from pydantic import BaseModel
@@ -89,6 +89,8 @@ def _type_name(annotation: Any) -> str:
     if choices is not None:
         return "choice"
     origin = get_origin(annotation)
+    if origin is Annotated:  # a constrained member of a union (``repeat``: N or auto)
+        return _type_name(get_args(annotation)[0])
     if origin in (Union, types.UnionType):
         return " | ".join(_type_name(arg) for arg in get_args(annotation))
     if annotation is type(None):
@@ -99,7 +101,12 @@ def _type_name(annotation: Any) -> str:
 def _bounds(field: FieldInfo) -> tuple[float | None, float | None, bool, bool]:
     low = high = None
     low_open = high_open = False
-    for item in field.metadata:
+    constraints = list(field.metadata)
+    for arg in get_args(field.annotation):  # a constrained member of a union (``repeat``)
+        if get_origin(arg) is Annotated:
+            for item in arg.__metadata__:
+                constraints.extend(item.metadata if isinstance(item, FieldInfo) else [item])
+    for item in constraints:
         if isinstance(item, annotated_types.Ge):
             low = float(item.ge)  # type: ignore[arg-type]
         elif isinstance(item, annotated_types.Gt):

@@ -97,4 +97,4 @@ def window_seconds(config: CaseConfig, model: CostModel = H100_8B) -> float:
 
 def case_seconds(config: CaseConfig, model: CostModel = H100_8B) -> float:
     """The expected run time of the case's warmup and measured windows (loading excluded)."""
-    return (config.warmup + config.repeat) * window_seconds(config, model)
+    return (config.warmup + config.planned_repeat) * window_seconds(config, model)

@@ -13,8 +13,9 @@ it as it is. Nothing here imports pytest.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 from pytest_llem.backends.base import Backend, BackendInfo
@@ -31,6 +32,7 @@ from pytest_llem.exceptions import (
     NotEnoughGpusError,
     RetryableError,
 )
+from pytest_llem.harness.adaptive import AdaptiveStop
 from pytest_llem.harness.deadline import deadline
 from pytest_llem.harness.machine_state import (
     MachineProbe,
@@ -50,6 +52,7 @@ from pytest_llem.harness.thermal import HOT_MARGIN_C, cool_down, measured_hot
 from pytest_llem.harness.traffic import request_count
 from pytest_llem.meters.base import EnergyMeter
 from pytest_llem.meters.registry import DomainAssignment
+from pytest_llem.results.adaptive import AUTO, AdaptivePlan
 from pytest_llem.results.drift import DEFAULT_DRIFT_MARGIN, DriftMargin
 from pytest_llem.results.models import (
     BaselineRecord,
@@ -60,11 +63,12 @@ from pytest_llem.results.models import (
     LoadRecord,
     MeterRecord,
     PromptsRecord,
+    RunRecord,
 )
 from pytest_llem.results.stats import distribution
 
 if TYPE_CHECKING:
-    from pytest_llem.results.gate import BudgetRule
+    from pytest_llem.results.gate import BudgetRule, GateRule
 
 __all__ = [
     "BUDGET_EXCEEDED",
@@ -142,9 +146,14 @@ class CaseSettings:
         cooldown: ``--llem-cooldown`` mode: ``off``, ``seconds`` or ``temperature``.
         cooldown_s: Seconds to wait in the ``seconds`` mode.
         timeout_s: ``--llem-timeout-s``: the most a case's own work may take (None: no limit).
-        gate_estimated: Whether estimated energy figures are checked against a budget.
+        gate_estimated: Whether estimated energy figures are checked against a budget (and
+            gate a comparison).
         probe_machine: Record the host's state at each window's edges (``/proc``).
         drift_margin: ``--llem-drift-margin``: when the machine changed between windows.
+        adaptive: The limits of ``repeat="auto"`` (``--llem-max-repeat``, ...).
+        gate_baseline: The ``--llem-compare`` baseline when ``--llem-fail-on`` gates the run:
+            an adaptive case then measures until its gated verdicts are decided.
+        gate_rules: The ``--llem-fail-on`` rules.
     """
 
     isolation: str = "warn"
@@ -155,6 +164,9 @@ class CaseSettings:
     gate_estimated: bool = False
     probe_machine: bool = True
     drift_margin: DriftMargin = DEFAULT_DRIFT_MARGIN
+    adaptive: AdaptivePlan = field(default_factory=AdaptivePlan)
+    gate_baseline: RunRecord | None = None
+    gate_rules: tuple[GateRule, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -331,7 +343,7 @@ class CaseRunner:
             seconds=self.settings.cooldown_s,
             idle_temperatures=idle_temperatures,
         )
-        measurement, armed = self._run(case, ready)
+        measurement, armed = self._run(case, ready, base.id)
         notes = [*base.notes, *asked, *measurement.notes]
         timeout_s = self.settings.timeout_s
         if timeout_s and not armed:
@@ -378,9 +390,30 @@ class CaseRunner:
             visible_devices=base.visible_devices,
             shared_domains=shared,
             machine_state=machine,
+            adaptive=measurement.adaptive,
         )
 
-    def _run(self, case: CaseConfig, ready: _Prepared) -> tuple[CaseMeasurement, bool]:
+    def _adaptive(self, case: CaseConfig, case_id: str) -> AdaptiveStop | None:
+        """When an adaptive case stops: against its baseline case under a gate, else by the
+        intervals' width (None for a fixed ``repeat``)."""
+        if case.repeat != AUTO:
+            return None
+        settings = self.settings
+        gate_baseline = settings.gate_baseline
+        baseline = None
+        if gate_baseline is not None and settings.gate_rules:
+            baseline = next((c for c in gate_baseline.cases if c.id == case_id), None)
+        return AdaptiveStop(
+            settings.adaptive,
+            time.perf_counter,
+            baseline=baseline,
+            rules=settings.gate_rules,
+            gate_estimated=settings.gate_estimated,
+        )
+
+    def _run(
+        self, case: CaseConfig, ready: _Prepared, case_id: str
+    ) -> tuple[CaseMeasurement, bool]:
         """Warmup and measured windows under the deadline; and whether the deadline was armed."""
         policy = WindowPolicy.for_meters(
             min_window_s=self.settings.min_window_s,
@@ -405,6 +438,7 @@ class CaseRunner:
                 assignment=ready.assignment,
                 baseline_problem=self.baseline.problem if self.baseline is not None else None,
                 machine=probe,
+                adaptive=self._adaptive(case, case_id),
             )
         return measurement, armed
 

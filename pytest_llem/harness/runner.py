@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pytest_llem.backends.base import Backend, GenerateParams, Request
 from pytest_llem.config.models import CaseConfig
 from pytest_llem.exceptions import ConfigurationError, EnergyMeterError, InferenceError
+from pytest_llem.harness.adaptive import AdaptiveStop
 from pytest_llem.harness.case_summary import case_notes, summarise_case
 from pytest_llem.harness.machine_state import MachineProbe
 from pytest_llem.harness.metrics import RequestLatency
@@ -35,6 +36,7 @@ from pytest_llem.harness.window_record import record_window
 from pytest_llem.harness.windows import abandon_meters, start_meters, stop_meters
 from pytest_llem.meters.base import EnergyMeter, EnergyReading
 from pytest_llem.meters.capabilities import LapsMidWindow
+from pytest_llem.results.adaptive import AUTO, AdaptivePlan, AdaptiveRecord
 from pytest_llem.results.models import (
     BaselineRecord,
     DistributionSummary,
@@ -65,7 +67,8 @@ class CaseMeasurement:
     """What the runner measured for one case, ready to go into a ``CaseResult``.
 
     ``metrics`` and ``latency`` are the summaries of :func:`summarise_case`; ``latencies``
-    are the per-request latencies pooled over the measured repetitions.
+    are the per-request latencies pooled over the measured repetitions; ``adaptive`` says how
+    a ``repeat="auto"`` case chose its number of windows.
     """
 
     repetitions: list[RepetitionRecord]
@@ -74,6 +77,7 @@ class CaseMeasurement:
     latency: dict[str, DistributionSummary]
     warmup: int
     notes: list[str] = field(default_factory=list)
+    adaptive: AdaptiveRecord | None = None
 
 
 def _lapper(meters: Sequence[EnergyMeter], clock: Clock, marks: dict[str, Lap]) -> Mark:
@@ -185,12 +189,15 @@ def run_case(
     assignment: Mapping[str, str] | None = None,
     baseline_problem: str | None = None,
     machine: MachineProbe | None = None,
+    adaptive: AdaptiveStop | None = None,
 ) -> CaseMeasurement:
-    """Measure one case: ``config.warmup`` unmeasured runs, then ``config.repeat`` windows.
+    """Measure one case: ``config.warmup`` unmeasured runs, then ``config.repeat`` windows
+    (with ``repeat="auto"``, windows until ``adaptive`` says to stop).
 
     Each window repeats the workload (``rounds``) until it lasts ``policy.target_s``; the
     warmup's duration gives the first guess, and a window that still comes out short is
-    measured again with more rounds.
+    measured again with more rounds. The rounds carry over from window to window, so an
+    adaptive case's windows are as long as a fixed one's.
 
     Args:
         backend: A loaded backend.
@@ -207,6 +214,8 @@ def run_case(
         assignment: Domain -> the meter it is taken from (None: the first meter covering it).
         baseline_problem: Why there is no baseline, for the dynamic figures' notes.
         machine: Reads the host's state at each window's edges (None: not read).
+        adaptive: When a ``repeat="auto"`` case stops (default: the default plan, no gate);
+            ignored for a fixed ``repeat``.
 
     Returns:
         The repetition records, pooled per-request latencies and their summaries.
@@ -230,25 +239,22 @@ def run_case(
         sleep=sleep,
     )
     policy = policy or WindowPolicy()
+    stop: AdaptiveStop | None = None
+    if config.repeat == AUTO:
+        stop = adaptive or AdaptiveStop(AdaptivePlan(), clock)
+        stop.start()
     rounds = _rounds_for(policy.target_s, _warm_up(workload, config.warmup, clock), 1)
-    repetitions: list[RepetitionRecord] = []
-    latencies: list[RequestLatency] = []
     context = CaseContext(
         config, non_embedding_parameters, policy, baseline, assignment, baseline_problem
     )
-    for index in range(config.repeat):
-        window = measure_extended_window(
-            backend, meters, workload, clock, rounds, policy, machine=machine
-        )
-        rounds = window.rounds
-        _check_window(window, workload.requests * window.rounds)
-        repetition, window_latencies = record_window(index, window, context)
-        repetitions.append(repetition)
-        latencies.extend(window_latencies)
+    repetitions, latencies, record = _measure_windows(
+        backend, meters, workload, clock, rounds, context, stop, machine=machine
+    )
     metrics, latency = summarise_case(repetitions, latencies)
     notes = [
         *workload.notes,
         *_extension_notes(repetitions, policy),
+        *_adaptive_notes(record),
         *case_notes(
             repetitions, metered=bool(meters), non_embedding_parameters=non_embedding_parameters
         ),
@@ -260,7 +266,50 @@ def run_case(
         latency=latency,
         warmup=config.warmup,
         notes=notes,
+        adaptive=record,
     )
+
+
+def _measure_windows(
+    backend: Backend,
+    meters: Sequence[EnergyMeter],
+    workload: Workload,
+    clock: Clock,
+    rounds: int,
+    context: CaseContext,
+    stop: AdaptiveStop | None,
+    *,
+    machine: MachineProbe | None = None,
+) -> tuple[list[RepetitionRecord], list[RequestLatency], AdaptiveRecord | None]:
+    """The measured windows: ``repeat`` of them, or until ``stop`` says so (``auto``); the
+    host's state read at each window's edges by ``machine``."""
+    repetitions: list[RepetitionRecord] = []
+    latencies: list[RequestLatency] = []
+    fixed = context.config.repeat
+    while stop is not None or len(repetitions) < int(fixed):
+        window = measure_extended_window(
+            backend, meters, workload, clock, rounds, context.policy, machine=machine
+        )
+        rounds = window.rounds
+        _check_window(window, workload.requests * window.rounds)
+        repetition, window_latencies = record_window(len(repetitions), window, context)
+        repetitions.append(repetition)
+        latencies.extend(window_latencies)
+        reason = stop.after(repetitions, window.duration_s) if stop is not None else None
+        if stop is not None and reason is not None:
+            return repetitions, latencies, stop.record(len(repetitions), reason)
+    return repetitions, latencies, None
+
+
+def _adaptive_notes(record: AdaptiveRecord | None) -> list[str]:
+    """The note of a ``repeat=auto`` case: its windows, why it stopped, its looks' level."""
+    if record is None:
+        return []
+    looks = ", ".join(str(n) for n in record.looks) or "none"
+    return [
+        f"repeat=auto: {record.summary}; rule {record.rule}, looked after {looks} windows "
+        f"at {record.confidence:.2%} (Bonferroni over {record.planned_looks} planned looks)"
+    ]
 
 
 def _warm_up(workload: Workload, warmup: int, clock: Clock) -> float | None:

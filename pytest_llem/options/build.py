@@ -19,6 +19,7 @@ from pytest_llem.options.parsers import Assignment, SweepAxis
 from pytest_llem.options.profile import choose_profile
 from pytest_llem.options.table import OPTIONS, option
 from pytest_llem.options.values import OptionValues
+from pytest_llem.results.adaptive import DEFAULT_MAX_REPEAT, DEFAULT_TARGET_CI, AdaptivePlan
 from pytest_llem.results.drift import DEFAULT_DRIFT_MARGIN
 
 __all__ = [
@@ -146,6 +147,7 @@ def options_from_values(
         timeout_s=values.get(option("timeout_s")) or None,
         shard=shard,
         origins=origins,
+        adaptive=_adaptive(values),
         profile=choose_profile(asked.value, asked.origin, layers=(cli_layer, ini_layer)),
     )
 
@@ -271,6 +273,16 @@ def _energy(values: OptionValues) -> EnergyOptions:
     )
 
 
+def _adaptive(values: OptionValues) -> AdaptivePlan:
+    """The limits of ``repeat=auto``; ``--llem-max-case-s=0`` means no limit, as for
+    ``--llem-timeout-s``."""
+    return AdaptivePlan(
+        max_repeat=values.get(option("max_repeat")) or DEFAULT_MAX_REPEAT,
+        max_case_s=values.get(option("max_case_s")) or None,
+        target_ci=values.get(option("target_ci")) or DEFAULT_TARGET_CI,
+    )
+
+
 def _refuse_report_path(csv_path: Path, report_dir: Path) -> None:
     """``--llem-csv`` must not name the run record or the HTML page the run writes."""
     from pytest_llem.results.store import REPORT_FILENAME, same_file
@@ -289,7 +301,8 @@ def _refuse_report_path(csv_path: Path, report_dir: Path) -> None:
 def _store(values: OptionValues, invocation_dir: Path, report_dir: Path) -> StoreOptions:
     compare = values.cli(option("compare"))
     rules = values.cli(option("fail_on")) or ()
-    if rules and compare is None:
+    calibrate = values.cli(option("calibrate"))
+    if rules and compare is None and calibrate is None:  # calibrating measures the gate itself
         raise ConfigurationError("--llem-fail-on needs a baseline: add --llem-compare[=NAME]")
     csv = values.cli(option("csv"))
     csv_path = None
@@ -308,6 +321,7 @@ def _store(values: OptionValues, invocation_dir: Path, report_dir: Path) -> Stor
         strict=values.flag(option("compare_strict")),
         drift_margin=values.get(option("drift_margin")) or DEFAULT_DRIFT_MARGIN,
         csv=csv_path,
+        calibrate=calibrate,
     )
 
 
@@ -331,17 +345,24 @@ def load_compare_baseline(options: LlemOptions, machine: str) -> LlemOptions:
     store = options.store
     if store is None or store.compare is None:
         return options
+    from pytest_llem.results.history import load_history, parse_history
     from pytest_llem.results.storage import resolve_baseline
     from pytest_llem.results.store import read_run_record
 
     try:
-        path = resolve_baseline(store.compare, store.storage, machine)
-        record = read_run_record(path)
+        history = parse_history(store.compare)
+        if history is not None:
+            baseline = CompareBaseline(
+                **load_history(
+                    store.storage, machine, runs=history.runs, name=history.name or store.save_name
+                )
+            )
+        else:
+            path = resolve_baseline(store.compare, store.storage, machine)
+            baseline = CompareBaseline(path=path, record=read_run_record(path))
     except (ResultStoreError, OSError) as e:
         # one line: a usage error is read in a CI log, a validation error spans several
         detail = " ".join(str(e).split())
         raise ConfigurationError(f"--llem-compare={store.compare}: {detail}") from e
-    loaded = store.model_copy(
-        update={"compare_baseline": CompareBaseline(path=path, record=record)}
-    )
+    loaded = store.model_copy(update={"compare_baseline": baseline})
     return options.model_copy(update={"store": loaded})

@@ -16,15 +16,18 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from pytest_llem.config.meter_names import METER_CHOICES
 from pytest_llem.config.models import BUILTIN_BACKENDS
+from pytest_llem.results.adaptive import DEFAULT_MAX_REPEAT, DEFAULT_TARGET_CI, AdaptivePlan
 from pytest_llem.results.drift import DEFAULT_DRIFT_MARGIN, DriftMargin
 from pytest_llem.results.models import ProfileRecord, RunRecord
 from pytest_llem.sharding import ShardSpec
 
 __all__ = [
     "DEFAULT_BASELINE_S",
+    "DEFAULT_MAX_REPEAT",
     "DEFAULT_MIN_WINDOW_S",
     "DEFAULT_REPORT_DIR",
     "DEFAULT_STORAGE",
+    "DEFAULT_TARGET_CI",
     "MAX_SECONDS",
     "CompareBaseline",
     "CooldownSpec",
@@ -60,10 +63,17 @@ class CooldownSpec(_Frozen):
 
 
 class CompareBaseline(_Frozen):
-    """The saved run ``--llem-compare`` names, found and read before any case runs."""
+    """The saved run ``--llem-compare`` names, found and read before any case runs.
+
+    Under ``--llem-compare=history[:K]`` ``record`` is the newest run of the history,
+    ``history`` the older ones (oldest first) and ``note`` says when the history was too short.
+    """
 
     path: Path
     record: RunRecord
+    history: tuple[RunRecord, ...] = ()
+    label: str | None = None
+    note: str | None = None
 
 
 class StoreOptions(_Frozen):
@@ -84,6 +94,7 @@ class StoreOptions(_Frozen):
     drift_margin: DriftMargin = DEFAULT_DRIFT_MARGIN
     csv: Path | None = None
     compare_baseline: CompareBaseline | None = None
+    calibrate: int | None = None
 
 
 class EnergyOptions(_Frozen):
@@ -126,6 +137,7 @@ class LlemOptions(_Frozen):
     timeout_s: float | None = None
     shard: ShardSpec | None = None
     origins: dict[str, str] = Field(default_factory=dict)
+    adaptive: AdaptivePlan = Field(default_factory=AdaptivePlan)
     profile: ProfileRecord = Field(
         default_factory=lambda: ProfileRecord(name="smoke", reason="the default")
     )

@@ -36,13 +36,16 @@ __all__ = [
     "parse_fail_on",
     "parse_gpus",
     "parse_isolation",
+    "parse_max_repeat",
     "parse_names",
     "parse_path",
     "parse_profile",
+    "parse_runs",
     "parse_seconds",
     "parse_seed",
     "parse_shard",
     "parse_sweep_line",
+    "parse_target_ci",
     "parse_text",
 ]
 
@@ -117,6 +120,31 @@ def parse_seconds(text: str) -> float:
     return value
 
 
+def parse_max_repeat(text: str) -> int:
+    """The most windows of an adaptive case: a whole number from 3 (the first look) to 10000."""
+    expected = f"expected a whole number of windows, 3 <= N <= 10000, got {text!r}"
+    try:
+        value = int(text.strip())
+    except ValueError as e:
+        raise ConfigurationError(expected) from e
+    if not 3 <= value <= 10_000:
+        raise ConfigurationError(expected)
+    return value
+
+
+def parse_target_ci(text: str) -> float:
+    """A relative half-width: ``5%`` or ``0.05``, above 0 and below 100%."""
+    raw = text.strip()
+    expected = f"expected a relative width such as 5% or 0.05 (above 0, below 100%), got {text!r}"
+    try:
+        value = float(raw[:-1]) / 100 if raw.endswith("%") else float(raw)
+    except ValueError as e:
+        raise ConfigurationError(expected) from e
+    if not 0 < value < 1:  # also false for nan
+        raise ConfigurationError(expected)
+    return value
+
+
 def parse_cooldown(text: str) -> CooldownSpec:
     """``off``, ``temperature`` or ``seconds:N``."""
     raw = text.strip().lower()
@@ -160,6 +188,22 @@ def parse_gpus(text: str) -> tuple[tuple[int, ...], ...]:
     if groups is None:
         raise ConfigurationError("no GPU given")
     return groups
+
+
+#: The most runs ``--llem-calibrate`` takes (each is a whole measured run of every case).
+MAX_CALIBRATION_RUNS = 100
+
+
+def parse_runs(text: str) -> int:
+    """A number of independent runs for ``--llem-calibrate``: 2 to 100 (A/A pairs need two)."""
+    expected = f"expected a number of runs, 2 <= N <= {MAX_CALIBRATION_RUNS}, got {text!r}"
+    try:
+        runs = int(text.strip())
+    except ValueError as e:
+        raise ConfigurationError(expected) from e
+    if not 2 <= runs <= MAX_CALIBRATION_RUNS:
+        raise ConfigurationError(expected)
+    return runs
 
 
 def parse_seed(text: str) -> int:

@@ -19,9 +19,11 @@ import pytest
 from pytest_llem.exceptions import ConfigurationError
 from pytest_llem.options.model import (
     DEFAULT_BASELINE_S,
+    DEFAULT_MAX_REPEAT,
     DEFAULT_MIN_WINDOW_S,
     DEFAULT_REPORT_DIR,
     DEFAULT_STORAGE,
+    DEFAULT_TARGET_CI,
     CooldownSpec,
 )
 from pytest_llem.options.parsers import (
@@ -33,15 +35,19 @@ from pytest_llem.options.parsers import (
     parse_fail_on,
     parse_gpus,
     parse_isolation,
+    parse_max_repeat,
     parse_names,
     parse_path,
     parse_profile,
+    parse_runs,
     parse_seconds,
     parse_seed,
     parse_shard,
     parse_sweep_line,
+    parse_target_ci,
     parse_text,
 )
+from pytest_llem.results.drift import MARGIN_HELP
 
 __all__ = [
     "OPTIONS",
@@ -166,15 +172,41 @@ OPTIONS: tuple[Option[Any], ...] = (
     ),
     _row(
         "repeat",
-        "Measured repetitions per case (default: 3).",
+        "Measured repetitions per case, or auto: measure windows until the gate's verdicts are "
+        "decided (or, without a gate, the intervals are narrower than --llem-target-ci), up to "
+        "--llem-max-repeat and --llem-max-case-s (default: 3).",
         case_value("repeat"),
-        metavar="N",
+        metavar="N|auto",
     ),
     _row(
         "warmup",
         "Unmeasured warmup repetitions per case (default: 1).",
         case_value("warmup"),
         metavar="N",
+    ),
+    _row(
+        "max_repeat",
+        "With repeat=auto: the most windows a case measures (default: 30).",
+        parse_max_repeat,
+        default=DEFAULT_MAX_REPEAT,
+        metavar="N",
+    ),
+    _row(
+        "max_case_s",
+        "With repeat=auto: stop adding windows when the next would take a case's warmup and "
+        "windows past this many seconds; 3 windows always run (default: no limit).",
+        parse_seconds,
+        metavar="SECONDS",
+    ),
+    _row(
+        "target_ci",
+        "With repeat=auto and no gate: stop once every reported metric's interval is narrower "
+        "than this either side of its median, e.g. 5%% or 0.05 (default: 5%%).",
+        parse_target_ci,
+        default=DEFAULT_TARGET_CI,
+        metavar="FRACTION",
+        ini_help="With repeat=auto and no gate: the relative interval half-width to reach, "
+        "e.g. 5% or 0.05 (default: 5%). Overridden by --llem-target-ci.",
     ),
     _row(
         "report_dir",
@@ -311,11 +343,13 @@ OPTIONS: tuple[Option[Any], ...] = (
     ),
     _row(
         "compare",
-        "Compare with a saved run (default: the latest saved on this machine).",
+        "Compare with a saved run (default: the latest saved on this machine), or with "
+        "history[:K[:NAME]]: the last K (default 5) saved runs of this machine named NAME "
+        "(default: the --llem-save name, else the newest run's).",
         parse_text,
         form="optional",
         const="latest",
-        metavar="NAME|PATH|latest",
+        metavar="NAME|PATH|latest|history[:K[:NAME]]",
         ini=False,
     ),
     _row(
@@ -334,6 +368,17 @@ OPTIONS: tuple[Option[Any], ...] = (
         ini=False,
     ),
     _row(
+        "calibrate",
+        "Run each case N times (default 5), each run with its warmup, and report per gated "
+        "metric the between-run spread, the A/A false-alarm rate of --llem-fail-on (or the "
+        "default gate), the regression caught with 80%% power and a recommended --llem-fail-on.",
+        parse_runs,
+        form="optional",
+        const="5",
+        metavar="N",
+        ini=False,
+    ),
+    _row(
         "gate_estimated",
         "Let estimated energy figures gate too (they do not by default).",
         parse_text,
@@ -349,10 +394,7 @@ OPTIONS: tuple[Option[Any], ...] = (
     ),
     _row(
         "drift_margin",
-        "How far the machine's state may differ between the baseline and this run (or change "
-        "between windows) before a breach is inconclusive, not regressed: other processes' "
-        "CPU use in cores, GPU SM clock, e.g. 'cpu=0.5,gpu_clock=10%%', or off "
-        "(default: cpu=0.5,gpu_clock=10%%).",
+        MARGIN_HELP,
         parse_drift_margin,
         metavar="MARGIN",
         ini_help="How far the machine's state may differ before a breach is inconclusive "

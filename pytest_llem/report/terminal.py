@@ -212,7 +212,22 @@ def summary_lines(record: RunRecord) -> list[str]:
     baseline = _baseline_line(record)
     if baseline is not None:
         lines.append(baseline)
-    return [*lines, *_shard_lines(record), *_flag_lines(record), *_skip_lines(record)]
+    return [
+        *lines,
+        *_shard_lines(record),
+        *_flag_lines(record),
+        *_adaptive_lines(record),
+        *_skip_lines(record),
+    ]
+
+
+def _adaptive_lines(record: RunRecord) -> list[str]:
+    """How many windows each ``repeat=auto`` case took and why it stopped."""
+    return [
+        _shortened(f"repeat=auto {case.name}: {case.adaptive.summary}", REASON_WIDTH)
+        for case in record.cases
+        if case.adaptive is not None
+    ]
 
 
 def _shard_lines(record: RunRecord) -> list[str]:

@@ -40,6 +40,7 @@ from pytest_llem.results.comparison import (
 )
 from pytest_llem.results.drift import DEFAULT_DRIFT_MARGIN, CaseDrift, DriftMargin, assess_drift
 from pytest_llem.results.gate import GateRule
+from pytest_llem.results.history import history_intervals, older_cases, pooled_values
 from pytest_llem.results.models import CaseRecord, MachineInfo, RunManifest, RunRecord
 
 __all__ = [
@@ -211,15 +212,28 @@ def _no_verdict(*, gate: bool, source: str, gate_estimated: bool) -> tuple[Verdi
 
 
 def _compare_metric(
-    base: CaseRecord, cur: CaseRecord, rule: GateRule, *, gate: bool, gate_estimated: bool
+    base: CaseRecord,
+    cur: CaseRecord,
+    rule: GateRule,
+    *,
+    gate: bool,
+    gate_estimated: bool,
+    older: Sequence[CaseRecord] = (),
 ) -> MetricComparison:
     metric = rule.metric
     base_values, base_median = _values(base, metric)
     cur_values, cur_median = _values(cur, metric)
     sources = {_source(base, metric), _source(cur, metric)}
     source = "estimated" if "estimated" in sources else _source(cur, metric)
-    ratio = ratio_interval(base_values, cur_values)
-    difference = difference_interval(base_values, cur_values)
+    # an adaptive case looked several times: its verdict takes the level its looks used
+    confidence = cur.adaptive.confidence if cur.adaptive is not None else 0.95
+    if older:  # a history: the older runs' windows with the newest's, resampled by run
+        groups = [_values(case, metric)[0] for case in (*older, base)]
+        base_values, base_median = pooled_values(groups)
+        ratio, difference = history_intervals(groups, cur_values, confidence)
+    else:
+        ratio = ratio_interval(base_values, cur_values, confidence)
+        difference = difference_interval(base_values, cur_values, confidence)
     used = ratio if rule.relative else difference
     reason: str | None = None
     verdict: Verdict
@@ -249,6 +263,7 @@ def _compare_metric(
         verdict=verdict,
         gated=gated,
         reason=reason,
+        confidence=confidence,
     )
 
 
@@ -306,6 +321,7 @@ def compare_runs(
     baseline_label: str | None = None,
     current_label: str | None = None,
     drift_margin: DriftMargin = DEFAULT_DRIFT_MARGIN,
+    history: Sequence[RunRecord] = (),
 ) -> Comparison:
     """Compare every case of the baseline with the current run under ``rules``.
 
@@ -326,6 +342,9 @@ def compare_runs(
         current_label: How to name the current run.
         drift_margin: When a case's machine state differs between the runs, or changed within
             one, so much that a breach is ``inconclusive`` (:mod:`~pytest_llem.results.drift`).
+        history: Older saved runs that make one history with ``baseline`` (the newest): a
+            case's baseline values are then all these runs' windows, and its intervals come
+            from :func:`~pytest_llem.results.history.history_intervals`.
 
     Returns:
         The comparison of every pair and rule, new, gone and unmeasured cases, run-level
@@ -336,8 +355,11 @@ def compare_runs(
         UnmatchedCase(case, _outcome(case)) for case in baseline.cases if not _measured(case)
     ]
     skipped = {u.case.id for u in unmeasured if u.case.outcome == "skipped"}
+    older = older_cases(baseline, history)
     metrics = [
-        _compare_metric(base, cur, rule, gate=gate, gate_estimated=gate_estimated)
+        _compare_metric(
+            base, cur, rule, gate=gate, gate_estimated=gate_estimated, older=older[base.id]
+        )
         for base, cur in matched.pairs
         if base.id not in skipped
         for rule in rules

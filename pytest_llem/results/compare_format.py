@@ -28,15 +28,17 @@ def _number(value: float | None, unit: str = "") -> str:
 
 
 def _change(m: MetricComparison) -> str:
-    """``1.200 [1.150, 1.250]`` for a ratio, ``+20 [+12, +31] ms`` for a difference."""
+    """``1.200 [1.150, 1.250]`` for a ratio, ``+20 [+12, +31] ms`` for a difference; the
+    level follows when it is not 95% (an adaptive case's corrected one)."""
+    level = "" if m.confidence == 0.95 else f" ({m.level})"
     if m.rule.relative:
         r = m.ratio
-        return "-" if r is None else f"{r.estimate:.3f} [{r.low:.3f}, {r.high:.3f}]"
+        return "-" if r is None else f"{r.estimate:.3f} [{r.low:.3f}, {r.high:.3f}]{level}"
     d = m.difference
     if d is None:
         return "-"
     unit = f" {m.unit}" if m.unit else ""
-    return f"{d.estimate:+.4g} [{d.low:+.4g}, {d.high:+.4g}]{unit}"
+    return f"{d.estimate:+.4g} [{d.low:+.4g}, {d.high:+.4g}]{unit}{level}"
 
 
 def _verdict(m: MetricComparison) -> str:
@@ -59,7 +61,7 @@ def _breach(m: MetricComparison) -> str:
     return (
         f"{m.case_id}: {m.metric} {m.verdict} (limit {m.rule.limit_text}): "
         f"baseline {_number(m.baseline_median, m.unit)}, current {_number(m.current_median, m.unit)}, "
-        f"{what} {estimate}, 95% CI {bounds}" + (f"; {m.reason}" if m.disturbed else "")
+        f"{what} {estimate}, {m.level} CI {bounds}" + (f"; {m.reason}" if m.disturbed else "")
     )
 
 
@@ -229,6 +231,7 @@ def _metric_json(m: MetricComparison) -> dict[str, Any]:
         "gated": m.gated,
         "reason": m.reason,
         "disturbed": m.disturbed,
+        "confidence": m.confidence,
     }
 
 

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Literal, NamedTuple
 from pytest_llem.results.drift import CaseDrift
 from pytest_llem.results.gate import GateRule
 from pytest_llem.results.models import CaseRecord, RunRecord
-from pytest_llem.results.stats import resampled_medians
+from pytest_llem.results.stats import resampled_medians, tail_percentiles
 from pytest_llem.results.storage import machine_id
 
 if TYPE_CHECKING:
@@ -67,15 +67,17 @@ def clean_values(values: Iterable[float | None]) -> list[float]:
     return [float(v) for v in values if v is not None and math.isfinite(v)]
 
 
-def _interval(estimate: float, samples: _FloatArray) -> tuple[float, float, float]:
+def _interval(
+    estimate: float, samples: _FloatArray, confidence: float
+) -> tuple[float, float, float]:
     import numpy as np
 
-    low, high = np.percentile(samples, [2.5, 97.5])
+    low, high = np.percentile(samples, tail_percentiles(confidence))
     return estimate, float(low), float(high)
 
 
 def ratio_interval(
-    baseline: Sequence[float], current: Sequence[float]
+    baseline: Sequence[float], current: Sequence[float], confidence: float = 0.95
 ) -> tuple[float, float, float] | None:
     """The ratio of medians (current / baseline) and its 95% bootstrap interval.
 
@@ -86,6 +88,8 @@ def ratio_interval(
     Args:
         baseline: Per-window values of the baseline.
         current: Per-window values of the current run.
+        confidence: The interval's level: 0.95, or the corrected level of an adaptive case
+            (:class:`~pytest_llem.results.adaptive.AdaptivePlan`).
 
     Returns:
         ``(ratio, low, high)``; None when either side has fewer than :data:`MIN_WINDOWS`
@@ -103,13 +107,14 @@ def ratio_interval(
     base_samples, cur_samples = resampled_medians(baseline, current)
     if float(base_samples.min()) <= 0:
         return None
-    return _interval(cur_median / base_median, cur_samples / base_samples)
+    return _interval(cur_median / base_median, cur_samples / base_samples, confidence)
 
 
 def difference_interval(
-    baseline: Sequence[float], current: Sequence[float]
+    baseline: Sequence[float], current: Sequence[float], confidence: float = 0.95
 ) -> tuple[float, float, float] | None:
-    """The difference of medians (current - baseline) and its 95% bootstrap interval.
+    """The difference of medians (current - baseline) and its 95% (or ``confidence``)
+    bootstrap interval.
 
     Resampled exactly as :func:`ratio_interval`; used by absolute thresholds.
 
@@ -124,7 +129,7 @@ def difference_interval(
     base_median = float(np.median(np.asarray(baseline, dtype=np.float64)))
     cur_median = float(np.median(np.asarray(current, dtype=np.float64)))
     base_samples, cur_samples = resampled_medians(baseline, current)
-    return _interval(cur_median - base_median, cur_samples - base_samples)
+    return _interval(cur_median - base_median, cur_samples - base_samples, confidence)
 
 
 def classify(rule: GateRule, low: float, high: float) -> Verdict:
@@ -180,7 +185,8 @@ class MetricComparison:
 
     ``ratio`` is current / baseline of the medians; ``difference`` is current - baseline.
     The verdict uses the ratio for a relative rule and the difference for an absolute one
-    (:attr:`interval`). ``gated`` says whether this verdict may fail the run: a gated
+    (:attr:`interval`), at level ``confidence`` (0.95, or the corrected level of a current
+    case measured with ``repeat="auto"``). ``gated`` says whether this verdict may fail the run: a gated
     ``not judged`` always does. ``reason`` says why a verdict is missing or not gated, or,
     for a breach on a ``disturbed`` case (:mod:`pytest_llem.results.drift`), why it is
     ``inconclusive``.
@@ -201,6 +207,12 @@ class MetricComparison:
     gated: bool
     reason: str | None = None
     disturbed: bool = False
+    confidence: float = 0.95
+
+    @property
+    def level(self) -> str:
+        """The interval's level as text: ``95%``, ``99.3%`` after adaptive repetitions."""
+        return f"{self.confidence * 100:.3g}%"
 
     @property
     def interval(self) -> Interval | None:

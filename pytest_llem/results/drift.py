@@ -18,6 +18,7 @@ warning: a steady load slows both runs alike.
 
 from __future__ import annotations
 
+import argparse
 from dataclasses import dataclass
 
 from pytest_llem.results.machine_state import MachineStateSummary
@@ -25,8 +26,10 @@ from pytest_llem.results.machine_state import MachineStateSummary
 __all__ = [
     "DEFAULT_DRIFT_MARGIN",
     "DISTURBED_PREFIX",
+    "MARGIN_HELP",
     "CaseDrift",
     "DriftMargin",
+    "DriftMarginError",
     "assess_drift",
     "parse_drift_margin",
     "side_disturbances",
@@ -63,6 +66,17 @@ class DriftMargin:
 
 
 DEFAULT_DRIFT_MARGIN = DriftMargin()
+#: The option's help (``--llem-drift-margin``, ``llem compare --drift-margin``; argparse text).
+MARGIN_HELP = (
+    "How far the machine's state may differ between the baseline and this run (or change "
+    "between windows) before a breach is inconclusive, not regressed: other processes' CPU use "
+    "in cores, GPU SM clock, e.g. 'cpu=0.5,gpu_clock=10%%', or off (default: "
+    "cpu=0.5,gpu_clock=10%%)."
+)
+
+
+class DriftMarginError(argparse.ArgumentTypeError, ValueError):
+    """A malformed drift margin (argparse reports it as a usage error naming the option)."""
 
 
 def _number(text: str, what: str, *, percent: bool) -> float:
@@ -73,9 +87,9 @@ def _number(text: str, what: str, *, percent: bool) -> float:
     try:
         value = float(raw) * scale
     except ValueError:
-        raise ValueError(f"{what}: {text.strip()!r} is not a number") from None
+        raise DriftMarginError(f"{what}: {text.strip()!r} is not a number") from None
     if not value >= 0 or value == float("inf"):
-        raise ValueError(f"{what}: {text.strip()!r} must be a finite number >= 0")
+        raise DriftMarginError(f"{what}: {text.strip()!r} must be a finite number >= 0")
     return value
 
 
@@ -85,13 +99,13 @@ def parse_drift_margin(text: str) -> DriftMargin:
     A bare number is the CPU margin in cores; keys not given keep their defaults.
 
     Raises:
-        ValueError: One line saying what is wrong.
+        DriftMarginError: One line saying what is wrong (a ``ValueError``).
     """
     value = text.strip()
     if value.lower() in ("off", "none"):
         return DriftMargin(enabled=False)
     if not value:
-        raise ValueError("empty drift margin (e.g. 0.5 or cpu=0.5,gpu_clock=10%)")
+        raise DriftMarginError("empty drift margin (e.g. 0.5 or cpu=0.5,gpu_clock=10%)")
     if "=" not in value:
         return DriftMargin(cpu_cores=_number(value, "cpu", percent=False))
     cpu, clock = DEFAULT_DRIFT_MARGIN.cpu_cores, DEFAULT_DRIFT_MARGIN.gpu_clock
@@ -99,7 +113,7 @@ def parse_drift_margin(text: str) -> DriftMargin:
         key, sep, raw = part.partition("=")
         key = key.strip()
         if not sep or key not in ("cpu", "gpu_clock"):
-            raise ValueError(f"{part.strip()!r}: expected cpu=CORES or gpu_clock=PERCENT|off")
+            raise DriftMarginError(f"{part.strip()!r}: expected cpu=CORES or gpu_clock=PERCENT|off")
         if key == "cpu":
             cpu = _number(raw, "cpu", percent=False)
         elif raw.strip().lower() == "off":

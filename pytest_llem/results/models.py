@@ -13,6 +13,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from pytest_llem.results.adaptive import AdaptiveRecord
 from pytest_llem.results.machine_state import MachineStateSummary, WindowMachineState
 from pytest_llem.results.manifests import (
     ContainerInfo,
@@ -407,6 +408,9 @@ class CaseResult(_Record):
     machine_state: MachineStateSummary | None = Field(
         default=None, description="The machine's state over the windows (None: not recorded)."
     )
+    adaptive: AdaptiveRecord | None = Field(
+        default=None, description="How many windows repeat=auto took and why it stopped."
+    )
 
     def __getitem__(self, name: str) -> MetricSummary:
         try:
@@ -434,6 +438,11 @@ class CaseRecord(CaseResult):
     machine: MachineInfo | None = Field(
         default=None,
         description="The machine of this case in a merged record (None: the run's machine).",
+    )
+    calibration_runs: list[list[RepetitionRecord]] = Field(
+        default_factory=list,
+        description="--llem-calibrate=N: the measured windows of runs 2..N of the case (run 1's "
+        "are `repetitions`).",
     )
 
 
@@ -496,6 +505,12 @@ class RunRecord(_Record):
         default=None,
         description="When the run was compared with a baseline: the baseline and, per case and "
         "metric, baseline, current, ratio, its interval and the verdict.",
+    )
+    calibration: dict[str, Any] | None = Field(
+        default=None,
+        description="--llem-calibrate=N: per case and gated metric the between-run spread, "
+        "the A/A false-alarm rate and the regression caught with 80% power; the recommended "
+        "--llem-fail-on (see docs/ci.md, Calibrating the gate).",
     )
     manifest: RunManifest | None = Field(
         default=None,

@@ -28,6 +28,7 @@ __all__ = [
     "percentile",
     "resampled_medians",
     "summarise",
+    "tail_percentiles",
 ]
 
 #: Resamples of the bootstrap interval of the median (METRICS.md asks for at least 2000).
@@ -78,17 +79,18 @@ def percentile(values: Sequence[float], q: float) -> float:
     return _interpolate(sorted(float(v) for v in values), q)
 
 
-def bootstrap_median_ci(values: Sequence[float]) -> tuple[float, float]:
-    """The 95% percentile-bootstrap interval of the median.
+def bootstrap_median_ci(values: Sequence[float], confidence: float = 0.95) -> tuple[float, float]:
+    """The 95% (or ``confidence``) percentile-bootstrap interval of the median.
 
     Draws :data:`BOOTSTRAP_RESAMPLES` resamples with replacement, all at once, from a
     generator seeded with :data:`BOOTSTRAP_SEED`, so equal inputs give equal intervals.
 
     Args:
         values: The measured values (at least one).
+        confidence: The interval's level (adaptive repetitions use a corrected one).
 
     Returns:
-        ``(low, high)``: the 2.5th and 97.5th percentiles of the resampled medians.
+        ``(low, high)``: the 2.5th and 97.5th percentiles of the resampled medians (for 95%).
     """
     import numpy as np
 
@@ -96,8 +98,14 @@ def bootstrap_median_ci(values: Sequence[float]) -> tuple[float, float]:
     rng = np.random.default_rng(BOOTSTRAP_SEED)
     picks = rng.integers(0, data.size, size=(BOOTSTRAP_RESAMPLES, data.size))
     medians = np.median(data[picks], axis=1)
-    low, high = np.percentile(medians, [2.5, 97.5])
+    low, high = np.percentile(medians, tail_percentiles(confidence))
     return float(low), float(high)
+
+
+def tail_percentiles(confidence: float) -> list[float]:
+    """The percentiles that bound a central interval of level ``confidence`` ([2.5, 97.5])."""
+    tail = (1.0 - confidence) / 2 * 100
+    return [tail, 100.0 - tail]
 
 
 def resampled_medians(
