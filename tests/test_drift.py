@@ -409,3 +409,14 @@ def test_a_gpu_power_limit_changed_since_the_baseline_makes_a_breach_inconclusiv
     assert "1 foreign processes on the measured GPUs during the current run, 0 during" in (
         done.stdout.str()
     )
+
+
+def test_adaptive_windows_carry_the_machine_state_too(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, machine: FakeProc
+):
+    machine.other_cores = 0.5
+    _run(pytester, monkeypatch, "0.002", "--llem-repeat=auto").assert_outcomes(passed=1)
+    (found,) = _record(pytester)["cases"]  # type: ignore[misc]
+    assert found["adaptive"]["windows"] == len(found["repetitions"]) >= 3
+    assert all(r["machine_state"]["other_cpu_cores"] == 0.5 for r in found["repetitions"])
+    assert found["machine_state"]["windows"] == len(found["repetitions"])
