@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import importlib
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,7 +16,7 @@ from pytest_llem.results.machine_state import GpuMachineState, MachineStateSumma
 from pytest_llem.results.models import RunRecord
 from tests.fakes.fake_proc import FakeProc
 from tests.test_compare import case, run
-from tests.test_gating import CASE, CONFTEST  # the paced engine, and a case for it
+from tests.test_gating import CASE, CONFTEST, _llem_compare  # the paced engine, its case
 
 pytest_plugins = ["pytester"]
 
@@ -243,15 +241,6 @@ def test_records_without_machine_state_compare_as_before_and_say_so():
 def _write(record: RunRecord, path: Path) -> Path:
     path.write_text(record.model_dump_json())
     return path
-
-
-def _llem_compare(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "pytest_llem.cli", "compare", *args],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
 
 
 def test_llem_compare_reports_a_disturbed_breach_inconclusive(tmp_path: Path):
