@@ -1,7 +1,6 @@
 """The ``llem`` command: the run record's schema, the parameter and metric references, the
 built-in tiny model, comparing and gating records (against one baseline or a history),
-calibrating the gate, rebuilding reports, the scorecard,
-exporting and merging records."""
+calibrating the gate, rebuilding reports, the scorecard, exporting and merging records."""
 
 from __future__ import annotations
 
@@ -16,6 +15,7 @@ from pytest_llem import __version__
 from pytest_llem.config.introspection import Parameter, constraints, parameters
 from pytest_llem.config.models import BUILTIN_BACKENDS
 from pytest_llem.exceptions import LlemError
+from pytest_llem.results.drift import DEFAULT_DRIFT_MARGIN, MARGIN_HELP, parse_drift_margin
 
 __all__ = [
     "EXIT_BAD_FILE",
@@ -234,6 +234,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         baseline_label=label,
         current_label=current_path.name,
         history=records[:-1],
+        drift_margin=args.drift_margin,
     )
     if comparison.environment:
         message = "; ".join(comparison.environment)
@@ -488,6 +489,9 @@ def _add_compare_command(commands: Any) -> None:
     compare.add_argument("--fail-inconclusive", action="store_true")
     compare.add_argument("--gate-estimated", action="store_true")
     compare.add_argument("--strict", action="store_true", help="refuse runs of different machines")
+    compare.add_argument(
+        "--drift-margin", type=parse_drift_margin, default=DEFAULT_DRIFT_MARGIN, help=MARGIN_HELP
+    )
     compare.add_argument("--format", choices=("table", "json", "markdown"), default="table")
     compare.set_defaults(func=_cmd_compare)
     calibrate = commands.add_parser(

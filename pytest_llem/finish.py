@@ -66,6 +66,7 @@ def comparison_rows(comparison: Any) -> list[dict[str, Any]]:
                 "verdict": item.verdict,
                 "gated": item.gated,
                 "reason": item.reason,
+                "disturbed": item.disturbed,
                 "confidence": item.confidence,
             }
         )
@@ -76,6 +77,7 @@ def _compare(
     record: RunRecord, loaded: CompareBaseline, store: StoreOptions, finish: Finish
 ) -> Comparison | None:
     from pytest_llem.results.compare import compare_runs, format_breaches, format_table
+    from pytest_llem.results.drift import DEFAULT_DRIFT_MARGIN
     from pytest_llem.results.gate import FAIL_ON_EXAMPLE, parse_fail_on
 
     gating = bool(store.rules)
@@ -88,6 +90,8 @@ def _compare(
         gate=gating,
         baseline_label=loaded.label or loaded.path.name,
         history=loaded.history,
+        # A store built before the margin existed (a test's stand-in) judges with the default.
+        drift_margin=getattr(store, "drift_margin", DEFAULT_DRIFT_MARGIN),
     )
     if loaded.note is not None:
         finish.warnings.append(f"llem: {loaded.note}")
@@ -117,6 +121,8 @@ def _comparison_record(comparison: Comparison, store: StoreOptions) -> dict[str,
     (why a metric could not be judged among them), run-level problems and one row per case and
     metric."""
     from pytest_llem.results.compare import format_breaches
+    from pytest_llem.results.compare_format import drift_json
+    from pytest_llem.results.drift import DEFAULT_DRIFT_MARGIN
 
     loaded = store.compare_baseline
     history = [r.run_id for r in (*loaded.history, loaded.record)] if loaded else []
@@ -130,6 +136,8 @@ def _comparison_record(comparison: Comparison, store: StoreOptions) -> dict[str,
         if comparison.gate
         else [],
         "rows": comparison_rows(comparison),
+        "drift_margin": getattr(store, "drift_margin", DEFAULT_DRIFT_MARGIN).text,
+        "drift": [drift_json(d) for d in comparison.drift],
     }
 
 

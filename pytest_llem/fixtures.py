@@ -324,6 +324,7 @@ def _placement(item: pytest.Item) -> dict[str, Any]:
 def case_runner(session: LlemSession) -> CaseRunner:
     """A case runner on the session's backend cache, meters and baseline, under its options."""
     from pytest_llem.harness.case import CaseRunner, CaseSettings
+    from pytest_llem.results.drift import DEFAULT_DRIFT_MARGIN
 
     options = session.options
     energy = options.energy
@@ -335,6 +336,7 @@ def case_runner(session: LlemSession) -> CaseRunner:
         cooldown_s=energy.cooldown.seconds,
         timeout_s=options.timeout_s,
         gate_estimated=store.gate_estimated if store is not None else False,
+        drift_margin=store.drift_margin if store is not None else DEFAULT_DRIFT_MARGIN,
         adaptive=options.adaptive,
         gate_baseline=_gate_baseline(store),
         gate_rules=tuple(store.rules) if store is not None else (),

@@ -145,7 +145,28 @@ def _served(pytester: pytest.Pytester, step_s: float, *args: str) -> pytest.RunR
 
 def _verdict(pytester: pytest.Pytester) -> str:
     (row,) = _record(pytester)["comparison"]["rows"]
-    return str(row["verdict"])
+    # A trial during which someone else's load changed is rightly not judged on the code
+    # (docs/ci.md, Reading a disturbed case): it is marked, and tried again.
+    return str(row["verdict"]) + (" (disturbed)" if row.get("disturbed") else "")
+
+
+#: Tries of a trial whose machine was disturbed (this machine is shared).
+DISTURBED_TRIES = 3
+
+
+def _trial(pytester: pytest.Pytester, trial: int) -> tuple[str, str]:
+    """One A/A comparison and one 13% slower, against a baseline saved for the trial."""
+    for attempt in range(DISTURBED_TRIES):
+        name = f"t{trial}a{attempt}"
+        _served(pytester, STEP_S, f"--llem-save={name}").assert_outcomes(passed=1)
+        result = _served(pytester, STEP_S, f"--llem-compare={name}", GATE)
+        same = _verdict(pytester)
+        assert (result.ret == 1) == (same == "regressed")
+        _served(pytester, STEP_S / 0.87, f"--llem-compare={name}", GATE)
+        slower = _verdict(pytester)
+        if "(disturbed)" not in same + slower:
+            break
+    return same, slower
 
 
 @pytest.mark.slow
@@ -153,13 +174,6 @@ def test_auto_gives_no_false_regression_and_catches_a_13_percent_one(
     pytester: pytest.Pytester,
 ) -> None:
     pytester.makepyfile(ENDPOINT_CASE)
-    same, slower = [], []
-    for trial in range(TRIALS):
-        _served(pytester, STEP_S, f"--llem-save=t{trial}").assert_outcomes(passed=1)
-        result = _served(pytester, STEP_S, f"--llem-compare=t{trial}", GATE)
-        same.append(_verdict(pytester))
-        assert (result.ret == 1) == (same[-1] == "regressed")
-        _served(pytester, STEP_S / 0.87, f"--llem-compare=t{trial}", GATE)
-        slower.append(_verdict(pytester))
-    assert "regressed" not in same, same
+    same, slower = zip(*(_trial(pytester, trial) for trial in range(TRIALS)), strict=True)
+    assert not any(v.startswith("regressed") for v in same), same
     assert slower.count("regressed") >= TRIALS - 1, slower

@@ -21,6 +21,7 @@ from pytest_llem.options import (
     option,
 )
 from pytest_llem.options.parsers import Assignment, SweepAxis
+from pytest_llem.results.drift import DriftMargin
 from pytest_llem.sharding import ShardSpec
 
 pytest_plugins = ["pytester"]
@@ -76,6 +77,11 @@ EXAMPLES: dict[str, tuple[Any, Any, tuple[str, str] | None]] = {
     "calibrate": ("3", 3, ("1", "expected a number of runs, 2 <= N <= 100")),
     "gate_estimated": (True, True, None),
     "compare_strict": (True, True, None),
+    "drift_margin": (
+        "cpu=1,gpu_clock=5%",
+        DriftMargin(cpu_cores=1.0, gpu_clock=0.05),
+        ("cpu=lots", "cpu: 'lots' is not a number"),
+    ),
     "csv": ("out.csv", "out.csv", None),
 }
 

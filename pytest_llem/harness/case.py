@@ -34,6 +34,11 @@ from pytest_llem.exceptions import (
 )
 from pytest_llem.harness.adaptive import AdaptiveStop
 from pytest_llem.harness.deadline import deadline
+from pytest_llem.harness.machine_state import (
+    MachineProbe,
+    gpu_process_counter,
+    summarise_machine_state,
+)
 from pytest_llem.harness.resources import (
     check_case_isolation,
     check_gpu_count,
@@ -48,6 +53,7 @@ from pytest_llem.harness.traffic import request_count
 from pytest_llem.meters.base import EnergyMeter
 from pytest_llem.meters.registry import DomainAssignment
 from pytest_llem.results.adaptive import AUTO, AdaptivePlan
+from pytest_llem.results.drift import DEFAULT_DRIFT_MARGIN, DriftMargin
 from pytest_llem.results.models import (
     BaselineRecord,
     CaseError,
@@ -142,6 +148,8 @@ class CaseSettings:
         timeout_s: ``--llem-timeout-s``: the most a case's own work may take (None: no limit).
         gate_estimated: Whether estimated energy figures are checked against a budget (and
             gate a comparison).
+        probe_machine: Record the host's state at each window's edges (``/proc``).
+        drift_margin: ``--llem-drift-margin``: when the machine changed between windows.
         adaptive: The limits of ``repeat="auto"`` (``--llem-max-repeat``, ...).
         gate_baseline: The ``--llem-compare`` baseline when ``--llem-fail-on`` gates the run:
             an adaptive case then measures until its gated verdicts are decided.
@@ -154,6 +162,8 @@ class CaseSettings:
     cooldown_s: float = 0.0
     timeout_s: float | None = None
     gate_estimated: bool = False
+    probe_machine: bool = True
+    drift_margin: DriftMargin = DEFAULT_DRIFT_MARGIN
     adaptive: AdaptivePlan = field(default_factory=AdaptivePlan)
     gate_baseline: RunRecord | None = None
     gate_rules: tuple[GateRule, ...] = ()
@@ -347,6 +357,13 @@ class CaseRunner:
         notes.extend(flag_shared(measurement.metrics, shared))
         hot = measured_hot(measurement.repetitions, idle_temperatures)
         notes.extend(_resource_notes(case, ready, hot=hot))
+        machine = summarise_machine_state(
+            measurement.repetitions, measured_hot=hot, margin=self.settings.drift_margin
+        )
+        if machine is not None and machine.disturbed:
+            disturbed = f"machine disturbed during the case: {'; '.join(machine.disturbances)}"
+            notes.append(disturbed)
+            logger.warning("llem: %s: %s", base.name, disturbed)
         if spans_nodes is not None:
             notes.append(spans_nodes)
         backend_info = {k: v for k, v in vars(ready.info).items() if v is not None and v != {}}
@@ -372,6 +389,7 @@ class CaseRunner:
             worker=base.worker,
             visible_devices=base.visible_devices,
             shared_domains=shared,
+            machine_state=machine,
             adaptive=measurement.adaptive,
         )
 
@@ -401,6 +419,11 @@ class CaseRunner:
             min_window_s=self.settings.min_window_s,
             update_periods=[r.update_period_s for r in ready.records if r.used_for],
         )
+        probe = (
+            MachineProbe(gpu_processes=gpu_process_counter(ready.meters))
+            if self.settings.probe_machine
+            else None
+        )
         # Only the case's own work counts against --llem-timeout-s: the idle baseline, the
         # model load and the cooldown are the session's, and may take any time.
         with deadline(self.settings.timeout_s) as armed:
@@ -414,6 +437,7 @@ class CaseRunner:
                 baseline=ready.baseline,
                 assignment=ready.assignment,
                 baseline_problem=self.baseline.problem if self.baseline is not None else None,
+                machine=probe,
                 adaptive=self._adaptive(case, case_id),
             )
         return measurement, armed

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from pytest_llem.exceptions import EnergyMeterError
@@ -19,7 +19,13 @@ from pytest_llem.meters.base import EnergyMeter, ProcessesUnknown
 from pytest_llem.meters.capabilities import ListsProcesses
 from pytest_llem.results.models import ForeignProcess, IsolationRecord, UncheckedDevice
 
-__all__ = ["ISOLATION_MODES", "check_isolation", "own_processes", "unchecked_note"]
+__all__ = [
+    "ISOLATION_MODES",
+    "check_isolation",
+    "descendants",
+    "own_processes",
+    "unchecked_note",
+]
 
 logger = logging.getLogger("pytest_llem")
 
@@ -48,6 +54,11 @@ def own_processes(root_pid: int | None = None, *, proc: Path = Path("/proc")) ->
             parent = _parent(int(entry.name), proc)
             if parent is not None:
                 parents[int(entry.name)] = parent
+    return descendants(root, parents)
+
+
+def descendants(root: int, parents: Mapping[int, int]) -> set[int]:
+    """``root`` and every process whose chain of parents (pid -> parent pid) leads to it."""
     ours = {root}
     grew = True
     while grew:

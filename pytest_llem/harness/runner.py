@@ -20,6 +20,7 @@ from pytest_llem.config.models import CaseConfig
 from pytest_llem.exceptions import ConfigurationError, EnergyMeterError, InferenceError
 from pytest_llem.harness.adaptive import AdaptiveStop
 from pytest_llem.harness.case_summary import case_notes, summarise_case
+from pytest_llem.harness.machine_state import MachineProbe
 from pytest_llem.harness.metrics import RequestLatency
 from pytest_llem.harness.scenarios import Mark, Workload, build_workload
 from pytest_llem.harness.window import (
@@ -105,6 +106,7 @@ def measure_window(
     workload: Workload,
     clock: Clock = time.perf_counter,
     rounds: int = 1,
+    machine: MachineProbe | None = None,
 ) -> Window:
     """Run ``workload`` ``rounds`` times inside one measurement window (METRICS.md).
 
@@ -118,6 +120,7 @@ def measure_window(
         workload: The scenario's workload.
         clock: Wall clock of the window (``time.perf_counter``).
         rounds: Times the workload runs inside the window.
+        machine: Reads the host's state at the window's edges, outside it (None: not read).
 
     Returns:
         The window's generations, duration, meter readings and peak memory.
@@ -127,6 +130,7 @@ def measure_window(
     """
     backend.reset_peak_memory()
     backend.synchronize()
+    edge = machine.snapshot() if machine is not None else None
     start_meters(meters)
     marks: list[dict[str, Lap]] = [{} for _ in range(rounds)]
     try:
@@ -138,6 +142,11 @@ def measure_window(
         abandon_meters(meters)
         raise
     readings = stop_meters(meters)
+    state = (
+        machine.window(edge, machine.snapshot())
+        if machine is not None and edge is not None
+        else None
+    )
     generations = [g for run in runs for g in run.generations]
     arrivals: list[float | None] = []
     for run in runs:
@@ -153,6 +162,7 @@ def measure_window(
         loads,
         marks,
         runs[0].steady_from if runs else None,
+        state,
     )
 
 
@@ -178,6 +188,7 @@ def run_case(
     baseline: BaselineRecord | None = None,
     assignment: Mapping[str, str] | None = None,
     baseline_problem: str | None = None,
+    machine: MachineProbe | None = None,
     adaptive: AdaptiveStop | None = None,
 ) -> CaseMeasurement:
     """Measure one case: ``config.warmup`` unmeasured runs, then ``config.repeat`` windows
@@ -202,6 +213,7 @@ def run_case(
         baseline: Idle power per domain, for dynamic energy (None: no dynamic figures).
         assignment: Domain -> the meter it is taken from (None: the first meter covering it).
         baseline_problem: Why there is no baseline, for the dynamic figures' notes.
+        machine: Reads the host's state at each window's edges (None: not read).
         adaptive: When a ``repeat="auto"`` case stops (default: the default plan, no gate);
             ignored for a fixed ``repeat``.
 
@@ -236,7 +248,7 @@ def run_case(
         config, non_embedding_parameters, policy, baseline, assignment, baseline_problem
     )
     repetitions, latencies, record = _measure_windows(
-        backend, meters, workload, clock, rounds, context, stop
+        backend, meters, workload, clock, rounds, context, stop, machine=machine
     )
     metrics, latency = summarise_case(repetitions, latencies)
     notes = [
@@ -266,13 +278,18 @@ def _measure_windows(
     rounds: int,
     context: CaseContext,
     stop: AdaptiveStop | None,
+    *,
+    machine: MachineProbe | None = None,
 ) -> tuple[list[RepetitionRecord], list[RequestLatency], AdaptiveRecord | None]:
-    """The measured windows: ``repeat`` of them, or until ``stop`` says so (``auto``)."""
+    """The measured windows: ``repeat`` of them, or until ``stop`` says so (``auto``); the
+    host's state read at each window's edges by ``machine``."""
     repetitions: list[RepetitionRecord] = []
     latencies: list[RequestLatency] = []
     fixed = context.config.repeat
     while stop is not None or len(repetitions) < int(fixed):
-        window = measure_extended_window(backend, meters, workload, clock, rounds, context.policy)
+        window = measure_extended_window(
+            backend, meters, workload, clock, rounds, context.policy, machine=machine
+        )
         rounds = window.rounds
         _check_window(window, workload.requests * window.rounds)
         repetition, window_latencies = record_window(len(repetitions), window, context)
@@ -333,12 +350,19 @@ def measure_extended_window(
     clock: Clock,
     rounds: int,
     policy: WindowPolicy,
+    *,
+    machine: MachineProbe | None = None,
 ) -> Window:
     """A window lasting at least ``policy.target_s``: the workload runs ``rounds`` times, and
     while the window comes out shorter it is measured again with more rounds (a few times at
     most; the energy of a window still shorter than ``policy.floor_s`` is dropped later)."""
     window = measure_window(
-        backend=backend, meters=meters, workload=workload, clock=clock, rounds=rounds
+        backend=backend,
+        meters=meters,
+        workload=workload,
+        clock=clock,
+        rounds=rounds,
+        machine=machine,
     )
     for _ in range(_MAX_EXTENSIONS):
         if window.duration_s >= policy.target_s or window.rounds >= MAX_ROUNDS:
@@ -350,5 +374,6 @@ def measure_extended_window(
             workload=workload,
             clock=clock,
             rounds=max(more, window.rounds + 1),
+            machine=machine,
         )
     return window

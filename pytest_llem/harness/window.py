@@ -15,6 +15,7 @@ from pytest_llem.backends.base import Generation, MemoryUsage
 from pytest_llem.config.models import CaseConfig
 from pytest_llem.harness.scenarios import ServerLoad
 from pytest_llem.meters.base import EnergyReading
+from pytest_llem.results.machine_state import WindowMachineState
 from pytest_llem.results.models import BaselineRecord
 
 __all__ = [
@@ -64,7 +65,8 @@ class Window:
     """What one measurement window saw, before any metric is computed.
 
     ``arrivals[i]`` is the scheduled arrival of ``generations[i]`` (None: its issue time).
-    ``marks`` holds, per round, the meters read at the workload's named moments.
+    ``marks`` holds, per round, the meters read at the workload's named moments; ``machine``
+    the host's state between the window's edges (None: not probed).
     """
 
     generations: list[Generation]
@@ -76,6 +78,7 @@ class Window:
     loads: list[ServerLoad] = field(default_factory=list)
     marks: list[dict[str, Lap]] = field(default_factory=list)
     steady_from: int | None = None
+    machine: WindowMachineState | None = None
 
 
 @dataclass(frozen=True)

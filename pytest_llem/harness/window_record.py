@@ -268,6 +268,7 @@ def record_window(
     repetition.power_timeline = _timelines(window, context.assignment)
     repetition.counter_vs_power_diff = cross_check
     repetition.device_states = states
+    repetition.machine_state = window.machine
     return repetition, latencies
 
 

@@ -20,6 +20,7 @@ from pytest_llem.options.profile import choose_profile
 from pytest_llem.options.table import OPTIONS, option
 from pytest_llem.options.values import OptionValues
 from pytest_llem.results.adaptive import DEFAULT_MAX_REPEAT, DEFAULT_TARGET_CI, AdaptivePlan
+from pytest_llem.results.drift import DEFAULT_DRIFT_MARGIN
 
 __all__ = [
     "OPTION_PATHS",
@@ -318,6 +319,7 @@ def _store(values: OptionValues, invocation_dir: Path, report_dir: Path) -> Stor
         fail_inconclusive=values.flag(option("fail_inconclusive")),
         gate_estimated=values.flag(option("gate_estimated")),
         strict=values.flag(option("compare_strict")),
+        drift_margin=values.get(option("drift_margin")) or DEFAULT_DRIFT_MARGIN,
         csv=csv_path,
         calibrate=calibrate,
     )

@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from pytest_llem.config.meter_names import METER_CHOICES
 from pytest_llem.config.models import BUILTIN_BACKENDS
 from pytest_llem.results.adaptive import DEFAULT_MAX_REPEAT, DEFAULT_TARGET_CI, AdaptivePlan
+from pytest_llem.results.drift import DEFAULT_DRIFT_MARGIN, DriftMargin
 from pytest_llem.results.models import ProfileRecord, RunRecord
 from pytest_llem.sharding import ShardSpec
 
@@ -90,6 +91,7 @@ class StoreOptions(_Frozen):
     fail_inconclusive: bool = False
     gate_estimated: bool = False
     strict: bool = False
+    drift_margin: DriftMargin = DEFAULT_DRIFT_MARGIN
     csv: Path | None = None
     compare_baseline: CompareBaseline | None = None
     calibrate: int | None = None

@@ -21,6 +21,7 @@ from pytest_llem.exceptions import ConfigurationError, GateError
 from pytest_llem.options.model import MAX_SECONDS, CooldownSpec
 
 if TYPE_CHECKING:
+    from pytest_llem.results.drift import DriftMargin
     from pytest_llem.results.gate import GateRule
     from pytest_llem.sharding import ShardSpec
 
@@ -31,6 +32,7 @@ __all__ = [
     "parse_assignment_line",
     "parse_cooldown",
     "parse_country",
+    "parse_drift_margin",
     "parse_fail_on",
     "parse_gpus",
     "parse_isolation",
@@ -232,6 +234,16 @@ def parse_fail_on(text: str) -> tuple[GateRule, ...]:
     try:
         return tuple(parse_rules(text))
     except GateError as e:
+        raise ConfigurationError(str(e)) from e
+
+
+def parse_drift_margin(text: str) -> DriftMargin:
+    """The drift margin: ``0.5`` (cores), ``cpu=0.5,gpu_clock=10%`` or ``off``."""
+    from pytest_llem.results.drift import parse_drift_margin as parse_margin
+
+    try:
+        return parse_margin(text)
+    except ValueError as e:
         raise ConfigurationError(str(e)) from e
 
 

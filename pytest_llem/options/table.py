@@ -31,6 +31,7 @@ from pytest_llem.options.parsers import (
     parse_assignment_line,
     parse_cooldown,
     parse_country,
+    parse_drift_margin,
     parse_fail_on,
     parse_gpus,
     parse_isolation,
@@ -46,6 +47,7 @@ from pytest_llem.options.parsers import (
     parse_target_ci,
     parse_text,
 )
+from pytest_llem.results.drift import MARGIN_HELP
 
 __all__ = [
     "OPTIONS",
@@ -389,6 +391,14 @@ OPTIONS: tuple[Option[Any], ...] = (
         parse_text,
         form="flag",
         ini=False,
+    ),
+    _row(
+        "drift_margin",
+        MARGIN_HELP,
+        parse_drift_margin,
+        metavar="MARGIN",
+        ini_help="How far the machine's state may differ before a breach is inconclusive "
+        "(default: cpu=0.5,gpu_clock=10%).",
     ),
     _row(
         "csv",

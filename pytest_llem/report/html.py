@@ -421,7 +421,7 @@ def _comparison(comparison: Mapping[str, Any] | None) -> dict[str, Any] | None:
                     f"{svg.format_number(row.get('low'))} \u2013 "
                     f"{svg.format_number(row.get('high'))}"
                 ),
-                "verdict": verdict,
+                "verdict": f"{verdict} (disturbed)" if row.get("disturbed") else verdict,
                 "verdict_class": verdict if verdict in _VERDICTS else "other",
             }
         )

@@ -72,6 +72,8 @@ def _flags(case: CaseRecord) -> list[str]:
         flags.append("dynamic<0")
     if case.multi_node:
         flags.append("multi-node")
+    if case.machine_state is not None and case.machine_state.disturbed:
+        flags.append("disturbed")
     return flags
 
 
@@ -138,6 +140,16 @@ def _shortened(text: str, width: int) -> str:
 def _flag_lines(record: RunRecord) -> list[str]:
     """What each mark in the table means, and which cases carry it."""
     lines = []
+    disturbed = [
+        f"{case.name} ({'; '.join(case.machine_state.disturbances)})"
+        for case in record.cases
+        if case.machine_state is not None and case.machine_state.disturbed
+    ]
+    if disturbed:
+        lines.append(
+            "disturbed (the machine changed between the case's windows; docs/ci.md, Reading a "
+            f"disturbed case): {', '.join(disturbed)}"
+        )
     hot = [case.name for case in record.cases if case.measured_hot]
     if hot:
         lines.append(

@@ -12,6 +12,7 @@ with no measured case or a current run with no case. The plugin's terminal summa
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
@@ -37,6 +38,7 @@ from pytest_llem.results.comparison import (
     difference_interval,
     ratio_interval,
 )
+from pytest_llem.results.drift import DEFAULT_DRIFT_MARGIN, CaseDrift, DriftMargin, assess_drift
 from pytest_llem.results.gate import GateRule
 from pytest_llem.results.history import history_intervals, older_cases, pooled_values
 from pytest_llem.results.models import CaseRecord, MachineInfo, RunManifest, RunRecord
@@ -45,6 +47,7 @@ __all__ = [
     "ENVIRONMENT_LIBRARIES",
     "IGNORED_PARAMS",
     "Comparison",
+    "apply_drift",
     "classify",
     "compare_runs",
     "difference_interval",
@@ -317,6 +320,7 @@ def compare_runs(
     gate: bool = True,
     baseline_label: str | None = None,
     current_label: str | None = None,
+    drift_margin: DriftMargin = DEFAULT_DRIFT_MARGIN,
     history: Sequence[RunRecord] = (),
 ) -> Comparison:
     """Compare every case of the baseline with the current run under ``rules``.
@@ -336,13 +340,15 @@ def compare_runs(
             without ``--llem-fail-on``; pass the example rules to show the usual metrics).
         baseline_label: How to name the baseline in reports (e.g. its file).
         current_label: How to name the current run.
+        drift_margin: When a case's machine state differs between the runs, or changed within
+            one, so much that a breach is ``inconclusive`` (:mod:`~pytest_llem.results.drift`).
         history: Older saved runs that make one history with ``baseline`` (the newest): a
             case's baseline values are then all these runs' windows, and its intervals come
             from :func:`~pytest_llem.results.history.history_intervals`.
 
     Returns:
         The comparison of every pair and rule, new, gone and unmeasured cases, run-level
-        problems and environment differences.
+        problems, environment differences and each case's drift.
     """
     matched = match_cases(baseline, current)
     unmeasured = [
@@ -358,6 +364,12 @@ def compare_runs(
         if base.id not in skipped
         for rule in rules
     ]
+    drift = [
+        assess_drift(cur.id, base.machine_state, cur.machine_state, drift_margin)
+        for base, cur in matched.pairs
+        if base.id not in skipped
+    ]
+    metrics = apply_drift(metrics, drift)
     if gate:
         metrics.extend(
             _gone_metric(gone.case, rule, gate_estimated=gate_estimated)
@@ -378,7 +390,33 @@ def compare_runs(
         gate_estimated=gate_estimated,
         unmeasured=tuple(unmeasured),
         problems=tuple(_run_problems(baseline, current)),
+        drift=tuple(drift),
     )
+
+
+def apply_drift(
+    metrics: Sequence[MetricComparison], drift: Sequence[CaseDrift]
+) -> list[MetricComparison]:
+    """Drift is not a regression: on a disturbed case a ``regressed`` verdict becomes
+    ``inconclusive`` with the evidence as its reason (``machine disturbed (...)``); every
+    verdict of the case is flagged ``disturbed``. Other cases are left as they are."""
+    disturbed = {d.case_id: d for d in drift if d.disturbed}
+    judged: list[MetricComparison] = []
+    for m in metrics:
+        case = disturbed.get(m.case_id)
+        if case is None:
+            judged.append(m)
+        elif m.verdict == "regressed":
+            reason = (
+                f"{case.reason}: beyond {m.rule.limit_text} on a changed machine, "
+                "not attributed to the code"
+            )
+            judged.append(
+                dataclasses.replace(m, verdict="inconclusive", reason=reason, disturbed=True)
+            )
+        else:
+            judged.append(dataclasses.replace(m, disturbed=True))
+    return judged
 
 
 # --- environment -----------------------------------------------------------------------------

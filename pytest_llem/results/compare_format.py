@@ -16,8 +16,9 @@ from pytest_llem.results.comparison import (
     RunIdentity,
     UnmatchedCase,
 )
+from pytest_llem.results.drift import DISTURBED_PREFIX, CaseDrift
 
-__all__ = ["format_breaches", "format_table", "to_json", "to_markdown"]
+__all__ = ["drift_json", "format_breaches", "format_table", "to_json", "to_markdown"]
 
 
 def _number(value: float | None, unit: str = "") -> str:
@@ -41,6 +42,8 @@ def _change(m: MetricComparison) -> str:
 
 
 def _verdict(m: MetricComparison) -> str:
+    if m.disturbed:
+        return f"{m.verdict} (disturbed)"
     if m.verdict == "not comparable" or m.gated or m.reason is None:
         return m.verdict
     return f"{m.verdict} (not gated)"
@@ -58,7 +61,7 @@ def _breach(m: MetricComparison) -> str:
     return (
         f"{m.case_id}: {m.metric} {m.verdict} (limit {m.rule.limit_text}): "
         f"baseline {_number(m.baseline_median, m.unit)}, current {_number(m.current_median, m.unit)}, "
-        f"{what} {estimate}, {m.level} CI {bounds}"
+        f"{what} {estimate}, {m.level} CI {bounds}" + (f"; {m.reason}" if m.disturbed else "")
     )
 
 
@@ -93,6 +96,30 @@ def _extras(comparison: Comparison) -> list[tuple[str, list[str]]]:
         ("New cases (not in the baseline)", unmatched(comparison.new)),
         ("Gone cases (not in this run)", unmatched(comparison.gone)),
         ("Environment differs, figures may differ for that alone", list(comparison.environment)),
+        (
+            "Machine disturbed (a breach there is inconclusive, not regressed)",
+            [f"{d.case_id}: {d.reason}" for d in comparison.disturbed],
+        ),
+        ("Machine busy", [f"{d.case_id}: {w}" for d in comparison.drift for w in d.warnings]),
+        ("Machine state not compared", _drift_notes(comparison)),
+    ]
+
+
+def _drift_notes(comparison: Comparison) -> list[str]:
+    """Why drift was not judged, once per reason (an old record lacks it for every case)."""
+    counts: dict[str, int] = {}
+    for d in comparison.drift:
+        if d.note:
+            counts[d.note] = counts.get(d.note, 0) + 1
+    return [f"{note} ({n} case{'' if n == 1 else 's'})" for note, n in counts.items()]
+
+
+def _notes(comparison: Comparison) -> list[str]:
+    """Each metric's reason; a disturbed case's evidence is in its own section already."""
+    return [
+        f"{m.case_id} {m.metric}: {m.reason}"
+        for m in comparison.metrics
+        if m.reason and not m.reason.startswith(DISTURBED_PREFIX)
     ]
 
 
@@ -132,7 +159,7 @@ def format_table(comparison: Comparison) -> str:
             lines.append(
                 "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
             )
-    notes = [f"{m.case_id} {m.metric}: {m.reason}" for m in comparison.metrics if m.reason]
+    notes = _notes(comparison)
     for title, items in [*_extras(comparison), ("Notes", notes)]:
         if items:
             lines.append(f"{title}:")
@@ -171,7 +198,7 @@ def to_markdown(comparison: Comparison) -> str:
             cells = [_code(row[0]), _code(row[1]), *(_md(c) for c in row[2:6]), verdict]
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
-    notes = [f"{m.case_id} {m.metric}: {m.reason}" for m in comparison.metrics if m.reason]
+    notes = _notes(comparison)
     for title, items in [*_extras(comparison), ("Notes", notes)]:
         if items:
             lines.append(f"**{title}:**")
@@ -203,7 +230,19 @@ def _metric_json(m: MetricComparison) -> dict[str, Any]:
         "verdict": m.verdict,
         "gated": m.gated,
         "reason": m.reason,
+        "disturbed": m.disturbed,
         "confidence": m.confidence,
+    }
+
+
+def drift_json(drift: CaseDrift) -> dict[str, Any]:
+    """One case's drift as a JSON-ready dict."""
+    return {
+        "case": drift.case_id,
+        "disturbed": drift.disturbed,
+        "evidence": list(drift.evidence),
+        "warnings": list(drift.warnings),
+        "note": drift.note,
     }
 
 
@@ -237,6 +276,7 @@ def to_json(comparison: Comparison, *, fail_inconclusive: bool = False) -> dict[
         "unmeasured": unmatched(comparison.unmeasured),
         "problems": list(comparison.problems),
         "environment": list(comparison.environment),
+        "drift": [drift_json(d) for d in comparison.drift],
         "counts": comparison.counts(),
         "breaches": format_breaches(comparison, fail_inconclusive=fail_inconclusive),
         "exit_code": comparison.exit_code(fail_inconclusive),

@@ -14,6 +14,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal, NamedTuple
 
+from pytest_llem.results.drift import CaseDrift
 from pytest_llem.results.gate import GateRule
 from pytest_llem.results.models import CaseRecord, RunRecord
 from pytest_llem.results.stats import resampled_medians, tail_percentiles
@@ -186,7 +187,9 @@ class MetricComparison:
     The verdict uses the ratio for a relative rule and the difference for an absolute one
     (:attr:`interval`), at level ``confidence`` (0.95, or the corrected level of a current
     case measured with ``repeat="auto"``). ``gated`` says whether this verdict may fail the run: a gated
-    ``not judged`` always does. ``reason`` says why a verdict is missing or not gated.
+    ``not judged`` always does. ``reason`` says why a verdict is missing or not gated, or,
+    for a breach on a ``disturbed`` case (:mod:`pytest_llem.results.drift`), why it is
+    ``inconclusive``.
     """
 
     case_id: str
@@ -203,6 +206,7 @@ class MetricComparison:
     verdict: Verdict
     gated: bool
     reason: str | None = None
+    disturbed: bool = False
     confidence: float = 0.95
 
     @property
@@ -250,7 +254,7 @@ class Comparison:
     ``unmeasured`` lists the baseline's cases without a measured window (skipped or failed
     there), each with why. ``problems`` are run-level reasons nothing could be judged (a
     baseline without a measured case, a current run without a case); under a gate they fail
-    the run.
+    the run. ``drift`` judges each compared case's machine state on both sides.
     """
 
     baseline: RunIdentity
@@ -265,6 +269,12 @@ class Comparison:
     changed: tuple[UnmatchedCase, ...] = ()
     unmeasured: tuple[UnmatchedCase, ...] = ()
     problems: tuple[str, ...] = ()
+    drift: tuple[CaseDrift, ...] = ()
+
+    @property
+    def disturbed(self) -> list[CaseDrift]:
+        """The cases whose machine state differed or changed beyond the drift margin."""
+        return [d for d in self.drift if d.disturbed]
 
     @property
     def regressions(self) -> list[MetricComparison]:

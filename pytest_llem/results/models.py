@@ -14,6 +14,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from pytest_llem.results.adaptive import AdaptiveRecord
+from pytest_llem.results.machine_state import MachineStateSummary, WindowMachineState
 from pytest_llem.results.manifests import (
     ContainerInfo,
     GpuManifest,
@@ -249,6 +250,9 @@ class RepetitionRecord(_Record):
         default_factory=dict,
         description="'start' and 'end' of the window: device label -> state.",
     )
+    machine_state: WindowMachineState | None = Field(
+        default=None, description="The host around the window: other processes' CPU use, ..."
+    )
 
 
 class BaselineDomain(_Record):
@@ -401,6 +405,9 @@ class CaseResult(_Record):
     shared_domains: list[str] = Field(
         default_factory=list,
         description="Domains shared with other xdist workers: not attributable to this case.",
+    )
+    machine_state: MachineStateSummary | None = Field(
+        default=None, description="The machine's state over the windows (None: not recorded)."
     )
     adaptive: AdaptiveRecord | None = Field(
         default=None, description="How many windows repeat=auto took and why it stopped."
