@@ -361,9 +361,10 @@ def test_the_html_report_shows_the_manifest() -> None:
 
 def test_the_end_of_run_comparison_warns_on_a_power_limit_difference(tmp_path: Path) -> None:
     from pytest_llem.finish import Finish, _compare
+    from pytest_llem.options.model import CompareBaseline
 
     store = SimpleNamespace(rules=(), gate_estimated=False, strict=False, fail_inconclusive=False)
-    loaded = SimpleNamespace(record=run(manifest()), path=tmp_path / "base.json")
+    loaded = CompareBaseline(record=run(manifest()), path=tmp_path / "base.json")
     warned, same = Finish(), Finish()
 
     _compare(run(manifest(power_limit_w=350.0)), loaded, store, warned)  # type: ignore[arg-type]

@@ -110,25 +110,7 @@ def options_from_values(
     meter = _meter(values, meter_names)
     energy = _energy(values)
     report_dir = _absolute(values.get(option("report_dir")), invocation_dir)
-    isolation = values.get(option("isolation"))
-    shard = values.get(option("shard"))
-    shuffle_seed = values.cli(option("shuffle"))
-    origins = {row.name: values.chosen(row).origin for row in OPTIONS}
     asked = values.chosen(option("profile"))
-    given = {
-        "command_line": values.shown(),
-        "ini": values.shown(ini=True),
-        "meter": meter,
-        "report_dir": str(report_dir),
-        "sweep": axes,
-        "shuffle_seed": shuffle_seed,
-        "baseline_s": energy.baseline_s,
-        "min_window_s": energy.min_window_s,
-        "cooldown": str(energy.cooldown),
-        "isolation": isolation,
-    }
-    if shard is not None:
-        given["shard"] = str(shard)
     return LlemOptions(
         cli_layer=cli_layer,
         ini_layer=ini_layer,
@@ -138,18 +120,44 @@ def options_from_values(
         meter_names=tuple(meter_names),
         ini_sweep_axes=ini_axes,
         cli_sweep_axes=cli_axes,
-        shuffle_seed=shuffle_seed,
+        shuffle_seed=values.cli(option("shuffle")),
         store=_store(values, invocation_dir, report_dir),
-        given=given,
+        given=_given(values, meter, report_dir, axes, energy),
         energy=energy,
         gpu_groups=values.get(option("gpus")),
-        isolation=isolation,
+        isolation=values.get(option("isolation")),
         timeout_s=values.get(option("timeout_s")) or None,
-        shard=shard,
-        origins=origins,
+        shard=values.get(option("shard")),
+        origins={row.name: values.chosen(row).origin for row in OPTIONS},
         adaptive=_adaptive(values),
         profile=choose_profile(asked.value, asked.origin, layers=(cli_layer, ini_layer)),
     )
+
+
+def _given(
+    values: OptionValues,
+    meter: str,
+    report_dir: Path,
+    axes: dict[str, Any],
+    energy: EnergyOptions,
+) -> dict[str, Any]:
+    """What the run record's ``options`` section shows of the options the run was given."""
+    given: dict[str, Any] = {
+        "command_line": values.shown(),
+        "ini": values.shown(ini=True),
+        "meter": meter,
+        "report_dir": str(report_dir),
+        "sweep": axes,
+        "shuffle_seed": values.cli(option("shuffle")),
+        "baseline_s": energy.baseline_s,
+        "min_window_s": energy.min_window_s,
+        "cooldown": str(energy.cooldown),
+        "isolation": values.get(option("isolation")),
+    }
+    shard = values.get(option("shard"))
+    if shard is not None:
+        given["shard"] = str(shard)
+    return given
 
 
 def _absolute(path: Path | None, invocation_dir: Path) -> Path:
