@@ -13,6 +13,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from pytest_llem.results.attribution import AttributionRecord, RequestEnergyRecord
 from pytest_llem.results.manifests import (
     ContainerInfo,
     GpuManifest,
@@ -247,6 +248,13 @@ class RepetitionRecord(_Record):
         default_factory=dict,
         description="'start' and 'end' of the window: device label -> state.",
     )
+    per_request: list[RequestEnergyRecord] = Field(
+        default_factory=list, description="Energy attributed to each measured request."
+    )
+    unattributed_energy_j: float | None = Field(
+        default=None, description="Window energy while no request was in flight (J)."
+    )
+    attribution: AttributionRecord | None = None
 
 
 class BaselineDomain(_Record):

@@ -1,0 +1,158 @@
+"""Energy attribution per request and per phase: the fit recovers a simulated engine's known
+per-token costs, and the books balance exactly (offline batches, overlapping server requests,
+rounds, no baseline, client-side timelines)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from pytest_llem.backends.base import Generation
+from pytest_llem.harness.attribution import Attribution, RoundActivity, attribute
+from pytest_llem.harness.fit import fit_token_energy, t_quantile_975
+from pytest_llem.harness.metrics import request_latency
+from pytest_llem.harness.step_power import energy_curve
+from pytest_llem.results.models import PowerTimelineRecord
+from tests.fakes.sim_engine import SimEngine, SimRun
+
+START = 1000.0
+
+
+def _activity(run: SimRun, *, start: float, end: float, engine: bool = True) -> RoundActivity:
+    latencies = [request_latency(g) for g in run.generations]
+    steps = run.steps if engine else None
+    return RoundActivity(start, end, run.generations, latencies, steps)
+
+
+def _attribute(run: SimRun, *, idle_w: float | None = 50.0, engine: bool = True) -> Attribution:
+    curve = energy_curve(
+        start=run.start,
+        duration_s=run.end - run.start,
+        domains={"gpu": run.energy_j},
+        timelines=[run.timeline()],
+    )
+    rounds = [_activity(run, start=run.start, end=run.end, engine=engine)]
+    return attribute(rounds, curve=curve, idle_power_w=idle_w)
+
+
+def _assert_books(result: Attribution, energy_j: float) -> None:
+    total = math.fsum(r.energy_j or 0.0 for r in result.per_request)
+    assert total + result.unattributed_energy_j == pytest.approx(energy_j, rel=1e-12)
+    for r in result.per_request:
+        assert r.prefill_energy_j is not None and r.decode_energy_j is not None
+        assert r.prefill_energy_j + r.decode_energy_j == pytest.approx(r.energy_j, rel=1e-12)
+    rounds = result.record.round_energy_j
+    for i, round_j in enumerate(rounds):
+        mine = math.fsum(r.energy_j or 0.0 for r in result.per_request if r.round == i)
+        books = mine + result.record.round_unattributed_energy_j[i]
+        assert books == pytest.approx(round_j, rel=1e-12)
+    assert math.fsum(rounds) == pytest.approx(energy_j, rel=1e-12)
+
+
+def _assert_recovers(result: Attribution, engine: SimEngine) -> None:
+    record = result.record
+    assert record.timeline == "engine"
+    assert record.weights == "fit"
+    assert record.energy_per_prefill_token_j.value == pytest.approx(engine.prefill_j, rel=0.05)
+    assert record.energy_per_decode_token_j.value == pytest.approx(engine.decode_j, rel=0.05)
+    decode = record.energy_per_decode_token_j
+    assert decode.ci95_low is not None and decode.ci95_high is not None
+    assert decode.ci95_low < decode.value < decode.ci95_high  # type: ignore[operator]
+    assert record.fit_r2 is not None and record.fit_r2 > 0.9
+
+
+def test_offline_batches_recover_the_costs_and_balance() -> None:
+    engine = SimEngine(max_running=4)
+    requests = [(0.0, 20 + 13 * i, 3 + 5 * (i % 4)) for i in range(12)]
+    run = engine.run(requests, START)
+    result = _attribute(run)
+    _assert_books(result, run.energy_j)
+    _assert_recovers(result, engine)
+    assert result.unattributed_energy_j == pytest.approx(0.0, abs=1e-9)
+    by_index = {r.index: r for r in result.per_request}
+    # same prompt length class, more output tokens: more decode energy
+    assert by_index[3].decode_energy_j > by_index[0].decode_energy_j  # type: ignore[operator]
+
+
+def test_overlapping_server_requests_recover_the_costs_and_balance() -> None:
+    engine = SimEngine(max_running=6)
+    requests = [(0.013 * i, 30 + 17 * (i % 5), 2 + 7 * (i % 3)) for i in range(40)]
+    run = engine.run([*requests, (1.5, 10, 4)], START)  # a late one after an idle gap
+    result = _attribute(run)
+    _assert_books(result, run.energy_j)
+    _assert_recovers(result, engine)
+    assert result.unattributed_energy_j > 0  # the idle gap before the late request
+    assert len(result.per_request) == 41
+    long_request = max(result.per_request, key=lambda r: r.output_tokens)
+    short_request = min(result.per_request, key=lambda r: r.output_tokens)
+    assert long_request.decode_energy_j > short_request.decode_energy_j  # type: ignore[operator]
+
+
+def test_rounds_balance_per_round_and_per_window() -> None:
+    engine = SimEngine(max_running=4)
+    requests = [(0.0, 25, 4 + i) for i in range(6)]
+    first = engine.run(requests, START)
+    gap = 0.05
+    second = engine.run(requests, first.end + gap)
+    times = [*first.times, second.start, *second.times]
+    watts = [*first.watts, engine.idle_w, *second.watts]
+    energy = first.energy_j + engine.idle_w * gap + second.energy_j
+    timeline = PowerTimelineRecord(
+        domain="gpu", meter="sim", times_s=[t - START for t in times], watts=watts,
+        method="sim", period_s=0.0, samples=len(times),
+    )  # fmt: skip
+    curve = energy_curve(
+        start=START, duration_s=second.end - START, domains={"gpu": energy}, timelines=[timeline]
+    )
+    rounds = [
+        _activity(first, start=START, end=second.start),
+        _activity(second, start=second.start, end=second.end),
+    ]
+    result = attribute(rounds, curve=curve, idle_power_w=engine.idle_w)
+    _assert_books(result, energy)
+    _assert_recovers(result, engine)
+    assert [r.round for r in result.per_request] == [0] * 6 + [1] * 6
+    assert result.record.round_unattributed_energy_j[0] == pytest.approx(engine.idle_w * gap)
+
+
+def test_without_a_baseline_or_engine_steps_the_books_still_balance() -> None:
+    engine = SimEngine(max_running=3)
+    run = engine.run([(0.01 * i, 12, 2 + i) for i in range(7)], START)
+    result = _attribute(run, idle_w=None, engine=False)
+    _assert_books(result, run.energy_j)
+    assert result.record.timeline == "client"
+    assert result.record.notes and "no idle baseline" in result.record.notes[0]
+
+
+def test_constant_power_single_stream_energy_follows_duration() -> None:
+    # one request at a time at a constant 12 W: each request's energy is 12 W x its lifetime
+    gens, t = [], START + 0.1
+    for i, n in enumerate((24, 2, 10)):
+        times = [t + 0.02 + 0.005 * k for k in range(n)]
+        gens.append(Generation(i, 8, list(range(n)), times, t))
+        t = times[-1] + 0.01
+    end = t
+    curve = energy_curve(start=START, duration_s=end - START, domains={"cpu": 12.0 * (end - START)},
+                         timelines=[])  # fmt: skip
+    rounds = [RoundActivity(START, end, gens, [request_latency(g) for g in gens])]
+    result = attribute(rounds, curve=curve, idle_power_w=12.0)
+    _assert_books(result, 12.0 * (end - START))
+    for record, g in zip(result.per_request, gens, strict=True):
+        assert record.energy_j == pytest.approx(12.0 * (g.token_times[-1] - g.issued_at))
+        assert record.prefill_energy_j == pytest.approx(12.0 * (g.token_times[0] - g.issued_at))
+    assert "constant power assumed" in result.record.power
+
+
+def test_fit_without_decode_tokens_names_the_missing_coefficient() -> None:
+    fit = fit_token_energy([(10.0, 0.0, 1.0), (20.0, 0.0, 2.1), (5.0, 0.0, 0.5)])
+    assert fit.decode is None
+    assert fit.prefill == pytest.approx(0.1, rel=0.05)
+    assert fit.note is not None and "decode" in fit.note
+
+
+def test_t_quantile() -> None:
+    assert t_quantile_975(1) == pytest.approx(12.706)
+    assert t_quantile_975(1000) == pytest.approx(1.962, abs=0.002)
+    with pytest.raises(ValueError, match="degrees"):
+        t_quantile_975(0)
