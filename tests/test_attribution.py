@@ -5,15 +5,23 @@ rounds, no baseline, client-side timelines)."""
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import pytest
 
-from pytest_llem.backends.base import Generation
+from pytest_llem.backends.base import GenerateParams, Generation, Request
+from pytest_llem.config.models import CaseConfig
 from pytest_llem.harness.attribution import Attribution, RoundActivity, attribute
 from pytest_llem.harness.fit import fit_token_energy, t_quantile_975
 from pytest_llem.harness.metrics import request_latency
+from pytest_llem.harness.runner import measure_window, run_case
+from pytest_llem.harness.scenarios import build_workload
 from pytest_llem.harness.step_power import energy_curve
+from pytest_llem.harness.window import CaseContext, WindowPolicy
+from pytest_llem.harness.window_record import record_window
 from pytest_llem.results.models import PowerTimelineRecord
+from tests.fakes.fake_backend import FakeBackend, FakeClock
+from tests.fakes.fake_meter import FakeMeter
 from tests.fakes.sim_engine import SimEngine, SimRun
 
 START = 1000.0
@@ -40,7 +48,8 @@ def _assert_books(result: Attribution, energy_j: float) -> None:
     total = math.fsum(r.energy_j or 0.0 for r in result.per_request)
     assert total + result.unattributed_energy_j == pytest.approx(energy_j, rel=1e-12)
     for r in result.per_request:
-        assert r.prefill_energy_j is not None and r.decode_energy_j is not None
+        assert r.prefill_energy_j is not None
+        assert r.decode_energy_j is not None
         assert r.prefill_energy_j + r.decode_energy_j == pytest.approx(r.energy_j, rel=1e-12)
     rounds = result.record.round_energy_j
     for i, round_j in enumerate(rounds):
@@ -57,9 +66,11 @@ def _assert_recovers(result: Attribution, engine: SimEngine) -> None:
     assert record.energy_per_prefill_token_j.value == pytest.approx(engine.prefill_j, rel=0.05)
     assert record.energy_per_decode_token_j.value == pytest.approx(engine.decode_j, rel=0.05)
     decode = record.energy_per_decode_token_j
-    assert decode.ci95_low is not None and decode.ci95_high is not None
+    assert decode.ci95_low is not None
+    assert decode.ci95_high is not None
     assert decode.ci95_low < decode.value < decode.ci95_high  # type: ignore[operator]
-    assert record.fit_r2 is not None and record.fit_r2 > 0.9
+    assert record.fit_r2 is not None
+    assert record.fit_r2 > 0.9
 
 
 def test_offline_batches_recover_the_costs_and_balance() -> None:
@@ -122,7 +133,8 @@ def test_without_a_baseline_or_engine_steps_the_books_still_balance() -> None:
     result = _attribute(run, idle_w=None, engine=False)
     _assert_books(result, run.energy_j)
     assert result.record.timeline == "client"
-    assert result.record.notes and "no idle baseline" in result.record.notes[0]
+    assert result.record.notes
+    assert "no idle baseline" in result.record.notes[0]
 
 
 def test_constant_power_single_stream_energy_follows_duration() -> None:
@@ -148,7 +160,8 @@ def test_fit_without_decode_tokens_names_the_missing_coefficient() -> None:
     fit = fit_token_energy([(10.0, 0.0, 1.0), (20.0, 0.0, 2.1), (5.0, 0.0, 0.5)])
     assert fit.decode is None
     assert fit.prefill == pytest.approx(0.1, rel=0.05)
-    assert fit.note is not None and "decode" in fit.note
+    assert fit.note is not None
+    assert "decode" in fit.note
 
 
 def test_t_quantile() -> None:
@@ -156,3 +169,75 @@ def test_t_quantile() -> None:
     assert t_quantile_975(1000) == pytest.approx(1.962, abs=0.002)
     with pytest.raises(ValueError, match="degrees"):
         t_quantile_975(0)
+
+
+def _runner_case(meters: list[FakeMeter], clock: FakeClock, backend: FakeBackend) -> Any:
+    case = CaseConfig.model_validate({"batch_size": 4, "max_new_tokens": 5, "repeat": 2})
+    prompts = [" ".join(["word"] * (i + 1)) for i in range(10)]
+    return run_case(backend=backend, meters=meters, config=case, prompts=prompts, clock=clock)
+
+
+def test_runner_records_per_request_energy_from_the_engine_steps() -> None:
+    clock = FakeClock()
+    backend = FakeBackend(clock, sync_s=0.0625)
+    gpu = FakeMeter("gpu-fake", clock, power_w={"gpu": 200.0})
+    measured = _runner_case([gpu], clock, backend)
+    for rep in measured.repetitions:
+        assert rep.energy_j is not None
+        assert rep.attribution is not None
+        assert rep.attribution.timeline == "engine"
+        assert len(rep.per_request) == 10
+        books = math.fsum(r.energy_j or 0.0 for r in rep.per_request) + rep.unattributed_energy_j
+        assert books == pytest.approx(rep.energy_j, rel=1e-12)
+        # the final synchronize (0.0625 s at 200 W) has no request in flight
+        assert rep.unattributed_energy_j == pytest.approx(12.5)
+        values = rep.values
+        split = values["prefill_energy_j"] + values["decode_energy_j"]  # type: ignore[operator]
+        assert split + values["unattributed_energy_j"] == pytest.approx(values["energy_j"])
+    summary = measured.metrics["request_energy_j.p50"]
+    assert summary.source == "attributed"
+    assert summary.unit == "J"
+    assert measured.metrics["prefill_energy_j"].source == "attributed"
+
+
+def test_attributed_figures_from_an_estimating_meter_are_estimated() -> None:
+    clock = FakeClock()
+    backend = FakeBackend(clock)
+    cc = FakeMeter("cc", clock, power_w={"cpu": 50.0}, sources={"cpu": "estimated"})
+    measured = _runner_case([cc], clock, backend)
+    assert measured.metrics["request_energy_j.p99"].source == "estimated"
+    assert measured.metrics["decode_energy_j"].median is not None
+
+
+def test_no_meter_attributes_nothing_and_says_why() -> None:
+    clock = FakeClock()
+    measured = _runner_case([], clock, FakeBackend(clock))
+    rep = measured.repetitions[0]
+    assert rep.per_request == []
+    assert rep.unattributed_energy_j is None
+    summary = measured.metrics["request_energy_j.p50"]
+    assert summary.median is None
+    assert summary.note
+
+
+def test_window_with_rounds_balances_each_round() -> None:
+    clock = FakeClock()
+    backend = FakeBackend(clock, sync_s=0.0625)
+    gpu = FakeMeter("gpu-fake", clock, power_w={"gpu": 200.0})
+    case = CaseConfig.model_validate({"batch_size": 4, "max_new_tokens": 5})
+    requests = [Request(i, " ".join(["w"] * (i + 1))) for i in range(6)]
+    workload = build_workload(
+        "offline", backend=backend, requests=requests, params=GenerateParams.from_case(case),
+        config=case,
+    )  # fmt: skip
+    window = measure_window(backend=backend, meters=[gpu], workload=workload, clock=clock, rounds=3)
+    context = CaseContext(case, None, WindowPolicy(), None, None)
+    rep, _ = record_window(0, window, context)
+    assert rep.attribution is not None
+    assert len(rep.attribution.round_energy_j) == 3
+    assert [r.round for r in rep.per_request] == [0] * 6 + [1] * 6 + [2] * 6
+    for i, round_j in enumerate(rep.attribution.round_energy_j):
+        mine = math.fsum(r.energy_j or 0.0 for r in rep.per_request if r.round == i)
+        assert mine + rep.attribution.round_unattributed_energy_j[i] == pytest.approx(round_j)
+    assert math.fsum(rep.attribution.round_energy_j) == pytest.approx(rep.energy_j)
+    assert rep.values["energy_j"] == pytest.approx(rep.energy_j / 3)  # type: ignore[operator]

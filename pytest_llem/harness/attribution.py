@@ -286,9 +286,11 @@ def attribute(
                 entry[1] += dec
         unattributed.append(math.fsum(idle_j))
         per_request.extend(_request_records(index, activity, books))
-    notes = [] if idle_power_w is not None else [
-        "no idle baseline: all energy in a request's lifetime is split by work"
-    ]
+    notes = (
+        []
+        if idle_power_w is not None
+        else ["no idle baseline: all energy in a request's lifetime is split by work"]
+    )
     record = AttributionRecord(
         timeline="engine" if engine else "client",
         power=curve.method,

@@ -83,8 +83,10 @@ class SimEngine:
                 energy += self.idle_w * (pending[0].arrival - t)
                 t = pending[0].arrival
             admitted = []
-            while pending and pending[0].arrival <= t and len(running) + len(admitted) < (
-                self.max_running
+            while (
+                pending
+                and pending[0].arrival <= t
+                and len(running) + len(admitted) < (self.max_running)
             ):
                 admitted.append(pending.pop(0))
             decoding = [r for r in running if len(r.times) < r.output_tokens]
