@@ -19,7 +19,8 @@ from pytest_llem.harness.scenarios import build_workload
 from pytest_llem.harness.step_power import energy_curve
 from pytest_llem.harness.window import CaseContext, WindowPolicy
 from pytest_llem.harness.window_record import record_window
-from pytest_llem.results.models import PowerTimelineRecord
+from pytest_llem.results.gate import evaluate_budget, parse_budget, parse_fail_on
+from pytest_llem.results.models import CaseResult, PowerTimelineRecord
 from tests.fakes.fake_backend import FakeBackend, FakeClock
 from tests.fakes.fake_meter import FakeMeter
 from tests.fakes.sim_engine import SimEngine, SimRun
@@ -241,3 +242,22 @@ def test_window_with_rounds_balances_each_round() -> None:
         assert mine + rep.attribution.round_unattributed_energy_j[i] == pytest.approx(round_j)
     assert math.fsum(rep.attribution.round_energy_j) == pytest.approx(rep.energy_j)
     assert rep.values["energy_j"] == pytest.approx(rep.energy_j / 3)  # type: ignore[operator]
+
+
+def test_gate_and_budget_accept_the_attributed_metrics() -> None:
+    rules = parse_fail_on("request_energy_j.p99:+10%,prefill_energy_j:+5%,decode_energy_j:+5%")
+    assert [r.metric for r in rules] == [
+        "request_energy_j.p99",
+        "prefill_energy_j",
+        "decode_energy_j",
+    ]
+    clock = FakeClock()
+    gpu = FakeMeter("gpu-fake", clock, power_w={"gpu": 200.0})
+    measured = _runner_case([gpu], clock, FakeBackend(clock))
+    case = CaseResult(metrics=measured.metrics)
+    p90 = measured.metrics["request_energy_j.p90"].median
+    assert p90 is not None
+    tight = parse_budget({"request_energy_j_p90": p90 / 2, "decode_energy_j_max": 1e9})
+    (breach,) = evaluate_budget(case, tight).breaches
+    assert breach.startswith("request_energy_j.p90: median")
+    assert not evaluate_budget(case, parse_budget({"request_energy_j.p90": p90 * 2})).breaches
