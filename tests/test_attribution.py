@@ -261,3 +261,31 @@ def test_gate_and_budget_accept_the_attributed_metrics() -> None:
     (breach,) = evaluate_budget(case, tight).breaches
     assert breach.startswith("request_energy_j.p90: median")
     assert not evaluate_budget(case, parse_budget({"request_energy_j.p90": p90 * 2})).breaches
+
+
+def test_prefill_check_measures_prefill_by_subtraction_next_to_the_attributed() -> None:
+    clock = FakeClock()
+    backend = FakeBackend(clock)  # synchronize takes no time: no gap outside the requests
+    gpu = FakeMeter("gpu-fake", clock, power_w={"gpu": 200.0})
+    case = CaseConfig.model_validate(
+        {"batch_size": 4, "max_new_tokens": 5, "repeat": 2, "prefill_check": True}
+    )
+    prompts = [" ".join(["word"] * (i + 1)) for i in range(10)]
+    measured = run_case(backend=backend, meters=[gpu], config=case, prompts=prompts, clock=clock)
+    # three batches, each 0.125 s to its first token at 200 W, generating one token each
+    # warmup, then 2 windows each followed by its check: 2 batches of 4 each time
+    assert backend.events.count("generate:4") == (1 + 2 + 2) * 2
+    for rep in measured.repetitions:
+        assert rep.values["subtraction_prefill_energy_j"] == pytest.approx(75.0)
+        assert rep.values["prefill_energy_j"] == pytest.approx(75.0)
+        assert rep.values["prefill_attribution_diff"] == pytest.approx(0.0, abs=1e-9)
+    summary = measured.metrics["subtraction_prefill_energy_j"]
+    assert summary.source == "measured"
+    assert measured.metrics["prefill_attribution_diff"].source == "attributed"
+
+
+def test_without_prefill_check_there_is_no_subtraction_figure() -> None:
+    clock = FakeClock()
+    gpu = FakeMeter("gpu-fake", clock, power_w={"gpu": 200.0})
+    measured = _runner_case([gpu], clock, FakeBackend(clock))
+    assert "subtraction_prefill_energy_j" not in measured.metrics

@@ -398,3 +398,28 @@ def test_close_releases_the_model(tiny_model: Path) -> None:
     closing.load()  # loadable again after close
     assert closing.generate(_requests(), params=GenerateParams(max_new_tokens=2))[0].output_tokens
     closing.close()
+
+
+def test_prefill_check_reports_both_prefill_energies(
+    backend: TransformersBackend, tiny_model: Path
+) -> None:
+    from pytest_llem.harness.runner import run_case
+    from tests.fakes.fake_meter import FakeMeter
+
+    meter = FakeMeter("steady", time.perf_counter, power_w={"cpu": 20.0})
+    case = CaseConfig(
+        model=str(tiny_model), device="cpu", batch_size=2, max_new_tokens=8, min_new_tokens=8,
+        warmup=0, repeat=1, prefill_check=True,
+    )  # fmt: skip
+    measured = run_case(backend=backend, meters=[meter], config=case, prompts=PROMPTS)
+    (rep,) = measured.repetitions
+    assert rep.attribution is not None
+    assert rep.attribution.timeline == "engine"
+    subtraction = rep.values["subtraction_prefill_energy_j"]
+    attributed = rep.values["prefill_energy_j"]
+    assert subtraction is not None
+    assert subtraction > 0
+    assert attributed is not None
+    assert attributed > 0
+    diff = rep.values["prefill_attribution_diff"]
+    assert diff == pytest.approx((attributed - subtraction) / subtraction)

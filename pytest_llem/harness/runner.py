@@ -22,6 +22,7 @@ from pytest_llem.config.models import CaseConfig
 from pytest_llem.exceptions import ConfigurationError, EnergyMeterError, InferenceError
 from pytest_llem.harness.case_summary import case_notes, summarise_case
 from pytest_llem.harness.metrics import RequestLatency
+from pytest_llem.harness.prefill_check import PrefillCheck
 from pytest_llem.harness.scenarios import Mark, Workload, WorkloadRun, build_workload
 from pytest_llem.harness.window import (
     MAX_ROUNDS,
@@ -272,11 +273,17 @@ def run_case(
     context = CaseContext(
         config, non_embedding_parameters, policy, baseline, assignment, baseline_problem
     )
+    check = PrefillCheck.for_case(
+        backend=backend, meters=meters, config=config, requests=requests,
+        scenario=scenario or config.scenario, clock=clock, policy=policy, assignment=assignment,
+    ) if config.prefill_check else None  # fmt: skip
     for index in range(config.repeat):
         window = measure_extended_window(backend, meters, workload, clock, rounds, policy)
         rounds = window.rounds
         _check_window(window, workload.requests * window.rounds)
         repetition, window_latencies = record_window(index, window, context)
+        if check is not None:
+            check.measure(repetition)
         repetitions.append(repetition)
         latencies.extend(window_latencies)
     metrics, latency = summarise_case(repetitions, latencies)

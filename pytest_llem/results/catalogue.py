@@ -212,6 +212,15 @@ _ENTRIES: tuple[Metric, ...] = (
     _entry("energy_per_decode_token_j", "J/token", "lower", "efficiency", "attribution",
            "fitted dynamic energy per decode token (the same fit)", source="attributed",
            missing=_NO_FIT),
+    _entry("subtraction_prefill_energy_j", "J", "lower", "energy", "attribution",
+           "prefill energy optimum-benchmark's way, with `prefill_check`: the energy of a "
+           "window in which the same requests generate one new token each, per round "
+           "(includes any time between batches)", source="meters",
+           missing="no prefill check (the case parameter `prefill_check`) or no energy"),
+    _entry("prefill_attribution_diff", "ratio", "neither", "check", "attribution",
+           "`(prefill_energy_j - subtraction_prefill_energy_j) / subtraction_prefill_energy_j`: "
+           "how far the attributed prefill energy is from the subtraction method's",
+           source="attributed", missing="no prefill check, or either prefill energy is missing"),
     _entry("emissions_kg", "kg CO2eq", "lower", "emissions", "emissions",
            "CodeCarbon's emissions for the window (per round): its own energy for the window "
            "(all the domains CodeCarbon sees, so it can differ from `energy_j` when another "
