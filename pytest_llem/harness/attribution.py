@@ -14,6 +14,7 @@ exactly one place, so the books balance by construction, per round and per windo
 
 from __future__ import annotations
 
+import bisect
 import itertools
 import math
 from collections.abc import Sequence
@@ -49,13 +50,12 @@ class RoundActivity:
 
 @dataclass(frozen=True)
 class _Work:
-    """Tokens one request worked on over ``[start, end)``, spread evenly over it."""
+    """Tokens requests worked on over ``[start, end)``, spread evenly over it: per request
+    position, its prefill and decode tokens (one engine step, or one chunk of one request)."""
 
-    position: int
     start: float
     end: float
-    prefill: float
-    decode: float
+    items: tuple[tuple[int, float, float], ...]
 
 
 @dataclass
@@ -90,18 +90,25 @@ def client_work(position: int, generation: Generation) -> list[_Work]:
         else:
             chunks.append((t, 1))
     first_t, first_k = chunks[0]
-    works = [_Work(position, generation.issued_at, first_t, generation.input_tokens, first_k - 1)]
+    first = (position, float(generation.input_tokens), float(first_k - 1))
+    works = [_Work(generation.issued_at, first_t, (first,))]
     for (previous, _), (t, k) in itertools.pairwise(chunks):
-        works.append(_Work(position, previous, t, 0.0, float(k)))
+        works.append(_Work(previous, t, ((position, 0.0, float(k)),)))
     return works
 
 
 def _engine_work(steps: Sequence[EngineStep], positions: dict[int, int]) -> list[_Work]:
     return [
-        _Work(positions[w.request_index], s.start, s.end, w.prefill_tokens, w.decode_tokens)
+        _Work(
+            s.start,
+            s.end,
+            tuple(
+                (positions[w.request_index], float(w.prefill_tokens), float(w.decode_tokens))
+                for w in s.work
+                if w.request_index in positions
+            ),
+        )
         for s in steps
-        for w in s.work
-        if w.request_index in positions
     ]
 
 
@@ -149,21 +156,18 @@ def _add_work(slices: list[_Slice], works: Sequence[_Work]) -> None:
     starts = [s.start for s in slices]
     for w in works:
         length = w.end - w.start
-        k = max(0, _bisect(starts, w.start) - 1)
+        k = max(0, bisect.bisect_right(starts, w.start) - 1)
         while k < len(slices) and slices[k].start < w.end:
             piece = slices[k]
             overlap = min(piece.end, w.end) - max(piece.start, w.start)
-            if overlap > 0:
-                p, d = piece.work.get(w.position, (0.0, 0.0))
-                share = overlap / length
-                piece.work[w.position] = (p + w.prefill * share, d + w.decode * share)
             k += 1
-
-
-def _bisect(values: Sequence[float], x: float) -> int:
-    import bisect
-
-    return bisect.bisect_right(values, x)
+            if overlap <= 0:
+                continue
+            share = overlap / length
+            work = piece.work
+            for pos, prefill, decode in w.items:
+                p, d = work.get(pos, (0.0, 0.0))
+                work[pos] = (p + prefill * share, d + decode * share)
 
 
 def _fit(slices: Sequence[_Slice], idle_w: float) -> TokenFit:
@@ -192,26 +196,28 @@ def _weights(fit: TokenFit) -> tuple[float, float, str | None]:
 
 
 def _split_slice(
-    piece: _Slice, *, idle_w: float, a: float, b: float, first: Sequence[float]
-) -> list[tuple[int, float, float]]:
-    """(position, prefill J, decode J) for the requests in one slice (in flight)."""
-    n = len(piece.in_flight)
+    piece: _Slice,
+    books: list[list[float]],
+    *,
+    idle_w: float,
+    weights: tuple[float, float],
+    first: Sequence[float],
+) -> None:
+    """Add each in-flight request's share of one slice to ``books`` (prefill J, decode J)."""
+    a, b = weights
     idle_part = idle_w * (piece.end - piece.start)
-    dynamic = piece.energy_j - idle_part
     members = set(piece.in_flight)
-    weighted = {pos: (a * p, b * d) for pos, (p, d) in piece.work.items() if pos in members}
-    total = math.fsum(wp + wd for wp, wd in weighted.values())
-    shares = []
+    weighted = [(pos, a * p, b * d) for pos, (p, d) in piece.work.items() if pos in members]
+    total = math.fsum(wp + wd for _, wp, wd in weighted)
+    by_time = (idle_part if total > 0 else piece.energy_j) / len(piece.in_flight)
     for pos in piece.in_flight:
-        by_time = idle_part / n if total > 0 else piece.energy_j / n
-        prefill_phase = piece.end <= first[pos]
-        pre, dec = (by_time, 0.0) if prefill_phase else (0.0, by_time)
-        if total > 0 and pos in weighted:
-            wp, wd = weighted[pos]
-            pre += dynamic * wp / total
-            dec += dynamic * wd / total
-        shares.append((pos, pre, dec))
-    return shares
+        books[pos][0 if piece.end <= first[pos] else 1] += by_time
+    if total > 0:
+        scale = (piece.energy_j - idle_part) / total
+        for pos, wp, wd in weighted:
+            entry = books[pos]
+            entry[0] += wp * scale
+            entry[1] += wd * scale
 
 
 def _coefficient(value: float | None, ci: tuple[float, float] | None) -> CoefficientRecord:
@@ -228,11 +234,11 @@ def _round_works(activity: RoundActivity) -> tuple[list[_Work], bool]:
 
 
 def _request_records(
-    index: int, activity: RoundActivity, books: dict[int, list[float]]
+    index: int, activity: RoundActivity, books: list[list[float]]
 ) -> list[RequestEnergyRecord]:
     records = []
     for pos, (g, lat) in enumerate(zip(activity.generations, activity.latencies, strict=True)):
-        pre, dec = books.get(pos, [0.0, 0.0])
+        pre, dec = books[pos]
         records.append(
             RequestEnergyRecord(
                 index=g.request_index,
@@ -277,13 +283,11 @@ def attribute(
     unattributed: list[float] = []
     for index, (activity, round_slices) in enumerate(zip(rounds, slices, strict=True)):
         first = [span[1] for span in _lifetimes(activity)]
-        books: dict[int, list[float]] = {}
+        books = [[0.0, 0.0] for _ in activity.generations]
         idle_j = [s.energy_j for s in round_slices if not s.in_flight]
         for piece in round_slices:
-            for pos, pre, dec in _split_slice(piece, idle_w=idle_w, a=a, b=b, first=first):
-                entry = books.setdefault(pos, [0.0, 0.0])
-                entry[0] += pre
-                entry[1] += dec
+            if piece.in_flight:
+                _split_slice(piece, books, idle_w=idle_w, weights=(a, b), first=first)
         unattributed.append(math.fsum(idle_j))
         per_request.extend(_request_records(index, activity, books))
     notes = (
