@@ -273,7 +273,7 @@ def test_prefill_check_measures_prefill_by_subtraction_next_to_the_attributed() 
     prompts = [" ".join(["word"] * (i + 1)) for i in range(10)]
     measured = run_case(backend=backend, meters=[gpu], config=case, prompts=prompts, clock=clock)
     # three batches, each 0.125 s to its first token at 200 W, generating one token each
-    # warmup, then 2 windows each followed by its check: 2 batches of 4 each time
+    # warmup, 2 windows, then a check per window: 2 batches of 4 each time
     assert backend.events.count("generate:4") == (1 + 2 + 2) * 2
     for rep in measured.repetitions:
         assert rep.values["subtraction_prefill_energy_j"] == pytest.approx(75.0)

@@ -165,8 +165,8 @@ class CaseConfig(StrictModel):
     )
     prefill_check: bool = Field(
         default=False,
-        description="After each window, also measure prefill energy by subtraction (the same "
-        "requests generating one new token each, optimum-benchmark's way) next to the "
+        description="Per measured window, also measure prefill energy by subtraction (the "
+        "same requests generating one new token each, optimum-benchmark's way) next to the "
         "attributed prefill energy, so the attribution's error is visible.",
     )
     scenario: Literal["offline", "single_stream", "server"] = Field(

@@ -1,9 +1,9 @@
 """Prefill energy by subtraction, next to the attributed one (the ``prefill_check`` parameter).
 
 optimum-benchmark measures prefill energy as the energy of a generate with one new token per
-request. With ``prefill_check=True`` the runner does the same after each measured window: the
-window's requests run again, each generating one token, in a window of their own (lengthened by
-rounds like any other), and the repetition gets ``subtraction_prefill_energy_j`` (per round)
+request. With ``prefill_check=True`` the runner does the same once the measured windows are done: per
+repetition the requests run again, each generating one token, in a window of their own
+(lengthened by rounds like any other), and the repetition gets ``subtraction_prefill_energy_j`` (per round)
 and ``prefill_attribution_diff``, the attributed prefill energy's relative difference from it.
 """
 
@@ -67,18 +67,20 @@ class PrefillCheck:
         )
         return cls(backend, meters, workload, clock, policy, assignment)
 
-    def measure(self, repetition: RepetitionRecord) -> None:
-        """Measure the one-token window and add its figures to ``repetition.values``."""
+    def measure(self, repetitions: Sequence[RepetitionRecord]) -> None:
+        """Measure one one-token window per repetition; add its figures to the repetition's
+        values."""
         from pytest_llem.harness.runner import measure_extended_window
 
-        window = measure_extended_window(
-            self.backend, self.meters, self.workload, self.clock, 1, self.policy
-        )
-        total = combine_energy(window.readings, self.assignment).total_j
-        subtraction = None if total is None else total / window.rounds
-        attributed = repetition.values.get("prefill_energy_j")
-        diff = None
-        if subtraction and attributed is not None:
-            diff = (attributed - subtraction) / subtraction
-        repetition.values["subtraction_prefill_energy_j"] = subtraction
-        repetition.values["prefill_attribution_diff"] = diff
+        for repetition in repetitions:
+            window = measure_extended_window(
+                self.backend, self.meters, self.workload, self.clock, 1, self.policy
+            )
+            total = combine_energy(window.readings, self.assignment).total_j
+            subtraction = None if total is None else total / window.rounds
+            attributed = repetition.values.get("prefill_energy_j")
+            diff = None
+            if subtraction and attributed is not None:
+                diff = (attributed - subtraction) / subtraction
+            repetition.values["subtraction_prefill_energy_j"] = subtraction
+            repetition.values["prefill_attribution_diff"] = diff

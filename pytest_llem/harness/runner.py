@@ -273,19 +273,18 @@ def run_case(
     context = CaseContext(
         config, non_embedding_parameters, policy, baseline, assignment, baseline_problem
     )
-    check = PrefillCheck.for_case(
-        backend=backend, meters=meters, config=config, requests=requests,
-        scenario=scenario or config.scenario, clock=clock, policy=policy, assignment=assignment,
-    ) if config.prefill_check else None  # fmt: skip
     for index in range(config.repeat):
         window = measure_extended_window(backend, meters, workload, clock, rounds, policy)
         rounds = window.rounds
         _check_window(window, workload.requests * window.rounds)
         repetition, window_latencies = record_window(index, window, context)
-        if check is not None:
-            check.measure(repetition)
         repetitions.append(repetition)
         latencies.extend(window_latencies)
+    if config.prefill_check:
+        PrefillCheck.for_case(
+            backend=backend, meters=meters, config=config, requests=requests,
+            scenario=scenario or config.scenario, clock=clock, policy=policy, assignment=assignment,
+        ).measure(repetitions)  # fmt: skip
     metrics, latency = summarise_case(repetitions, latencies)
     notes = [
         *workload.notes,
