@@ -61,7 +61,7 @@ class StepTimeline:
 
     def add(self, start: float, end: float, work: Iterable[StepWork]) -> None:
         """Record one step from ``start`` to ``end`` (perf_counter seconds) with its work."""
-        step = EngineStep(start, end, tuple(work))
+        step = EngineStep(start, end, work if isinstance(work, tuple) else tuple(work))
         with self._lock:
             self.rounds[-1].append(step)
 

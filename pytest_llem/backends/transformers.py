@@ -475,6 +475,7 @@ class _TokenClock:
         self.timeline: StepTimeline | None = None
         self.input_tokens: list[int] = []
         self.last_step = 0.0
+        self._work: tuple[StepWork, ...] | None = None
 
     def record_steps(
         self, timeline: StepTimeline | None, input_tokens: list[int], at: float
@@ -485,14 +486,18 @@ class _TokenClock:
     def _report_step(self, now: float) -> None:
         if self.timeline is None:
             return
-        prefill = not any(self.token_ids)
-        work = [
-            StepWork(index, self.input_tokens[row] if prefill else 0, 0 if prefill else 1)
-            for row, index in enumerate(self.request_indices)
-            if not self.finished[row]
-        ]
-        self.timeline.add(self.last_step, now, work)
+        # The work changes only after the prefill and when a row finishes: built again then.
+        if self._work is None:
+            prefill = not any(self.token_ids)
+            self._work = tuple(
+                StepWork(index, self.input_tokens[row] if prefill else 0, 0 if prefill else 1)
+                for row, index in enumerate(self.request_indices)
+                if not self.finished[row]
+            )
+        self.timeline.add(self.last_step, now, self._work)
         self.last_step = now
+        if not any(self.token_ids):
+            self._work = None  # this was the prefill
 
     def step(self, token_ids: list[int]) -> None:
         """One decoding step: ``token_ids[row]`` is the token picked for each row."""
@@ -511,6 +516,8 @@ class _TokenClock:
             limit = self.limit(row)
             cut = limit is not None and len(self.token_ids[row]) >= limit
             self.finished[row] = cut or token in self.stop_ids
+            if self.finished[row]:
+                self._work = None
             if self.on_token is not None:
                 self.on_token(self.request_indices[row], token, now)
 
