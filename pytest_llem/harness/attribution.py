@@ -24,6 +24,7 @@ from pytest_llem.backends.base import Generation
 from pytest_llem.backends.steps import EngineStep
 from pytest_llem.harness.fit import TokenFit, fit_token_energy
 from pytest_llem.harness.metrics import RequestLatency
+from pytest_llem.harness.metrics import _chunks as token_chunks  # the latencies' chunk rule
 from pytest_llem.harness.step_power import EnergyCurve
 from pytest_llem.results.attribution import (
     AttributionRecord,
@@ -80,15 +81,9 @@ class Attribution:
 def client_work(position: int, generation: Generation) -> list[_Work]:
     """A request's work as a client sees it: the prompt (and the first chunk's tokens) from
     its issue to its first chunk, then each chunk's tokens since the chunk before."""
-    times = generation.token_times
-    if not times:
+    chunks = token_chunks(generation.token_times)
+    if not chunks:
         return []
-    chunks: list[tuple[float, int]] = []
-    for t in times:
-        if chunks and chunks[-1][0] == t:
-            chunks[-1] = (t, chunks[-1][1] + 1)
-        else:
-            chunks.append((t, 1))
     first_t, first_k = chunks[0]
     first = (position, float(generation.input_tokens), float(first_k - 1))
     works = [_Work(generation.issued_at, first_t, (first,))]
