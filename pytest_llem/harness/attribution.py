@@ -32,7 +32,7 @@ from pytest_llem.results.attribution import (
     RequestEnergyRecord,
 )
 
-__all__ = ["Attribution", "RoundActivity", "attribute", "client_work"]
+__all__ = ["Attribution", "RoundActivity", "attribute"]
 
 
 @dataclass(frozen=True)
@@ -78,7 +78,7 @@ class Attribution:
     record: AttributionRecord
 
 
-def client_work(position: int, generation: Generation) -> list[_Work]:
+def _client_work(position: int, generation: Generation) -> list[_Work]:
     """A request's work as a client sees it: the prompt (and the first chunk's tokens) from
     its issue to its first chunk, then each chunk's tokens since the chunk before."""
     chunks = token_chunks(generation.token_times)
@@ -225,7 +225,7 @@ def _round_works(activity: RoundActivity) -> tuple[list[_Work], bool]:
     positions = {g.request_index: i for i, g in enumerate(activity.generations)}
     if activity.steps and len(positions) == len(activity.generations):
         return _engine_work(activity.steps, positions), True
-    return [w for i, g in enumerate(activity.generations) for w in client_work(i, g)], False
+    return [w for i, g in enumerate(activity.generations) for w in _client_work(i, g)], False
 
 
 def _request_records(
