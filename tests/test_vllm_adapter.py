@@ -134,6 +134,25 @@ def test_engine_steps_carry_each_requests_prefill_then_decode(backend: VllmBacke
     assert steps[1].end == out[0].token_times[1]
 
 
+def test_prefix_cached_prompt_tokens_are_not_prefill_work(
+    backend: VllmBackend, engine: FakeEngine
+) -> None:
+    engine.cached_tokens = 2
+    timeline = StepTimeline()
+    backend.record_steps(timeline)
+    try:
+        backend.generate(
+            [Request(0, "one two three four")], params=GenerateParams(max_new_tokens=2)
+        )
+    finally:
+        backend.record_steps(None)
+    (steps,) = timeline.rounds
+    assert [(w.prefill_tokens, w.decode_tokens) for st in steps for w in st.work] == [
+        (5 - 2, 0),
+        (0, 1),
+    ]
+
+
 def test_output_stops_at_end_of_sequence_unless_fixed(backend: VllmBackend) -> None:
     (g,) = backend.generate([Request(0, "hi")], params=GenerateParams(max_new_tokens=8))
     assert g.output_token_ids == [102, 103, EOS]  # the fake model ends after 3 tokens
