@@ -104,7 +104,7 @@ def _everything() -> list[CaseMeasurement]:
         "ramp_up_fraction": 0.25,
     }
     return [
-        _run("offline", batch_size=4, slo=slo),
+        _run("offline", batch_size=4, slo=slo, prefill_check=True),
         _run("server", batch_size=1, slo=slo, traffic=traffic),
     ]
 

@@ -295,7 +295,7 @@ def test_committed_metric_tables_are_up_to_date(capsys):
         "docs/metrics.md's metric tables are out of date: run "
         "`llem metrics --doc docs/metrics.md --write`"
     )
-    assert generated.count("<!-- llem metrics: ") == 12
+    assert generated.count("<!-- llem metrics: ") == 13
 
 
 def test_metrics_lists_every_catalogue_name_with_unit_and_direction(capsys):

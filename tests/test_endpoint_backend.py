@@ -232,6 +232,27 @@ def test_the_server_scenario_submits_to_the_endpoint(connect):
     assert [g.output_tokens for g in run.generations] == [4, 4, 4, 4]
 
 
+def test_a_server_window_is_attributed_from_the_chunk_arrivals(connect):
+    from pytest_llem.harness.runner import run_case
+    from tests.fakes.fake_meter import FakeMeter
+
+    backend = connect()
+    config = CaseConfig(
+        backend="endpoint", scenario="server", max_new_tokens=4, min_new_tokens=4, warmup=0,
+        repeat=1, traffic={"rate": 50.0, "num_requests": 4},
+    )  # fmt: skip
+    meter = FakeMeter("steady", time.perf_counter, power_w={"gpu": 100.0})
+    measured = run_case(backend=backend, meters=[meter], config=config, prompts=PROMPTS)
+    (rep,) = measured.repetitions
+    assert rep.attribution is not None
+    assert rep.attribution.timeline == "client"  # only what a client sees
+    assert len(rep.per_request) == 4 * rep.rounds
+    assert rep.energy_j is not None
+    assert rep.unattributed_energy_j is not None
+    books = sum(r.energy_j or 0.0 for r in rep.per_request) + rep.unattributed_energy_j
+    assert books == pytest.approx(rep.energy_j, rel=1e-9)
+
+
 # -- servers without the extensions -------------------------------------------------------------
 
 

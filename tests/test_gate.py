@@ -32,7 +32,9 @@ def test_gate_metrics_follow_metrics_md() -> None:
         for suffix in ("p50", "p90", "p95", "p99", "mean", "max"):
             assert f"{base}.{suffix}" in GATE_METRICS
         assert base not in GATE_METRICS  # a latency needs its statistic
-    assert len(GATE_METRICS) == 13 + 4 * 6
+    for name in ("request_energy_j.p50", "request_energy_j.p99", "prefill_energy_j"):
+        assert name in GATE_METRICS  # attributed energy gates too
+    assert len(GATE_METRICS) == 13 + 4 * 6 + 6 + 2
 
 
 @pytest.mark.parametrize(

@@ -75,6 +75,26 @@ def test_10w_package_reads_10w_and_dram_2w(intel: FakeRaplTree) -> None:
     assert list(dram.devices) == ["dram-0"]
 
 
+def test_the_pollers_reads_give_a_power_timeline_per_domain(intel: FakeRaplTree) -> None:
+    meter = RaplMeter(intel.root, poll_s=0.05, cpu_vendor=INTEL)
+    try:
+        reading = _window(meter, 0.5, intel)
+    finally:
+        meter.close()
+    timelines = {t.domain: t for t in reading.timelines}
+    assert set(timelines) == {"cpu", "dram"}
+    cpu = timelines["cpu"]
+    assert cpu.samples == len(cpu.times_s) >= 3
+    assert list(cpu.times_s) == sorted(cpu.times_s)
+    assert cpu.times_s[-1] == pytest.approx(reading.duration_s, abs=0.05)
+    assert cpu.period_s == 0.05
+    assert "polled" in cpu.method
+    # the mean power between reads integrates back to the counter's energy
+    edges = [0.0, *cpu.times_s]
+    integral = sum(w * (b - a) for w, a, b in zip(cpu.watts, edges, edges[1:], strict=False))
+    assert integral == pytest.approx(_energy(reading, "cpu"), rel=1e-6)
+
+
 def test_meter_satisfies_protocol_and_describes_itself(intel: FakeRaplTree) -> None:
     meter = RaplMeter(intel.root, cpu_vendor=INTEL)
     try:

@@ -535,3 +535,30 @@ def test_empty_runs_and_cases_without_figures_render() -> None:
     assert "no values in this record" in page
     empty = render_html(make_record([]))
     assert 'data-cases="0"' in empty
+
+
+def test_attributed_energy_per_request_and_its_split_are_drawn() -> None:
+    from pytest_llem.results.attribution import AttributionRecord, RequestEnergyRecord
+
+    case = make_case(0)
+    rep = case.repetitions[0]
+    rep.per_request = [
+        RequestEnergyRecord(
+            index=i, input_tokens=20, output_tokens=n, energy_j=0.5 + 0.1 * n,
+            prefill_energy_j=0.5, decode_energy_j=0.1 * n,
+        )
+        for i, n in enumerate((2, 24, 8))
+    ]  # fmt: skip
+    rep.unattributed_energy_j = 0.2
+    rep.attribution = AttributionRecord(
+        timeline="engine", power="cpu: <b>linear</b>", fit_r2=0.93, fit_steps=40
+    )
+    for name, value in (("prefill_energy_j", 1.5), ("decode_energy_j", 3.4)):
+        case.metrics[name] = _summary(value, "J", source="attributed")
+    page = render_html(make_record([case, make_case(1)]))
+    assert page.count("Energy per request and per phase") == 1  # only the case that has it
+    assert "Energy of each request against its output tokens" in page
+    assert "20 in, 24 out: 2.9 J (prefill 0.5 J)" in page
+    assert "prefill: 1.5 J (31%)" in page
+    assert "decode: 3.4 J (69%)" in page
+    assert "&lt;b&gt;linear&lt;/b&gt;" in page  # record text is escaped

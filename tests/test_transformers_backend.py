@@ -6,6 +6,7 @@ holding one build of llem-tiny.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import shutil
@@ -19,6 +20,7 @@ import pytest
 
 from pytest_llem.backends import transformers as backend_module
 from pytest_llem.backends.base import Backend, GenerateParams, Request
+from pytest_llem.backends.steps import RecordsSteps, StepTimeline
 from pytest_llem.backends.transformers import TransformersBackend
 from pytest_llem.config.models import CaseConfig, SamplingConfig
 from pytest_llem.data.tiny_model import TINY_MODEL_NAME
@@ -163,6 +165,33 @@ def test_fixed_output_length_and_token_times(backend: TransformersBackend) -> No
         assert isinstance(g.text, str)
     # One decoding step serves the whole batch, so the rows share their step times.
     assert len({tuple(g.token_times) for g in out}) == 1
+
+
+def test_engine_steps_are_reported_prefill_first(backend: TransformersBackend) -> None:
+    assert isinstance(backend, RecordsSteps)
+    timeline = StepTimeline()
+    backend.record_steps(timeline)
+    try:
+        params = GenerateParams(max_new_tokens=5)
+        out = backend.generate(_requests(first_index=20), params=params, on_token=None)
+    finally:
+        backend.record_steps(None)
+    (steps,) = timeline.rounds
+    longest = max(g.output_tokens for g in out)
+    assert len(steps) == longest  # one step per generated position, the prefill first
+    prefill = {w.request_index: w for w in steps[0].work}
+    assert {i: w.prefill_tokens for i, w in prefill.items()} == {
+        g.request_index: g.input_tokens for g in out
+    }
+    assert all(w.decode_tokens == 0 for w in steps[0].work)
+    assert steps[0].start == out[0].issued_at
+    assert steps[0].end == out[0].token_times[0]
+    for g in out:  # each further token of a row is one decode token in one step
+        decoded = sum(
+            w.decode_tokens for s in steps[1:] for w in s.work if w.request_index == g.request_index
+        )
+        assert decoded == g.output_tokens - 1
+    assert all(a.end == b.start for a, b in itertools.pairwise(steps))
 
 
 def test_on_token_sees_every_token_in_order(backend: TransformersBackend) -> None:
@@ -369,3 +398,28 @@ def test_close_releases_the_model(tiny_model: Path) -> None:
     closing.load()  # loadable again after close
     assert closing.generate(_requests(), params=GenerateParams(max_new_tokens=2))[0].output_tokens
     closing.close()
+
+
+def test_prefill_check_reports_both_prefill_energies(
+    backend: TransformersBackend, tiny_model: Path
+) -> None:
+    from pytest_llem.harness.runner import run_case
+    from tests.fakes.fake_meter import FakeMeter
+
+    meter = FakeMeter("steady", time.perf_counter, power_w={"cpu": 20.0})
+    case = CaseConfig(
+        model=str(tiny_model), device="cpu", batch_size=2, max_new_tokens=8, min_new_tokens=8,
+        warmup=0, repeat=1, prefill_check=True,
+    )  # fmt: skip
+    measured = run_case(backend=backend, meters=[meter], config=case, prompts=PROMPTS)
+    (rep,) = measured.repetitions
+    assert rep.attribution is not None
+    assert rep.attribution.timeline == "engine"
+    subtraction = rep.values["subtraction_prefill_energy_j"]
+    attributed = rep.values["prefill_energy_j"]
+    assert subtraction is not None
+    assert subtraction > 0
+    assert attributed is not None
+    assert attributed > 0
+    diff = rep.values["prefill_attribution_diff"]
+    assert diff == pytest.approx((attributed - subtraction) / subtraction)

@@ -19,6 +19,7 @@ import pytest
 from pytest_llem.backends import vllm as vllm_backend
 from pytest_llem.backends import vllm_engine, vllm_memory
 from pytest_llem.backends.base import GenerateParams, Request, SchedulingBackend
+from pytest_llem.backends.steps import RecordsSteps, StepTimeline
 from pytest_llem.backends.vllm import VllmBackend
 from pytest_llem.config.models import CaseConfig, SamplingConfig
 from pytest_llem.exceptions import (
@@ -107,6 +108,49 @@ def test_generate_streams_each_step_with_its_time(backend: VllmBackend, engine: 
     )
     assert engine.threads == {"llem-vllm-engine"}, "every engine call runs on the engine thread"
     assert backend._tokenizer.threads == {"llem-vllm-engine"}
+
+
+def test_engine_steps_carry_each_requests_prefill_then_decode(backend: VllmBackend) -> None:
+    assert isinstance(backend, RecordsSteps)
+    timeline = StepTimeline()
+    backend.record_steps(timeline)
+    try:
+        requests = [Request(3, "one two", output_tokens=2), Request(4, "three four five")]
+        out = backend.generate(requests, params=GenerateParams(max_new_tokens=4, min_new_tokens=4))
+    finally:
+        backend.record_steps(None)
+    (steps,) = timeline.rounds
+    assert len(steps) == 4
+    first = {w.request_index: (w.prefill_tokens, w.decode_tokens) for w in steps[0].work}
+    assert first == {3: (3, 0), 4: (4, 0)}  # the prompts (with BOS), and each first token
+    for g in out:
+        decoded = sum(
+            w.decode_tokens for st in steps for w in st.work if w.request_index == g.request_index
+        )
+        assert decoded == g.output_tokens - 1
+    assert [len(st.work) for st in steps] == [2, 2, 1, 1]  # request 3 stops after 2 tokens
+    for st in steps:
+        assert st.start < st.end
+    assert steps[1].end == out[0].token_times[1]
+
+
+def test_prefix_cached_prompt_tokens_are_not_prefill_work(
+    backend: VllmBackend, engine: FakeEngine
+) -> None:
+    engine.cached_tokens = 2
+    timeline = StepTimeline()
+    backend.record_steps(timeline)
+    try:
+        backend.generate(
+            [Request(0, "one two three four")], params=GenerateParams(max_new_tokens=2)
+        )
+    finally:
+        backend.record_steps(None)
+    (steps,) = timeline.rounds
+    assert [(w.prefill_tokens, w.decode_tokens) for st in steps for w in st.work] == [
+        (5 - 2, 0),
+        (0, 1),
+    ]
 
 
 def test_output_stops_at_end_of_sequence_unless_fixed(backend: VllmBackend) -> None:

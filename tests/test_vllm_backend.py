@@ -248,6 +248,28 @@ def test_setting_this_vllm_does_not_take_is_a_config_error(tiny_model: Path) -> 
         VllmBackend(_case(tiny_model, swap_space=4.0)).load()
 
 
+def test_a_measured_window_has_per_request_energy_from_the_engine_steps(
+    backend: VllmBackend, tiny_model: Path
+) -> None:
+    from pytest_llem.harness.runner import run_case
+    from tests.fakes.fake_meter import FakeMeter
+
+    meter = FakeMeter("steady", time.perf_counter, power_w={"cpu": 30.0})
+    case = _case(tiny_model).model_copy(
+        update={"max_new_tokens": 6, "min_new_tokens": 6, "warmup": 0, "repeat": 1}
+    )
+    measured = run_case(backend=backend, meters=[meter], config=case, prompts=PROMPTS)
+    (rep,) = measured.repetitions
+    assert rep.attribution is not None
+    assert rep.attribution.timeline == "engine"
+    assert rep.energy_j is not None
+    assert rep.unattributed_energy_j is not None
+    assert [r.output_tokens for r in rep.per_request] == [6] * len(PROMPTS) * rep.rounds
+    books = sum(r.energy_j or 0.0 for r in rep.per_request) + rep.unattributed_energy_j
+    assert books == pytest.approx(rep.energy_j, rel=1e-9)
+    assert all((r.energy_j or 0.0) > 0 for r in rep.per_request)
+
+
 def test_reuse_close_and_reload_last(backend: VllmBackend, tiny_model: Path) -> None:
     """Runs last: it shuts the module's engine down through the session's backend cache."""
     psutil = pytest.importorskip("psutil")

@@ -27,6 +27,7 @@ from pytest_llem.backends.base import (
     Request,
     TokenCallback,
 )
+from pytest_llem.backends.steps import StepTimeline, StepWork
 from pytest_llem.backends.support import (
     CASE_DTYPES,
     MIB,
@@ -87,6 +88,11 @@ class TransformersBackend(EngineAdapter):
         self._model: Any = None
         self._device = "cpu"
         self._rss_interval = False
+        self._steps: StepTimeline | None = None
+
+    def record_steps(self, timeline: StepTimeline | None) -> None:
+        """Report each decoding step of ``generate`` to ``timeline`` (None: stop)."""
+        self._steps = timeline
 
     # -- loading -------------------------------------------------------------------------------
 
@@ -284,6 +290,7 @@ class TransformersBackend(EngineAdapter):
         if params.sampling.do_sample:
             torch.manual_seed(params.seed)
         issued_at = time.perf_counter()
+        clock.record_steps(self._steps, input_tokens, issued_at)
         try:
             with torch.inference_mode():
                 output = model.generate(
@@ -465,6 +472,32 @@ class _TokenClock:
         self.token_times: list[list[float]] = [[] for _ in request_indices]
         self.finished = [False] * len(request_indices)
         self.prompt_seen = False
+        self.timeline: StepTimeline | None = None
+        self.input_tokens: list[int] = []
+        self.last_step = 0.0
+        self._work: tuple[StepWork, ...] | None = None
+
+    def record_steps(
+        self, timeline: StepTimeline | None, input_tokens: list[int], at: float
+    ) -> None:
+        """Report each decoding step to ``timeline`` from ``at`` on (the first is the prefill)."""
+        self.timeline, self.input_tokens, self.last_step = timeline, input_tokens, at
+
+    def _report_step(self, now: float) -> None:
+        if self.timeline is None:
+            return
+        # The work changes only after the prefill and when a row finishes: built again then.
+        if self._work is None:
+            prefill = not any(self.token_ids)
+            self._work = tuple(
+                StepWork(index, self.input_tokens[row] if prefill else 0, 0 if prefill else 1)
+                for row, index in enumerate(self.request_indices)
+                if not self.finished[row]
+            )
+        self.timeline.add(self.last_step, now, self._work)
+        self.last_step = now
+        if not any(self.token_ids):
+            self._work = None  # this was the prefill
 
     def step(self, token_ids: list[int]) -> None:
         """One decoding step: ``token_ids[row]`` is the token picked for each row."""
@@ -474,6 +507,7 @@ class _TokenClock:
                 f"{_NAME}: a decoding step delivered {len(token_ids)} tokens for a batch of "
                 f"{len(self.finished)}"
             )
+        self._report_step(now)
         for row, token in enumerate(token_ids):
             if self.finished[row]:
                 continue  # generate fills finished rows with padding
@@ -482,6 +516,8 @@ class _TokenClock:
             limit = self.limit(row)
             cut = limit is not None and len(self.token_ids[row]) >= limit
             self.finished[row] = cut or token in self.stop_ids
+            if self.finished[row]:
+                self._work = None
             if self.on_token is not None:
                 self.on_token(self.request_indices[row], token, now)
 

@@ -33,6 +33,7 @@ from pytest_llem.backends.base import (
     Request,
     TokenCallback,
 )
+from pytest_llem.backends.steps import StepTimeline
 from pytest_llem.backends.support import (
     CASE_DTYPES,
     EngineScheduledBackend,
@@ -398,6 +399,11 @@ class VllmBackend(EngineScheduledBackend):
         return require_loaded(self._model_vocab_size, backend=_NAME, what="vocabulary")
 
     # -- device state ----------------------------------------------------------------------------
+
+    def record_steps(self, timeline: StepTimeline | None) -> None:
+        """Report each engine step (``LLMEngine.step()``) to ``timeline`` (None: stop)."""
+        if self._loop is not None:
+            self._loop.timeline = timeline
 
     def synchronize(self) -> None:
         """Nothing to wait for: a Generation is complete only once the engine has returned

@@ -22,6 +22,7 @@ from concurrent.futures import Future
 from typing import Any, TypeVar
 
 from pytest_llem.backends.base import Generation, TokenCallback
+from pytest_llem.backends.steps import StepTimeline, StepWork
 from pytest_llem.backends.support import engine_failure, first_line, load_errors
 from pytest_llem.exceptions import (
     BackendInferenceError,
@@ -107,6 +108,8 @@ class EngineLoop:
         self._closing = False
         self._failure: LlemError | None = None
         self._ids = itertools.count()
+        #: Where each step is reported (set from any thread; read on the engine thread).
+        self.timeline: StepTimeline | None = None
         self._thread = threading.Thread(target=self._run, name="llem-vllm-engine", daemon=True)
         self._thread.start()
 
@@ -188,12 +191,16 @@ class EngineLoop:
                     abort=False,
                 )
                 return
+            started = time.perf_counter()
             outputs = self._engine.step()
         except Exception as e:
             self._failure = engine_failure(e, backend=_NAME, what="an engine step")
             self._drop(list(self._active), self._failure, abort=False)
             return
         now = time.perf_counter()
+        timeline = self.timeline
+        if timeline is not None:
+            timeline.add(started, now, self._step_work(outputs))
         for output in outputs:
             request_id = output.request_id
             stream = self._active.get(request_id)
@@ -209,6 +216,28 @@ class EngineLoop:
             if output.finished:
                 del self._active[request_id]
                 stream.finish()
+
+    def _step_work(self, outputs: Sequence[Any]) -> list[StepWork]:
+        """Each request's work in one step, from the step's outputs (before they are received).
+
+        A request's first tokens come with its prefill: its prompt (less the tokens vLLM found
+        in its prefix cache) counts in this step, even where chunked prefill spread it over
+        earlier steps that returned nothing for it; every further token is a decode token.
+        """
+        work = []
+        for output in outputs:
+            stream = self._active.get(output.request_id)
+            completions = output.outputs or []
+            if stream is None or not completions:
+                continue
+            new = len(completions[0].token_ids)
+            if stream.token_ids:
+                work.append(StepWork(stream.request_index, 0, new))
+                continue
+            cached = getattr(output, "num_cached_tokens", None)
+            prompt = stream.input_tokens - (cached if isinstance(cached, int) else 0)
+            work.append(StepWork(stream.request_index, max(prompt, 0), max(new - 1, 0)))
+        return work
 
     def _drop(self, request_ids: list[str], error: BaseException, *, abort: bool = True) -> None:
         streams = [self._active.pop(rid) for rid in request_ids if rid in self._active]

@@ -170,6 +170,12 @@ class CaseConfig(StrictModel):
         "judges at that level (docs/ci.md, Adaptive repetitions).",
         json_schema_extra=field_meta(sweep=[3, 5, 10], short="rep"),
     )
+    prefill_check: bool = Field(
+        default=False,
+        description="Per measured window, also measure prefill energy by subtraction (the "
+        "same requests generating one new token each, optimum-benchmark's way) next to the "
+        "attributed prefill energy, so the attribution's error is visible.",
+    )
     scenario: Literal["offline", "single_stream", "server"] = Field(
         default="offline",
         description="How requests are issued: offline (all at once, in batches of batch_size), "

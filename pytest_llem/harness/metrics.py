@@ -341,7 +341,8 @@ def metric_source(name: str, energy_sources: Mapping[str, str]) -> str:
 
     Returns:
         For a domain's energy, that domain's source; for the other energy metrics
-        ``measured`` only when every covered domain was measured, else ``estimated``;
+        ``measured`` only when every covered domain was measured, else ``estimated``
+        (``attributed`` for the figures split per request, ``estimated`` likewise);
         ``estimated`` for ``flops_estimate`` and ``emissions_kg`` (a grid carbon-intensity
         model); ``measured`` for the rest (clock and counts).
     """
@@ -349,9 +350,9 @@ def metric_source(name: str, energy_sources: Mapping[str, str]) -> str:
     rule = known.source if known is not None else "measured"
     if rule in DOMAINS:
         return energy_sources.get(rule, "measured")
-    if rule == "meters":
+    if rule in ("meters", "attributed"):
         measured = all(source == "measured" for source in energy_sources.values())
-        return "measured" if measured else "estimated"
+        return ("measured" if rule == "meters" else rule) if measured else "estimated"
     return rule
 
 

@@ -13,16 +13,19 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from typing import cast
 
-from pytest_llem.backends.base import Backend, GenerateParams, Request
+from pytest_llem.backends.base import Backend, GenerateParams, MemoryUsage, Request
+from pytest_llem.backends.steps import RecordsSteps, StepTimeline
 from pytest_llem.config.models import CaseConfig
 from pytest_llem.exceptions import ConfigurationError, EnergyMeterError, InferenceError
 from pytest_llem.harness.adaptive import AdaptiveStop
 from pytest_llem.harness.case_summary import case_notes, summarise_case
 from pytest_llem.harness.machine_state import MachineProbe
 from pytest_llem.harness.metrics import RequestLatency
-from pytest_llem.harness.scenarios import Mark, Workload, build_workload
+from pytest_llem.harness.prefill_check import PrefillCheck
+from pytest_llem.harness.scenarios import Mark, Workload, WorkloadRun, build_workload
 from pytest_llem.harness.window import (
     MAX_ROUNDS,
     QUANTISATION_PERIODS,
@@ -131,39 +134,85 @@ def measure_window(
     backend.reset_peak_memory()
     backend.synchronize()
     edge = machine.snapshot() if machine is not None else None
+    timeline = _record_steps(backend)
     start_meters(meters)
     marks: list[dict[str, Lap]] = [{} for _ in range(rounds)]
+    round_starts: list[float] = []
     try:
         t0 = clock()
-        runs = [workload(_lapper(meters, clock, round_marks)) for round_marks in marks]
+        runs = [
+            _run_round(workload, _lapper(meters, clock, round_marks), clock, round_starts, timeline)
+            for round_marks in marks
+        ]
         backend.synchronize()
         t1 = clock()
     except BaseException:
         abandon_meters(meters)
         raise
+    finally:
+        if timeline is not None:
+            cast(RecordsSteps, backend).record_steps(None)
     readings = stop_meters(meters)
     state = (
         machine.window(edge, machine.snapshot())
         if machine is not None and edge is not None
         else None
     )
-    generations = [g for run in runs for g in run.generations]
+    window = _window_of(runs, marks, readings, backend.peak_memory())
+    return replace(
+        window,
+        duration_s=t1 - t0,
+        machine=state,
+        started_at=t0,
+        round_starts=round_starts,
+        steps=timeline.rounds if timeline is not None else None,
+    )
+
+
+def _window_of(
+    runs: Sequence[WorkloadRun],
+    marks: list[dict[str, Lap]],
+    readings: list[EnergyReading],
+    peak: MemoryUsage,
+) -> Window:
+    """The window of these rounds (its timing is set by the caller)."""
     arrivals: list[float | None] = []
     for run in runs:
         arrivals.extend(run.arrivals if run.arrivals is not None else [None] * len(run.generations))
-    loads = [run.load for run in runs if run.load is not None]
     return Window(
-        generations,
-        t1 - t0,
+        [g for run in runs for g in run.generations],
+        0.0,
         readings,
-        backend.peak_memory(),
-        rounds,
+        peak,
+        len(runs),
         arrivals,
-        loads,
+        [run.load for run in runs if run.load is not None],
         marks,
         runs[0].steady_from if runs else None,
-        state,
     )
+
+
+def _run_round(
+    workload: Workload,
+    mark: Mark,
+    clock: Clock,
+    starts: list[float],
+    timeline: StepTimeline | None,
+) -> WorkloadRun:
+    """One round of the workload inside a window; its start goes into ``starts``."""
+    starts.append(clock())
+    if timeline is not None:
+        timeline.begin_round()
+    return workload(mark)
+
+
+def _record_steps(backend: Backend) -> StepTimeline | None:
+    """A step timeline the backend fills from now on, if it reports its engine's steps."""
+    if not isinstance(backend, RecordsSteps):
+        return None
+    timeline = StepTimeline()
+    backend.record_steps(timeline)
+    return timeline
 
 
 def _check_window(window: Window, expected: int) -> None:
@@ -227,17 +276,7 @@ def run_case(
     """
     if requests is None:
         requests = [Request(index=i, prompt=p) for i, p in enumerate(prompts)]
-    if not requests:
-        raise ConfigurationError("a case needs at least one prompt")
-    workload = build_workload(
-        scenario or config.scenario,
-        backend=backend,
-        requests=requests,
-        params=GenerateParams.from_case(config),
-        config=config,
-        clock=clock,
-        sleep=sleep,
-    )
+    workload = _workload(scenario or config.scenario, backend, requests, config, clock, sleep)
     policy = policy or WindowPolicy()
     stop: AdaptiveStop | None = None
     if config.repeat == AUTO:
@@ -250,6 +289,11 @@ def run_case(
     repetitions, latencies, record = _measure_windows(
         backend, meters, workload, clock, rounds, context, stop, machine=machine
     )
+    if config.prefill_check:
+        PrefillCheck.for_case(
+            backend=backend, meters=meters, config=config, requests=requests,
+            scenario=scenario or config.scenario, clock=clock, policy=policy, assignment=assignment,
+        ).measure(repetitions)  # fmt: skip
     metrics, latency = summarise_case(repetitions, latencies)
     notes = [
         *workload.notes,
@@ -267,6 +311,28 @@ def run_case(
         warmup=config.warmup,
         notes=notes,
         adaptive=record,
+    )
+
+
+def _workload(
+    scenario: str,
+    backend: Backend,
+    requests: Sequence[Request],
+    config: CaseConfig,
+    clock: Clock,
+    sleep: Callable[[float], None],
+) -> Workload:
+    """The scenario's workload over ``requests`` (refused when there are none)."""
+    if not requests:
+        raise ConfigurationError("a case needs at least one prompt")
+    return build_workload(
+        scenario,
+        backend=backend,
+        requests=requests,
+        params=GenerateParams.from_case(config),
+        config=config,
+        clock=clock,
+        sleep=sleep,
     )
 
 

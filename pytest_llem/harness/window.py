@@ -12,6 +12,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from pytest_llem.backends.base import Generation, MemoryUsage
+from pytest_llem.backends.steps import EngineStep
 from pytest_llem.config.models import CaseConfig
 from pytest_llem.harness.scenarios import ServerLoad
 from pytest_llem.meters.base import EnergyReading
@@ -66,7 +67,9 @@ class Window:
 
     ``arrivals[i]`` is the scheduled arrival of ``generations[i]`` (None: its issue time).
     ``marks`` holds, per round, the meters read at the workload's named moments; ``machine``
-    the host's state between the window's edges (None: not probed).
+    the host's state between the window's edges (None: not probed). ``started_at`` is the
+    window's opening and ``round_starts`` each round's (perf_counter); ``steps`` the engine
+    steps of each round where the backend reports them.
     """
 
     generations: list[Generation]
@@ -79,6 +82,9 @@ class Window:
     marks: list[dict[str, Lap]] = field(default_factory=list)
     steady_from: int | None = None
     machine: WindowMachineState | None = None
+    started_at: float | None = None
+    round_starts: list[float] = field(default_factory=list)
+    steps: list[list[EngineStep]] | None = None
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
+from pytest_llem.harness.attribution import Attribution
 from pytest_llem.harness.baseline import idle_power
 from pytest_llem.harness.metrics import (
     RequestLatency,
@@ -27,6 +28,7 @@ from pytest_llem.harness.scenarios import (
 )
 from pytest_llem.harness.steady import steady_values
 from pytest_llem.harness.window import QUANTISATION_PERIODS, CaseContext, Window, WindowPolicy
+from pytest_llem.harness.window_attribution import attribute_window, attribution_values
 from pytest_llem.results.catalogue import DOMAINS, STEADY_PREFIX, lookup
 from pytest_llem.results.models import (
     DeviceStateRecord,
@@ -216,6 +218,25 @@ def _window_metrics(
     return values, no_idle
 
 
+def _attribute(
+    window: Window,
+    energy: WindowEnergy,
+    timelines: Sequence[PowerTimelineRecord],
+    latencies: Sequence[RequestLatency],
+    values: dict[str, float | None],
+) -> Attribution | None:
+    """The window's energy per request; its attributed figures go into ``values``."""
+    attributed = attribute_window(
+        window,
+        domains=energy.domains if energy.total_j is not None else {},
+        timelines=timelines,
+        latencies=latencies,
+        idle_power_w=values.get("idle_power_w"),
+    )
+    values.update(attribution_values(attributed, window.rounds))
+    return attributed
+
+
 def record_window(
     index: int, window: Window, context: CaseContext
 ) -> tuple[RepetitionRecord, list[RequestLatency]]:
@@ -236,6 +257,8 @@ def record_window(
         for g, a in zip(window.generations, window.arrivals, strict=True)
     ]
     values, no_idle = _window_metrics(window, context, energy, latencies)
+    timelines = _timelines(window, context.assignment)
+    attributed = _attribute(window, energy, timelines, latencies, values)
     cross_check = _cross_check(window, context.assignment)
     states = _device_states(window)
     if cross_check:
@@ -265,7 +288,11 @@ def record_window(
         steady=steady_reasons,
         dynamic=dynamic_reason,
     )
-    repetition.power_timeline = _timelines(window, context.assignment)
+    repetition.power_timeline = timelines
+    if attributed is not None:
+        repetition.per_request = attributed.per_request
+        repetition.unattributed_energy_j = attributed.unattributed_energy_j
+        repetition.attribution = attributed.record
     repetition.counter_vs_power_diff = cross_check
     repetition.device_states = states
     repetition.machine_state = window.machine

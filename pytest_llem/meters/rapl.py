@@ -35,6 +35,7 @@ are retried a few times before failing.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import threading
@@ -50,6 +51,7 @@ from pytest_llem.meters.base import (
     EnergyReading,
     MeterInfo,
     MeterResolution,
+    PowerTimeline,
     update_period_from_changes,
 )
 from pytest_llem.meters.rapl_zones import (
@@ -135,6 +137,10 @@ class _Accumulator:
         self.reads = 0
         now = time.perf_counter()
         self._last = {z.label: (read_uj(z), now) for z in zones}
+        self.opened = now
+        #: After each read: (seconds since opening, joules per domain so far), for the
+        #: window's power timeline.
+        self.history: list[tuple[float, dict[Domain, float]]] = []
 
     def sample(self) -> None:
         """Read every counter and add its advance since the previous read."""
@@ -151,6 +157,34 @@ class _Accumulator:
                 self.total_uj[zone.label] += delta
                 self._last[zone.label] = (raw, now)
             self.reads += 1
+            self.history.append((now - self.opened, self._domain_joules()))
+
+    def _domain_joules(self) -> dict[Domain, float]:
+        joules: dict[Domain, float] = {}
+        for zone in self._zones:
+            joules[zone.domain] = (
+                joules.get(zone.domain, 0.0) + self.total_uj[zone.label] * _J_PER_UJ
+            )
+        return joules
+
+    def timelines(self, poll_s: float) -> tuple[PowerTimeline, ...]:
+        """Per domain, the mean power between consecutive reads (each at the later read)."""
+        with self._lock:
+            history = list(self.history)
+        out = []
+        for domain in sorted({d for _, joules in history for d in joules}):
+            times, watts, last_t, last_j = [], [], 0.0, 0.0
+            for t, joules in history:
+                if t > last_t:
+                    times.append(t)
+                    watts.append((joules[domain] - last_j) / (t - last_t))
+                    last_t, last_j = t, joules[domain]
+            if times:
+                method = "RAPL energy counter polled; mean power between reads"
+                out.append(
+                    PowerTimeline(domain, tuple(times), tuple(watts), method, poll_s, len(times))
+                )
+        return tuple(out)
 
     def _check_wrap(
         self, zone: RaplZone, delta_uj: int, interval_s: float, before: int, after: int
@@ -373,7 +407,8 @@ class RaplMeter(WindowedMeter["_OpenRapl"]):
         poller.stop()
         _raise_poller_error(poller)
         _sample(accumulator)
-        return self._reading(accumulator, duration_s)
+        reading = self._reading(accumulator, duration_s)
+        return dataclasses.replace(reading, timelines=accumulator.timelines(self._poll_s))
 
     def _reading(self, accumulator: _Accumulator, duration_s: float) -> EnergyReading:
         joules = accumulator.joules()

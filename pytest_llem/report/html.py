@@ -22,6 +22,7 @@ from jinja2 import Environment, PackageLoader, StrictUndefined
 from markupsafe import Markup
 
 from pytest_llem.report import svg
+from pytest_llem.report.html_attribution import attribution_view
 from pytest_llem.report.html_run import json_text, kv, run_section, scorecard_section
 from pytest_llem.report.html_search import search_sections
 from pytest_llem.report.tables import case_machine
@@ -134,6 +135,7 @@ class _CaseView:
     latency_chart: Markup | None = None
     power_chart: Markup | None = None
     thermal: list[dict[str, str]] = field(default_factory=list)
+    attribution: dict[str, Any] | None = None
 
 
 def _usual_n(case: CaseRecord) -> int | None:
@@ -312,9 +314,17 @@ def _case_views(
                 latency_chart=_chart(svg.latency_distribution(case.latency)),
                 power_chart=_power_chart(case),
                 thermal=_thermal_rows(case),
+                attribution=_attribution(case),
             )
         )
     return views
+
+
+def _attribution(case: CaseRecord) -> dict[str, Any] | None:
+    view = attribution_view(case)
+    if view is None:
+        return None
+    return {"scatter": _chart(view.scatter), "split": _chart(view.split), "rows": view.rows}
 
 
 def _sweep_value(value: Any) -> float | int | str:

@@ -62,8 +62,9 @@ Kind = Literal[
     "memory",
 ]
 #: Where a metric's ``source`` comes from: fixed (``measured``, ``estimated``), the meters of
-#: the covered domains (``meters``: measured only when all were), or one domain's meter.
-SourceRule = Literal["measured", "estimated", "meters", "gpu", "cpu", "dram"]
+#: the covered domains (``meters``: measured only when all were), or one domain's meter;
+#: ``attributed``: the meters' energy split per request (estimated when a meter is).
+SourceRule = Literal["measured", "estimated", "meters", "gpu", "cpu", "dram", "attributed"]
 
 #: Sections of docs/metrics.md that hold a generated table, in the page's order.
 SECTIONS: tuple[str, ...] = (
@@ -71,6 +72,7 @@ SECTIONS: tuple[str, ...] = (
     "window",
     "energy",
     "baseline",
+    "attribution",
     "emissions",
     "check",
     "throughput",
@@ -107,7 +109,7 @@ class Metric:
     def follows_meters(self) -> bool:
         """Whether the figure is an energy figure whose source is the meters' (so estimated
         energy never gates by default)."""
-        return self.source in ("meters", *DOMAINS)
+        return self.source in ("meters", "attributed", *DOMAINS)
 
 
 def _entry(
@@ -145,6 +147,9 @@ def domain_energy_metric(domain: str) -> str:
 
 _NO_ENERGY = "no energy domain measured"
 _NO_TPOT = "no request produced 2 or more output tokens"
+_NO_FIT = (
+    "not identifiable from the window's steps (the repetition's attribution.fit_note says why)"
+)
 
 _ENTRIES: tuple[Metric, ...] = (
     _entry("requests", "requests", "neither", "count", "counting",
@@ -185,6 +190,37 @@ _ENTRIES: tuple[Metric, ...] = (
     _entry("dynamic_energy_per_output_token_j", "J/token", "lower", "efficiency", "baseline",
            "`dynamic_energy_j / output_tokens`", needs_baseline=True, gated=True,
            source="meters", missing=_NO_ENERGY),
+    _entry("request_energy_j", "J", "lower", "energy", "attribution",
+           "energy attributed to one request (`per_request[].energy_j`), its statistic over "
+           "the window's requests: its share of the idle power while it was in flight plus "
+           "its share of each step's dynamic energy by its tokens (methodology: Energy per "
+           "request)", gated=True, source="attributed", missing=_NO_ENERGY),
+    _entry("prefill_energy_j", "J", "lower", "energy", "attribution",
+           "energy attributed to prefill, summed over the window's requests, per round",
+           gated=True, source="attributed", missing=_NO_ENERGY),
+    _entry("decode_energy_j", "J", "lower", "energy", "attribution",
+           "energy attributed to decode, summed over the window's requests, per round; "
+           "`prefill_energy_j + decode_energy_j + unattributed_energy_j = energy_j`",
+           gated=True, source="attributed", missing=_NO_ENERGY),
+    _entry("unattributed_energy_j", "J", "neither", "energy", "attribution",
+           "energy while no request was in flight, per round", source="attributed",
+           missing=_NO_ENERGY),
+    _entry("energy_per_prefill_token_j", "J/token", "lower", "efficiency", "attribution",
+           "fitted dynamic energy per prefill token: least squares, without intercept, of each "
+           "step's dynamic energy on its prefill and decode tokens", source="attributed",
+           missing=_NO_FIT),
+    _entry("energy_per_decode_token_j", "J/token", "lower", "efficiency", "attribution",
+           "fitted dynamic energy per decode token (the same fit)", source="attributed",
+           missing=_NO_FIT),
+    _entry("subtraction_prefill_energy_j", "J", "lower", "energy", "attribution",
+           "prefill energy optimum-benchmark's way, with `prefill_check`: the energy of a "
+           "window in which the same requests generate one new token each, per round "
+           "(includes any time between batches)", source="meters",
+           missing="no prefill check (the case parameter `prefill_check`) or no energy"),
+    _entry("prefill_attribution_diff", "ratio", "neither", "check", "attribution",
+           "`(prefill_energy_j - subtraction_prefill_energy_j) / subtraction_prefill_energy_j`: "
+           "how far the attributed prefill energy is from the subtraction method's",
+           source="attributed", missing="no prefill check, or either prefill energy is missing"),
     _entry("emissions_kg", "kg CO2eq", "lower", "emissions", "emissions",
            "CodeCarbon's emissions for the window (per round): its own energy for the window "
            "(all the domains CodeCarbon sees, so it can differ from `energy_j` when another "
@@ -255,6 +291,7 @@ _ENTRIES: tuple[Metric, ...] = (
 #: The statistics each per-request family is summarised with per window.
 _STATISTICS: dict[str, tuple[str, ...]] = {
     **dict.fromkeys(LATENCY_METRICS, LATENCY_STATISTICS),
+    "request_energy_j": LATENCY_STATISTICS,
     "queue_wait_ms": ("mean", "p99"),
 }
 #: Families that also have a ``steady_state.`` figure (server scenario with steady_state).

@@ -14,6 +14,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from pytest_llem.results.adaptive import AdaptiveRecord
+from pytest_llem.results.attribution import AttributionRecord, RequestEnergyRecord
 from pytest_llem.results.machine_state import MachineStateSummary, WindowMachineState
 from pytest_llem.results.manifests import (
     ContainerInfo,
@@ -253,6 +254,13 @@ class RepetitionRecord(_Record):
     machine_state: WindowMachineState | None = Field(
         default=None, description="The host around the window: other processes' CPU use, ..."
     )
+    per_request: list[RequestEnergyRecord] = Field(
+        default_factory=list, description="Energy attributed to each measured request."
+    )
+    unattributed_energy_j: float | None = Field(
+        default=None, description="Window energy while no request was in flight (J)."
+    )
+    attribution: AttributionRecord | None = None
 
 
 class BaselineDomain(_Record):

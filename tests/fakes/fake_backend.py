@@ -23,6 +23,7 @@ from pytest_llem.backends.base import (
     TokenCallback,
     Vocabulary,
 )
+from pytest_llem.backends.steps import StepTimeline, StepWork
 from pytest_llem.exceptions import BackendInferenceError
 
 __all__ = ["FakeBackend", "FakeClock", "SchedulingFakeBackend", "WallClock"]
@@ -113,6 +114,26 @@ class FakeBackend:
         self.batches: list[list[int]] = []
         self.count_calls: list[int] = []  # number of texts of each count_tokens call
         self.loaded = False
+        self.timeline: StepTimeline | None = None
+
+    def record_steps(self, timeline: StepTimeline | None) -> None:
+        """Report each scripted step (the prefill, then one per further token) to ``timeline``."""
+        self.timeline = timeline
+
+    def _report_steps(self, issued: float, out: Sequence[Generation]) -> None:
+        """One prefill step producing every row's first token, then one decode step per further
+        token (the rows still generating)."""
+        if self.timeline is None or not out:
+            return
+        prefill_end = issued + self.prefill_s
+        self.timeline.add(
+            issued, prefill_end, [StepWork(g.request_index, g.input_tokens, 0) for g in out]
+        )
+        longest = max(g.output_tokens for g in out)
+        for i in range(1, longest):
+            start = prefill_end + (i - 1) * self.step_s
+            work = [StepWork(g.request_index, 0, 1) for g in out if g.output_tokens > i]
+            self.timeline.add(start, start + self.step_s, work)
 
     def load(self) -> BackendInfo:
         self.loaded = True
@@ -173,6 +194,7 @@ class FakeBackend:
             for t, tok in zip(g.token_times, g.output_token_ids, strict=True)
         )
         end = max((e[0] for e in events), default=issued)
+        self._report_steps(issued, out)
         self.clock.advance(end - issued)
         if on_token is not None:
             for t, index, tok in events:

@@ -60,6 +60,7 @@ class FakeOutput:
     request_id: str
     outputs: list[FakeCompletion]
     finished: bool
+    num_cached_tokens: int = 0
 
 
 @dataclass
@@ -81,6 +82,7 @@ class FakeEngine:
     """
 
     step_s: float = 0.001
+    cached_tokens: int = 0  # prompt tokens found in the prefix cache, as each output reports
     fail_with: BaseException | None = None
     lose_requests: bool = False
     steps: int = 0
@@ -128,7 +130,12 @@ class FakeEngine:
                 token = EOS
             finished = request.generated >= params.max_tokens or token == EOS
             outputs.append(
-                FakeOutput(request_id, [FakeCompletion([token], f"<{token}>")], finished)
+                FakeOutput(
+                    request_id,
+                    [FakeCompletion([token], f"<{token}>")],
+                    finished,
+                    min(self.cached_tokens, len(request.prompt)),
+                )
             )
             if finished:
                 del self._running[request_id]
