@@ -235,7 +235,7 @@ OOM_CONFTEST = """
 import time
 
 from pytest_llem.exceptions import RetryableError
-from tests.fakes.fake_backend import FakeBackend, FakeClock
+from tests.fakes.fake_backend import FakeBackend, WallClock
 from tests.fakes.fake_meter import FakeMeter
 
 
@@ -255,7 +255,9 @@ def pytest_llem_meter_names():
 
 
 def pytest_llem_make_backend(name, case, progress):
-    return SmallMemory(FakeClock(), lengths={}) if name == "small" else None
+    # a wall-clock pace: a batch of 4 takes half the steps of two batches of 2, whatever the load
+    small = SmallMemory(WallClock(), prefill_s=0.02, step_s=0.01, lengths={})
+    return small if name == "small" else None
 
 
 def pytest_llem_make_meter(name, config, options):
