@@ -120,16 +120,20 @@ def parse_seconds(text: str) -> float:
     return value
 
 
-def parse_max_repeat(text: str) -> int:
-    """The most windows of an adaptive case: a whole number from 3 (the first look) to 10000."""
-    expected = f"expected a whole number of windows, 3 <= N <= 10000, got {text!r}"
+def _bounded_int(text: str, low: int, high: int, what: str) -> int:
+    expected = f"expected a {what}, {low} <= N <= {high}, got {text!r}"
     try:
         value = int(text.strip())
     except ValueError as e:
         raise ConfigurationError(expected) from e
-    if not 3 <= value <= 10_000:
+    if not low <= value <= high:
         raise ConfigurationError(expected)
     return value
+
+
+def parse_max_repeat(text: str) -> int:
+    """The most windows of an adaptive case: a whole number from 3 (the first look) to 10000."""
+    return _bounded_int(text, 3, 10_000, "whole number of windows")
 
 
 def parse_target_ci(text: str) -> float:
@@ -196,14 +200,7 @@ MAX_CALIBRATION_RUNS = 100
 
 def parse_runs(text: str) -> int:
     """A number of independent runs for ``--llem-calibrate``: 2 to 100 (A/A pairs need two)."""
-    expected = f"expected a number of runs, 2 <= N <= {MAX_CALIBRATION_RUNS}, got {text!r}"
-    try:
-        runs = int(text.strip())
-    except ValueError as e:
-        raise ConfigurationError(expected) from e
-    if not 2 <= runs <= MAX_CALIBRATION_RUNS:
-        raise ConfigurationError(expected)
-    return runs
+    return _bounded_int(text, 2, MAX_CALIBRATION_RUNS, "number of runs")
 
 
 def parse_seed(text: str) -> int:
