@@ -9,7 +9,7 @@ record whether the test then passes, fails, or runs on an xdist worker.
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import pytest
 
@@ -172,7 +172,7 @@ class LlemFixture:
             )
         except (ConfigurationError, PointFailedError) as e:
             problem = str(e)
-        pytest.fail(f"llem.capacity: {problem}", pytrace=False)  # outside: no chained traceback
+        _fail("llem.capacity", problem)  # outside the except: no chained traceback
 
     def search(
         self,
@@ -232,7 +232,7 @@ class LlemFixture:
             )
         except ConfigurationError as e:
             problem = str(e)
-        pytest.fail(f"llem.search: {problem}", pytrace=False)  # outside: no chained traceback
+        _fail("llem.search", problem)  # outside the except: no chained traceback
 
     def _identity(self) -> CaseRecord:
         """The next case's id and name: the node id, then ``#2``, ``#3`` for later cases."""
@@ -449,3 +449,9 @@ def llem(request: pytest.FixtureRequest, llem_sweep_params: dict[str, Any]) -> L
     item = request.node
     assert isinstance(item, pytest.Item)
     return LlemFixture(item, session, sweep_case_of(item), request)
+
+
+def _fail(method: str, problem: str) -> NoReturn:
+    """Fail the test with ``problem``, named by the fixture method once."""
+    message = problem if problem.startswith(f"{method} ") else f"{method}: {problem}"
+    pytest.fail(message, pytrace=False)

@@ -113,7 +113,7 @@ def run_capacity(
     unknown = sorted(set(slo) - set(SLO_BOUNDS))
     if unknown:
         raise ConfigurationError(
-            f"llem.capacity: unknown SLO bound {', '.join(unknown)} (use {', '.join(SLO_BOUNDS)})"
+            f"unknown SLO bound {', '.join(unknown)} (use {', '.join(SLO_BOUNDS)})"
         )
     bounds = {f"slo.{name}": float(limit) for name, limit in slo.items()}
     records: dict[float, CaseRecord] = {}

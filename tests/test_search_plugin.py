@@ -201,10 +201,12 @@ def test_both(llem):
     result.stdout.fnmatch_lines(
         [
             "*llem.capacity: unknown SLO bound p99_ms (use ttft_ms, tpot_ms, e2e_ms)*",
-            "*llem.search: llem.search cannot optimise or bound 'joules_per_vibe'*",
+            "*llem.search cannot optimise or bound 'joules_per_vibe'*",
             "*llem.search: give minimize or maximize, not both*",
         ]
     )
+    assert "llem.search: llem.search" not in result.stdout.str()  # the method named once
+    assert "llem.capacity: llem.capacity" not in result.stdout.str()
 
 
 def test_a_value_the_command_line_fixes_cannot_be_searched(
