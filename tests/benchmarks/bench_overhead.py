@@ -90,3 +90,44 @@ def test_harness_overhead_on_throughput(tiny_model):
     )
     # One-sided: the harness may not cost more than TARGET of the throughput.
     assert ratio >= 1 - TARGET, f"harness overhead {1 - ratio:.1%} exceeds {TARGET:.0%}"
+
+
+def test_step_timeline_overhead_on_throughput(tiny_model, monkeypatch):
+    """The engine step timeline (per-request energy attribution) against the same harness with
+    the timeline off, interleaved in one process: what recording every decoding step costs."""
+    from pytest_llem.harness import runner
+
+    config = CaseConfig(
+        batch_size=BATCH,
+        max_new_tokens=NEW_TOKENS,
+        min_new_tokens=NEW_TOKENS,
+        num_prompts=PROMPTS,
+        warmup=0,
+        repeat=1,
+        device="cpu",
+    )
+    prompts = load_prompts(config.prompts, num_prompts=PROMPTS)
+    backend = TransformersBackend(config)
+    backend.load()
+    recording = runner._record_steps
+
+    def tokens_per_s(steps: bool) -> float:
+        monkeypatch.setattr(runner, "_record_steps", recording if steps else lambda _: None)
+        measured = run_case(backend=backend, meters=[NoneMeter()], config=config, prompts=prompts)
+        value = measured.metrics["output_tokens_per_s"].median
+        assert value is not None
+        return value
+
+    tokens_per_s(True)
+    tokens_per_s(False)
+    on, off = [], []
+    for _ in range(PAIRS):
+        off.append(tokens_per_s(False))
+        on.append(tokens_per_s(True))
+    backend.close()
+    ratio = statistics.median(on) / statistics.median(off)
+    print(
+        f"\nstep timeline on / off, output tokens/s: {ratio:.3f} (medians of {PAIRS} interleaved "
+        f"runs each: {statistics.median(on):.0f} vs {statistics.median(off):.0f} tokens/s)"
+    )
+    assert ratio >= 1 - TARGET, f"step timeline overhead {1 - ratio:.1%} exceeds {TARGET:.0%}"
