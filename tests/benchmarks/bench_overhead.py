@@ -49,10 +49,9 @@ def _direct_tokens_per_s(model, tokenizer, prompts: list[str]) -> float:
     return tokens / (time.perf_counter() - started)
 
 
-def test_harness_overhead_on_throughput(tiny_model):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    config = CaseConfig(
+def _config() -> CaseConfig:
+    """One window of BATCH-sized batches on the CPU, no warmup: what both benchmarks run."""
+    return CaseConfig(
         batch_size=BATCH,
         max_new_tokens=NEW_TOKENS,
         min_new_tokens=NEW_TOKENS,
@@ -61,6 +60,12 @@ def test_harness_overhead_on_throughput(tiny_model):
         repeat=1,
         device="cpu",
     )
+
+
+def test_harness_overhead_on_throughput(tiny_model):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    config = _config()
     prompts = load_prompts(config.prompts, num_prompts=PROMPTS)
     backend = TransformersBackend(config)
     backend.load()
@@ -97,15 +102,7 @@ def test_step_timeline_overhead_on_throughput(tiny_model, monkeypatch):
     the timeline off, interleaved in one process: what recording every decoding step costs."""
     from pytest_llem.harness import runner
 
-    config = CaseConfig(
-        batch_size=BATCH,
-        max_new_tokens=NEW_TOKENS,
-        min_new_tokens=NEW_TOKENS,
-        num_prompts=PROMPTS,
-        warmup=0,
-        repeat=1,
-        device="cpu",
-    )
+    config = _config()
     prompts = load_prompts(config.prompts, num_prompts=PROMPTS)
     backend = TransformersBackend(config)
     backend.load()
