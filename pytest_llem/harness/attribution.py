@@ -23,8 +23,10 @@ from dataclasses import dataclass, field
 from pytest_llem.backends.base import Generation
 from pytest_llem.backends.steps import EngineStep
 from pytest_llem.harness.fit import TokenFit, fit_token_energy
-from pytest_llem.harness.metrics import RequestLatency
-from pytest_llem.harness.metrics import _chunks as token_chunks  # the latencies' chunk rule
+from pytest_llem.harness.metrics import (
+    RequestLatency,
+    token_chunks,  # the latencies' chunk rule
+)
 from pytest_llem.harness.step_power import EnergyCurve
 from pytest_llem.results.attribution import (
     AttributionRecord,

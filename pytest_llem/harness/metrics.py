@@ -38,6 +38,7 @@ __all__ = [
     "metric_source",
     "request_latency",
     "slo_values",
+    "token_chunks",
     "window_values",
 ]
 
@@ -71,7 +72,7 @@ class RequestLatency:
     itl_ms: list[float] = field(default_factory=list)
 
 
-def _chunks(times: Sequence[float]) -> list[tuple[float, int]]:
+def token_chunks(times: Sequence[float]) -> list[tuple[float, int]]:
     """Consecutive tokens sharing one timestamp, as ``(time, token count)``."""
     chunks: list[tuple[float, int]] = []
     for t in times:
@@ -90,7 +91,7 @@ def _itl_ms(times: Sequence[float]) -> list[float]:
     That keeps one entry per token after the first, ``sum == e2e - ttft`` and
     ``mean == tpot``.
     """
-    chunks = _chunks(times)
+    chunks = token_chunks(times)
     if not chunks:
         return []
     itl = [0.0] * (chunks[0][1] - 1)

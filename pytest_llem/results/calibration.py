@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from pytest_llem.results.compare import _values
+from pytest_llem.results.compare import case_values
 from pytest_llem.results.comparison import (
     MIN_WINDOWS,
     classify,
@@ -347,7 +347,7 @@ def calibrate_runs(runs: Sequence[RunRecord], rules: Sequence[GateRule]) -> Cali
     pooled: dict[str, list[Triple]] = {rule.text: [] for rule in rules}
     for case_id, group in _case_groups(runs).items():
         for rule in rules:
-            groups = [v for case in group if len(v := _values(case, rule.metric)[0]) > 0]
+            groups = [v for case in group if len(v := case_values(case, rule.metric)[0]) > 0]
             intervals = _pair_intervals([g for g in groups if len(g) >= MIN_WINDOWS], rule)
             pooled[rule.text].extend(intervals)
             metrics.append(_metric(case_id, group, rule, groups, intervals))

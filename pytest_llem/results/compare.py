@@ -48,6 +48,7 @@ __all__ = [
     "IGNORED_PARAMS",
     "Comparison",
     "apply_drift",
+    "case_values",
     "classify",
     "compare_runs",
     "difference_interval",
@@ -131,7 +132,7 @@ def parameter_changes(pairs: list[tuple[CaseRecord, CaseRecord]]) -> list[Unmatc
 # --- comparing -------------------------------------------------------------------------------
 
 
-def _values(case: CaseRecord, metric: str) -> tuple[list[float], float | None]:
+def case_values(case: CaseRecord, metric: str) -> tuple[list[float], float | None]:
     """Per-window values of a metric, and its median (from the summary when there are no
     repetitions; then there are no values to resample)."""
     summary = case.metrics.get(metric)
@@ -221,14 +222,14 @@ def _compare_metric(
     older: Sequence[CaseRecord] = (),
 ) -> MetricComparison:
     metric = rule.metric
-    base_values, base_median = _values(base, metric)
-    cur_values, cur_median = _values(cur, metric)
+    base_values, base_median = case_values(base, metric)
+    cur_values, cur_median = case_values(cur, metric)
     sources = {_source(base, metric), _source(cur, metric)}
     source = "estimated" if "estimated" in sources else _source(cur, metric)
     # an adaptive case looked several times: its verdict takes the level its looks used
     confidence = cur.adaptive.confidence if cur.adaptive is not None else 0.95
     if older:  # a history: the older runs' windows with the newest's, resampled by run
-        groups = [_values(case, metric)[0] for case in (*older, base)]
+        groups = [case_values(case, metric)[0] for case in (*older, base)]
         base_values, base_median = pooled_values(groups)
         ratio, difference = history_intervals(groups, cur_values, confidence)
     else:
@@ -269,7 +270,7 @@ def _compare_metric(
 
 def _gone_metric(base: CaseRecord, rule: GateRule, *, gate_estimated: bool) -> MetricComparison:
     """A gated metric of a baseline case the current run does not have: not judged."""
-    base_values, base_median = _values(base, rule.metric)
+    base_values, base_median = case_values(base, rule.metric)
     source = _source(base, rule.metric)
     verdict, gated = _no_verdict(gate=True, source=source, gate_estimated=gate_estimated)
     return MetricComparison(
